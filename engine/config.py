@@ -1,0 +1,116 @@
+"""One frozen config object per role. Every field: a unit and a meaning; env overrides: ``COROLLA_<FIELD>``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+PROTOCOL_VERSION = 1
+
+
+def _coerce(value: str, annotation: Any) -> Any:
+    text = str(annotation)
+    if "bool" in text:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    if "int" in text and "float" not in text:
+        return int(value)
+    if "float" in text:
+        return float(value)
+    if "tuple" in text or "Sequence" in text:
+        return tuple(part for part in value.replace(",", " ").split() if part)
+    return value
+
+
+def from_env(cls: type[T], **overrides: Any) -> T:
+    """Build a config: defaults, then ``COROLLA_<FIELD>`` environment variables, then ``overrides``."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        env = os.environ.get(f"COROLLA_{f.name.upper()}")
+        if env is not None:
+            values[f.name] = _coerce(env, f.type)
+    unknown = set(overrides) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "initial_peers" in values and isinstance(values["initial_peers"], str):
+        values["initial_peers"] = (values["initial_peers"],)
+    if "initial_peers" in values:
+        values["initial_peers"] = tuple(values["initial_peers"])
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Settings of a client: how it finds the swarm and how long it waits for servers."""
+
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of any swarm peers to join through
+    dht_prefix: str | None = None  # name the servers announce the model under (default: from the model)
+    host: str = "127.0.0.1"  # address the client's own p2p daemon listens on
+    connect_timeout: float = 10.0  # seconds to open a stream to a server
+    step_timeout: float = 30.0  # seconds a server may take for one inference step before it counts as failed
+    request_timeout: float = 60.0  # seconds for a stateless forward or an info call
+    max_retries: int = 8  # route re-plans allowed within one call before giving up
+    min_backoff: float = 0.5  # seconds of the first ban of a failed server (doubles on repeats)
+    max_backoff: float = 60.0  # seconds: cap of a ban
+    update_period: float = 30.0  # seconds between route refreshes from the DHT
+    max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
+    nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
+    num_threads: int = 0  # torch CPU threads for embeddings and LM head (0: torch's default)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of a server: what it hosts, how it announces itself, how much it accepts."""
+
+    model: str = ""  # local checkpoint folder or Hub repo id
+    blocks: str | None = None  # span "START:END" (end-exclusive) to serve; None: choose automatically
+    num_blocks: int | None = None  # with no --blocks: how many blocks to serve
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of swarm peers to join through
+    new_swarm: bool = False  # start a new swarm instead of joining one
+    dht_prefix: str | None = None  # name to announce the model under (default: from the model)
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0 for volunteers reachable from outside)
+    port: int = 0  # TCP port to listen on (0: any free port)
+    announce_host: str | None = None  # public address to announce, if different from --host
+    device: str = "cpu"  # torch device for the blocks: cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # float32, float16, bfloat16, or auto (bfloat16/float16 on GPU, float32 on CPU)
+    num_threads: int = 0  # torch CPU threads (0: torch's default)
+    cache_bytes: int = 512 * 1024 * 1024  # bytes of attention cache all sessions may reserve together
+    max_length: int = 8192  # tokens a session may hold at most
+    max_batch_size: int = 8  # sequences per session or forward request
+    max_sessions: int = 64  # open inference sessions at once
+    max_chunk_tokens: int = 8192  # tokens per message (batch x length)
+    announce_period: float = 30.0  # seconds between re-announcements on the DHT
+    record_ttl: float = 90.0  # seconds an announcement stays valid if not refreshed
+    session_idle_timeout: float = 600.0  # seconds a session may stay idle before its cache is freed
+    public_name: str | None = None  # a name shown in `corolla health` (e.g. your nickname)
+    token: str | None = dataclasses.field(default=None, repr=False)  # Hugging Face token for gated repos
+    nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port
+    status_file: str | None = None  # path of a JSON file the server keeps updated (used by the tray agent)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def parse_span(text: str, total: int | None = None) -> tuple[int, int]:
+    """Parse ``"START:END"`` (end-exclusive) into a checked span."""
+    try:
+        start_s, end_s = text.split(":")
+        start, end = int(start_s), int(end_s)
+    except ValueError as e:
+        raise ValueError(f"blocks must look like START:END, e.g. 0:15 (got {text!r})") from e
+    if start < 0 or end <= start or (total is not None and end > total):
+        limit = f" within 0:{total}" if total is not None else ""
+        raise ValueError(f"blocks {text!r} is not a non-empty span{limit}")
+    return start, end
+
+
+def as_tuple(values: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Normalise a peers argument to a tuple of strings."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        return (values,)
+    return tuple(values)

@@ -1,0 +1,72 @@
+"""Versioned records that servers announce on the DHT, one per (block, server).
+
+Keys are ``"{model}.{block}"`` and subkeys are the server's peer id, so a client reads the servers of
+every block with one ``get`` per block. Values are plain dicts (msgpack-friendly); decoding ignores
+fields it does not know, so newer servers can add fields without breaking older clients.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECORD_VERSION = 1
+
+
+class ServerState(enum.IntEnum):
+    """Life cycle of a server as seen by the swarm."""
+
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+class ServerRecord(BaseModel):
+    """What one server says about itself in the DHT (the same value under each block it hosts)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    version: int = RECORD_VERSION
+    state: ServerState
+    start: int = Field(ge=0, description="first block served")
+    end: int = Field(gt=0, description="one past the last block served")
+    throughput: float = Field(default=0.0, ge=0.0, description="tokens/s the server sustains per block")
+    inference_rps: float = Field(default=0.0, ge=0.0, description="single-token steps/s per block")
+    cache_tokens_left: int = Field(default=0, ge=0, description="free attention-cache room, in tokens")
+    public_name: str | None = Field(default=None, max_length=64)
+    corolla_version: str = Field(default="", max_length=32)
+    dtype: str = Field(default="", max_length=16)
+
+    @model_validator(mode="after")
+    def _span_is_ordered(self) -> ServerRecord:
+        if self.end <= self.start:
+            raise ValueError(f"empty span {self.start}:{self.end}")
+        return self
+
+    @property
+    def length(self) -> int:
+        """Number of blocks in the span."""
+        return self.end - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        """Encode for the DHT (plain types only)."""
+        data = self.model_dump(mode="python")
+        data["state"] = int(self.state)
+        return data
+
+    @classmethod
+    def from_dht(cls, value: Any) -> ServerRecord | None:
+        """Decode a value read from the DHT; ``None`` if it is not a valid record (never raises)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls.model_validate(value)
+        except ValidationError:
+            return None
+
+
+def block_key(model: str, block: int) -> str:
+    """DHT key under which the servers of one block announce themselves."""
+    return f"{model}.{block}"

@@ -1,0 +1,83 @@
+"""Errors raised by Corolla. Every message says what happened and what to do next."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CorollaError(Exception):
+    """Base class of every error Corolla raises on purpose."""
+
+
+def format_blocks(blocks: Sequence[int]) -> str:
+    """Render block indices as compact ranges: ``[0, 1, 2, 5]`` → ``"0:3, 5"`` (end-exclusive)."""
+    spans: list[str] = []
+    ordered = sorted(set(blocks))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        spans.append(f"{ordered[i]}:{ordered[j] + 1}" if j > i else str(ordered[i]))
+        i = j + 1
+    return ", ".join(spans)
+
+
+class MissingBlocksError(CorollaError):
+    """No server in the swarm currently hosts some blocks of the model."""
+
+    def __init__(self, model: str, blocks: Sequence[int]) -> None:
+        self.model = model
+        self.blocks = sorted(set(blocks))
+        ranges = format_blocks(self.blocks)
+        first = self.blocks[0]
+        last = self.blocks[-1] + 1
+        super().__init__(
+            f"No server in the swarm hosts block(s) {ranges} of {model}. "
+            f"Serve them with `corolla server {model} --blocks {first}:{last} --initial-peers ...`, "
+            "or wait for a volunteer to come back and try again."
+        )
+
+
+class NoRouteError(CorollaError):
+    """Servers exist but no chain of them covers the model from its first to its last block."""
+
+
+class PeerUnavailableError(CorollaError):
+    """A server did not answer in time or closed the connection."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        super().__init__(f"Server {peer} is unavailable: {reason}")
+
+
+class CacheFullError(CorollaError):
+    """A server has no room left in its attention-cache budget for a new session."""
+
+
+class ProtocolError(CorollaError):
+    """A peer sent a message that does not follow the protocol (bad bytes, shapes, dtypes, sizes)."""
+
+
+class SessionClosedError(CorollaError):
+    """An inference session was used after it was closed, or its server forgot it."""
+
+
+class HubAccessError(CorollaError):
+    """The Hugging Face Hub refused or could not serve a model's files."""
+
+
+class NotLoggedInError(HubAccessError):
+    """The repo needs a Hugging Face token and none was given (HTTP 401)."""
+
+
+class AccessNotGrantedError(HubAccessError):
+    """A token was given but its account has not been granted access to a gated repo (HTTP 403)."""
+
+
+class ModelNotFoundError(HubAccessError):
+    """No such repo on the Hub, or it is private and the token cannot see it (HTTP 404)."""
+
+
+class OfflineNotCachedError(HubAccessError):
+    """Offline mode (HF_HUB_OFFLINE=1) is on and the model is not in the local cache."""

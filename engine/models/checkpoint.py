@@ -1,0 +1,197 @@
+"""Reading weights: a server reads only its blocks' tensors, a client only embeddings, norm and head.
+
+A model is a local checkpoint folder (``config.json`` + safetensors) or a Hub repo id. For a Hub repo
+only the files that hold the needed tensors are downloaded (for sharded checkpoints, the shards named
+by ``model.safetensors.index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, PretrainedConfig
+
+from corolla.engine.errors import CorollaError
+from corolla.engine.models.registry import get_family
+from corolla.engine.models.span import BlockSpan
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+LAYER_PREFIX = "model.layers."
+CLIENT_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+class Checkpoint:
+    """Where a model's files are, and which file holds which tensor."""
+
+    def __init__(self, name_or_path: str, token: str | None = None, revision: str | None = None) -> None:
+        self.name = name_or_path
+        self.token = token
+        self.revision = revision
+        self.local_dir: Path | None = Path(name_or_path) if Path(name_or_path).is_dir() else None
+        self._weight_map: dict[str, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r})"
+
+    @property
+    def is_local(self) -> bool:
+        """True for a checkpoint folder on this machine."""
+        return self.local_dir is not None
+
+    @property
+    def default_dht_prefix(self) -> str:
+        """Name the swarm knows this model by: the repo id, or the folder's name."""
+        return self.local_dir.name if self.local_dir is not None else self.name
+
+    def file(self, filename: str) -> Path:
+        """Path of one file of the checkpoint, downloading it from the Hub if needed."""
+        if self.local_dir is not None:
+            path = self.local_dir / filename
+            if not path.exists():
+                raise FileNotFoundError(f"{path} does not exist (is {self.local_dir} a full checkpoint?)")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(self.name, filename, token=self.token, revision=self.revision))
+
+    def has_file(self, filename: str) -> bool:
+        """Whether the checkpoint has a file (without downloading it)."""
+        if self.local_dir is not None:
+            return (self.local_dir / filename).exists()
+        from huggingface_hub import file_exists
+
+        return bool(file_exists(self.name, filename, token=self.token, revision=self.revision))
+
+    def config(self) -> PretrainedConfig:
+        """The model's transformers config."""
+        if self.local_dir is not None:
+            return AutoConfig.from_pretrained(self.local_dir)
+        return AutoConfig.from_pretrained(self.name, token=self.token, revision=self.revision)
+
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name → safetensors file name."""
+        if self._weight_map is None:
+            if self.has_file(INDEX_FILE):
+                with open(self.file(INDEX_FILE)) as f:
+                    self._weight_map = dict(json.load(f)["weight_map"])
+            elif self.has_file(SINGLE_FILE):
+                with safe_open(str(self.file(SINGLE_FILE)), framework="pt") as f:
+                    self._weight_map = {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118
+            else:
+                raise CorollaError(
+                    f"{self.name} has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}). "
+                    "Convert the checkpoint with transformers' save_pretrained(safe_serialization=True)."
+                )
+        return self._weight_map
+
+    def read(self, names: Iterable[str], desc: str) -> dict[str, torch.Tensor]:
+        """Read the named tensors, touching only the files that hold them."""
+        by_file: dict[str, list[str]] = {}
+        wanted = list(names)
+        weight_map = self.weight_map()
+        for name in wanted:
+            if name in weight_map:
+                by_file.setdefault(weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        disable = os.environ.get("COROLLA_NO_PROGRESS") == "1"
+        with tqdm(total=len(wanted), desc=desc, unit="tensor", disable=disable, leave=False) as bar:
+            for filename, file_names in sorted(by_file.items()):
+                with safe_open(str(self.file(filename)), framework="pt", device="cpu") as f:
+                    for name in file_names:
+                        out[name] = f.get_tensor(name)
+                        bar.update(1)
+        return out
+
+
+def load_span(
+    ckpt: Checkpoint,
+    config: PretrainedConfig,
+    start: int,
+    end: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> BlockSpan:
+    """Build blocks ``start..end-1`` and load only their tensors."""
+    span = BlockSpan(config, start, end, empty=True)
+    prefixes = {i: f"{LAYER_PREFIX}{i}." for i in range(start, end)}
+    names = [n for n in ckpt.weight_map() if any(n.startswith(p) for p in prefixes.values())]
+    tensors = ckpt.read(names, desc=f"blocks {start}:{end}")
+    state: dict[str, torch.Tensor] = {}
+    for i, prefix in prefixes.items():
+        for name, tensor in tensors.items():
+            if name.startswith(prefix):
+                state[f"layers.{i - start}.{name[len(prefix):]}"] = tensor
+    span.layers.to_empty(device=device)
+    span.layers.to(dtype)
+    missing, unexpected = span.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.startswith("rotary_emb.")]
+    if missing or unexpected:
+        raise CorollaError(
+            f"checkpoint {ckpt.name} does not match blocks {start}:{end}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    span.rotary_emb.to(device)
+    return span.eval()
+
+
+class ClientHead(nn.Module):
+    """What a client keeps locally: token embeddings, the final norm and the LM head."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = get_family(config).norm_class()(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, length] token ids → [batch, length, hidden]."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, length, hidden] last hidden states → [batch, length, vocab] float32 logits."""
+        return self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype))).float()
+
+
+def load_client_head(ckpt: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> ClientHead:
+    """Load embeddings, final norm and LM head (tied embeddings reuse the embedding matrix)."""
+    with torch.device("meta"):
+        head = ClientHead(config)
+    tensors = ckpt.read([n for n in CLIENT_TENSORS if n in ckpt.weight_map()], desc="embeddings and head")
+    if "lm_head.weight" not in tensors:
+        if not getattr(config, "tie_word_embeddings", False):
+            logger.warning("%s has no lm_head.weight; using the tied embedding matrix", ckpt.name)
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    state = {
+        "embed_tokens.weight": tensors["model.embed_tokens.weight"],
+        "norm.weight": tensors["model.norm.weight"],
+        "lm_head.weight": tensors["lm_head.weight"],
+    }
+    head.to_empty(device="cpu")
+    head.to(dtype)
+    head.load_state_dict(state, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        head.lm_head.weight = head.embed_tokens.weight
+    return head.eval()
+
+
+def parse_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` → bfloat16 on CUDA with bf16 support, float16 on other GPUs, float32 on CPU."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.startswith("mps") else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)} (got {name!r})")
+    return dtypes[name]

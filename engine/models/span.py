@@ -1,0 +1,136 @@
+"""A span of consecutive decoder blocks, run with positions, rotary embedding, mask and a KV cache."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from corolla.engine.models.registry import get_family, sliding_window_of
+
+
+class SpanCache:
+    """Attention keys/values of one session for the blocks of a span.
+
+    Quacks like the part of ``transformers.Cache`` that decoder layers call (``update``). Storage grows
+    by doubling up to ``max_length`` so decode steps do not copy the whole cache each time; the memory
+    is *reserved* for ``max_length`` by the server's cache budget, so growth never overcommits.
+    """
+
+    def __init__(self, start: int, num_blocks: int, max_length: int) -> None:
+        self.start = start
+        self.max_length = max_length
+        self.length = 0  # tokens held
+        self._keys: list[torch.Tensor | None] = [None] * num_blocks  # [batch, kv_heads, capacity, head_dim]
+        self._values: list[torch.Tensor | None] = [None] * num_blocks
+        self._pending = 0  # tokens being appended by the current step
+
+    def begin_step(self, new_tokens: int) -> None:
+        """Declare how many tokens the next forward appends (every layer appends the same amount)."""
+        if self.length + new_tokens > self.max_length:
+            raise ValueError(f"session holds {self.length} tokens, +{new_tokens} exceeds {self.max_length}")
+        self._pending = new_tokens
+
+    def end_step(self) -> None:
+        """Commit the tokens appended by the step."""
+        self.length += self._pending
+        self._pending = 0
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from position ``length`` on (used to rewind a conversation)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length}: session holds {self.length} tokens")
+        self.length = length
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values of block ``layer_idx``; return all of them so far."""
+        i = layer_idx - self.start
+        new = key_states.shape[2]  # key_states: [batch, kv_heads, new, head_dim]
+        end = self.length + new
+        keys, values = self._keys[i], self._values[i]
+        if keys is None or values is None or keys.shape[2] < end or keys.shape[0] != key_states.shape[0]:
+            capacity = min(self.max_length, max(end, 2 * (keys.shape[2] if keys is not None else 0), 64))
+            shape = (key_states.shape[0], key_states.shape[1], capacity, key_states.shape[3])
+            grown_k = key_states.new_empty(shape)
+            grown_v = value_states.new_empty(shape)
+            if keys is not None and values is not None and keys.shape[0] == key_states.shape[0]:
+                grown_k[:, :, : self.length] = keys[:, :, : self.length]
+                grown_v[:, :, : self.length] = values[:, :, : self.length]
+            keys, values = grown_k, grown_v
+            self._keys[i], self._values[i] = keys, values
+        keys[:, :, self.length : end] = key_states
+        values[:, :, self.length : end] = value_states
+        return keys[:, :, :end], values[:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens held before the current step."""
+        return self.length
+
+
+def build_attention_mask(
+    offset: int, new: int, window: int | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive causal mask [1, 1, new, offset + new] for queries at positions offset..offset+new-1."""
+    q_pos = torch.arange(offset, offset + new, device=device)[:, None]
+    k_pos = torch.arange(offset + new, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= (q_pos - k_pos) < window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class BlockSpan(nn.Module):
+    """Decoder blocks ``start..end-1`` of a model, built from transformers' own layer modules."""
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, *, empty: bool = False) -> None:
+        """Build blocks ``start..end-1``; ``empty=True`` allocates no weights (load them after)."""
+        super().__init__()
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"span {start}:{end} is outside the model's 0:{config.num_hidden_layers} blocks")
+        config = _with_attention(config)
+        layer_cls, rotary_cls = get_family(config).load()
+        self.config = config
+        self.start, self.end = start, end
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            self.layers = nn.ModuleList([layer_cls(config, layer_idx=i) for i in range(start, end)])
+        self.rotary_emb = rotary_cls(config)
+        self.windows = [sliding_window_of(config, i) for i in range(start, end)]
+
+    def forward(self, hidden_states: torch.Tensor, cache: SpanCache | None = None, offset: int = 0) -> torch.Tensor:
+        """Run the span. hidden_states: [batch, new, hidden]; offset: tokens already in ``cache``."""
+        batch, new, _ = hidden_states.shape
+        if cache is not None:
+            offset = cache.length
+            cache.begin_step(new)
+        positions = torch.arange(offset, offset + new, device=hidden_states.device).expand(batch, new)
+        cos_sin = self.rotary_emb(hidden_states, positions)  # each [batch, new, head_dim]
+        masks: dict[int | None, torch.Tensor] = {}
+        for layer, window in zip(self.layers, self.windows, strict=True):
+            if window not in masks:
+                masks[window] = build_attention_mask(
+                    offset, new, window, hidden_states.dtype, hidden_states.device
+                )
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=masks[window],
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=cos_sin,
+            )
+        if cache is not None:
+            cache.end_step()
+        return hidden_states
+
+
+def _with_attention(config: PretrainedConfig) -> PretrainedConfig:
+    """Use PyTorch SDPA attention unless the config already names an implementation that exists."""
+    if getattr(config, "_attn_implementation", None) in (None, "flash_attention_2", "flex_attention"):
+        config._attn_implementation = "sdpa"
+    return config
