@@ -6,12 +6,14 @@ removes it when they turn it off.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import plistlib
-import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +121,12 @@ def _desktop_quote(arg: str) -> str:
     # The Desktop Entry spec's Exec quoting: double quotes, with \ " ` $ escaped.
     if arg and all(c.isalnum() or c in "/._-=:+," for c in arg):
         return arg
-    escaped = "".join("\\" + c if c in '\\"`$' else c for c in arg)
-    return f'"{escaped}"'.replace("%", "%%") if "%" in arg else f'"{escaped}"'
+    escaped = "".join("\\" + c if c in '\\"`$' else c for c in arg).replace("%", "%%")
+    return f'"{escaped}"'
 
 
 def _windows_get() -> str | None:  # pragma: no cover - Windows only
-    import winreg  # type: ignore[import-not-found,unused-ignore]
+    winreg: Any = importlib.import_module("winreg")
 
     try:
         with winreg.OpenKey(winreg.HKEY_CURRENT_USER, _RUN_KEY) as key:
@@ -135,19 +137,22 @@ def _windows_get() -> str | None:  # pragma: no cover - Windows only
 
 
 def _windows_set(line: str | None) -> None:  # pragma: no cover - Windows only
-    import winreg  # type: ignore[import-not-found,unused-ignore]
+    winreg: Any = importlib.import_module("winreg")
 
     with winreg.OpenKey(winreg.HKEY_CURRENT_USER, _RUN_KEY, 0, winreg.KEY_SET_VALUE) as key:
         if line is None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 winreg.DeleteValue(key, ENTRY_NAME)
-            except FileNotFoundError:
-                pass
         else:
             winreg.SetValueEx(key, ENTRY_NAME, 0, winreg.REG_SZ, line)
     logger.info("start at login %s (HKCU Run key)", "off" if line is None else "on")
 
 
-__all__ = ["default_command", "desktop_entry", "entry_path", "is_enabled", "launch_agent_plist", "set_enabled"]
-
-_ = shlex  # kept for callers that want POSIX quoting of default_command()
+__all__ = [
+    "default_command",
+    "desktop_entry",
+    "entry_path",
+    "is_enabled",
+    "launch_agent_plist",
+    "set_enabled",
+]

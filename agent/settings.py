@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
-_NAME_RE = re.compile(r"^[\w .,:@()+-]{1,64}$")
+_NAME_RE = re.compile(r"^[\w .,:@()'+-]{1,64}$")
 
 Device = Literal["auto", "cuda", "cpu", "mps"]
 
@@ -85,7 +85,7 @@ class AgentSettings(BaseModel):
     @classmethod
     def _check_name(cls, name: str | None) -> str | None:
         if name is not None and not _NAME_RE.match(name):
-            raise ValueError("public_name: 1-64 letters, digits, spaces or .,:@()+-_")
+            raise ValueError("public_name: 1-64 letters, digits, spaces or .,:@()'+-_")
         return name
 
     @field_validator("server_command")

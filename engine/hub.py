@@ -20,13 +20,6 @@ import os
 from pathlib import Path
 
 import huggingface_hub
-from corolla.engine.errors import (
-    AccessNotGrantedError,
-    HubAccessError,
-    ModelNotFoundError,
-    NotLoggedInError,
-    OfflineNotCachedError,
-)
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -35,6 +28,14 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 from pydantic import SecretStr
+
+from corolla.engine.errors import (
+    AccessNotGrantedError,
+    HubAccessError,
+    ModelNotFoundError,
+    NotLoggedInError,
+    OfflineNotCachedError,
+)
 
 __all__ = ["check_model_access", "is_hub_offline", "model_page_url", "resolve_token"]
 

@@ -131,7 +131,7 @@ def load_span(
     for i, prefix in prefixes.items():
         for name, tensor in tensors.items():
             if name.startswith(prefix):
-                state[f"layers.{i - start}.{name[len(prefix):]}"] = tensor
+                state[f"layers.{i - start}.{name[len(prefix) :]}"] = tensor
     span.layers.to_empty(device=device)
     span.layers.to(dtype)
     missing, unexpected = span.load_state_dict(state, strict=False)

@@ -54,8 +54,7 @@ def get_family(config: PretrainedConfig) -> Family:
     family = FAMILIES.get(config.model_type)
     if family is None:
         raise CorollaError(
-            f"Model type {config.model_type!r} is not supported yet. "
-            f"Supported: {', '.join(sorted(FAMILIES))}."
+            f"Model type {config.model_type!r} is not supported yet. Supported: {', '.join(sorted(FAMILIES))}."
         )
     return family
 

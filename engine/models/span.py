@@ -102,8 +102,24 @@ class BlockSpan(nn.Module):
         self.rotary_emb = rotary_cls(config)
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
 
-    def forward(self, hidden_states: torch.Tensor, cache: SpanCache | None = None, offset: int = 0) -> torch.Tensor:
-        """Run the span. hidden_states: [batch, new, hidden]; offset: tokens already in ``cache``."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: SpanCache | None = None,
+        offset: int = 0,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Run blocks ``start..end-1`` (default: all of the span).
+
+        Args:
+            hidden_states: [batch, new, hidden] inputs of block ``start``.
+            cache: the session's cache for exactly these blocks; ``offset`` is then its length.
+            offset: position of the first new token when running without a cache.
+            start: first block to run (global index); end: one past the last.
+        """
+        start = self.start if start is None else start
+        end = self.end if end is None else end
         batch, new, _ = hidden_states.shape
         if cache is not None:
             offset = cache.length
@@ -111,12 +127,11 @@ class BlockSpan(nn.Module):
         positions = torch.arange(offset, offset + new, device=hidden_states.device).expand(batch, new)
         cos_sin = self.rotary_emb(hidden_states, positions)  # each [batch, new, head_dim]
         masks: dict[int | None, torch.Tensor] = {}
-        for layer, window in zip(self.layers, self.windows, strict=True):
+        for i in range(start - self.start, end - self.start):
+            window = self.windows[i]
             if window not in masks:
-                masks[window] = build_attention_mask(
-                    offset, new, window, hidden_states.dtype, hidden_states.device
-                )
-            hidden_states = layer(
+                masks[window] = build_attention_mask(offset, new, window, hidden_states.dtype, hidden_states.device)
+            hidden_states = self.layers[i](
                 hidden_states,
                 attention_mask=masks[window],
                 position_ids=positions,

@@ -1,0 +1,115 @@
+"""``corolla`` command line: server, demo, health. Server options are generated from ServerConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from corolla.engine.config import ServerConfig, from_env
+from corolla.engine.logs import configure_logging
+
+_SKIP = {"model", "extra", "token"}
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The trailing comment of each field line of a config class is its help text."""
+    helps: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    """Add one ``--option`` per config field (bools become flags, tuples take several values)."""
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        help_text = helps.get(f.name, "")
+        if "bool" in kind:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif "tuple" in kind:
+            parser.add_argument(flag, nargs="*", default=None, metavar="MADDR", help=help_text)
+        elif "int" in kind and "float" not in kind:
+            parser.add_argument(flag, type=int, default=None, help=help_text)
+        elif "float" in kind:
+            parser.add_argument(flag, type=float, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=str, default=None, help=help_text)
+
+
+def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names - _SKIP and v is not None}
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from corolla.engine.server.server import Server
+
+    overrides = _config_overrides(args, ServerConfig)
+    cfg = from_env(ServerConfig, model=args.model, token=args.token, **overrides)
+    if not cfg.new_swarm and not cfg.initial_peers:
+        sys.stderr.write("corolla server: give --initial-peers MADDR... to join a swarm, or --new-swarm\n")
+        return 2
+    Server(cfg).run()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from corolla.engine.demo import run_demo
+
+    return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_servers=args.servers)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from corolla.engine.health import run_health
+
+    return run_health(args.model, args.initial_peers, as_json=args.json, num_blocks=args.num_blocks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``corolla`` argument parser."""
+    parser = argparse.ArgumentParser(prog="corolla", description="Run large language models across many machines.")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    server = sub.add_parser("server", help="host a span of a model's blocks for the swarm")
+    server.add_argument("model", help="local checkpoint folder or Hugging Face repo id")
+    server.add_argument("--token", default=None, help="Hugging Face token for gated repos (default: HF_TOKEN)")
+    add_config_arguments(server, ServerConfig, _SKIP)
+    server.set_defaults(func=_cmd_server)
+
+    demo = sub.add_parser("demo", help="start a local swarm on SmolLM2-135M-Instruct and chat with it")
+    demo.add_argument("--prompt", default=None, help="answer this prompt and exit (default: interactive chat)")
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
+    demo.add_argument("--servers", type=int, default=2, help="server processes to split the blocks over")
+    demo.set_defaults(func=_cmd_demo)
+
+    health = sub.add_parser("health", help="show which servers cover which blocks of a model")
+    health.add_argument("model", nargs="?", default=None, help="model name as announced (default: all known)")
+    health.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers")
+    health.add_argument("--num-blocks", type=int, default=None, help="blocks of the model (default: from records)")
+    health.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    health.set_defaults(func=_cmd_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``corolla`` console script."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

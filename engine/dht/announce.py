@@ -1,0 +1,111 @@
+"""Every DHT read and write Corolla does, in one place.
+
+The coroutines run inside hivemind's DHT process (``DHT.run_coroutine``), so they are module-level
+functions bound with ``functools.partial`` and return plain picklable data.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import hivemind
+from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
+
+from corolla.engine.dht.records import ServerRecord, ServerState, block_key
+
+logger = logging.getLogger(__name__)
+
+
+async def _store(
+    dht: hivemind.DHT, node: DHTNode, keys: list[str], subkey: str, value: dict[str, Any], expiration: float
+) -> int:
+    stored = await node.store_many(
+        keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys), await_all_replicas=False
+    )
+    return sum(bool(ok) for ok in stored.values())
+
+
+async def _read(dht: hivemind.DHT, node: DHTNode, keys: list[str]) -> dict[str, dict[str, Any]]:
+    found = await node.get_many(keys)
+    now = get_dht_time()
+    out: dict[str, dict[str, Any]] = {}
+    for key, item in found.items():
+        if item is None or not hasattr(item.value, "items"):
+            continue
+        entries: dict[str, Any] = {}
+        for subkey, entry in item.value.items():
+            if entry.expiration_time >= now and isinstance(subkey, str):
+                entries[subkey] = entry.value
+        out[key] = entries
+    return out
+
+
+def announce_span(
+    dht: hivemind.DHT, model: str, peer_id: str, record: ServerRecord, ttl: float, timeout: float = 30.0
+) -> int:
+    """Announce ``record`` under every block of its span; returns how many blocks were stored."""
+    keys = [block_key(model, i) for i in range(record.start, record.end)]
+    expiration = get_dht_time() + ttl
+    coro = functools.partial(_store, keys=keys, subkey=peer_id, value=record.to_dict(), expiration=expiration)
+    stored: int = dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
+    return stored
+
+
+def withdraw_span(
+    dht: hivemind.DHT,
+    model: str,
+    peer_id: str,
+    record: ServerRecord,
+    linger: float = 10.0,
+    timeout: float = 5.0,
+) -> None:
+    """Replace a server's records with OFFLINE ones that expire soon (the DHT cannot delete)."""
+    offline = record.model_copy(update={"state": ServerState.OFFLINE, "cache_tokens_left": 0})
+    announce_span(dht, model, peer_id, offline, linger, timeout)
+
+
+def read_records(
+    dht: hivemind.DHT, model: str, blocks: Sequence[int], timeout: float = 30.0
+) -> dict[int, dict[str, ServerRecord]]:
+    """Valid, unexpired server records of each block: ``{block: {peer_id: record}}``.
+
+    Malformed values (from a buggy or hostile peer) are skipped, never raised.
+    """
+    keys = [block_key(model, i) for i in blocks]
+    future = dht.run_coroutine(functools.partial(_read, keys=keys), return_future=True)
+    raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
+    out: dict[int, dict[str, ServerRecord]] = {i: {} for i in blocks}
+    for i, key in zip(blocks, keys, strict=True):
+        for peer_id, value in raw.get(key, {}).items():
+            record = ServerRecord.from_dht(value)
+            if record is not None and record.start <= i < record.end:
+                out[i][peer_id] = record
+    return out
+
+
+def make_dht(
+    initial_peers: Sequence[str],
+    host: str,
+    port: int = 0,
+    *,
+    client_mode: bool = False,
+    nat_port_map: bool = False,
+    announce_host: str | None = None,
+) -> hivemind.DHT:
+    """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked)."""
+    kwargs: dict[str, Any] = {}
+    if announce_host:
+        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        client_mode=client_mode,
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        nat_port_map=nat_port_map,
+        num_workers=4,
+        **kwargs,
+    )

@@ -1,0 +1,166 @@
+"""RPC handlers: inference stream, stateless forward, info. Peer input never crashes the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from corolla.engine.config import PROTOCOL_VERSION
+from corolla.engine.errors import CorollaError, ProtocolError, SessionClosedError
+from corolla.engine.server.backend import ServerSession, SpanBackend
+from corolla.engine.wire.messages import (
+    RPC_FORWARD,
+    RPC_INFERENCE,
+    RPC_INFO,
+    Close,
+    ForwardRequest,
+    OpenSession,
+    StepResult,
+    decode_inference_message,
+)
+from corolla.engine.wire.tensors import deserialize, serialize
+
+logger = logging.getLogger(__name__)
+
+
+def _error(e: Exception, step_id: int = -1) -> runtime_pb2.ExpertResponse:
+    kind = type(e).__name__ if isinstance(e, CorollaError) else "ServerError"
+    text = str(e) if isinstance(e, CorollaError) else f"internal error: {type(e).__name__}: {e}"
+    meta = StepResult(ok=False, step_id=step_id, error=text, error_type=kind)
+    return runtime_pb2.ExpertResponse(metadata=meta.encode())
+
+
+def _one_tensor(request: runtime_pb2.ExpertRequest) -> Any:
+    if len(request.tensors) != 1:
+        raise ProtocolError(f"expected exactly one tensor (hidden states), got {len(request.tensors)}")
+    return deserialize(request.tensors[0])
+
+
+class Handler:
+    """Registers and serves the three RPCs of a server over a hivemind P2P instance."""
+
+    def __init__(self, backend: SpanBackend, info: dict[str, Any], idle_timeout: float) -> None:
+        self.backend = backend
+        self.info = info
+        self.idle_timeout = idle_timeout
+
+    async def register(self, p2p: P2P) -> None:
+        """Add the handlers to the P2P daemon."""
+        await p2p.add_protobuf_handler(
+            RPC_INFERENCE,
+            self.rpc_inference,
+            runtime_pb2.ExpertRequest,
+            stream_input=True,
+            stream_output=True,
+        )
+        await p2p.add_protobuf_handler(
+            RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        """Describe this server: model, span, dtype, free cache, counters."""
+        info = dict(self.info)
+        info.update(
+            cache_tokens_left=self.backend.cache_tokens_left(),
+            tokens_processed=self.backend.tokens_processed,
+            sessions=len(self.backend.sessions),
+        )
+        return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(info, use_bin_type=True))
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """One stream per session: ``open``, then ``step``s, then ``close`` (or the stream ends)."""
+        session: ServerSession | None = None
+        iterator = aiter(requests)
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(iterator), self.idle_timeout)
+                except (StopAsyncIteration, TimeoutError):
+                    return
+                except Exception as e:  # undecodable bytes from the peer: drop this stream only
+                    logger.info("dropped an inference stream from %s: %s", str(context.remote_id)[-6:], e)
+                    return
+                step_id = -1
+                try:
+                    msg = decode_inference_message(request.metadata)
+                    if isinstance(msg, Close):
+                        return
+                    if isinstance(msg, OpenSession):
+                        if session is not None:
+                            raise ProtocolError("this stream already has an open session")
+                        if msg.version != PROTOCOL_VERSION:
+                            raise ProtocolError(
+                                f"protocol version {msg.version} is not supported (server speaks "
+                                f"{PROTOCOL_VERSION}); upgrade the older side"
+                            )
+                        session = self.backend.open_session(
+                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size
+                        )
+                        yield runtime_pb2.ExpertResponse(metadata=StepResult(position=0).encode())
+                        continue
+                    step_id = msg.step_id
+                    if session is None or msg.session_id != session.session_id:
+                        raise SessionClosedError(
+                            f"unknown session id {msg.session_id!r}: open a session on this stream first"
+                        )
+                    hidden = _one_tensor(request)
+                    out = await self.backend.inference_step(session, msg.position, hidden)
+                    meta = StepResult(step_id=step_id, position=session.cache.length)
+                    yield runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
+                except CorollaError as e:
+                    logger.info("rejected a request from %s: %s", str(context.remote_id)[-6:], e)
+                    yield _error(e, step_id)
+                    if session is None:
+                        return
+                except Exception as e:
+                    logger.exception("inference step failed")
+                    yield _error(e, step_id)
+        finally:
+            if session is not None:
+                self.backend.close_session(session)
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Stateless forward: metadata in the first part, hidden states split into parts along length."""
+        try:
+            parts: list[Any] = []
+            meta: ForwardRequest | None = None
+            total = 0
+            async for request in requests:
+                if meta is None:
+                    meta = ForwardRequest.decode(request.metadata)
+                for proto in request.tensors:
+                    t = deserialize(proto)
+                    total += t.numel()
+                    if total > self.backend.cfg.max_chunk_tokens * self.backend.hidden_size:
+                        raise ProtocolError("forward request too large; split the batch")
+                    parts.append(t)
+            if meta is None or not parts:
+                raise ProtocolError("empty forward request")
+            import torch
+
+            if any(p.ndim != 3 or p.shape[0] != parts[0].shape[0] for p in parts):
+                raise ProtocolError("forward parts must be [batch, length, hidden] with one batch size")
+            hidden = torch.cat(parts, dim=1)
+            out = await self.backend.forward(meta.start, meta.end, hidden)
+            # Answer in parts of at most max_chunk_tokens as well (messages are capped at 4 MiB).
+            step = max(1, (2 * 1024 * 1024) // max(1, out.shape[0] * out.shape[2] * out.element_size()))
+            for i in range(0, out.shape[1], step):
+                yield runtime_pb2.ExpertResponse(
+                    tensors=[serialize(out[:, i : i + step])], metadata=StepResult().encode()
+                )
+        except CorollaError as e:
+            yield _error(e)
+        except Exception as e:
+            logger.exception("forward failed")
+            yield _error(e)

@@ -1,0 +1,109 @@
+"""Request/response metadata, msgpack-encoded and validated field by field.
+
+Transport envelopes are hivemind's ``ExpertRequest``/``ExpertResponse`` protobufs (tensors + opaque
+metadata bytes); the metadata schemas below are Corolla's and carry the protocol version.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corolla.engine.config import PROTOCOL_VERSION
+from corolla.engine.errors import ProtocolError
+
+MAX_METADATA_BYTES = 64 * 1024
+
+RPC_INFERENCE = "CorollaServer.rpc_inference"
+RPC_FORWARD = "CorollaServer.rpc_forward"
+RPC_INFO = "CorollaServer.rpc_info"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def encode(self) -> bytes:
+        """msgpack bytes of this message."""
+        data: bytes = msgpack.packb(self.model_dump(mode="json"), use_bin_type=True)
+        return data
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Any:
+        """Parse and validate peer-sent bytes; ProtocolError on anything malformed."""
+        if len(raw) > MAX_METADATA_BYTES:
+            raise ProtocolError(f"metadata of {len(raw)} bytes exceeds {MAX_METADATA_BYTES}")
+        try:
+            data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        except Exception as e:  # msgpack raises several unrelated types on garbage
+            raise ProtocolError(f"metadata is not valid msgpack: {e}") from e
+        if not isinstance(data, dict):
+            raise ProtocolError("metadata must be a map")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ProtocolError(f"invalid {cls.__name__}: {e.errors()[0]['msg']} at {e.errors()[0]['loc']}") from e
+
+
+class OpenSession(_Message):
+    """First message of an inference stream: reserve cache for a session over blocks start..end-1."""
+
+    kind: Literal["open"] = "open"
+    version: int = PROTOCOL_VERSION
+    session_id: str = Field(min_length=1, max_length=64)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+
+
+class Step(_Message):
+    """One inference step: hidden states of ``new`` tokens at position ``position`` of the session.
+
+    ``position`` is the number of tokens the client believes the server holds. If it is smaller than
+    what the server holds, the server first forgets the tokens past it (rewind); if larger, the step
+    is refused (the client and server disagree, e.g. after a faulty replay).
+    """
+
+    kind: Literal["step"] = "step"
+    session_id: str = Field(min_length=1, max_length=64)
+    position: int = Field(ge=0)
+    step_id: int = Field(ge=0)
+
+
+class Close(_Message):
+    """Last message of an inference stream: free the session's cache now."""
+
+    kind: Literal["close"] = "close"
+    session_id: str = Field(min_length=1, max_length=64)
+
+
+class StepResult(_Message):
+    """Server's answer to an open or a step."""
+
+    ok: bool = True
+    step_id: int = -1
+    position: int = 0  # tokens the server holds after the step
+    error: str | None = None
+    error_type: str | None = None
+
+
+class ForwardRequest(_Message):
+    """Stateless forward of full sequences through blocks start..end-1."""
+
+    version: int = PROTOCOL_VERSION
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+
+def decode_inference_message(raw: bytes) -> OpenSession | Step | Close:
+    """Decode the metadata of one inference-stream message by its ``kind``."""
+    msg = _Kind.decode(raw)
+    kinds: dict[str, type[_Message]] = {"open": OpenSession, "step": Step, "close": Close}
+    result: OpenSession | Step | Close = kinds[msg.kind].decode(raw)
+    return result
+
+
+class _Kind(_Message):
+    kind: Literal["open", "step", "close"]

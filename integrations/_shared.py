@@ -1,0 +1,232 @@
+"""What the LangChain and LlamaIndex adapters share: the client cache, parameter mapping, messages.
+
+Neither langchain nor llama_index is imported here, so both adapters (and their tests) can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+from pydantic import SecretStr
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Tokens generated when the caller does not say (LangChain's ``max_tokens=None``).
+DEFAULT_MAX_NEW_TOKENS = 256
+#: Name under which usage and traces report this provider.
+PROVIDER = "corolla"
+
+FinishReason = Literal["stop", "length", "eos"]
+
+
+class TextStreamLike(Protocol):
+    """What the adapters need from ``corolla.engine.TextStream``."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None
+
+    def __iter__(self) -> Iterator[str]: ...
+
+
+class ResultLike(Protocol):
+    """What the adapters need from ``corolla.engine.GenerationResult``."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+class ClientLike(Protocol):
+    """What the adapters need from ``corolla.engine.DistributedModelForCausalLM``."""
+
+    model_name: str
+    config: Any
+
+    def generate_text(self, prompt: str, **kwargs: Any) -> ResultLike: ...
+
+    def stream_text(self, prompt: str, **kwargs: Any) -> TextStreamLike: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str: ...
+
+
+# --- one client per (model, swarm, token, config), shared by every adapter instance ----------------
+
+_clients: dict[str, ClientLike] = {}
+_clients_lock = threading.Lock()
+
+
+def _client_key(model_name: str, initial_peers: Sequence[str], token: str | None, overrides: Mapping[str, Any]) -> str:
+    # The token enters the key only as a digest, so the key can be logged or shown safely.
+    token_digest = hashlib.sha256(token.encode()).hexdigest()[:16] if token else ""
+    return json.dumps([model_name, list(initial_peers), token_digest, dict(sorted(overrides.items()))], default=str)
+
+
+def get_client(
+    model_name: str,
+    initial_peers: Sequence[str],
+    token: SecretStr | str | None,
+    overrides: Mapping[str, Any],
+) -> ClientLike:
+    """Return the shared client for this model and swarm, creating it on first use.
+
+    The token is resolved (explicit → ``HF_TOKEN`` → ``hf auth login``) and the model's Hub access
+    is checked before any connection to the swarm, so a missing access fails with a clear message.
+    """
+    from corolla.engine import DistributedModelForCausalLM
+    from corolla.engine.hub import check_model_access, resolve_token
+
+    resolved = resolve_token(token)
+    key = _client_key(model_name, initial_peers, resolved, overrides)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            check_model_access(model_name, resolved)
+            logger.info("Connecting to the swarm for %s", model_name)
+            client = DistributedModelForCausalLM.from_pretrained(
+                model_name, initial_peers=list(initial_peers), token=resolved, **dict(overrides)
+            )
+            _clients[key] = client
+    return client
+
+
+def close_clients() -> None:
+    """Close every shared client (for tests and for apps that want to leave the swarm)."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        close = getattr(client, "close", None)
+        if close is not None:
+            close()
+
+
+def client_overrides(
+    client_config: Mapping[str, Any] | None, *, timeout: float | None = None, max_retries: int | None = None
+) -> dict[str, Any]:
+    """``ClientConfig`` overrides from an adapter's fields (the standard ``timeout``/``max_retries``)."""
+    overrides = dict(client_config or {})
+    if timeout is not None:
+        overrides.setdefault("step_timeout", float(timeout))
+    if max_retries is not None:
+        overrides.setdefault("max_retries", int(max_retries))
+    return overrides
+
+
+# --- parameter mapping: the one place adapter parameters become engine keyword arguments ----------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Generation settings as the adapters name them (OpenAI-style), before mapping to the engine."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: Sequence[str] | None = None
+    seed: int | None = None
+
+    def to_engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``generate_text``/``stream_text``.
+
+        ``temperature`` ``None`` or ``0`` means greedy decoding; ``top_k`` ``None``/``0`` and
+        ``top_p`` ``None``/``1`` mean no truncation.
+        """
+        do_sample = self.temperature is not None and self.temperature > 0
+        return {
+            "max_new_tokens": self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_NEW_TOKENS,
+            "do_sample": do_sample,
+            "temperature": float(self.temperature) if do_sample and self.temperature is not None else 1.0,
+            "top_k": int(self.top_k or 0),
+            "top_p": float(self.top_p) if self.top_p is not None else 1.0,
+            "repetition_penalty": float(self.repetition_penalty) if self.repetition_penalty is not None else 1.0,
+            "stop": list(self.stop) if self.stop else None,
+            "seed": self.seed,
+        }
+
+
+def merge_stops(*stops: Sequence[str] | None) -> list[str] | None:
+    """Union of stop sequences in order of first appearance, or ``None`` when there are none."""
+    merged: list[str] = []
+    for group in stops:
+        for stop in group or ():
+            if stop and stop not in merged:
+                merged.append(stop)
+    return merged or None
+
+
+# --- messages --------------------------------------------------------------------------------------
+
+
+def merge_consecutive_roles(messages: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
+    """Role/content dicts for a chat template, joining consecutive messages of the same role.
+
+    Many chat templates (Llama 2, Mistral, Gemma) reject two user or two assistant turns in a row.
+    """
+    merged: list[dict[str, str]] = []
+    for role, content in messages:
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] = f"{merged[-1]['content']}\n\n{content}"
+        else:
+            merged.append({"role": role, "content": content})
+    return merged
+
+
+# --- streaming helpers -----------------------------------------------------------------------------
+
+
+def with_last(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Yield ``(piece, is_last)``, holding one piece back; an empty stream yields ``("", True)``.
+
+    Knowing which piece is last lets adapters attach usage and finish reason to it.
+    """
+    iterator = iter(pieces)
+    try:
+        previous = next(iterator)
+    except StopIteration:
+        yield "", True
+        return
+    for piece in iterator:
+        yield previous, False
+        previous = piece
+    yield previous, True
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI-style usage counts."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def aiter_in_executor(make_iterator: Callable[..., Iterable[T]], *args: Any, **kwargs: Any) -> AsyncIterator[T]:
+    """Run a blocking iterator in the default executor, one item at a time (async reuses sync).
+
+    Args:
+        make_iterator: A callable returning an iterator; it is called in the executor too, because
+            starting a stream may already block (connecting, sending the prompt).
+        *args: Positional arguments for ``make_iterator``.
+        **kwargs: Keyword arguments for ``make_iterator``.
+    """
+    loop = asyncio.get_running_loop()
+    iterator: Iterator[T] = await loop.run_in_executor(None, lambda: iter(make_iterator(*args, **kwargs)))
+    done = object()
+    while True:
+        item = await loop.run_in_executor(None, next, iterator, done)
+        if item is done:
+            return
+        yield item  # type: ignore[misc]  # not `done`, so a T
