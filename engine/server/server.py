@@ -57,10 +57,21 @@ class Server:
         """Serve until asked to stop."""
         if self.cfg.num_threads > 0:
             torch.set_num_threads(self.cfg.num_threads)
+        # Start the DHT (a forked process) before any signal handler is installed: a child that inherited
+        # asyncio's handlers would ignore SIGTERM and could never be stopped.
+        peers = () if self.cfg.new_swarm else self.cfg.initial_peers
+        dht = make_dht(
+            peers,
+            self.cfg.host,
+            self.cfg.port,
+            nat_port_map=self.cfg.nat_port_map,
+            announce_host=self.cfg.announce_host,
+        )
         try:
-            asyncio.run(self._main())
+            asyncio.run(self._main(dht))
         finally:
             self._io.shutdown(wait=False, cancel_futures=True)
+            dht.shutdown()
 
     def _choose_span(self, dht: Any) -> tuple[int, int]:
         if self.cfg.blocks:
@@ -84,21 +95,10 @@ class Server:
             dtype=str(self.dtype).removeprefix("torch."),
         )
 
-    async def _main(self) -> None:
+    async def _main(self, dht: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        peers = () if self.cfg.new_swarm else self.cfg.initial_peers
-        dht = await loop.run_in_executor(
-            self._io,
-            lambda: make_dht(
-                peers,
-                self.cfg.host,
-                self.cfg.port,
-                nat_port_map=self.cfg.nat_port_map,
-                announce_host=self.cfg.announce_host,
-            ),
-        )
         peer_id = dht.peer_id.to_base58()
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
         if self.cfg.new_swarm:
@@ -162,7 +162,6 @@ class Server:
             if backend is not None:
                 self._write_status(backend, start, end, "stopped", maddrs)
                 backend.shutdown()
-            dht.shutdown()
 
     def _status_period(self) -> float:
         return min(self.cfg.announce_period, 5.0) if self.cfg.status_file else self.cfg.announce_period

@@ -1,0 +1,369 @@
+"""The client-side model: embeddings and LM head here, every transformer block in the swarm."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from corolla.engine.client.loop import LoopThread
+from corolla.engine.client.remote import remote_forward
+from corolla.engine.client.sampling import SamplingParams, next_tokens
+from corolla.engine.client.session import InferenceSession
+from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
+from corolla.engine.config import ClientConfig, from_env
+from corolla.engine.dht.announce import make_dht
+from corolla.engine.errors import CorollaError, PeerUnavailableError
+from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head
+from corolla.engine.routing.sequence_manager import SequenceManager
+
+logger = logging.getLogger(__name__)
+
+Messages = Sequence[dict[str, str]]
+
+
+class DistributedModelForCausalLM:
+    """A causal LM whose blocks run on swarm servers. Build it with :meth:`from_pretrained`.
+
+    Thread-safe: every call opens its own inference session unless given one.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        config: PretrainedConfig,
+        tokenizer: PreTrainedTokenizerBase | None,
+        head: ClientHead,
+        client_config: ClientConfig,
+        dht: Any,
+        loop: LoopThread,
+        p2p: Any,
+        manager: SequenceManager,
+    ) -> None:
+        self.model_name = model_name
+        self.config = config
+        self._tokenizer = tokenizer
+        self.head = head
+        self.client_config = client_config
+        self.dht = dht
+        self.loop = loop
+        self.p2p = p2p
+        self.manager = manager
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer (raises if the checkpoint has none)."""
+        if self._tokenizer is None:
+            raise CorollaError(f"{self.model_name} has no tokenizer files; use generate() with token ids")
+        return self._tokenizer
+
+    def __repr__(self) -> str:
+        return f"DistributedModelForCausalLM({self.model_name!r}, blocks={self.config.num_hidden_layers})"
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str,
+        *,
+        initial_peers: Sequence[str] = (),
+        token: str | None = None,
+        revision: str | None = None,
+        config: ClientConfig | None = None,
+        **client_config_overrides: Any,
+    ) -> DistributedModelForCausalLM:
+        """Load embeddings, head and tokenizer locally and join the swarm that serves the blocks.
+
+        Args:
+            model_name_or_path: a local checkpoint folder or a Hugging Face repo id.
+            initial_peers: multiaddrs of any peers of the swarm.
+            token: Hugging Face token for gated repos (default: ``HF_TOKEN`` or the saved login). It is
+                used only to download from the Hub and never sent to swarm peers.
+            revision: Hub revision (branch, tag or commit).
+            config: a full ClientConfig; ``client_config_overrides`` set single fields instead.
+        """
+        from corolla.engine.hub import check_model_access, resolve_token
+
+        if config is None:
+            client_config_overrides.setdefault("initial_peers", tuple(initial_peers))
+            config = from_env(ClientConfig, **client_config_overrides)
+        if not config.initial_peers:
+            raise CorollaError(
+                "no initial peers: pass initial_peers=[...] (multiaddrs printed by `corolla server --new-swarm`) "
+                "or set COROLLA_INITIAL_PEERS"
+            )
+        token = resolve_token(token)
+        ckpt = Checkpoint(model_name_or_path, token=token, revision=revision)
+        if not ckpt.is_local:
+            check_model_access(model_name_or_path, token)
+        hf_config = ckpt.config()
+        tokenizer = _load_tokenizer(ckpt, model_name_or_path, token, revision)
+        head = load_client_head(ckpt, hf_config, torch.float32)
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        dht = make_dht(config.initial_peers, config.host, client_mode=True, nat_port_map=config.nat_port_map)
+        loop = LoopThread()
+        try:
+            p2p = loop.run(dht.replicate_p2p(), timeout=config.connect_timeout)
+            model_name = config.dht_prefix or ckpt.default_dht_prefix
+            manager = SequenceManager(dht, model_name, int(hf_config.num_hidden_layers), config)
+        except BaseException:
+            loop.stop()
+            dht.shutdown()
+            raise
+        return cls(model_name, hf_config, tokenizer, head, config, dht, loop, p2p, manager)
+
+    def close(self) -> None:
+        """Leave the swarm (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            self.loop.run(self.p2p.shutdown(), timeout=5)
+        self.loop.stop()
+        self.dht.shutdown()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- sessions and raw forward -----------------------------------------------------------
+    def inference_session(self, max_length: int | None = None) -> InferenceSession:
+        """Open a session whose servers keep the attention cache of up to ``max_length`` tokens."""
+        max_length = max_length or min(int(getattr(self.config, "max_position_embeddings", 2048)), 2048)
+        return InferenceSession(self.manager, self.p2p, self.loop, self.client_config, max_length)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Stateless full forward: [batch, length] ids → [batch, length, vocab] logits."""
+        hidden = self.head.embed(input_ids)
+        cfg = self.client_config
+        for attempt in range(cfg.max_retries + 1):
+            route = self.manager.plan_forward()
+            x = hidden
+            try:
+                for hop in route:
+                    x = self.loop.run(
+                        remote_forward(
+                            self.p2p, hop.peer_id, hop.start, hop.end, x, cfg.max_chunk_bytes, cfg.request_timeout
+                        )
+                    )
+                return self.head.logits(x)
+            except PeerUnavailableError as e:
+                if attempt == cfg.max_retries:
+                    raise
+                self.manager.ban(hop.peer_id, str(e))
+        raise AssertionError("unreachable")
+
+    __call__ = forward
+
+    # ---- token generation -------------------------------------------------------------------
+    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
+        if eos_token_id is None:
+            eos_token_id = getattr(self.config, "eos_token_id", None)
+            if eos_token_id is None and self._tokenizer is not None:
+                eos_token_id = self._tokenizer.eos_token_id
+        if eos_token_id is None:
+            return set()
+        return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+
+    @torch.inference_mode()
+    def _token_loop(
+        self,
+        session: InferenceSession,
+        new_ids: torch.Tensor,
+        params: SamplingParams,
+        max_new_tokens: int,
+        eos_ids: set[int],
+    ) -> Generator[torch.Tensor, None, FinishReason]:
+        """Feed ``new_ids`` [batch, n], then yield one sampled token per row per step ([batch])."""
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        feed = new_ids if session.pending_ids is None else torch.cat([session.pending_ids, new_ids], dim=1)
+        session.pending_ids = None
+        seen = feed if session.token_ids is None else torch.cat([session.token_ids, feed], dim=1)
+        finished = torch.zeros(feed.shape[0], dtype=torch.bool)
+        pad_id = self._tokenizer.pad_token_id if self._tokenizer is not None else None
+        pad = pad_id if pad_id is not None else next(iter(eos_ids), 0)
+        for _ in range(max_new_tokens):
+            if feed.shape[1] == 0:
+                raise ValueError("nothing to generate from: give at least one input token")
+            hidden = session.step(self.head.embed(feed))
+            session.token_ids, session.pending_ids = seen, None
+            logits = self.head.logits(hidden[:, -1:])[:, -1]
+            token = next_tokens(logits, seen, params, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            finished |= torch.tensor([int(t) in eos_ids for t in token])
+            session.pending_ids = token[:, None]  # sampled, not yet in the servers' caches
+            yield token
+            if bool(finished.all()):
+                return "eos"
+            feed = token[:, None]
+            seen = torch.cat([seen, feed], dim=1)
+        return "length"
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        session: InferenceSession | None = None,
+        seed: int | None = None,
+        max_length: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **unused: Any,
+    ) -> torch.Tensor:
+        """transformers-style generation: returns ``input_ids`` followed by the new tokens.
+
+        With ``session=``, ``input_ids`` are only the *new* tokens of this turn: earlier turns are
+        already in the servers' caches (Petals' multi-turn convention).
+        """
+        if unused:
+            logger.debug("generate() ignores %s", ", ".join(unused))
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported yet: generate sequences of equal length")
+        if input_ids is None:
+            if session is None or session.pending_ids is None:
+                raise ValueError("give input_ids (or a session with a pending token)")
+            input_ids = torch.zeros((session.pending_ids.shape[0], 0), dtype=torch.long)
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        own = session is None
+        if session is None:
+            session = self.inference_session(max_length or input_ids.shape[1] + max_new_tokens)
+        try:
+            tokens = list(self._token_loop(session, input_ids, params, max_new_tokens, self._eos_ids(eos_token_id)))
+        finally:
+            if own:
+                session.close()
+        new = torch.stack(tokens, dim=1) if tokens else input_ids[:, :0]
+        return torch.cat([input_ids, new], dim=1)
+
+    # ---- text API ---------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Messages) -> str:
+        """Messages (role/content dicts) → the model's prompt text, ending with the assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CorollaError(f"{self.model_name} has no chat template; use generate_text with a plain prompt")
+        text: str = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return text
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not self._has_bos(prompt)).input_ids
+        return ids
+
+    def _has_bos(self, prompt: str) -> bool:
+        bos = self.tokenizer.bos_token
+        return bool(bos) and prompt.startswith(bos)
+
+    def stream_text(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        session: InferenceSession | None = None,
+    ) -> TextStream:
+        """Generate a continuation of ``prompt`` as an iterator of text pieces (stops applied on the fly).
+
+        With ``session=``, the prompt is the whole conversation so far: the part the servers already
+        hold is reused, and only new tokens are sent.
+        """
+        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        ids = self._encode(prompt)
+        own = session is None
+        if session is None:
+            session = self.inference_session(ids.shape[1] + max_new_tokens)
+        new_ids = _reuse_prefix(session, ids)
+        loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None))
+        eos = self._eos_ids(None)
+
+        def tokens() -> Generator[int, None, FinishReason]:
+            reason: FinishReason = "length"
+            try:
+                while True:
+                    token = int(next(loop)[0])
+                    if token in eos:
+                        return "eos"
+                    yield token
+            except StopIteration as stop:
+                reason = stop.value or "length"
+            return reason
+
+        def decode(token_ids: list[int]) -> str:
+            text: str = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            return text
+
+        return TextStream(tokens(), decode, int(ids.shape[1]), stop or (), on_close=session.close if own else None)
+
+    def generate_text(self, prompt: str, **kwargs: Any) -> GenerationResult:
+        """Generate a whole continuation of ``prompt`` (same options as :meth:`stream_text`)."""
+        return self.stream_text(prompt, **kwargs).result()
+
+    def stream_chat(self, messages: Messages, **kwargs: Any) -> TextStream:
+        """Like :meth:`stream_text` on the chat-template rendering of ``messages``."""
+        return self.stream_text(self.apply_chat_template(messages), **kwargs)
+
+    def chat(self, messages: Messages, **kwargs: Any) -> GenerationResult:
+        """Answer a conversation with the model's chat template."""
+        return self.stream_chat(messages, **kwargs).result()
+
+
+def _load_tokenizer(
+    ckpt: Checkpoint, name: str, token: str | None, revision: str | None
+) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's tokenizer, or None if it ships none (token-level generation still works)."""
+    try:
+        if ckpt.local_dir is not None:
+            return AutoTokenizer.from_pretrained(str(ckpt.local_dir))
+        return AutoTokenizer.from_pretrained(name, token=token, revision=revision)
+    except (OSError, ValueError) as e:
+        logger.warning("no tokenizer for %s (%s): only token-id generation is available", name, e)
+        return None
+
+
+def _reuse_prefix(session: InferenceSession, ids: torch.Tensor) -> torch.Tensor:
+    """Tokens of ``ids`` [1, n] the session does not hold yet; rewinds the session where they diverge."""
+    if session.token_ids is None:
+        return ids
+    held = session.token_ids
+    if session.pending_ids is not None:
+        held = torch.cat([held, session.pending_ids], dim=1)
+    n = min(held.shape[1], ids.shape[1] - 1)  # always feed at least one token to get logits
+    same = int((held[0, :n] == ids[0, :n]).long().cumprod(0).sum()) if n > 0 else 0
+    fed = session.token_ids.shape[1]
+    if same < fed:
+        session.rewind(same)
+        session.token_ids = session.token_ids[:, :same]
+        session.pending_ids = None
+        return ids[:, same:]
+    # Everything fed is reused; the pending token (if it matches) is fed along with the rest.
+    session.pending_ids = None
+    return ids[:, fed:]
+
+
+AutoDistributedModelForCausalLM = DistributedModelForCausalLM
+
+
+def iter_text(stream: TextStream) -> Iterator[str]:
+    """Convenience: iterate a stream's pieces (for ``for piece in iter_text(...)``)."""
+    yield from stream
