@@ -203,7 +203,7 @@ class InferenceSession:
         for attempt in range(self.config.max_retries + 1):
             try:
                 route = await loop.run_in_executor(
-                    None, lambda: self.manager.plan_inference(start, end, self.max_length, exclude)
+                    None, self.manager.plan_inference, start, end, self.max_length, frozenset(exclude)
                 )
             except MissingBlocksError as e:
                 if attempt == self.config.max_retries or not self._only_banned(e.blocks):

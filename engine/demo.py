@@ -1,0 +1,89 @@
+"""``corolla demo``: a whole swarm on this machine (a DHT peer and server processes sharing
+SmolLM2-135M-Instruct's blocks), a client that streams answers through it, and a clean exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from corolla.engine.errors import CorollaError
+
+if TYPE_CHECKING:
+    from corolla.engine.client.model import DistributedModelForCausalLM
+    from corolla.engine.client.session import InferenceSession
+
+logger = logging.getLogger(__name__)
+
+
+def split_blocks(total: int, parts: int) -> list[str]:
+    """``total`` blocks as ``parts`` near-equal consecutive spans: ``split_blocks(30, 2) == ["0:15", "15:30"]``."""
+    parts = max(1, min(parts, total))
+    bounds = [round(i * total / parts) for i in range(parts + 1)]
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2) -> int:
+    """Start the local swarm, answer ``prompt`` (or chat interactively), stop everything. Returns an exit code."""
+    import torch
+    from transformers import AutoConfig
+
+    from corolla.engine.client.model import DistributedModelForCausalLM
+    from corolla.engine.testing import Swarm, smollm2_checkpoint
+
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    try:
+        path = smollm2_checkpoint()
+    except CorollaError as e:
+        logger.error("%s", e)
+        return 1
+    spans = split_blocks(int(AutoConfig.from_pretrained(path).num_hidden_layers), num_servers)
+    logger.info("starting a local swarm: %d servers hosting blocks %s", len(spans), ", ".join(spans))
+    with Swarm(path, spans=spans, threads=threads) as swarm:
+        logger.info("swarm ready at %s", swarm.initial_peers[0])
+        with DistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, num_threads=threads
+        ) as model:
+            if prompt is not None:
+                _answer(model, [{"role": "user", "content": prompt}], max_new_tokens)
+                return 0
+            return _chat_loop(model, max_new_tokens)
+
+
+def _answer(
+    model: DistributedModelForCausalLM,
+    messages: list[dict[str, str]],
+    max_new_tokens: int,
+    session: InferenceSession | None = None,
+) -> str:
+    stream = model.stream_chat(messages, max_new_tokens=max_new_tokens, session=session)
+    for piece in stream:
+        _write(piece)
+    _write("\n")
+    return stream.text
+
+
+def _chat_loop(model: DistributedModelForCausalLM, max_new_tokens: int) -> int:
+    _write("Chat with SmolLM2-135M-Instruct through the local swarm. Empty line or Ctrl-D to quit.\n")
+    messages: list[dict[str, str]] = []
+    with model.inference_session(max_length=2048) as session:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                _write("\n")
+                return 0
+            if not line:
+                return 0
+            messages.append({"role": "user", "content": line})
+            _write("model> ")
+            reply = _answer(model, messages, max_new_tokens, session)
+            messages.append({"role": "assistant", "content": reply})
