@@ -4,6 +4,7 @@ SmolLM2-135M-Instruct's blocks), a client that streams answers through it, and a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -22,7 +23,7 @@ def split_blocks(total: int, parts: int) -> list[str]:
     """``total`` blocks as ``parts`` near-equal consecutive spans: ``split_blocks(30, 2) == ["0:15", "15:30"]``."""
     parts = max(1, min(parts, total))
     bounds = [round(i * total / parts) for i in range(parts + 1)]
-    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [f"{a}:{b}" for a, b in itertools.pairwise(bounds)]
 
 
 def _write(text: str) -> None:
