@@ -297,3 +297,13 @@ def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
     from corolla.engine.models.gguf import smollm2_checkpoint as convert
 
     return convert(cache_dir)
+
+
+def start_swarm(model: str | Path, num_servers: int = 2, **kwargs: Any) -> Swarm:
+    """A :class:`Swarm` whose ``num_servers`` servers split the model's blocks evenly (not started yet)."""
+    from transformers import AutoConfig
+
+    from corolla.engine.demo import split_blocks
+
+    total = int(AutoConfig.from_pretrained(model).num_hidden_layers)
+    return Swarm(model, spans=split_blocks(total, num_servers), **kwargs)
