@@ -53,6 +53,7 @@ class ClientConfig:
     host: str = "127.0.0.1"  # address the client's own p2p daemon listens on
     connect_timeout: float = 10.0  # seconds to open a stream to a server
     step_timeout: float = 30.0  # seconds a server may take for one inference step before it counts as failed
+    stall_timeout: float = 1.5  # seconds: a one-token step slower than max(this, 5x the server's usual) is a stall
     request_timeout: float = 60.0  # seconds for a stateless forward or an info call
     max_retries: int = 8  # route re-plans allowed within one call before giving up
     min_backoff: float = 0.5  # seconds of the first ban of a failed server (doubles on repeats)

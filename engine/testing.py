@@ -153,6 +153,16 @@ class ServerProcess:
             return data
         return {}
 
+    @property
+    def peer_id(self) -> str | None:
+        """The server's peer id once it serves (from its status file)."""
+        value = self.status().get("peer_id")
+        return str(value) if value else None
+
+    def pause(self) -> None:
+        """SIGSTOP the server's main process: it stops answering but its connections stay open (a stall)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
     def ready(self) -> bool:
         """Whether the server announced itself and serves."""
         return self.alive() and self.status().get("state") == "online"
@@ -172,6 +182,8 @@ class ServerProcess:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM (graceful: withdraw from the DHT), then SIGKILL the group after ``grace`` seconds."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)  # in case it was paused
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
@@ -237,7 +249,8 @@ class Swarm:
 
     def add_server(self, blocks: str | None, wait: bool = True, extra_args: Sequence[str] = ()) -> ServerProcess:
         """Start one more server (``blocks`` like ``"0:3"``, or None to let it choose)."""
-        log = self.log_dir / f"server-{len(self.servers)}.log"
+        self._started = getattr(self, "_started", 0) + 1
+        log = self.log_dir / f"server-{self._started}.log"
         server = ServerProcess(
             self.model,
             blocks,

@@ -226,12 +226,14 @@ class DistributedModelForCausalLM:
         seed: int | None = None,
         max_length: int | None = None,
         attention_mask: torch.Tensor | None = None,
+        streamer: Any = None,
         **unused: Any,
     ) -> torch.Tensor:
         """transformers-style generation: returns ``input_ids`` followed by the new tokens.
 
         With ``session=``, ``input_ids`` are only the *new* tokens of this turn: earlier turns are
-        already in the servers' caches (Petals' multi-turn convention).
+        already in the servers' caches (Petals' multi-turn convention). ``streamer`` is any object with
+        transformers' streamer interface (``put(ids)``, ``end()``), e.g. ``transformers.TextStreamer``.
         """
         if unused:
             logger.debug("generate() ignores %s", ", ".join(unused))
@@ -245,11 +247,19 @@ class DistributedModelForCausalLM:
         own = session is None
         if session is None:
             session = self.inference_session(max_length or input_ids.shape[1] + max_new_tokens)
+        tokens: list[torch.Tensor] = []
         try:
-            tokens = list(self._token_loop(session, input_ids, params, max_new_tokens, self._eos_ids(eos_token_id)))
+            if streamer is not None:
+                streamer.put(input_ids)
+            for token in self._token_loop(session, input_ids, params, max_new_tokens, self._eos_ids(eos_token_id)):
+                tokens.append(token)
+                if streamer is not None:
+                    streamer.put(token)
         finally:
             if own:
                 session.close()
+            if streamer is not None:
+                streamer.end()
         new = torch.stack(tokens, dim=1) if tokens else input_ids[:, :0]
         return torch.cat([input_ids, new], dim=1)
 
@@ -258,8 +268,8 @@ class DistributedModelForCausalLM:
         """Messages (role/content dicts) → the model's prompt text, ending with the assistant's turn."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise CorollaError(f"{self.model_name} has no chat template; use generate_text with a plain prompt")
-        text: str = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return text
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return str(text)
 
     def _encode(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not self._has_bos(prompt)).input_ids
@@ -310,8 +320,7 @@ class DistributedModelForCausalLM:
             return reason
 
         def decode(token_ids: list[int]) -> str:
-            text: str = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            return text
+            return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
         return TextStream(tokens(), decode, int(ids.shape[1]), stop or (), on_close=session.close if own else None)
 

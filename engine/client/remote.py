@@ -147,7 +147,7 @@ async def remote_forward(
             yield runtime_pb2.ExpertRequest(tensors=[serialize(hidden[:, i : i + step])], metadata=meta)
 
     async def call() -> torch.Tensor:
-        outputs = []
+        outputs: list[torch.Tensor] = []
         responses = await p2p.iterate_protobuf_handler(
             PeerID.from_base58(peer_id), RPC_FORWARD, parts(), runtime_pb2.ExpertResponse
         )

@@ -141,6 +141,13 @@ class InferenceSession:
             outputs.append(await self._step_chunk(chunk))
         return torch.cat(outputs, dim=1)
 
+    def _timeout(self, peer_id: str, new_tokens: int) -> float:
+        """Seconds to wait for a step: adaptive for one-token steps, so a stalled server is noticed fast."""
+        usual = self.manager.rtt.get(peer_id)
+        if new_tokens > 1 or usual is None:
+            return self.config.step_timeout
+        return min(self.config.step_timeout, max(self.config.stall_timeout, 5 * usual))
+
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hops:
             await self._build(0, self.manager.num_blocks)
@@ -148,16 +155,21 @@ class InferenceSession:
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
+            peer = hop.stream.peer_id
             try:
                 began = time.perf_counter()
                 self._step_id += 1
-                out = await hop.stream.step(self.session_id, x, self.position, self._step_id, self.config.step_timeout)
-                self.manager.record_rtt(hop.stream.peer_id, time.perf_counter() - began)
+                out = await hop.stream.step(
+                    self.session_id, x, self.position, self._step_id, self._timeout(peer, x.shape[1])
+                )
+                if x.shape[1] == 1:
+                    self.manager.record_rtt(peer, time.perf_counter() - began)
             except _RETRYABLE as e:
                 attempts += 1
                 if attempts > self.config.max_retries:
                     raise
-                await self._repair(i, e)
+                self.manager.ban(peer, str(e))
+                await self._repair(i)
                 continue  # retry the same hop index: the replacement route starts there
             hop.inputs.append(x)
             x = out
@@ -165,27 +177,26 @@ class InferenceSession:
         self.position += x.shape[1]
         return x
 
-    async def _repair(self, index: int, error: Exception) -> None:
+    async def _repair(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over the same blocks and replay its history into it."""
         broken = self.hops[index]
-        self.manager.ban(broken.stream.peer_id, str(error))
         await broken.stream.close(self.session_id)
         history = broken.history(self.position)
         began = time.perf_counter()
-        new_hops = await self._plan_and_open(broken.start, broken.end, exclude={broken.stream.peer_id})
-        x = history
-        for hop in new_hops:
-            if x is not None:
-                hop.inputs.append(x)
-                # Replay: the replacement computes the cache of every position the session holds.
-                replay = []
-                for chunk in self._chunks(x):
-                    self._step_id += 1
-                    pos = sum(c.shape[1] for c in replay)
-                    replay.append(
-                        await hop.stream.step(self.session_id, chunk, pos, self._step_id, self.config.step_timeout)
-                    )
-                x = torch.cat(replay, dim=1)
+        exclude = {broken.stream.peer_id}
+        for attempt in range(self.config.max_retries + 1):
+            new_hops = await self._plan_and_open(broken.start, broken.end, exclude=exclude)
+            try:
+                await self._replay(new_hops, history)
+            except _RETRYABLE as e:
+                await self._close_all(new_hops)
+                failed = _peer_of(e, new_hops)
+                self.manager.ban(failed, str(e))
+                exclude.add(failed)
+                if attempt == self.config.max_retries:
+                    raise
+                continue
+            break
         self.hops[index : index + 1] = new_hops
         self.failovers += 1
         logger.info(
@@ -197,19 +208,43 @@ class InferenceSession:
             time.perf_counter() - began,
         )
 
+    async def _replay(self, hops: list[_Hop], history: torch.Tensor | None) -> None:
+        """Send the inputs of every position the session holds through ``hops`` (rebuilding their caches)."""
+        x = history
+        for hop in hops:
+            if x is None:
+                return
+            outputs: list[torch.Tensor] = []
+            position = 0
+            for chunk in self._chunks(x):
+                self._step_id += 1
+                outputs.append(
+                    await hop.stream.step(self.session_id, chunk, position, self._step_id, self.config.step_timeout)
+                )
+                position += chunk.shape[1]
+            hop.inputs = [x]
+            x = torch.cat(outputs, dim=1)
+
     async def _plan_and_open(self, start: int, end: int, exclude: set[str]) -> list[_Hop]:
-        """Plan blocks ``start..end-1`` and open a stream on every hop, retrying other servers on failure."""
+        """Plan blocks ``start..end-1`` and open a stream on every hop, retrying other servers on failure.
+
+        When only servers we already failed announce some blocks (their records outlive them for the
+        record TTL), they get one last try after a short pause; if that fails too, the blocks are
+        missing and MissingBlocksError says so, instead of retrying dead servers for minutes.
+        """
         loop = asyncio.get_running_loop()
-        for attempt in range(self.config.max_retries + 1):
+        last_chance = False
+        for _ in range(self.config.max_retries + 1):
             try:
                 route = await loop.run_in_executor(
-                    None, self.manager.plan_inference, start, end, self.max_length, frozenset(exclude)
+                    None, self.manager.plan_inference, start, end, self.max_length, frozenset(exclude), last_chance
                 )
             except MissingBlocksError as e:
-                if attempt == self.config.max_retries or not self._only_banned(e.blocks):
+                if last_chance or not self._only_banned(e.blocks):
                     raise
+                last_chance, exclude = True, set()
                 await asyncio.sleep(self.config.min_backoff)
-                exclude = set()
+                await loop.run_in_executor(None, self.manager.refresh)
                 continue
             hops = [_Hop(HopStream(h.peer_id, h.start, h.end)) for h in route]
             try:
@@ -224,7 +259,10 @@ class InferenceSession:
                     )
             except _RETRYABLE as e:
                 await self._close_all(hops)
-                self.manager.ban(_peer_of(e, hops), str(e))
+                failed = next(h for h in hops if h.stream.peer_id == _peer_of(e, hops))
+                self.manager.ban(failed.stream.peer_id, str(e))
+                if last_chance:
+                    raise MissingBlocksError(self.manager.model, range(failed.start, failed.end)) from e
                 continue
             return hops
         raise PeerUnavailableError("swarm", f"no server for blocks {start}:{end} answered after retries")

@@ -88,7 +88,12 @@ class SequenceManager:
 
     # ---- planning ---------------------------------------------------------------------------
     def plan_inference(
-        self, start: int = 0, end: int | None = None, cache_tokens_needed: int = 0, exclude: Collection[str] = ()
+        self,
+        start: int = 0,
+        end: int | None = None,
+        cache_tokens_needed: int = 0,
+        exclude: Collection[str] = (),
+        ignore_bans: bool = False,
     ) -> list[RouteHop]:
         """Fastest route over blocks ``start..end-1`` avoiding banned servers (refreshes once if needed)."""
         end = self.num_blocks if end is None else end
@@ -104,7 +109,7 @@ class SequenceManager:
                     end,
                     model=self.model,
                     rtt=rtt,
-                    banned=self.banned() | set(exclude),
+                    banned=(set() if ignore_bans else self.banned()) | set(exclude),
                     cache_tokens_needed=cache_tokens_needed,
                 )
             except MissingBlocksError:

@@ -176,6 +176,7 @@ class Server:
             "tokens_processed": backend.tokens_processed,
             "sessions": len(backend.sessions),
             "maddrs": maddrs,
+            "peer_id": maddrs[0].rsplit("/p2p/", 1)[-1] if maddrs else None,
             "pid": os.getpid(),
             "time": time.time(),
         }

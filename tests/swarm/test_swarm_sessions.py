@@ -1,0 +1,134 @@
+"""Sessions over a three-server swarm: routes, concurrent clients, multi-turn reuse, text and chat."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from swarm_helpers import client, hf_greedy, hf_model, random_ids, running_swarm
+from transformers import PreTrainedModel
+
+from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.client.remote import remote_info
+from corolla.engine.testing import Swarm
+
+pytestmark = pytest.mark.swarm
+
+SPANS = ["0:2", "2:4", "4:6"]
+
+
+@dataclass
+class ThreeServers:
+    path: Path
+    swarm: Swarm
+    model: DistributedModelForCausalLM
+    hf: PreTrainedModel
+
+
+@pytest.fixture(scope="module")
+def three(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreeServers]:
+    """Blocks 0:2, 2:4 and 4:6 of the tiny llama on three server processes, and one client."""
+    path = tiny_checkpoint("llama")
+    with running_swarm(path, SPANS, tmp_path_factory) as swarm, client(path, swarm) as model:
+        yield ThreeServers(path, swarm, model, hf_model(path))
+
+
+def tokens_processed(model: DistributedModelForCausalLM, peers: list[str]) -> int:
+    """Tokens the given servers have computed so far, summed (their info RPC's counter)."""
+    return sum(int(model.loop.run(remote_info(model.p2p, peer, 10.0))["tokens_processed"]) for peer in peers)
+
+
+@pytest.mark.timeout(120)
+def test_session_route_uses_all_three_servers(three: ThreeServers) -> None:
+    ids = random_ids(1, 8, seed=10)
+    with three.model.inference_session(max_length=32) as session:
+        out = three.model.generate(ids, max_new_tokens=10, eos_token_id=[], session=session)
+        assert [(h.start, h.end) for h in session.hops] == [(0, 2), (2, 4), (4, 6)]
+        assert len({h.stream.peer_id for h in session.hops}) == 3
+    assert torch.equal(out, hf_greedy(three.hf, ids, 10, eos=False))
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_clients_each_match_transformers(three: ThreeServers) -> None:
+    prompts = [random_ids(1 + i % 2, 6 + i, seed=20 + i) for i in range(4)]
+    expected = [hf_greedy(three.hf, p, 12, eos=False) for p in prompts]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    with client(three.path, three.swarm) as second:
+        models = [three.model, second, three.model, second]  # two clients, two threads each
+
+        def run(i: int) -> None:
+            try:
+                results[i] = models[i].generate(prompts[i], max_new_tokens=12, eos_token_id=[])
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=50)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    for i in range(4):
+        assert torch.equal(results[i], expected[i]), f"generation {i}"
+
+
+@pytest.mark.timeout(60)
+def test_multi_turn_sends_only_new_tokens(three: ThreeServers) -> None:
+    model = three.model
+    first, second = random_ids(2, 7, seed=30), random_ids(2, 4, seed=31)
+    n = 6
+    with model.inference_session(max_length=40) as session:
+        out1 = model.generate(first, max_new_tokens=n, eos_token_id=[], session=session)
+        # The last sampled token is not fed yet: it goes with the next turn.
+        assert session.position == first.shape[1] + n - 1
+        peers = [h.stream.peer_id for h in session.hops]
+        before = tokens_processed(model, peers)
+        out2 = model.generate(second, max_new_tokens=n, eos_token_id=[], session=session)
+        sent = 1 + second.shape[1] + n - 1  # pending token, the new turn, then one token per step
+        assert session.position == first.shape[1] + n - 1 + sent
+        assert tokens_processed(model, peers) - before == len(peers) * 2 * sent  # batch of 2 on each server
+    assert torch.equal(out1, hf_greedy(three.hf, first, n, eos=False))
+    conversation = torch.cat([out1, second], dim=1)
+    assert torch.equal(out2, hf_greedy(three.hf, conversation, n, eos=False)[:, out1.shape[1] :])
+
+
+def _greedy_text(three: ThreeServers, prompt: str, max_new_tokens: int) -> str:
+    tok = three.model.tokenizer
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = hf_greedy(three.hf, ids, max_new_tokens)
+    text: str = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return text
+
+
+@pytest.mark.timeout(60)
+def test_stream_text_applies_stop_strings(three: ThreeServers) -> None:
+    prompt = "The quick brown fox"
+    full = _greedy_text(three, prompt, 24)
+    stop = full[3:5]  # a stop string the greedy continuation really contains
+    assert len(stop) == 2, f"greedy continuation too short to test stops: {full!r}"
+    expected = full[: full.index(stop)]
+    stream = three.model.stream_text(prompt, max_new_tokens=24, stop=[stop, "never-generated"])
+    pieces = list(stream)
+    assert "".join(pieces) == expected == stream.text
+    assert stream.finish_reason == "stop"
+    # Without stops the text is the whole greedy continuation.
+    assert three.model.generate_text(prompt, max_new_tokens=24).text == full
+
+
+@pytest.mark.timeout(60)
+def test_chat_matches_transformers_up_to_the_stop(three: ThreeServers) -> None:
+    messages = [{"role": "user", "content": "Hi there"}]
+    prompt = three.model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = _greedy_text(three, prompt, 16)
+    stop = full[3:5]
+    assert len(stop) == 2, f"greedy continuation too short to test stops: {full!r}"
+    result = three.model.chat(messages, max_new_tokens=16, stop=[stop])
+    assert result.text == full[: full.index(stop)]
+    assert result.finish_reason == "stop"
+    assert result.prompt_tokens == len(three.model.tokenizer(prompt).input_ids)

@@ -1,0 +1,211 @@
+"""Every family's distributed blocks reproduce the local transformers model's logits (tiny random configs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+
+from corolla.engine.errors import CorollaError
+from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
+from corolla.engine.models.registry import FAMILIES, get_family, sliding_window_of
+from corolla.engine.models.span import BlockSpan, SpanCache, build_attention_mask
+
+ATOL = 1e-4
+FAMILY_OVERRIDES: dict[str, dict[str, int]] = {
+    "llama": {},
+    # A window much shorter than the test sequences, so the window mask really drops keys.
+    "mistral": {"sliding_window": 5},
+    "qwen2": {},
+    "qwen3": {},
+}
+# Variants: blocks 3:6 use a window and 0:3 do not (the window layers sit on the second "peer"); a head_dim
+# that is not hidden_size / heads.
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "qwen2-mixed-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3}),
+    "qwen3-mixed-window": ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3}),
+    "qwen3-head-dim-32": ("qwen3", {"head_dim": 32}),
+}
+CASES = {**{name: (name, overrides) for name, overrides in FAMILY_OVERRIDES.items()}, **VARIANTS}
+SPLIT = 3  # blocks 0:3 on one "peer", 3:6 on the other (TINY_DEFAULTS has 6 blocks)
+PROMPT_LEN = 8
+DECODE_STEPS = 10
+
+
+def hf_model(path: Path) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+def load_distributed(path: Path) -> tuple[ClientHead, list[BlockSpan]]:
+    ckpt = Checkpoint(str(path))
+    config = ckpt.config()
+    head = load_client_head(ckpt, config, torch.float32)
+    n = config.num_hidden_layers
+    spans = [
+        load_span(ckpt, config, 0, SPLIT, torch.float32, "cpu"),
+        load_span(ckpt, config, SPLIT, n, torch.float32, "cpu"),
+    ]
+    return head, spans
+
+
+def run_spans(spans: list[BlockSpan], hidden: torch.Tensor, caches: list[SpanCache] | None = None) -> torch.Tensor:
+    for i, span in enumerate(spans):
+        hidden = span(hidden, caches[i] if caches is not None else None)
+    return hidden
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@torch.inference_mode()
+def test_prefill_and_cached_decode_match_transformers(case: str, tiny_checkpoint: Callable[..., Path]) -> None:
+    family, overrides = CASES[case]
+    path = tiny_checkpoint(family, **overrides)
+    model = hf_model(path)
+    head, spans = load_distributed(path)
+    config = spans[0].config
+    assert config.model_type == family
+    if family == "mistral":
+        # The window (5) is shorter than the prompt and the decoded sequence: it must be in effect.
+        assert all(w == 5 for span in spans for w in span.windows)
+        assert model.config.sliding_window == 5
+    if case.endswith("mixed-window"):
+        assert spans[0].windows == [None] * SPLIT and spans[1].windows == [4] * SPLIT
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(7, config.vocab_size, (2, PROMPT_LEN), generator=gen)  # [batch=2, length]
+    max_length = PROMPT_LEN + DECODE_STEPS
+    caches = [SpanCache(span.start, span.end - span.start, max_length) for span in spans]
+
+    logits = head.logits(run_spans(spans, head.embed(ids), caches))  # [2, PROMPT_LEN, vocab]
+    expected = model(ids).logits.float()
+    assert max_diff(logits, expected) <= ATOL
+    assert all(c.length == PROMPT_LEN for c in caches)
+
+    for step in range(DECODE_STEPS):
+        token = logits[:, -1].argmax(-1, keepdim=True)  # [2, 1]
+        ids = torch.cat([ids, token], dim=1)
+        logits = head.logits(run_spans(spans, head.embed(token), caches))  # [2, 1, vocab]
+        expected = model(ids).logits[:, -1:].float()
+        assert max_diff(logits, expected) <= ATOL, f"{case}: decode step {step} diverges from transformers"
+        assert all(c.length == ids.shape[1] for c in caches)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@torch.inference_mode()
+def test_sub_span_runs_only_the_requested_blocks(family: str, tiny_checkpoint: Callable[..., Path]) -> None:
+    path = tiny_checkpoint(family, **FAMILY_OVERRIDES[family])
+    ckpt = Checkpoint(str(path))
+    config = ckpt.config()
+    whole = load_span(ckpt, config, 0, config.num_hidden_layers, torch.float32, "cpu")
+    middle = load_span(ckpt, config, 2, 4, torch.float32, "cpu")
+    model = hf_model(path)
+
+    ids = torch.randint(7, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    hf_hidden = model(ids, output_hidden_states=True).hidden_states  # [0]: embeddings; [i]: output of block i-1
+    x = hf_hidden[2]  # input of block 2
+    sub = whole(x, start=2, end=4)
+    assert max_diff(sub, middle(x)) <= ATOL
+    assert max_diff(sub, hf_hidden[4]) <= ATOL
+    # A sub-span is not the whole span: running all blocks from block 2's input gives something else.
+    assert max_diff(whole(x, start=2, end=whole.end), sub) > 1e-3
+
+    # With a cache over exactly the sub-span, prefill then one step equals the uncached run.
+    cache = SpanCache(2, 2, 16)
+    first = whole(x[:, :-1], cache, start=2, end=4)
+    last = whole(x[:, -1:], cache, start=2, end=4)
+    assert max_diff(torch.cat([first, last], dim=1), sub) <= ATOL
+
+
+@torch.inference_mode()
+def test_cache_rewind_recomputes_the_same_outputs(tiny_checkpoint: Callable[..., Path]) -> None:
+    path = tiny_checkpoint("llama")
+    ckpt = Checkpoint(str(path))
+    config = ckpt.config()
+    span = load_span(ckpt, config, 0, 2, torch.float32, "cpu")
+    x = torch.randn(1, 6, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    cache = SpanCache(0, 2, 8)
+    full = span(x, cache)
+    cache.truncate(4)
+    again = span(x[:, 4:], cache)
+    assert max_diff(again, full[:, 4:]) <= ATOL
+    with pytest.raises(ValueError):
+        span(x[:, :3], cache)  # 6 + 3 tokens exceed max_length 8
+    with pytest.raises(ValueError):
+        cache.truncate(7)
+
+
+def test_unsupported_model_type_names_the_supported_families() -> None:
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2)
+    with pytest.raises(CorollaError) as info:
+        get_family(config)
+    message = str(info.value)
+    assert "gpt2" in message
+    for name in ("llama", "mistral", "qwen2", "qwen3"):
+        assert name in message
+    with pytest.raises(CorollaError):
+        BlockSpan(config, 0, 1)
+
+
+def test_registry_lists_exactly_the_tested_families() -> None:
+    assert set(FAMILIES) == set(FAMILY_OVERRIDES)
+    for name, family in FAMILIES.items():
+        layer_cls, rotary_cls = family.load()
+        assert layer_cls.__name__.endswith("DecoderLayer")
+        assert rotary_cls.__name__.endswith("RotaryEmbedding")
+        assert family.norm_class().__name__.endswith("RMSNorm")
+        assert family.model_type == name
+
+
+def test_span_bounds_are_checked() -> None:
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2)
+    for start, end in [(-1, 2), (2, 2), (3, 2), (0, 5)]:
+        with pytest.raises(ValueError):
+            BlockSpan(config, start, end, empty=True)
+
+
+def test_sliding_window_of_follows_layer_types() -> None:
+    config = LlamaConfig(num_hidden_layers=3)
+    assert sliding_window_of(config, 0) is None
+    config.sliding_window = 7
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    assert [sliding_window_of(config, i) for i in range(3)] == [None, 7, None]
+
+
+def test_attention_mask_is_causal_with_window() -> None:
+    mask = build_attention_mask(offset=3, new=2, window=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert mask.shape == (1, 1, 2, 5)
+    allowed = (mask[0, 0] == 0).tolist()
+    # query at position 3 sees keys 2..3; query at 4 sees keys 3..4
+    assert allowed == [[False, False, True, True, False], [False, False, False, True, True]]
+
+
+@torch.inference_mode()
+def test_tied_embeddings_load_and_match(tiny_checkpoint: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    path = tiny_checkpoint("llama", tie_word_embeddings=True)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in set(f.keys())  # the checkpoint really relies on tying
+    model = hf_model(path)
+    with caplog.at_level("WARNING"):
+        head, spans = load_distributed(path)
+    assert not [r for r in caplog.records if "lm_head" in r.getMessage()]
+    assert head.lm_head.weight.data_ptr() == head.embed_tokens.weight.data_ptr()
+    ids = torch.randint(7, 160, (2, 7), generator=torch.Generator().manual_seed(4))
+    assert max_diff(head.logits(run_spans(spans, head.embed(ids))), model(ids).logits.float()) <= ATOL
+
+    # Control: the same checkpoint under a config that claims untied weights is loaded with a warning.
+    ckpt = Checkpoint(str(path))
+    untied = ckpt.config()
+    untied.tie_word_embeddings = False
+    with caplog.at_level("WARNING"):
+        head = load_client_head(ckpt, untied, torch.float32)
+    assert [r for r in caplog.records if "lm_head" in r.getMessage()]
+    assert torch.equal(head.lm_head.weight, head.embed_tokens.weight)
