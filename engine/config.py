@@ -89,6 +89,9 @@ class ServerConfig:
     record_ttl: float = 90.0  # seconds an announcement stays valid if not refreshed
     session_idle_timeout: float = 600.0  # seconds a session may stay idle before its cache is freed
     public_name: str | None = None  # a name shown in `corolla health` (e.g. your nickname)
+    throughput: float | None = None  # tokens/s to announce instead of measuring this machine's speed
+    rebalance_period: float = 150.0  # seconds between checks whether moving to other blocks helps the swarm
+    balance_quality: float = 0.75  # move only if the weakest block would be below this fraction of where we are
     token: str | None = dataclasses.field(default=None, repr=False)  # Hugging Face token for gated repos
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port
     status_file: str | None = None  # path of a JSON file the server keeps updated (used by the tray agent)

@@ -44,6 +44,8 @@ def _short(peer_id: str) -> str:
 
 def _check(peer_id: str, meta: StepResult) -> None:
     if not meta.ok:
+        if meta.error_type == "PeerUnavailableError":
+            raise PeerUnavailableError(_short(peer_id), str(meta.error))
         cls = _SERVER_ERRORS.get(meta.error_type or "", CorollaError)
         raise cls(f"server {_short(peer_id)}: {meta.error}")
 

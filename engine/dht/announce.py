@@ -87,6 +87,28 @@ def read_records(
     return out
 
 
+MODELS_KEY = "_corolla.models"
+
+
+def announce_model(dht: hivemind.DHT, model: str, num_blocks: int, ttl: float, timeout: float = 30.0) -> None:
+    """List ``model`` (and its number of blocks) under the swarm's model index, for `corolla health`."""
+    coro = functools.partial(
+        _store, keys=[MODELS_KEY], subkey=model, value={"num_blocks": num_blocks}, expiration=get_dht_time() + ttl
+    )
+    dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
+
+
+def read_models(dht: hivemind.DHT, timeout: float = 30.0) -> dict[str, int]:
+    """Models announced in the swarm: ``{name: num_blocks}`` (malformed entries skipped)."""
+    future = dht.run_coroutine(functools.partial(_read, keys=[MODELS_KEY]), return_future=True)
+    raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
+    models: dict[str, int] = {}
+    for name, value in raw.get(MODELS_KEY, {}).items():
+        if isinstance(value, dict) and isinstance(value.get("num_blocks"), int) and 0 < value["num_blocks"] < 100_000:
+            models[name] = value["num_blocks"]
+    return models
+
+
 def make_dht(
     initial_peers: Sequence[str],
     host: str,

@@ -32,7 +32,7 @@ class ServerRecord(BaseModel):
     state: ServerState
     start: int = Field(ge=0, description="first block served")
     end: int = Field(gt=0, description="one past the last block served")
-    throughput: float = Field(default=0.0, ge=0.0, description="tokens/s the server sustains per block")
+    throughput: float = Field(default=0.0, ge=0.0, description="tokens/s the server pushes through its span")
     inference_rps: float = Field(default=0.0, ge=0.0, description="single-token steps/s per block")
     cache_tokens_left: int = Field(default=0, ge=0, description="free attention-cache room, in tokens")
     public_name: str | None = Field(default=None, max_length=64)

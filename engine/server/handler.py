@@ -12,7 +12,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from corolla.engine.config import PROTOCOL_VERSION
-from corolla.engine.errors import CorollaError, ProtocolError, SessionClosedError
+from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError, SessionClosedError
 from corolla.engine.server.backend import ServerSession, SpanBackend
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
@@ -36,6 +36,13 @@ def _error(e: Exception, step_id: int = -1) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(metadata=meta.encode())
 
 
+def _check_version(version: int) -> None:
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported (server speaks {PROTOCOL_VERSION}); upgrade the older side"
+        )
+
+
 def _one_tensor(request: runtime_pb2.ExpertRequest) -> Any:
     if len(request.tensors) != 1:
         raise ProtocolError(f"expected exactly one tensor (hidden states), got {len(request.tensors)}")
@@ -45,10 +52,21 @@ def _one_tensor(request: runtime_pb2.ExpertRequest) -> Any:
 class Handler:
     """Registers and serves the three RPCs of a server over a hivemind P2P instance."""
 
-    def __init__(self, backend: SpanBackend, info: dict[str, Any], idle_timeout: float) -> None:
-        self.backend = backend
+    def __init__(self, backend: SpanBackend | None, info: dict[str, Any], idle_timeout: float) -> None:
+        self.backend = backend  # None while loading or moving to another span
         self.info = info
         self.idle_timeout = idle_timeout
+
+    def _serving(self) -> SpanBackend:
+        backend = self.backend
+        if backend is None:
+            raise PeerUnavailableError("this server", "it is loading or moving to other blocks; use another server")
+        return backend
+
+    def _serving_same(self, backend: SpanBackend | None) -> SpanBackend:
+        if backend is None or backend is not self.backend:
+            raise PeerUnavailableError("this server", "it moved to other blocks; continue on another server")
+        return backend
 
     async def register(self, p2p: P2P) -> None:
         """Add the handlers to the P2P daemon."""
@@ -67,11 +85,13 @@ class Handler:
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         """Describe this server: model, span, dtype, free cache, counters."""
         info = dict(self.info)
-        info.update(
-            cache_tokens_left=self.backend.cache_tokens_left(),
-            tokens_processed=self.backend.tokens_processed,
-            sessions=len(self.backend.sessions),
-        )
+        backend = self.backend
+        if backend is not None:
+            info.update(
+                cache_tokens_left=backend.cache_tokens_left(),
+                tokens_processed=backend.tokens_processed,
+                sessions=len(backend.sessions),
+            )
         return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(info, use_bin_type=True))
 
     async def rpc_inference(
@@ -79,6 +99,7 @@ class Handler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One stream per session: ``open``, then ``step``s, then ``close`` (or the stream ends)."""
         session: ServerSession | None = None
+        backend = self.backend  # a stream stays on the backend it started with, even if the server moves
         iterator = aiter(requests)
         try:
             while True:
@@ -97,12 +118,10 @@ class Handler:
                     if isinstance(msg, OpenSession):
                         if session is not None:
                             raise ProtocolError("this stream already has an open session")
-                        if msg.version != PROTOCOL_VERSION:
-                            raise ProtocolError(
-                                f"protocol version {msg.version} is not supported (server speaks "
-                                f"{PROTOCOL_VERSION}); upgrade the older side"
-                            )
-                        session = self.backend.open_session(
+                        _check_version(msg.version)
+                        if backend is None:
+                            backend = self._serving()
+                        session = backend.open_session(
                             msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size
                         )
                         yield runtime_pb2.ExpertResponse(metadata=StepResult(position=0).encode())
@@ -113,7 +132,7 @@ class Handler:
                             f"unknown session id {msg.session_id!r}: open a session on this stream first"
                         )
                     hidden = _one_tensor(request)
-                    out = await self.backend.inference_step(session, msg.position, hidden)
+                    out = await self._serving_same(backend).inference_step(session, msg.position, hidden)
                     meta = StepResult(step_id=step_id, position=session.cache.length)
                     yield runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
                 except CorollaError as e:
@@ -125,24 +144,26 @@ class Handler:
                     logger.exception("inference step failed")
                     yield _error(e, step_id)
         finally:
-            if session is not None:
-                self.backend.close_session(session)
+            if session is not None and backend is not None:
+                backend.close_session(session)
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Stateless forward: metadata in the first part, hidden states split into parts along length."""
         try:
+            backend = self._serving()
             parts: list[Any] = []
             meta: ForwardRequest | None = None
             total = 0
             async for request in requests:
                 if meta is None:
                     meta = ForwardRequest.decode(request.metadata)
+                    _check_version(meta.version)
                 for proto in request.tensors:
                     t = deserialize(proto)
                     total += t.numel()
-                    if total > self.backend.cfg.max_chunk_tokens * self.backend.hidden_size:
+                    if total > backend.cfg.max_chunk_tokens * backend.hidden_size:
                         raise ProtocolError("forward request too large; split the batch")
                     parts.append(t)
             if meta is None or not parts:
@@ -152,7 +173,7 @@ class Handler:
             if any(p.ndim != 3 or p.shape[0] != parts[0].shape[0] for p in parts):
                 raise ProtocolError("forward parts must be [batch, length, hidden] with one batch size")
             hidden = torch.cat(parts, dim=1)
-            out = await self.backend.forward(meta.start, meta.end, hidden)
+            out = await backend.forward(meta.start, meta.end, hidden)
             # Answer in parts of at most max_chunk_tokens as well (messages are capped at 4 MiB).
             step = max(1, (2 * 1024 * 1024) // max(1, out.shape[0] * out.shape[2] * out.element_size()))
             for i in range(0, out.shape[1], step):

@@ -1,4 +1,6 @@
-"""Server life cycle: join the swarm, pick and load a span, serve it, keep announcing, leave cleanly."""
+"""Server life cycle: join the swarm, pick and load a span, serve it, keep announcing, move when the
+swarm would clearly gain, and leave cleanly (withdrawing the span) on SIGINT/SIGTERM.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,27 +19,18 @@ from typing import Any
 import torch
 
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
-from corolla.engine.dht.announce import announce_span, make_dht, read_records, withdraw_span
+from corolla.engine.dht.announce import announce_model, announce_span, make_dht, read_records, withdraw_span
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
+from corolla.engine.models.gguf import cache_root
+from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 from corolla.engine.server.backend import SpanBackend
+from corolla.engine.server.block_selection import choose_best_blocks, should_choose_other_blocks
 from corolla.engine.server.handler import Handler
+from corolla.engine.server.throughput import Speed, block_speed, blocks_that_fit
 from corolla.engine.version import __version__
 
 logger = logging.getLogger(__name__)
-
-
-def first_unserved_span(coverage: list[int], num_blocks: int) -> tuple[int, int]:
-    """The span of ``num_blocks`` that starts at the first block nobody serves (else the least-served window)."""
-    total = len(coverage)
-    num_blocks = max(1, min(num_blocks, total))
-    for i, count in enumerate(coverage):
-        if count == 0:
-            start = min(i, total - num_blocks)
-            return start, start + num_blocks
-    sums = [sum(coverage[s : s + num_blocks]) for s in range(total - num_blocks + 1)]
-    start = sums.index(min(sums))
-    return start, start + num_blocks
 
 
 class Server:
@@ -49,6 +43,8 @@ class Server:
         self.dht_prefix = cfg.dht_prefix or self.ckpt.default_dht_prefix
         self.total_blocks = int(self.model_config.num_hidden_layers)
         self.dtype = parse_dtype(cfg.dtype, cfg.device)
+        self.speed = Speed(0.0, 0.0)
+        self.num_blocks = 0
         self._stop = asyncio.Event()
         # DHT calls block; they get their own threads so a dead DHT cannot stall exit (no waiting on them).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corolla-dht")
@@ -73,27 +69,50 @@ class Server:
             self._io.shutdown(wait=False, cancel_futures=True)
             dht.shutdown()
 
-    def _choose_span(self, dht: Any) -> tuple[int, int]:
+    # ---- placement --------------------------------------------------------------------------
+    @property
+    def throughput(self) -> float:
+        """Tokens/s this server pushes through its whole span (compute-bound estimate)."""
+        if self.cfg.throughput is not None:
+            return self.cfg.throughput
+        return self.speed.forward_rps / max(1, self.num_blocks)
+
+    def _swarm_spans(self, dht: Any) -> dict[str, RemoteSpan]:
+        records = read_records(dht, self.dht_prefix, range(self.total_blocks))
+        return spans_from_records(
+            records, num_blocks=self.total_blocks, states=(ServerState.JOINING, ServerState.ONLINE)
+        )
+
+    def _choose_span(self, dht: Any, peer_id: str) -> tuple[int, int]:
         if self.cfg.blocks:
             return parse_span(self.cfg.blocks, self.total_blocks)
-        records = read_records(dht, self.dht_prefix, range(self.total_blocks))
-        coverage = [
-            sum(1 for r in by_peer.values() if r.state != ServerState.OFFLINE) for _, by_peer in sorted(records.items())
-        ]
-        return first_unserved_span(coverage, self.cfg.num_blocks or self.total_blocks)
+        spans = self._swarm_spans(dht)
+        spans.pop(peer_id, None)
+        start = choose_best_blocks(self.num_blocks, spans, self.total_blocks, self.throughput)
+        return start, start + self.num_blocks
+
+    def _should_move(self, dht: Any, peer_id: str) -> bool:
+        spans = self._swarm_spans(dht)
+        if peer_id not in spans:
+            return False
+        return should_choose_other_blocks(peer_id, spans, self.total_blocks, self.cfg.balance_quality)
 
     def _record(self, backend: SpanBackend | None, state: ServerState, start: int, end: int) -> ServerRecord:
         return ServerRecord(
             state=state,
             start=start,
             end=end,
-            throughput=float(self.cfg.extra.get("throughput", 0.0)),
-            inference_rps=float(self.cfg.extra.get("inference_rps", 0.0)),
+            throughput=self.throughput,
+            inference_rps=self.speed.inference_rps,
             cache_tokens_left=backend.cache_tokens_left() if backend else 0,
             public_name=self.cfg.public_name,
             corolla_version=__version__,
             dtype=str(self.dtype).removeprefix("torch."),
         )
+
+    # ---- main loop --------------------------------------------------------------------------
+    async def _run_io(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     async def _main(self, dht: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -103,70 +122,100 @@ class Server:
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
         if self.cfg.new_swarm:
             logger.info("new swarm: others join with --initial-peers %s", " ".join(maddrs))
+        if self.cfg.throughput is None:
+            self.speed = await self._run_io(
+                block_speed, self.model_config, self.cfg.device, self.dtype, cache_root() / "throughput"
+            )
+        self.num_blocks = self.cfg.num_blocks or await self._run_io(
+            blocks_that_fit, self.model_config, self.cfg.device, self.dtype, self.cfg.cache_bytes
+        )
+        handler = Handler(None, {}, self.cfg.session_idle_timeout)
+        p2p = await dht.replicate_p2p()
+        await handler.register(p2p)
+        start, end = await self._run_io(self._choose_span, dht, peer_id)
+        self.num_blocks = end - start
+        while True:
+            moved_to = await self._serve_span(dht, handler, peer_id, maddrs, start, end)
+            if moved_to is None:
+                return
+            start, end = moved_to
+
+    async def _serve_span(
+        self, dht: Any, handler: Handler, peer_id: str, maddrs: list[str], start: int, end: int
+    ) -> tuple[int, int] | None:
+        """Load and serve ``start:end`` until stopped (None) or until moving pays off (the new span)."""
         backend: SpanBackend | None = None
-        start, end = await loop.run_in_executor(self._io, self._choose_span, dht)
         try:
             joining = self._record(None, ServerState.JOINING, start, end)
-            await loop.run_in_executor(
-                self._io, announce_span, dht, self.dht_prefix, peer_id, joining, self.cfg.record_ttl
-            )
+            await self._run_io(announce_span, dht, self.dht_prefix, peer_id, joining, self.cfg.record_ttl)
             logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, self.cfg.model, self.cfg.device, self.dtype)
-            span = await loop.run_in_executor(
-                self._io, load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device
-            )
+            span = await self._run_io(load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device)
             backend = SpanBackend(span, self.model_config, self.cfg, self.dtype)
-            info = {
-                "version": PROTOCOL_VERSION,
-                "corolla_version": __version__,
-                "model": self.dht_prefix,
-                "start": start,
-                "end": end,
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "hidden_size": backend.hidden_size,
-                "max_length": self.cfg.max_length,
-                "max_batch_size": self.cfg.max_batch_size,
-                "public_name": self.cfg.public_name,
-            }
-            handler = Handler(backend, info, self.cfg.session_idle_timeout)
-            p2p = await dht.replicate_p2p()
-            await handler.register(p2p)
+            handler.backend = backend
+            handler.info = self._info(start, end, backend)
             logger.info(
-                "serving blocks %d:%d of %s as %s at %s",
-                start,
-                end,
-                self.dht_prefix,
-                peer_id,
-                " ".join(maddrs),
+                "serving blocks %d:%d of %s as %s at %s", start, end, self.dht_prefix, peer_id, " ".join(maddrs)
             )
+            next_check = time.monotonic() + self._rebalance_delay()
             while not self._stop.is_set():
                 record = self._record(backend, ServerState.ONLINE, start, end)
-                await loop.run_in_executor(
-                    self._io, announce_span, dht, self.dht_prefix, peer_id, record, self.cfg.record_ttl
-                )
-                self._write_status(backend, start, end, "online", maddrs)
+                await self._run_io(announce_span, dht, self.dht_prefix, peer_id, record, self.cfg.record_ttl)
+                await self._run_io(announce_model, dht, self.dht_prefix, self.total_blocks, self.cfg.record_ttl)
+                self._write_status(backend, start, end, "online", maddrs, peer_id)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self._status_period())
+                if not self.cfg.blocks and time.monotonic() >= next_check and not self._stop.is_set():
+                    next_check = time.monotonic() + self._rebalance_delay()
+                    if await self._run_io(self._should_move, dht, peer_id):
+                        new = await self._run_io(self._choose_span, dht, peer_id)
+                        if new != (start, end):
+                            logger.info(
+                                "moving from blocks %d:%d to %d:%d: the swarm needs them more", start, end, *new
+                            )
+                            return tuple(new)  # type: ignore[return-value]
+            return None
         finally:
-            logger.info("leaving the swarm: withdrawing blocks %d:%d", start, end)
+            handler.backend = None
+            offline = self._record(None, ServerState.OFFLINE, start, end)
+            logger.info("withdrawing blocks %d:%d", start, end)
             try:
-                await loop.run_in_executor(
-                    self._io,
-                    withdraw_span,
-                    dht,
-                    self.dht_prefix,
-                    peer_id,
-                    self._record(None, ServerState.OFFLINE, start, end),
-                )
+                await self._run_io(withdraw_span, dht, self.dht_prefix, peer_id, offline, self.cfg.record_ttl)
             except Exception as e:  # leaving must not hang or crash on a broken DHT
-                logger.warning("could not withdraw from the DHT: %s", e)
+                logger.warning("could not withdraw from the DHT: %s", e or type(e).__name__)
             if backend is not None:
-                self._write_status(backend, start, end, "stopped", maddrs)
+                self._write_status(backend, start, end, "stopped" if self._stop.is_set() else "moving", maddrs, peer_id)
                 backend.shutdown()
 
-    def _status_period(self) -> float:
-        return min(self.cfg.announce_period, 5.0) if self.cfg.status_file else self.cfg.announce_period
+    def _rebalance_delay(self) -> float:
+        return self.cfg.rebalance_period * random.uniform(0.75, 1.25)
 
-    def _write_status(self, backend: SpanBackend, start: int, end: int, state: str, maddrs: list[str]) -> None:
+    def _status_period(self) -> float:
+        period = self.cfg.announce_period
+        if self.cfg.status_file:
+            period = min(period, 5.0)
+        if not self.cfg.blocks:
+            period = min(period, self.cfg.rebalance_period)
+        return period
+
+    def _info(self, start: int, end: int, backend: SpanBackend) -> dict[str, Any]:
+        return {
+            "version": PROTOCOL_VERSION,
+            "corolla_version": __version__,
+            "model": self.dht_prefix,
+            "start": start,
+            "end": end,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "hidden_size": backend.hidden_size,
+            "max_length": self.cfg.max_length,
+            "max_batch_size": self.cfg.max_batch_size,
+            "public_name": self.cfg.public_name,
+            "throughput": self.throughput,
+            "inference_rps": self.speed.inference_rps,
+        }
+
+    def _write_status(
+        self, backend: SpanBackend, start: int, end: int, state: str, maddrs: list[str], peer_id: str
+    ) -> None:
         if not self.cfg.status_file:
             return
         status = {
@@ -176,7 +225,7 @@ class Server:
             "tokens_processed": backend.tokens_processed,
             "sessions": len(backend.sessions),
             "maddrs": maddrs,
-            "peer_id": maddrs[0].rsplit("/p2p/", 1)[-1] if maddrs else None,
+            "peer_id": peer_id,
             "pid": os.getpid(),
             "time": time.time(),
         }
