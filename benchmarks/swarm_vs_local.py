@@ -16,12 +16,12 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corolla.engine import DistributedModelForCausalLM  # noqa: E402
-from corolla.engine.demo import split_blocks  # noqa: E402
-from corolla.engine.testing import Swarm, smollm2_checkpoint  # noqa: E402
+from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.demo import split_blocks
+from corolla.engine.testing import Swarm, smollm2_checkpoint
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
@@ -84,7 +84,6 @@ def main() -> None:
         )
 
     local_ttft, local_tps = run(local_generate, ids, args.new_tokens, args.repeats)
-    del local
 
     spans = split_blocks(30, 2)
     extra = ["--device", args.device, "--dtype", args.dtype]
@@ -97,11 +96,15 @@ def main() -> None:
         swarm_ttft, swarm_tps = run(swarm_generate, ids, args.new_tokens, args.repeats)
         model.close()
 
-    print(f"model: SmolLM2-135M-Instruct, {args.device} {args.dtype}, {args.threads} threads, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(
+        f"model: SmolLM2-135M-Instruct, {args.device} {args.dtype}, {args.threads} threads, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
+    )
     print(f"{'':22}{'local':>12}{'swarm (2 servers)':>20}{'swarm / local':>16}")
-    print(f"{'time to first token':22}{local_ttft * 1000:>10.1f}ms{swarm_ttft * 1000:>18.1f}ms{local_ttft / swarm_ttft:>16.2f}")
+    print(
+        f"{'time to first token':22}{local_ttft * 1000:>10.1f}ms{swarm_ttft * 1000:>18.1f}ms{local_ttft / swarm_ttft:>16.2f}"
+    )
     print(f"{'decode tokens/s':22}{local_tps:>12.1f}{swarm_tps:>20.1f}{swarm_tps / local_tps:>16.2f}")
-    print(f"(speed ratios: swarm/local, higher is better; target >= 0.85)")
+    print("(speed ratios: swarm/local, higher is better; target >= 0.85)")
 
 
 if __name__ == "__main__":
