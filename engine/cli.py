@@ -67,7 +67,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from corolla.engine.demo import run_demo
 
-    return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_servers=args.servers)
+    return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_servers=args.servers, serve=args.serve)
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=None, help="answer this prompt and exit (default: interactive chat)")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
     demo.add_argument("--servers", type=int, default=2, help="server processes to split the blocks over")
+    demo.add_argument("--serve", action="store_true", help="keep the swarm running for other programs (Ctrl-C stops)")
     demo.set_defaults(func=_cmd_demo)
 
     health = sub.add_parser("health", help="show which servers cover which blocks of a model")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2) -> int:
+def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2, serve: bool = False) -> int:
     """Start the local swarm, answer ``prompt`` (or chat interactively), stop everything. Returns an exit code."""
     import torch
     from transformers import AutoConfig
@@ -39,6 +40,9 @@ def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2)
     from corolla.engine.client.model import DistributedModelForCausalLM
     from corolla.engine.testing import Swarm, smollm2_checkpoint
 
+    # SIGTERM unwinds like Ctrl-C, so every process the demo started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     threads = max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(threads)
     try:
@@ -50,6 +54,8 @@ def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2)
     logger.info("starting a local swarm: %d servers hosting blocks %s", len(spans), ", ".join(spans))
     with Swarm(path, spans=spans, threads=threads) as swarm:
         logger.info("swarm ready at %s", swarm.initial_peers[0])
+        if serve:
+            return _serve_forever(str(path), swarm.initial_peers)
         with DistributedModelForCausalLM.from_pretrained(
             str(path), initial_peers=swarm.initial_peers, num_threads=threads
         ) as model:
@@ -57,6 +63,23 @@ def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2)
                 _answer(model, [{"role": "user", "content": prompt}], max_new_tokens)
                 return 0
             return _chat_loop(model, max_new_tokens)
+
+
+def _serve_forever(path: str, initial_peers: list[str]) -> int:
+    import time
+
+    _write(
+        "The demo swarm is up. In another shell:\n"
+        f"  export COROLLA_MODEL={path}\n"
+        f"  export COROLLA_INITIAL_PEERS={' '.join(initial_peers)}\n"
+        "  python examples/langchain_chain.py   # or examples/llama_index_query.py\n"
+        "Ctrl-C stops every process of the swarm.\n"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _answer(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-import threading
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
@@ -54,8 +55,9 @@ class DistributedModelForCausalLM:
         self.loop = loop
         self.p2p = p2p
         self.manager = manager
-        self._closed = False
-        self._lock = threading.Lock()
+        # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
+        # finalizers would complain about a missing event loop).
+        self._finalizer = weakref.finalize(self, _release, loop, p2p, dht)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -122,14 +124,7 @@ class DistributedModelForCausalLM:
 
     def close(self) -> None:
         """Leave the swarm (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        with contextlib.suppress(Exception):
-            self.loop.run(self.p2p.shutdown(), timeout=5)
-        self.loop.stop()
-        self.dht.shutdown()
+        self._finalizer()
 
     def __enter__(self) -> DistributedModelForCausalLM:
         return self
@@ -335,6 +330,22 @@ class DistributedModelForCausalLM:
     def chat(self, messages: Messages, **kwargs: Any) -> GenerationResult:
         """Answer a conversation with the model's chat template."""
         return self.stream_chat(messages, **kwargs).result()
+
+
+def _release(loop: LoopThread, p2p: Any, dht: Any) -> None:
+    """Shut the client's P2P replica down on its own loop, then the loop and the DHT process."""
+
+    async def shutdown() -> None:
+        await p2p.shutdown()
+        # hivemind's P2P finalizers need a running loop: drop the last references here, on it.
+        p2p._client = None
+        dht._p2p_replica = None
+        gc.collect()
+
+    with contextlib.suppress(Exception):
+        loop.run(shutdown(), timeout=5)
+    loop.stop()
+    dht.shutdown()
 
 
 def _load_tokenizer(
