@@ -234,12 +234,15 @@ class InferenceSession:
         """
         loop = asyncio.get_running_loop()
         last_chance = False
+        cache_full: CacheFullError | None = None  # servers that answered but had no room are not "missing"
         for _ in range(self.config.max_retries + 1):
             try:
                 route = await loop.run_in_executor(
                     None, self.manager.plan_inference, start, end, self.max_length, frozenset(exclude), last_chance
                 )
             except MissingBlocksError as e:
+                if cache_full is not None:
+                    raise CacheFullError(f"no server of blocks {start}:{end} has room: {cache_full}") from e
                 if last_chance or not self._only_banned(e.blocks):
                     raise
                 last_chance, exclude = True, set()
@@ -261,10 +264,16 @@ class InferenceSession:
                 await self._close_all(hops)
                 failed = next(h for h in hops if h.stream.peer_id == _peer_of(e, hops))
                 self.manager.ban(failed.stream.peer_id, str(e))
+                if isinstance(e, CacheFullError):
+                    cache_full = e
+                    exclude = {*exclude, failed.stream.peer_id}
+                    continue
                 if last_chance:
                     raise MissingBlocksError(self.manager.model, range(failed.start, failed.end)) from e
                 continue
             return hops
+        if cache_full is not None:
+            raise cache_full
         raise PeerUnavailableError("swarm", f"no server for blocks {start}:{end} answered after retries")
 
     def _only_banned(self, blocks: list[int]) -> bool:

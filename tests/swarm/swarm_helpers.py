@@ -73,19 +73,13 @@ def hf_model(path: Path) -> PreTrainedModel:
 @torch.inference_mode()
 def hf_greedy(model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, eos: bool = True) -> torch.Tensor:
     """transformers' ``generate(do_sample=False)``; with ``eos=False`` it always runs the full length."""
-    kwargs: dict[str, Any] = {}
+    config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
+    config.do_sample = False
+    config.max_new_tokens = max_new_tokens
+    config.pad_token_id = model.config.pad_token_id
     if not eos:
-        config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
         config.eos_token_id = None
-        kwargs["generation_config"] = config
-    out: torch.Tensor = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=model.config.pad_token_id,
-        **kwargs,
-    )
+    out: torch.Tensor = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out
 
 
