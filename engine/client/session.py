@@ -250,16 +250,24 @@ class InferenceSession:
                 await loop.run_in_executor(None, self.manager.refresh)
                 continue
             hops = [_Hop(HopStream(h.peer_id, h.start, h.end)) for h in route]
-            try:
-                for hop in hops:
-                    await hop.stream.open(
-                        self.p2p,
-                        self.session_id,
-                        self.max_length,
-                        self.batch_size or 1,
-                        self.config.connect_timeout,
-                        self.config.step_timeout,
-                    )
+            try:  # open every hop at once: one round trip for the whole route, not one per server
+                results = await asyncio.gather(
+                    *(
+                        hop.stream.open(
+                            self.p2p,
+                            self.session_id,
+                            self.max_length,
+                            self.batch_size or 1,
+                            self.config.connect_timeout,
+                            self.config.step_timeout,
+                        )
+                        for hop in hops
+                    ),
+                    return_exceptions=True,
+                )
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    raise errors[0]
             except _RETRYABLE as e:
                 await self._close_all(hops)
                 failed = next(h for h in hops if h.stream.peer_id == _peer_of(e, hops))
