@@ -21,6 +21,7 @@ import torch
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
 from corolla.engine.dht.announce import announce_model, announce_span, make_dht, read_records, withdraw_span
 from corolla.engine.dht.records import ServerRecord, ServerState
+from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
 from corolla.engine.models.gguf import cache_root
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
@@ -37,6 +38,8 @@ class Server:
     """A Corolla server process: ``Server(cfg).run()`` blocks until SIGINT/SIGTERM."""
 
     def __init__(self, cfg: ServerConfig) -> None:
+        if cfg.announce_host and not cfg.port:
+            raise CorollaError("--announce-host needs a fixed --port (the one forwarded to this machine)")
         self.cfg = cfg
         self.ckpt = Checkpoint(cfg.model, token=cfg.token)
         self.model_config = self.ckpt.config()
