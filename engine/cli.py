@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from corolla.engine.config import ServerConfig, from_env
+from corolla.engine.errors import CorollaError
 from corolla.engine.logs import configure_logging
 
 _SKIP = {"model", "extra", "token"}
@@ -108,7 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``corolla`` console script."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except CorollaError as e:  # expected failures get their message, not a traceback
+        sys.stderr.write(f"corolla {args.command}: {e}\n")
+        return 2
     return result
 
 
