@@ -6,7 +6,7 @@ import contextlib
 import gc
 import logging
 import weakref
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
@@ -382,8 +382,3 @@ def _reuse_prefix(session: InferenceSession, ids: torch.Tensor) -> torch.Tensor:
 
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM
-
-
-def iter_text(stream: TextStream) -> Iterator[str]:
-    """Convenience: iterate a stream's pieces (for ``for piece in iter_text(...)``)."""
-    yield from stream
