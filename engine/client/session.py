@@ -286,9 +286,7 @@ class InferenceSession:
 
     def _only_banned(self, blocks: list[int]) -> bool:
         """True if every missing block has a server in the DHT that we merely banned."""
-        with self.manager._lock:
-            spans = list(self.manager.spans.values())
-        return all(any(s.start <= b < s.end for s in spans) for b in blocks)
+        return self.manager.announced(blocks)
 
     async def _build(self, start: int, end: int) -> None:
         self.hops = await self._plan_and_open(start, end, exclude=set())

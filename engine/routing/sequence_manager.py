@@ -59,6 +59,12 @@ class SequenceManager:
         if time.monotonic() - self._updated > self.config.update_period:
             self.refresh()
 
+    def announced(self, blocks: Collection[int]) -> bool:
+        """Whether every one of ``blocks`` has some ONLINE server in the last DHT read (banned or not)."""
+        with self._lock:
+            spans = list(self.spans.values())
+        return all(any(s.start <= b < s.end for s in spans) for b in blocks)
+
     # ---- bans -------------------------------------------------------------------------------
     def ban(self, peer_id: str, reason: str) -> None:
         """Avoid a failed server for a while; repeated failures double the time (capped)."""
