@@ -137,9 +137,9 @@ class Handler:
                     yield runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
                 except CorollaError as e:
                     logger.info("rejected a request from %s: %s", str(context.remote_id)[-6:], e)
+                    # Keep the stream open (until the client closes it or goes idle) so a client that is
+                    # still writing never loses this answer; later steps get "unknown session" errors.
                     yield _error(e, step_id)
-                    if session is None:
-                        return
                 except Exception as e:
                     logger.exception("inference step failed")
                     yield _error(e, step_id)
