@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM, LangSmithParams
@@ -143,6 +143,24 @@ class _CorollaFields(BaseModel):
             self._client = get_client(self.model_name, self.initial_peers, self.token, overrides)
         return self._client
 
+    def _ls_params(
+        self, model_type: Literal["chat", "llm"], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> LangSmithParams:
+        """LangSmith tracing parameters, shared by the chat and the text model."""
+        params = LangSmithParams(
+            ls_provider=PROVIDER,
+            ls_model_name=kwargs.get("model") or self.model_name,
+            ls_model_type=model_type,
+        )
+        sampling = self._sampling(stop, kwargs)
+        if sampling.temperature is not None:
+            params["ls_temperature"] = sampling.temperature
+        if sampling.max_tokens is not None:
+            params["ls_max_tokens"] = sampling.max_tokens
+        if sampling.stop:
+            params["ls_stop"] = list(sampling.stop)
+        return params
+
     def _sampling(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> SamplingParams:
         """The one place where fields and per-call kwargs become generation settings."""
         values = {name: kwargs.get(name, getattr(self, name)) for name in _SAMPLING_KWARGS}
@@ -189,17 +207,7 @@ class ChatCorolla(_CorollaFields, BaseChatModel):
         return "corolla-chat"
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(
-            ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model_name, ls_model_type="chat"
-        )
-        sampling = self._sampling(stop, kwargs)
-        if sampling.temperature is not None:
-            params["ls_temperature"] = sampling.temperature
-        if sampling.max_tokens is not None:
-            params["ls_max_tokens"] = sampling.max_tokens
-        if sampling.stop:
-            params["ls_stop"] = list(sampling.stop)
-        return params
+        return self._ls_params("chat", stop, kwargs)
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -285,17 +293,7 @@ class DistributedLLM(_CorollaFields, BaseLLM):
         return "corolla"
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(
-            ls_provider=PROVIDER, ls_model_name=kwargs.get("model") or self.model_name, ls_model_type="llm"
-        )
-        sampling = self._sampling(stop, kwargs)
-        if sampling.temperature is not None:
-            params["ls_temperature"] = sampling.temperature
-        if sampling.max_tokens is not None:
-            params["ls_max_tokens"] = sampling.max_tokens
-        if sampling.stop:
-            params["ls_stop"] = list(sampling.stop)
-        return params
+        return self._ls_params("llm", stop, kwargs)
 
     def _generate_one(
         self,
