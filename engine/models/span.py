@@ -3,29 +3,93 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from corolla.engine.models.registry import get_family, sliding_window_of
 
 
-class SpanCache:
-    """Attention keys/values of one session for the blocks of a span.
+class SpanLayerCache(CacheLayerMixin):
+    """Keys/values of one block for one session, in storage that grows by doubling up to ``max_length``.
 
-    Quacks like the part of ``transformers.Cache`` that decoder layers call (``update``). Storage grows
-    by doubling up to ``max_length`` so decode steps do not copy the whole cache each time; the memory
-    is *reserved* for ``max_length`` by the server's cache budget, so growth never overcommits.
+    Implements the abstract methods of ``transformers.cache_utils.CacheLayerMixin`` of every supported
+    transformers release (their names and signatures moved between 5.0 and 5.24), accepting and
+    ignoring whatever extra arguments a release passes to ``update``.
+    """
+
+    is_sliding = False
+
+    def __init__(self, owner: SpanCache) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> None:
+        """Nothing to prepare: storage is allocated by the first ``update``."""
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values [batch, kv_heads, new, head_dim]; return all of them so far."""
+        held = self._owner.length
+        end = held + key_states.shape[2]
+        keys, values = self.keys, self.values
+        if keys is None or values is None or keys.shape[2] < end or keys.shape[0] != key_states.shape[0]:
+            capacity = min(self._owner.max_length, max(end, 2 * (keys.shape[2] if keys is not None else 0), 64))
+            shape = (key_states.shape[0], key_states.shape[1], capacity, key_states.shape[3])
+            grown_k = key_states.new_empty(shape)
+            grown_v = value_states.new_empty(shape)
+            if keys is not None and values is not None and keys.shape[0] == key_states.shape[0]:
+                grown_k[:, :, :held] = keys[:, :, :held]
+                grown_v[:, :, :held] = values[:, :, :held]
+            keys, values = grown_k, grown_v
+            self.keys, self.values = keys, values
+            self.is_initialized = True
+        keys[:, :, held:end] = key_states
+        values[:, :, held:end] = value_states
+        return keys[:, :, :end], values[:, :, :end]
+
+    def get_seq_length(self, *args: Any) -> int:
+        """Tokens held before the current step."""
+        return self._owner.length
+
+    def get_mask_sizes(self, *args: Any) -> tuple[int, int]:
+        """Unused: the span builds its own masks (kept for the abstract interface)."""
+        return self._owner.length, 0
+
+    def get_max_length(self) -> int:
+        """Most tokens this session may hold."""
+        return self._owner.max_length
+
+    def get_max_cache_shape(self) -> int:
+        """Same as :meth:`get_max_length` (the name transformers 5.0-5.x used)."""
+        return self._owner.max_length
+
+
+class SpanCache(Cache):
+    """Attention keys/values of one session for the blocks of a span: a ``transformers.Cache``.
+
+    Decoder layers call ``update(key, value, layer_idx, ...)`` with their global block index; the
+    extra positional or keyword arguments differ by transformers release and are ignored. Storage
+    grows by doubling up to ``max_length`` so decode steps do not copy the whole cache each time; the
+    memory is *reserved* for ``max_length`` by the server's cache budget, so growth never overcommits.
     """
 
     def __init__(self, start: int, num_blocks: int, max_length: int) -> None:
         self.start = start
         self.max_length = max_length
         self.length = 0  # tokens held
-        self._keys: list[torch.Tensor | None] = [None] * num_blocks  # [batch, kv_heads, capacity, head_dim]
-        self._values: list[torch.Tensor | None] = [None] * num_blocks
         self._pending = 0  # tokens being appended by the current step
+        self.span_layers = [SpanLayerCache(self) for _ in range(num_blocks)]
+        super().__init__(layers=list(self.span_layers))
 
     def begin_step(self, new_tokens: int) -> None:
         """Declare how many tokens the next forward appends (every layer appends the same amount)."""
@@ -45,28 +109,15 @@ class SpanCache:
         self.length = length
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's keys/values of block ``layer_idx``; return all of them so far."""
-        i = layer_idx - self.start
-        new = key_states.shape[2]  # key_states: [batch, kv_heads, new, head_dim]
-        end = self.length + new
-        keys, values = self._keys[i], self._values[i]
-        if keys is None or values is None or keys.shape[2] < end or keys.shape[0] != key_states.shape[0]:
-            capacity = min(self.max_length, max(end, 2 * (keys.shape[2] if keys is not None else 0), 64))
-            shape = (key_states.shape[0], key_states.shape[1], capacity, key_states.shape[3])
-            grown_k = key_states.new_empty(shape)
-            grown_v = value_states.new_empty(shape)
-            if keys is not None and values is not None and keys.shape[0] == key_states.shape[0]:
-                grown_k[:, :, : self.length] = keys[:, :, : self.length]
-                grown_v[:, :, : self.length] = values[:, :, : self.length]
-            keys, values = grown_k, grown_v
-            self._keys[i], self._values[i] = keys, values
-        keys[:, :, self.length : end] = key_states
-        values[:, :, self.length : end] = value_states
-        return keys[:, :, :end], values[:, :, :end]
+        """Append this step's keys/values of block ``layer_idx`` (global index); return all of them so far."""
+        if not 0 <= layer_idx - self.start < len(self.span_layers):
+            raise IndexError(f"block {layer_idx} is not in this cache's span")
+        keys, values = self.span_layers[layer_idx - self.start].update(key_states, value_states)
+        return keys, values
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def get_seq_length(self, layer_idx: int | None = 0, *args: Any) -> int:
         """Tokens held before the current step."""
         return self.length
 
@@ -101,6 +152,7 @@ class BlockSpan(nn.Module):
             self.layers = nn.ModuleList([layer_cls(config, layer_idx=i) for i in range(start, end)])
         self.rotary_emb = rotary_cls(config)
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
+        self._cache_kwarg = cache_keyword(layer_cls)
 
     def forward(
         self,
@@ -135,7 +187,7 @@ class BlockSpan(nn.Module):
                 hidden_states,
                 attention_mask=masks[window],
                 position_ids=positions,
-                past_key_values=cache,
+                **{self._cache_kwarg: cache},
                 use_cache=cache is not None,
                 position_embeddings=cos_sin,
             )
@@ -149,3 +201,10 @@ def _with_attention(config: PretrainedConfig) -> PretrainedConfig:
     if getattr(config, "_attn_implementation", None) in (None, "flash_attention_2", "flex_attention"):
         config._attn_implementation = "sdpa"
     return config
+
+
+@functools.cache
+def cache_keyword(layer_cls: type[nn.Module]) -> str:
+    """The keyword a decoder layer takes its cache by: ``cache`` (transformers 5.24+) or ``past_key_values``."""
+    params = inspect.signature(layer_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

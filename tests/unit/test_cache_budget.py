@@ -90,7 +90,9 @@ def test_cache_bytes_per_token_matches_what_a_full_span_cache_holds() -> None:
     batch, max_length = 2, 70
     cache = SpanCache(0, 3, max_length)
     span(torch.randn(batch, max_length, HIDDEN), cache)
-    held = sum(t.numel() * t.element_size() for t in [*cache._keys, *cache._values] if t is not None)
+    held = sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+    )
     assert held == cache_bytes_per_token(3, KV_HEADS, HEAD_DIM, 4) * max_length * batch
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
 from corolla.engine.models.registry import FAMILIES, get_family, sliding_window_of
 from corolla.engine.models.span import BlockSpan, SpanCache, build_attention_mask
+from corolla.engine.testing import TINY_DEFAULTS
 
 ATOL = 1e-4
 FAMILY_OVERRIDES: dict[str, dict[str, int]] = {
@@ -209,3 +210,36 @@ def test_tied_embeddings_load_and_match(tiny_checkpoint: Callable[..., Path], ca
         head = load_client_head(ckpt, untied, torch.float32)
     assert [r for r in caplog.records if "lm_head" in r.getMessage()]
     assert torch.equal(head.lm_head.weight, head.embed_tokens.weight)
+
+
+def test_span_cache_is_a_transformers_cache_and_ignores_new_arguments() -> None:
+    """Future releases may pass new positional or keyword arguments to ``Cache.update``: none may break it."""
+    from transformers.cache_utils import Cache
+
+    cache = SpanCache(3, 2, 16)
+    assert isinstance(cache, Cache)
+    k = torch.randn(1, 2, 4, 8)
+    cache.begin_step(4)
+    keys, values = cache.update(k, k + 1, 3, {"cache_position": None}, kwargs={"x": 1}, some_new_flag=True)
+    keys2, _ = cache.update(k * 2, k, 4)
+    cache.end_step()
+    assert torch.equal(keys, k) and torch.equal(values, k + 1) and torch.equal(keys2, k * 2)
+    assert cache.get_seq_length() == 4
+    with pytest.raises(IndexError):
+        cache.update(k, k, 5)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_OVERRIDES))
+def test_spans_run_without_deprecation_warnings(name: str, recwarn: pytest.WarningsRecorder) -> None:
+    """The adapter passes the cache by the keyword the installed release accepts (``cache=`` or not)."""
+    import warnings
+
+    warnings.simplefilter("always")
+    config = AutoConfig.for_model(name, **{**TINY_DEFAULTS, **FAMILY_OVERRIDES[name]})
+    span = BlockSpan(config, 0, 2)
+    cache = SpanCache(0, 2, 8)
+    with torch.inference_mode():
+        span(torch.randn(1, 3, config.hidden_size), cache)
+        span(torch.randn(1, 1, config.hidden_size), cache)
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not [m for m in messages if "past_key_values" in m or "cache" in m], messages
