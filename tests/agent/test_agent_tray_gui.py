@@ -5,7 +5,7 @@ that a server process starts, that the icon's pixels turn from grey to green, th
 and checks that the server stops, and quits from the menu. It saves a screenshot of the open
 menu to ``$COROLLA_TRAY_SCREENSHOT`` (default: the test's temp dir).
 
-System packages: see ``.ci/agent-system-deps.sh``. This test fails (it does not skip) on Linux
+System packages: see ``.ci/system-deps.sh``. This test fails (it does not skip) on Linux
 when they are missing.
 """
 
@@ -50,7 +50,7 @@ class Rect:
 def _need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pytest.fail(f"{tool} is missing: run .ci/agent-system-deps.sh (as root) first")
+        pytest.fail(f"{tool} is missing: run .ci/system-deps.sh (as root) first")
     return path
 
 

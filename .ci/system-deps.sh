@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Debian 12 packages for the tray agent and its tests (tests/agent), run as root by CI before
-# the pip installs. Do NOT add dbus-x11: GTK would then auto-launch D-Bus daemons that outlive
-# the tests.
+# Debian 12 packages for the tray agent and its tests (tests/agent) and for the monitor page's
+# browser test, run as root by CI before the pip installs. Do NOT add dbus-x11: GTK would then
+# auto-launch D-Bus daemons that outlive the tests.
 set -euo pipefail
 
 packages=(
@@ -12,6 +12,8 @@ packages=(
     # the GUI test: virtual X server, an XEmbed tray host that needs no window manager,
     # dbus-run-session (session bus for GTK), real mouse clicks
     xvfb trayer dbus-daemon xdotool
+    # the monitor page's browser test (tests/swarm/test_monitor*.py): headless Chromium
+    chromium chromium-driver
 )
 
 export DEBIAN_FRONTEND=noninteractive

