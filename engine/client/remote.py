@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgpack
@@ -15,10 +15,12 @@ from hivemind.proto import runtime_pb2
 from corolla.engine.errors import (
     CacheFullError,
     CorollaError,
+    PeerError,
     PeerUnavailableError,
     ProtocolError,
     SessionClosedError,
 )
+from corolla.engine.errors import short_peer as _short
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -31,23 +33,31 @@ from corolla.engine.wire.messages import (
 )
 from corolla.engine.wire.tensors import deserialize, serialize
 
-_SERVER_ERRORS: dict[str, type[CorollaError]] = {
+_SERVER_ERRORS: dict[str, type[PeerError]] = {
     "CacheFullError": CacheFullError,
     "ProtocolError": ProtocolError,
     "SessionClosedError": SessionClosedError,
 }
 
 
-def _short(peer_id: str) -> str:
-    return "…" + peer_id[-6:]
+@contextlib.contextmanager
+def _blaming(peer_id: str) -> Iterator[None]:
+    """Name ``peer_id`` in every peer error raised inside (decoding its bytes, checking its answer)."""
+    try:
+        yield
+    except PeerError as e:
+        if e.peer_id is None:
+            e.peer_id = peer_id
+        raise
 
 
 def _check(peer_id: str, meta: StepResult) -> None:
+    """Raise the error a server answered with, as a typed error naming that server."""
     if not meta.ok:
         if meta.error_type == "PeerUnavailableError":
-            raise PeerUnavailableError(_short(peer_id), str(meta.error))
-        cls = _SERVER_ERRORS.get(meta.error_type or "", CorollaError)
-        raise cls(f"server {_short(peer_id)}: {meta.error}")
+            raise PeerUnavailableError(peer_id, str(meta.error))
+        cls = _SERVER_ERRORS.get(meta.error_type or "", PeerError)
+        raise cls(f"server {_short(peer_id)}: {meta.error}", peer_id=peer_id)
 
 
 class HopStream:
@@ -69,20 +79,20 @@ class HopStream:
 
     async def _exchange(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
         if self.closed or self._responses is None:
-            raise SessionClosedError(f"stream to {_short(self.peer_id)} is closed")
+            raise SessionClosedError(f"stream to {_short(self.peer_id)} is closed", peer_id=self.peer_id)
         self._queue.put_nowait(request)
         try:
             return await asyncio.wait_for(anext(self._responses), timeout)
         except StopAsyncIteration as e:
             self.closed = True
-            raise PeerUnavailableError(_short(self.peer_id), "closed the stream") from e
+            raise PeerUnavailableError(self.peer_id, "closed the stream") from e
         except TimeoutError as e:
-            raise PeerUnavailableError(_short(self.peer_id), f"no answer within {timeout:.1f} s") from e
+            raise PeerUnavailableError(self.peer_id, f"no answer within {timeout:.1f} s") from e
         except CorollaError:
             raise
         except Exception as e:
             self.closed = True
-            raise PeerUnavailableError(_short(self.peer_id), f"{type(e).__name__}: {e}") from e
+            raise PeerUnavailableError(self.peer_id, f"{type(e).__name__}: {e}") from e
 
     async def open(
         self, p2p: P2P, session_id: str, max_length: int, batch_size: int, connect_timeout: float, step_timeout: float
@@ -96,12 +106,13 @@ class HopStream:
                 connect_timeout,
             )
         except Exception as e:
-            raise PeerUnavailableError(_short(self.peer_id), f"could not open a stream: {e or type(e).__name__}") from e
+            raise PeerUnavailableError(self.peer_id, f"could not open a stream: {e or type(e).__name__}") from e
         msg = OpenSession(
             session_id=session_id, start=self.start, end=self.end, max_length=max_length, batch_size=batch_size
         )
         response = await self._exchange(runtime_pb2.ExpertRequest(metadata=msg.encode()), step_timeout)
-        _check(self.peer_id, StepResult.decode(response.metadata))
+        with _blaming(self.peer_id):
+            _check(self.peer_id, StepResult.decode(response.metadata))
 
     async def step(
         self, session_id: str, hidden: torch.Tensor, position: int, step_id: int, timeout: float
@@ -110,19 +121,29 @@ class HopStream:
         meta = Step(session_id=session_id, position=position, step_id=step_id)
         request = runtime_pb2.ExpertRequest(tensors=[serialize(hidden)], metadata=meta.encode())
         response = await self._exchange(request, timeout)
+        with _blaming(self.peer_id):
+            return self._output(response, hidden, position, step_id)
+
+    def _output(
+        self, response: runtime_pb2.ExpertResponse, hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
         result = StepResult.decode(response.metadata)
         _check(self.peer_id, result)
         if result.step_id != step_id or result.position != position + hidden.shape[1]:
             raise ProtocolError(
                 f"server {_short(self.peer_id)} answered step {result.step_id} at {result.position}, "
-                f"expected step {step_id} at {position + hidden.shape[1]}"
+                f"expected step {step_id} at {position + hidden.shape[1]}",
+                peer_id=self.peer_id,
             )
         if len(response.tensors) != 1:
-            raise ProtocolError(f"server {_short(self.peer_id)} sent {len(response.tensors)} tensors, expected 1")
+            raise ProtocolError(
+                f"server {_short(self.peer_id)} sent {len(response.tensors)} tensors, expected 1", peer_id=self.peer_id
+            )
         out = deserialize(response.tensors[0])
         if out.shape != hidden.shape:
             raise ProtocolError(
-                f"server {_short(self.peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}"
+                f"server {_short(self.peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}",
+                peer_id=self.peer_id,
             )
         return out
 
@@ -159,13 +180,16 @@ async def remote_forward(
         return torch.cat(outputs, dim=1)
 
     try:
-        out = await asyncio.wait_for(call(), timeout)
+        with _blaming(peer_id):
+            out = await asyncio.wait_for(call(), timeout)
     except CorollaError:
         raise
     except Exception as e:
-        raise PeerUnavailableError(_short(peer_id), f"{type(e).__name__}: {e}") from e
+        raise PeerUnavailableError(peer_id, f"{type(e).__name__}: {e}") from e
     if out.shape != hidden.shape:
-        raise ProtocolError(f"server {_short(peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}")
+        raise ProtocolError(
+            f"server {_short(peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}", peer_id=peer_id
+        )
     return out
 
 
@@ -179,8 +203,11 @@ async def remote_info(p2p: P2P, peer_id: str, timeout: float) -> dict[str, Any]:
             timeout,
         )
     except Exception as e:
-        raise PeerUnavailableError(_short(peer_id), f"{type(e).__name__}: {e}") from e
-    info = msgpack.unpackb(response.serialized_info, raw=False)
+        raise PeerUnavailableError(peer_id, f"{type(e).__name__}: {e}") from e
+    try:
+        info = msgpack.unpackb(response.serialized_info, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"server {_short(peer_id)} sent undecodable info: {e}", peer_id=peer_id) from e
     if not isinstance(info, dict):
-        raise ProtocolError(f"server {_short(peer_id)} sent a malformed info record")
+        raise ProtocolError(f"server {_short(peer_id)} sent a malformed info record", peer_id=peer_id)
     return info
