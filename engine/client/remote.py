@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import msgpack
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from corolla.engine.errors import (
     CacheFullError,
@@ -32,6 +34,8 @@ from corolla.engine.wire.messages import (
     StepResult,
 )
 from corolla.engine.wire.tensors import deserialize, serialize
+
+logger = logging.getLogger(__name__)
 
 _SERVER_ERRORS: dict[str, type[PeerError]] = {
     "CacheFullError": CacheFullError,
@@ -60,51 +64,75 @@ def _check(peer_id: str, meta: StepResult) -> None:
         raise cls(f"server {_short(peer_id)}: {meta.error}", peer_id=peer_id)
 
 
+class Pipe:
+    """One raw hivemind stream to a server: length-prefixed protobuf messages each way.
+
+    Used instead of ``P2P.iterate_protobuf_handler``, whose response iterator, once the server's side
+    closes, waits for the request iterator to finish: a client would notice a killed server only at its
+    step timeout. Here a closed connection fails the pending read at once.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, request: runtime_pb2.ExpertRequest | RPCError) -> None:
+        await P2P.send_protobuf(request, self.writer)
+
+    async def receive(self) -> runtime_pb2.ExpertResponse:
+        response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self.reader)
+        if error is not None:
+            raise ConnectionError(f"the server's stream handler failed: {error.message}")
+        return response  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+_GOODBYES: set[asyncio.Task[None]] = set()  # close messages still being written (kept from garbage collection)
+
+
 class HopStream:
     """An open inference stream to the server of one hop (blocks ``start..end-1``) of a session."""
 
     def __init__(self, peer_id: str, start: int, end: int) -> None:
         self.peer_id = peer_id
         self.start, self.end = start, end
-        self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._pipe: Pipe | None = None
         self.closed = False
 
-    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
-            yield item
-
     async def _exchange(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
-        if self.closed or self._responses is None:
+        if self.closed or self._pipe is None:
             raise SessionClosedError(f"stream to {_short(self.peer_id)} is closed", peer_id=self.peer_id)
-        self._queue.put_nowait(request)
+        pipe = self._pipe
         try:
-            return await asyncio.wait_for(anext(self._responses), timeout)
-        except StopAsyncIteration as e:
-            self.closed = True
-            raise PeerUnavailableError(self.peer_id, "closed the stream") from e
+            async with asyncio.timeout(timeout):
+                await pipe.send(request)
+                return await pipe.receive()
         except TimeoutError as e:
+            self._abort()  # a late answer would be read as the answer to the next request
             raise PeerUnavailableError(self.peer_id, f"no answer within {timeout:.1f} s") from e
-        except CorollaError:
-            raise
+        except (asyncio.IncompleteReadError, ConnectionError, EOFError) as e:
+            self._abort()
+            raise PeerUnavailableError(self.peer_id, "closed the stream") from e
         except Exception as e:
-            self.closed = True
+            self._abort()
             raise PeerUnavailableError(self.peer_id, f"{type(e).__name__}: {e}") from e
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self._pipe is not None:
+            with contextlib.suppress(Exception):
+                self._pipe.close()
 
     async def open(
         self, p2p: P2P, session_id: str, max_length: int, batch_size: int, connect_timeout: float, step_timeout: float
     ) -> None:
         """Open the stream and reserve the session's cache on the server."""
         try:
-            self._responses = await asyncio.wait_for(
-                p2p.iterate_protobuf_handler(
-                    PeerID.from_base58(self.peer_id), RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
-                ),
-                connect_timeout,
+            _, reader, writer = await asyncio.wait_for(
+                p2p.call_binary_stream_handler(PeerID.from_base58(self.peer_id), RPC_INFERENCE), connect_timeout
             )
+            self._pipe = Pipe(reader, writer)
         except Exception as e:
             raise PeerUnavailableError(self.peer_id, f"could not open a stream: {e or type(e).__name__}") from e
         msg = OpenSession(
@@ -148,13 +176,28 @@ class HopStream:
         return out
 
     async def close(self, session_id: str) -> None:
-        """Ask the server to free the session, then end the stream (never raises)."""
+        """Ask the server to free the session, then end the stream (never raises, never waits)."""
         if self.closed:
             return
         self.closed = True
+        if self._pipe is None:
+            return
+        task = asyncio.ensure_future(_goodbye(self._pipe, session_id))
+        _GOODBYES.add(task)
+        task.add_done_callback(_GOODBYES.discard)
+
+
+async def _goodbye(pipe: Pipe, session_id: str, timeout: float = 5.0) -> None:
+    """Send Close and the end-of-stream marker (bounded in time), then close the stream."""
+    try:
+        async with asyncio.timeout(timeout):
+            await pipe.send(runtime_pb2.ExpertRequest(metadata=Close(session_id=session_id).encode()))
+            await pipe.send(P2P.END_OF_STREAM)
+    except Exception as e:  # best effort: servers also free idle sessions themselves
+        logger.debug("closing a stream: %s", e or type(e).__name__)
+    finally:
         with contextlib.suppress(Exception):
-            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=Close(session_id=session_id).encode()))
-            self._queue.put_nowait(None)
+            pipe.close()
 
 
 async def remote_forward(

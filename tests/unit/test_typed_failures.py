@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from collections.abc import AsyncIterator
+import time
 
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from corolla.engine.client.remote import HopStream, _check
+from corolla.engine.client.remote import HopStream, Pipe, _check
 from corolla.engine.client.session import _culprit, _Hop
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import (
@@ -70,13 +70,29 @@ def test_a_servers_error_answer_becomes_a_typed_error_naming_it(error_type: str,
     assert caught.value.peer_id == PEER_A
 
 
-def _stream_answering(response: runtime_pb2.ExpertResponse) -> HopStream:
-    stream = HopStream(PEER_B, 0, 2)
+class FakePipe(Pipe):
+    """A stream whose server answers with ``responses`` in turn, then closes its side."""
 
-    async def responses() -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        yield response
+    def __init__(self, *responses: runtime_pb2.ExpertResponse) -> None:
+        self.responses = list(responses)
+        self.sent: list[object] = []
+        self.closed = False
 
-    stream._responses = responses()
+    async def send(self, request: object) -> None:  # type: ignore[override]
+        self.sent.append(request)
+
+    async def receive(self) -> runtime_pb2.ExpertResponse:
+        if not self.responses:
+            raise asyncio.IncompleteReadError(b"", 1)
+        return self.responses.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _stream_answering(*responses: runtime_pb2.ExpertResponse, peer: str = PEER_B) -> HopStream:
+    stream = HopStream(peer, 0, 2)
+    stream._pipe = FakePipe(*responses)
     return stream
 
 
@@ -98,17 +114,14 @@ def test_garbage_from_a_server_names_that_server() -> None:
         assert caught.value.peer_id == PEER_B
 
 
-def test_a_stream_that_ends_is_unavailable_with_its_peer() -> None:
-    stream = HopStream(PEER_A, 0, 2)
-
-    async def nothing() -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return
-        yield
-
-    stream._responses = nothing()
+def test_a_stream_the_server_closed_fails_at_once_naming_its_peer() -> None:
+    stream = _stream_answering(peer=PEER_A)  # the server died: its side of the stream is closed
+    began = time.monotonic()
     with pytest.raises(PeerUnavailableError) as caught:
-        asyncio.run(stream.step("s", torch.zeros(1, 1, 4), 0, 1, timeout=5.0))
+        asyncio.run(stream.step("s", torch.zeros(1, 1, 4), 0, 1, timeout=30.0))
+    assert time.monotonic() - began < 5  # not the step timeout
     assert caught.value.peer_id == PEER_A
+    assert stream.closed
 
 
 def test_the_culprit_is_read_from_the_error_not_its_text() -> None:
