@@ -39,27 +39,64 @@ class MissingBlocksError(CorollaError):
         )
 
 
-class NoRouteError(CorollaError):
-    """Servers exist but no chain of them covers the model from its first to its last block."""
+def short_peer(peer_id: str) -> str:
+    """A peer id as people read it in logs and messages: ``…`` and its last six characters."""
+    return "…" + peer_id[-6:] if len(peer_id) > 12 else peer_id
 
 
-class PeerUnavailableError(CorollaError):
+class NoRouteError(MissingBlocksError):
+    """Servers announce the blocks, but every one of them is being avoided after failing.
+
+    ``blocks`` are the blocks no usable server covers and ``avoided`` the full peer ids of the servers
+    that announce them. A subclass of :class:`MissingBlocksError`, so ``except MissingBlocksError``
+    also catches "no usable server right now".
+    """
+
+    def __init__(self, model: str, blocks: Sequence[int], avoided: Sequence[str]) -> None:
+        self.model = model
+        self.blocks = sorted(set(blocks))
+        self.avoided = tuple(sorted(set(avoided)))
+        CorollaError.__init__(
+            self,
+            f"Every server of block(s) {format_blocks(self.blocks)} of {model} failed recently "
+            f"({', '.join(short_peer(p) for p in self.avoided)}). Try again in a minute, or serve them with "
+            f"`corolla server {model} --blocks {self.blocks[0]}:{self.blocks[-1] + 1} --initial-peers ...`.",
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[int], tuple[str, ...]]]:
+        return type(self), (self.model, self.blocks, self.avoided)
+
+
+class PeerError(CorollaError):
+    """An error that concerns one peer. ``peer_id`` holds its full id (None when raised by the server
+    itself, before a client knows which peer it was): code that must find the culprit reads this field,
+    never the message."""
+
+    def __init__(self, message: str = "", *, peer_id: str | None = None) -> None:
+        self.peer_id = peer_id
+        super().__init__(message)
+
+
+class PeerUnavailableError(PeerError):
     """A server did not answer in time or closed the connection."""
 
-    def __init__(self, peer: str, reason: str) -> None:
-        self.peer = peer
-        super().__init__(f"Server {peer} is unavailable: {reason}")
+    def __init__(self, peer_id: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"Server {short_peer(peer_id)} is unavailable: {reason}", peer_id=peer_id)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.peer_id or "", self.reason)
 
 
-class CacheFullError(CorollaError):
+class CacheFullError(PeerError):
     """A server has no room left in its attention-cache budget for a new session."""
 
 
-class ProtocolError(CorollaError):
+class ProtocolError(PeerError):
     """A peer sent a message that does not follow the protocol (bad bytes, shapes, dtypes, sizes)."""
 
 
-class SessionClosedError(CorollaError):
+class SessionClosedError(PeerError):
     """An inference session was used after it was closed, or its server forgot it."""
 
 

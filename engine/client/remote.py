@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgpack
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from corolla.engine.errors import (
     CacheFullError,
     CorollaError,
+    PeerError,
     PeerUnavailableError,
     ProtocolError,
     SessionClosedError,
 )
+from corolla.engine.errors import short_peer as _short
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -31,23 +35,60 @@ from corolla.engine.wire.messages import (
 )
 from corolla.engine.wire.tensors import deserialize, serialize
 
-_SERVER_ERRORS: dict[str, type[CorollaError]] = {
+logger = logging.getLogger(__name__)
+
+_SERVER_ERRORS: dict[str, type[PeerError]] = {
     "CacheFullError": CacheFullError,
     "ProtocolError": ProtocolError,
     "SessionClosedError": SessionClosedError,
 }
 
 
-def _short(peer_id: str) -> str:
-    return "…" + peer_id[-6:]
+@contextlib.contextmanager
+def _blaming(peer_id: str) -> Iterator[None]:
+    """Name ``peer_id`` in every peer error raised inside (decoding its bytes, checking its answer)."""
+    try:
+        yield
+    except PeerError as e:
+        if e.peer_id is None:
+            e.peer_id = peer_id
+        raise
 
 
 def _check(peer_id: str, meta: StepResult) -> None:
+    """Raise the error a server answered with, as a typed error naming that server."""
     if not meta.ok:
         if meta.error_type == "PeerUnavailableError":
-            raise PeerUnavailableError(_short(peer_id), str(meta.error))
-        cls = _SERVER_ERRORS.get(meta.error_type or "", CorollaError)
-        raise cls(f"server {_short(peer_id)}: {meta.error}")
+            raise PeerUnavailableError(peer_id, str(meta.error))
+        cls = _SERVER_ERRORS.get(meta.error_type or "", PeerError)
+        raise cls(f"server {_short(peer_id)}: {meta.error}", peer_id=peer_id)
+
+
+class Pipe:
+    """One raw hivemind stream to a server: length-prefixed protobuf messages each way.
+
+    Used instead of ``P2P.iterate_protobuf_handler``, whose response iterator, once the server's side
+    closes, waits for the request iterator to finish: a client would notice a killed server only at its
+    step timeout. Here a closed connection fails the pending read at once.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, request: runtime_pb2.ExpertRequest | RPCError) -> None:
+        await P2P.send_protobuf(request, self.writer)
+
+    async def receive(self) -> runtime_pb2.ExpertResponse:
+        response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self.reader)
+        if error is not None:
+            raise ConnectionError(f"the server's stream handler failed: {error.message}")
+        return response  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+_GOODBYES: set[asyncio.Task[None]] = set()  # close messages still being written (kept from garbage collection)
 
 
 class HopStream:
@@ -56,52 +97,50 @@ class HopStream:
     def __init__(self, peer_id: str, start: int, end: int) -> None:
         self.peer_id = peer_id
         self.start, self.end = start, end
-        self._queue: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._pipe: Pipe | None = None
         self.closed = False
 
-    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
-            yield item
-
     async def _exchange(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
-        if self.closed or self._responses is None:
-            raise SessionClosedError(f"stream to {_short(self.peer_id)} is closed")
-        self._queue.put_nowait(request)
+        if self.closed or self._pipe is None:
+            raise SessionClosedError(f"stream to {_short(self.peer_id)} is closed", peer_id=self.peer_id)
+        pipe = self._pipe
         try:
-            return await asyncio.wait_for(anext(self._responses), timeout)
-        except StopAsyncIteration as e:
-            self.closed = True
-            raise PeerUnavailableError(_short(self.peer_id), "closed the stream") from e
+            async with asyncio.timeout(timeout):
+                await pipe.send(request)
+                return await pipe.receive()
         except TimeoutError as e:
-            raise PeerUnavailableError(_short(self.peer_id), f"no answer within {timeout:.1f} s") from e
-        except CorollaError:
-            raise
+            self._abort()  # a late answer would be read as the answer to the next request
+            raise PeerUnavailableError(self.peer_id, f"no answer within {timeout:.1f} s") from e
+        except (asyncio.IncompleteReadError, ConnectionError, EOFError) as e:
+            self._abort()
+            raise PeerUnavailableError(self.peer_id, "closed the stream") from e
         except Exception as e:
-            self.closed = True
-            raise PeerUnavailableError(_short(self.peer_id), f"{type(e).__name__}: {e}") from e
+            self._abort()
+            raise PeerUnavailableError(self.peer_id, f"{type(e).__name__}: {e}") from e
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self._pipe is not None:
+            with contextlib.suppress(Exception):
+                self._pipe.close()
 
     async def open(
         self, p2p: P2P, session_id: str, max_length: int, batch_size: int, connect_timeout: float, step_timeout: float
     ) -> None:
         """Open the stream and reserve the session's cache on the server."""
         try:
-            self._responses = await asyncio.wait_for(
-                p2p.iterate_protobuf_handler(
-                    PeerID.from_base58(self.peer_id), RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
-                ),
-                connect_timeout,
+            _, reader, writer = await asyncio.wait_for(
+                p2p.call_binary_stream_handler(PeerID.from_base58(self.peer_id), RPC_INFERENCE), connect_timeout
             )
+            self._pipe = Pipe(reader, writer)
         except Exception as e:
-            raise PeerUnavailableError(_short(self.peer_id), f"could not open a stream: {e or type(e).__name__}") from e
+            raise PeerUnavailableError(self.peer_id, f"could not open a stream: {e or type(e).__name__}") from e
         msg = OpenSession(
             session_id=session_id, start=self.start, end=self.end, max_length=max_length, batch_size=batch_size
         )
         response = await self._exchange(runtime_pb2.ExpertRequest(metadata=msg.encode()), step_timeout)
-        _check(self.peer_id, StepResult.decode(response.metadata))
+        with _blaming(self.peer_id):
+            _check(self.peer_id, StepResult.decode(response.metadata))
 
     async def step(
         self, session_id: str, hidden: torch.Tensor, position: int, step_id: int, timeout: float
@@ -110,30 +149,55 @@ class HopStream:
         meta = Step(session_id=session_id, position=position, step_id=step_id)
         request = runtime_pb2.ExpertRequest(tensors=[serialize(hidden)], metadata=meta.encode())
         response = await self._exchange(request, timeout)
+        with _blaming(self.peer_id):
+            return self._output(response, hidden, position, step_id)
+
+    def _output(
+        self, response: runtime_pb2.ExpertResponse, hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
         result = StepResult.decode(response.metadata)
         _check(self.peer_id, result)
         if result.step_id != step_id or result.position != position + hidden.shape[1]:
             raise ProtocolError(
                 f"server {_short(self.peer_id)} answered step {result.step_id} at {result.position}, "
-                f"expected step {step_id} at {position + hidden.shape[1]}"
+                f"expected step {step_id} at {position + hidden.shape[1]}",
+                peer_id=self.peer_id,
             )
         if len(response.tensors) != 1:
-            raise ProtocolError(f"server {_short(self.peer_id)} sent {len(response.tensors)} tensors, expected 1")
+            raise ProtocolError(
+                f"server {_short(self.peer_id)} sent {len(response.tensors)} tensors, expected 1", peer_id=self.peer_id
+            )
         out = deserialize(response.tensors[0])
         if out.shape != hidden.shape:
             raise ProtocolError(
-                f"server {_short(self.peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}"
+                f"server {_short(self.peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}",
+                peer_id=self.peer_id,
             )
         return out
 
     async def close(self, session_id: str) -> None:
-        """Ask the server to free the session, then end the stream (never raises)."""
+        """Ask the server to free the session, then end the stream (never raises, never waits)."""
         if self.closed:
             return
         self.closed = True
+        if self._pipe is None:
+            return
+        task = asyncio.ensure_future(_goodbye(self._pipe, session_id))
+        _GOODBYES.add(task)
+        task.add_done_callback(_GOODBYES.discard)
+
+
+async def _goodbye(pipe: Pipe, session_id: str, timeout: float = 5.0) -> None:
+    """Send Close and the end-of-stream marker (bounded in time), then close the stream."""
+    try:
+        async with asyncio.timeout(timeout):
+            await pipe.send(runtime_pb2.ExpertRequest(metadata=Close(session_id=session_id).encode()))
+            await pipe.send(P2P.END_OF_STREAM)
+    except Exception as e:  # best effort: servers also free idle sessions themselves
+        logger.debug("closing a stream: %s", e or type(e).__name__)
+    finally:
         with contextlib.suppress(Exception):
-            self._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=Close(session_id=session_id).encode()))
-            self._queue.put_nowait(None)
+            pipe.close()
 
 
 async def remote_forward(
@@ -159,13 +223,16 @@ async def remote_forward(
         return torch.cat(outputs, dim=1)
 
     try:
-        out = await asyncio.wait_for(call(), timeout)
+        with _blaming(peer_id):
+            out = await asyncio.wait_for(call(), timeout)
     except CorollaError:
         raise
     except Exception as e:
-        raise PeerUnavailableError(_short(peer_id), f"{type(e).__name__}: {e}") from e
+        raise PeerUnavailableError(peer_id, f"{type(e).__name__}: {e}") from e
     if out.shape != hidden.shape:
-        raise ProtocolError(f"server {_short(peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}")
+        raise ProtocolError(
+            f"server {_short(peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}", peer_id=peer_id
+        )
     return out
 
 
@@ -179,8 +246,11 @@ async def remote_info(p2p: P2P, peer_id: str, timeout: float) -> dict[str, Any]:
             timeout,
         )
     except Exception as e:
-        raise PeerUnavailableError(_short(peer_id), f"{type(e).__name__}: {e}") from e
-    info = msgpack.unpackb(response.serialized_info, raw=False)
+        raise PeerUnavailableError(peer_id, f"{type(e).__name__}: {e}") from e
+    try:
+        info = msgpack.unpackb(response.serialized_info, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"server {_short(peer_id)} sent undecodable info: {e}", peer_id=peer_id) from e
     if not isinstance(info, dict):
-        raise ProtocolError(f"server {_short(peer_id)} sent a malformed info record")
+        raise ProtocolError(f"server {_short(peer_id)} sent a malformed info record", peer_id=peer_id)
     return info

@@ -19,6 +19,8 @@ from corolla.engine.config import ClientConfig
 from corolla.engine.errors import (
     CacheFullError,
     MissingBlocksError,
+    NoRouteError,
+    PeerError,
     PeerUnavailableError,
     ProtocolError,
     SessionClosedError,
@@ -171,6 +173,7 @@ class InferenceSession:
                 self.manager.ban(peer, str(e))
                 await self._repair(i)
                 continue  # retry the same hop index: the replacement route starts there
+            self.manager.mark_ok(peer)
             hop.inputs.append(x)
             x = out
             i += 1
@@ -190,7 +193,7 @@ class InferenceSession:
                 await self._replay(new_hops, history)
             except _RETRYABLE as e:
                 await self._close_all(new_hops)
-                failed = _peer_of(e, new_hops)
+                failed = _culprit(e, new_hops)
                 self.manager.ban(failed, str(e))
                 exclude.add(failed)
                 if attempt == self.config.max_retries:
@@ -228,13 +231,16 @@ class InferenceSession:
     async def _plan_and_open(self, start: int, end: int, exclude: set[str]) -> list[_Hop]:
         """Plan blocks ``start..end-1`` and open a stream on every hop, retrying other servers on failure.
 
-        When only servers we already failed announce some blocks (their records outlive them for the
-        record TTL), they get one last try after a short pause; if that fails too, the blocks are
-        missing and MissingBlocksError says so, instead of retrying dead servers for minutes.
+        The sequence manager re-reads the swarm (fresh from the DHT) before it reports blocks as
+        missing, so a server that joined since the last read is found here. When only servers we
+        already failed announce some blocks (NoRouteError: their records outlive them for the record
+        TTL), they get one last try after a short pause; if that fails too, the blocks are missing and
+        MissingBlocksError says so, instead of retrying dead servers for minutes.
         """
         loop = asyncio.get_running_loop()
         last_chance = False
         cache_full: CacheFullError | None = None  # servers that answered but had no room are not "missing"
+        tried: set[str] = set()
         for _ in range(self.config.max_retries + 1):
             try:
                 route = await loop.run_in_executor(
@@ -242,61 +248,56 @@ class InferenceSession:
                 )
             except MissingBlocksError as e:
                 if cache_full is not None:
-                    raise CacheFullError(f"no server of blocks {start}:{end} has room: {cache_full}") from e
-                if last_chance or not self._only_banned(e.blocks):
+                    raise CacheFullError(
+                        f"no server of blocks {start}:{end} has room: {cache_full}", peer_id=cache_full.peer_id
+                    ) from e
+                if last_chance or not isinstance(e, NoRouteError):
                     raise
                 last_chance, exclude = True, set()
                 await asyncio.sleep(self.config.min_backoff)
-                await loop.run_in_executor(None, self.manager.refresh)
                 continue
             hops = [_Hop(HopStream(h.peer_id, h.start, h.end)) for h in route]
-            try:  # open every hop at once: one round trip for the whole route, not one per server
-                results = await asyncio.gather(
-                    *(
-                        hop.stream.open(
-                            self.p2p,
-                            self.session_id,
-                            self.max_length,
-                            self.batch_size or 1,
-                            self.config.connect_timeout,
-                            self.config.step_timeout,
-                        )
-                        for hop in hops
-                    ),
-                    return_exceptions=True,
-                )
-                errors = [r for r in results if isinstance(r, BaseException)]
-                if errors:
-                    raise errors[0]
-            except _RETRYABLE as e:
-                await self._close_all(hops)
-                failed = next(h for h in hops if h.stream.peer_id == _peer_of(e, hops))
-                self.manager.ban(failed.stream.peer_id, str(e))
-                if isinstance(e, CacheFullError):
-                    cache_full = e
-                    exclude = {*exclude, failed.stream.peer_id}
-                    continue
-                if last_chance:
-                    raise MissingBlocksError(self.manager.model, range(failed.start, failed.end)) from e
-                continue
-            return hops
+            tried.update(h.peer_id for h in route)
+            # Open every hop at once: one round trip for the whole route, not one per server.
+            results = await asyncio.gather(
+                *(
+                    hop.stream.open(
+                        self.p2p,
+                        self.session_id,
+                        self.max_length,
+                        self.batch_size or 1,
+                        self.config.connect_timeout,
+                        self.config.step_timeout,
+                    )
+                    for hop in hops
+                ),
+                return_exceptions=True,
+            )
+            failed = [(hop, r) for hop, r in zip(hops, results, strict=True) if isinstance(r, BaseException)]
+            if not failed:
+                return hops
+            await self._close_all(hops)
+            for hop, error in failed:
+                if not isinstance(error, _RETRYABLE):
+                    raise error
+                self.manager.ban(hop.stream.peer_id, str(error))
+                if isinstance(error, CacheFullError):
+                    cache_full = error
+                    exclude = {*exclude, hop.stream.peer_id}
+            if last_chance and cache_full is None:
+                hop, error = failed[0]
+                raise MissingBlocksError(self.manager.model, range(hop.start, hop.end)) from error
         if cache_full is not None:
             raise cache_full
-        raise PeerUnavailableError("swarm", f"no server for blocks {start}:{end} answered after retries")
-
-    def _only_banned(self, blocks: list[int]) -> bool:
-        """True if every missing block has a server in the DHT that we merely banned."""
-        return self.manager.announced(blocks)
+        raise NoRouteError(self.manager.model, range(start, end), sorted(tried))
 
     async def _build(self, start: int, end: int) -> None:
         self.hops = await self._plan_and_open(start, end, exclude=set())
         logger.info("route %s", describe_route([RouteHop(h.stream.peer_id, h.start, h.end) for h in self.hops]))
 
 
-def _peer_of(error: Exception, hops: list[_Hop]) -> str:
-    """The hop's peer named in an error message (the first hop's if none is)."""
-    text = str(error)
-    for hop in hops:
-        if hop.stream.peer_id[-6:] in text:
-            return hop.stream.peer_id
+def _culprit(error: Exception, hops: list[_Hop]) -> str:
+    """The full peer id a failure names (errors carry it as data); the first hop's if none does."""
+    if isinstance(error, PeerError) and error.peer_id is not None:
+        return error.peer_id
     return hops[0].stream.peer_id

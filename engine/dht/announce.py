@@ -29,8 +29,12 @@ async def _store(
     return sum(bool(ok) for ok in stored.values())
 
 
-async def _read(dht: hivemind.DHT, node: DHTNode, keys: list[str]) -> dict[str, dict[str, Any]]:
-    found = await node.get_many(keys)
+async def _read(dht: hivemind.DHT, node: DHTNode, keys: list[str], latest: bool) -> dict[str, dict[str, Any]]:
+    # hivemind answers a plain get from any unexpired value it holds, its local cache included, so a
+    # node would not see servers that joined (or withdrew) since its first read until that value
+    # expires. An infinite sufficient expiration makes it ask the peers that store the key and merge
+    # the newest entry of every subkey (what ``DHTNode.get(latest=True)`` does for one key).
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
     now = get_dht_time()
     out: dict[str, dict[str, Any]] = {}
     for key, item in found.items():
@@ -69,14 +73,16 @@ def withdraw_span(
 
 
 def read_records(
-    dht: hivemind.DHT, model: str, blocks: Sequence[int], timeout: float = 30.0
+    dht: hivemind.DHT, model: str, blocks: Sequence[int], timeout: float = 30.0, *, latest: bool = True
 ) -> dict[int, dict[str, ServerRecord]]:
     """Valid, unexpired server records of each block: ``{block: {peer_id: record}}``.
 
-    Malformed values (from a buggy or hostile peer) are skipped, never raised.
+    With ``latest`` (the default: every caller decides something by who is online) the values come
+    from the peers storing them, not from this node's cache. Malformed values (from a buggy or
+    hostile peer) are skipped, never raised.
     """
     keys = [block_key(model, i) for i in blocks]
-    future = dht.run_coroutine(functools.partial(_read, keys=keys), return_future=True)
+    future = dht.run_coroutine(functools.partial(_read, keys=keys, latest=latest), return_future=True)
     raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
     out: dict[int, dict[str, ServerRecord]] = {i: {} for i in blocks}
     for i, key in zip(blocks, keys, strict=True):
@@ -98,9 +104,9 @@ def announce_model(dht: hivemind.DHT, model: str, num_blocks: int, ttl: float, t
     dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
 
 
-def read_models(dht: hivemind.DHT, timeout: float = 30.0) -> dict[str, int]:
+def read_models(dht: hivemind.DHT, timeout: float = 30.0, *, latest: bool = True) -> dict[str, int]:
     """Models announced in the swarm: ``{name: num_blocks}`` (malformed entries skipped)."""
-    future = dht.run_coroutine(functools.partial(_read, keys=[MODELS_KEY]), return_future=True)
+    future = dht.run_coroutine(functools.partial(_read, keys=[MODELS_KEY], latest=latest), return_future=True)
     raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
     models: dict[str, int] = {}
     for name, value in raw.get(MODELS_KEY, {}).items():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from corolla.engine.errors import MissingBlocksError
+from corolla.engine.errors import MissingBlocksError, NoRouteError
 from corolla.engine.routing.spans import RemoteSpan, missing_blocks
 
 __all__ = [
@@ -73,7 +73,11 @@ def block_seconds(span: RemoteSpan) -> float:
 def _usable_spans(
     spans: Mapping[str, RemoteSpan], start: int, end: int, banned: Collection[str], model: str
 ) -> list[RemoteSpan]:
-    """Non-banned spans overlapping ``[start, end)``, in peer id order; raise if a block is uncovered."""
+    """Non-banned spans overlapping ``[start, end)``, in peer id order; raise if a block is uncovered.
+
+    Raises MissingBlocksError (naming every uncovered block) if some block has no server at all, else
+    NoRouteError (naming the avoided servers) when every server of the uncovered blocks is banned.
+    """
     if not 0 <= start < end:
         raise ValueError(f"cannot plan a route over blocks {start}:{end}; need 0 <= start < end")
     banned_set = set(banned)
@@ -84,7 +88,12 @@ def _usable_spans(
     ]
     missing = [b for b in missing_blocks({s.peer_id: s for s in usable}, end) if b >= start]
     if missing:
-        raise MissingBlocksError(model, missing)
+        avoided = [
+            p for p in sorted(banned_set & set(spans)) if any(spans[p].start <= b < spans[p].end for b in missing)
+        ]
+        if any(not any(spans[p].start <= b < spans[p].end for p in avoided) for b in missing):
+            raise MissingBlocksError(model, missing)
+        raise NoRouteError(model, missing, avoided)
     return usable
 
 
@@ -132,7 +141,8 @@ def plan_inference_route(
         Hops in block order; they cover ``[start, end)`` exactly and contiguously.
 
     Raises:
-        MissingBlocksError: Some block in ``[start, end)`` has no server that is not banned.
+        MissingBlocksError: Some block in ``[start, end)`` has no server at all.
+        NoRouteError: Every server of some block in ``[start, end)`` is banned.
         ValueError: ``[start, end)`` is empty or negative.
     """
     usable = _usable_spans(spans, start, end, banned, model)
@@ -211,7 +221,8 @@ def plan_forward_route(
         Hops in block order; they cover ``[start, end)`` exactly and contiguously.
 
     Raises:
-        MissingBlocksError: Some block in ``[start, end)`` has no server that is not banned.
+        MissingBlocksError: Some block in ``[start, end)`` has no server at all.
+        NoRouteError: Every server of some block in ``[start, end)`` is banned.
         ValueError: ``[start, end)`` is empty or negative.
     """
     usable = _usable_spans(spans, start, end, banned, model)

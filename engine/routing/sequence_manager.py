@@ -13,7 +13,7 @@ from typing import Any
 from corolla.engine.config import ClientConfig
 from corolla.engine.dht.announce import read_records
 from corolla.engine.dht.records import ServerState
-from corolla.engine.errors import MissingBlocksError
+from corolla.engine.errors import MissingBlocksError, short_peer
 from corolla.engine.routing.planner import RouteHop, plan_forward_route, plan_inference_route
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 
@@ -28,7 +28,7 @@ class _Ban:
 
 def describe_route(route: list[RouteHop]) -> str:
     """One short line: ``0:15 via …a1b2c3 → 15:30 via …d4e5f6``."""
-    return " → ".join(f"{h.start}:{h.end} via …{h.peer_id[-6:]}" for h in route)
+    return " → ".join(f"{h.start}:{h.end} via {short_peer(h.peer_id)}" for h in route)
 
 
 class SequenceManager:
@@ -48,7 +48,7 @@ class SequenceManager:
 
     # ---- swarm state ------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read every block's server records from the DHT."""
+        """Re-read every block's server records from the peers storing them (never a cached copy)."""
         records = read_records(self.dht, self.model, range(self.num_blocks), timeout=self.config.request_timeout)
         spans = spans_from_records(records, num_blocks=self.num_blocks, states=(ServerState.ONLINE,))
         with self._lock:
@@ -59,24 +59,19 @@ class SequenceManager:
         if time.monotonic() - self._updated > self.config.update_period:
             self.refresh()
 
-    def announced(self, blocks: Collection[int]) -> bool:
-        """Whether every one of ``blocks`` has some ONLINE server in the last DHT read (banned or not)."""
-        with self._lock:
-            spans = list(self.spans.values())
-        return all(any(s.start <= b < s.end for s in spans) for b in blocks)
-
     # ---- bans -------------------------------------------------------------------------------
-    def ban(self, peer_id: str, reason: str) -> None:
-        """Avoid a failed server for a while; repeated failures double the time (capped)."""
+    def ban(self, peer_id: str, reason: str) -> float:
+        """Avoid a failed server for a while; repeated failures double the time (capped). Returns seconds."""
         with self._lock:
             ban = self._bans.get(peer_id)
             strikes = ban.strikes + 1 if ban else 1
             seconds = min(self.config.max_backoff, self.config.min_backoff * 2 ** (strikes - 1))
             self._bans[peer_id] = _Ban(time.monotonic() + seconds, strikes)
-        logger.info("avoiding …%s for %.1f s: %s", peer_id[-6:], seconds, reason)
+        logger.info("avoiding %s for %.1f s: %s", short_peer(peer_id), seconds, reason)
+        return seconds
 
     def mark_ok(self, peer_id: str) -> None:
-        """A server answered well: forget its past failures."""
+        """A server answered well: forget its past failures (its next failure bans it for the minimum)."""
         with self._lock:
             self._bans.pop(peer_id, None)
 
@@ -101,7 +96,11 @@ class SequenceManager:
         exclude: Collection[str] = (),
         ignore_bans: bool = False,
     ) -> list[RouteHop]:
-        """Fastest route over blocks ``start..end-1`` avoiding banned servers (refreshes once if needed)."""
+        """Fastest route over blocks ``start..end-1`` avoiding banned servers.
+
+        Before reporting blocks as missing (MissingBlocksError) or served only by banned servers
+        (NoRouteError), it re-reads the swarm once, so servers that joined since are found.
+        """
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
         for attempt in range(2):

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from corolla.engine.dht.records import ServerRecord, ServerState
-from corolla.engine.errors import MissingBlocksError
+from corolla.engine.errors import MissingBlocksError, NoRouteError
 from corolla.engine.routing.planner import (
     DEFAULT_RTT_S,
     HOP_OVERHEAD_S,
@@ -232,3 +232,18 @@ def test_forward_route_is_reproducible_with_a_seed() -> None:
     spans.update(swarm(span("head", 0, 4)))
     first = plan_forward_route(spans, 0, 11, rng=random.Random(3))
     assert first == plan_forward_route(spans, 0, 11, rng=random.Random(3))
+
+
+def test_no_route_error_when_only_banned_servers_host_blocks() -> None:
+    spans = swarm(span("a", 0, 4), span("b", 4, 8), span("c", 4, 6), span("d", 0, 2))
+    with pytest.raises(NoRouteError) as caught:
+        plan_inference_route(spans, 0, 8, model="tiny-llama", banned={"b", "c", "d"})
+    assert caught.value.blocks == [4, 5, 6, 7]
+    assert caught.value.avoided == ("b", "c")  # the servers of the uncovered blocks, not every banned one
+    with pytest.raises(NoRouteError):
+        plan_forward_route(spans, 4, 8, rng=random.Random(0), banned={"b"})
+    # A block nobody announces is missing, not merely unroutable.
+    with pytest.raises(MissingBlocksError) as missing:
+        plan_inference_route(swarm(span("a", 0, 4), span("b", 5, 8)), 0, 8, banned={"b"})
+    assert not isinstance(missing.value, NoRouteError)
+    assert missing.value.blocks == [4, 5, 6, 7]

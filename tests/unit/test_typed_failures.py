@@ -1,0 +1,163 @@
+"""Failures are data: errors name the full peer id as a field, bans forget servers that answer well."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import time
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from corolla.engine.client.remote import HopStream, Pipe, _check
+from corolla.engine.client.session import _culprit, _Hop
+from corolla.engine.config import ClientConfig
+from corolla.engine.errors import (
+    CacheFullError,
+    MissingBlocksError,
+    NoRouteError,
+    PeerError,
+    PeerUnavailableError,
+    ProtocolError,
+    SessionClosedError,
+)
+from corolla.engine.routing.sequence_manager import SequenceManager
+from corolla.engine.wire.messages import StepResult
+from corolla.engine.wire.tensors import serialize
+
+# Two peer ids that end alike: a culprit found by matching the end of the id in a message would be wrong.
+PEER_A = "12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaSAME6x"
+PEER_B = "12D3KooWBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbSAME6x"
+
+
+def test_peer_unavailable_carries_the_full_peer_id() -> None:
+    error = PeerUnavailableError(PEER_A, "no answer within 1.0 s")
+    assert error.peer_id == PEER_A
+    assert error.reason == "no answer within 1.0 s"
+    assert "…SAME6x" in str(error) and PEER_A not in str(error)  # messages stay short for people
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.peer_id, copy.reason, str(copy)) == (
+        PeerUnavailableError,
+        PEER_A,
+        error.reason,
+        str(error),
+    )
+
+
+@pytest.mark.parametrize("cls", [CacheFullError, ProtocolError, SessionClosedError])
+def test_peer_errors_keep_their_peer_through_pickling(cls: type[PeerError]) -> None:
+    error = cls("server …SAME6x: cache full", peer_id=PEER_B)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.peer_id, str(copy)) == (cls, PEER_B, str(error))
+    assert cls("raised by the server itself").peer_id is None
+
+
+@pytest.mark.parametrize(
+    ("error_type", "cls"),
+    [
+        ("CacheFullError", CacheFullError),
+        ("ProtocolError", ProtocolError),
+        ("SessionClosedError", SessionClosedError),
+        ("PeerUnavailableError", PeerUnavailableError),
+        ("ServerError", PeerError),
+    ],
+)
+def test_a_servers_error_answer_becomes_a_typed_error_naming_it(error_type: str, cls: type[PeerError]) -> None:
+    with pytest.raises(cls) as caught:
+        _check(PEER_A, StepResult(ok=False, step_id=3, error="something went wrong", error_type=error_type))
+    assert type(caught.value) is cls
+    assert caught.value.peer_id == PEER_A
+
+
+class FakePipe(Pipe):
+    """A stream whose server answers with ``responses`` in turn, then closes its side."""
+
+    def __init__(self, *responses: runtime_pb2.ExpertResponse) -> None:
+        self.responses = list(responses)
+        self.sent: list[object] = []
+        self.closed = False
+
+    async def send(self, request: object) -> None:  # type: ignore[override]
+        self.sent.append(request)
+
+    async def receive(self) -> runtime_pb2.ExpertResponse:
+        if not self.responses:
+            raise asyncio.IncompleteReadError(b"", 1)
+        return self.responses.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _stream_answering(*responses: runtime_pb2.ExpertResponse, peer: str = PEER_B) -> HopStream:
+    stream = HopStream(peer, 0, 2)
+    stream._pipe = FakePipe(*responses)
+    return stream
+
+
+def test_garbage_from_a_server_names_that_server() -> None:
+    hidden = torch.zeros(1, 1, 4)
+    bad_tensor = serialize(hidden)
+    bad_tensor.buffer = b"\x00" * 3  # too short for its shape
+    ok = StepResult(ok=True, step_id=1, position=1).encode()
+    cases = [
+        runtime_pb2.ExpertResponse(metadata=b"\xc1 not msgpack"),
+        runtime_pb2.ExpertResponse(metadata=ok, tensors=[bad_tensor]),
+        runtime_pb2.ExpertResponse(metadata=ok, tensors=[serialize(torch.zeros(1, 2, 4))]),
+        runtime_pb2.ExpertResponse(metadata=StepResult(ok=True, step_id=9, position=1).encode()),
+    ]
+    for response in cases:
+        stream = _stream_answering(response)
+        with pytest.raises(ProtocolError) as caught:
+            asyncio.run(stream.step("s", hidden, 0, 1, timeout=5.0))
+        assert caught.value.peer_id == PEER_B
+
+
+def test_a_stream_the_server_closed_fails_at_once_naming_its_peer() -> None:
+    stream = _stream_answering(peer=PEER_A)  # the server died: its side of the stream is closed
+    began = time.monotonic()
+    with pytest.raises(PeerUnavailableError) as caught:
+        asyncio.run(stream.step("s", torch.zeros(1, 1, 4), 0, 1, timeout=30.0))
+    assert time.monotonic() - began < 5  # not the step timeout
+    assert caught.value.peer_id == PEER_A
+    assert stream.closed
+
+
+def test_the_culprit_is_read_from_the_error_not_its_text() -> None:
+    hops = [_Hop(HopStream(PEER_A, 0, 2)), _Hop(HopStream(PEER_B, 2, 4))]
+    # The message names …SAME6x, which both ids end with; only the field tells them apart.
+    assert _culprit(PeerUnavailableError(PEER_B, "closed the stream"), hops) == PEER_B
+    assert _culprit(CacheFullError("server …SAME6x: full", peer_id=PEER_B), hops) == PEER_B
+    assert _culprit(ProtocolError("no peer known"), hops) == PEER_A  # none named: the route's first hop
+
+
+def manager(**overrides: float) -> SequenceManager:
+    config = ClientConfig(**{"min_backoff": 1.0, "max_backoff": 8.0, **overrides})  # type: ignore[arg-type]
+    return SequenceManager(None, "tiny", 4, config)
+
+
+def test_bans_grow_with_repeats_and_are_capped() -> None:
+    m = manager()
+    assert [m.ban(PEER_A, "failed") for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert m.banned() == {PEER_A}
+
+
+def test_a_server_that_answers_well_is_forgiven() -> None:
+    m = manager()
+    m.ban(PEER_A, "failed")
+    m.ban(PEER_A, "failed again")
+    m.ban(PEER_B, "failed")
+    m.mark_ok(PEER_A)
+    assert m.banned() == {PEER_B}
+    assert m.ban(PEER_A, "failed once more") == 1.0  # strikes cleared: back to the shortest ban
+    assert m.ban(PEER_B, "failed twice") == 2.0
+
+
+def test_no_route_error_is_a_missing_blocks_error_naming_the_avoided_servers() -> None:
+    error = NoRouteError("tiny", [5, 4, 6], [PEER_B, PEER_A, PEER_A])
+    assert isinstance(error, MissingBlocksError)
+    assert error.blocks == [4, 5, 6] and error.avoided == (PEER_A, PEER_B)
+    assert "4:7" in str(error) and "failed recently" in str(error)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.blocks, copy.avoided, str(copy)) == (error.blocks, error.avoided, str(error))
