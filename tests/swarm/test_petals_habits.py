@@ -293,6 +293,13 @@ def test_call_returns_transformers_style_logits(petals: PetalsSwarm, model: Dist
         assert max_diff(out.logits, petals.hf(ids).logits.float()) <= 1e-4
     assert torch.equal(out[0], out.logits)  # indexable like a transformers ModelOutput
     assert out.logits.device == ids.device
+    with torch.no_grad():
+        reference = petals.hf(ids).logits.float()
+    model.to(torch.bfloat16)  # a wire dtype: hidden states travel as bfloat16, logits still come back float32
+    low = model(ids).logits
+    assert low.dtype == torch.float32
+    assert 0 < max_diff(low, reference) <= 0.05 * float(reference.abs().max())
+    model.to(torch.float32)
     with pytest.raises(ValueError, match="padded"):
         model(ids, attention_mask=torch.tensor([[1] * 7, [0] + [1] * 6]))
     with pytest.raises(ValueError, match="labels"):
