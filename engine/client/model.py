@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
+import threading
 import weakref
 from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.client.sampling import SamplingParams, next_tokens
 from corolla.engine.client.session import InferenceSession
 from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
-from corolla.engine.config import ClientConfig, from_env
+from corolla.engine.config import ClientConfig, as_tuple, from_env
 from corolla.engine.dht.announce import make_dht
 from corolla.engine.errors import CorollaError, PeerUnavailableError
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head
 from corolla.engine.routing.sequence_manager import SequenceManager
+from corolla.engine.wire.tensors import WIRE_DTYPES
 
 logger = logging.getLogger(__name__)
 
 Messages = Sequence[dict[str, str]]
 
 
-class DistributedModelForCausalLM:
+class DistributedModelForCausalLM(nn.Module):
     """A causal LM whose blocks run on swarm servers. Build it with :meth:`from_pretrained`.
 
-    Thread-safe: every call opens its own inference session unless given one.
+    A torch module like a transformers model: ``.to(device)``, ``.cuda()``, ``.half()``, ``.eval()``
+    move or cast what runs here (embeddings, final norm, LM head; see :meth:`parameters`), and
+    ``model(input_ids).logits`` is a stateless forward. Token ids may live on any device: outputs come
+    back on the inputs' device, hidden states travel to the servers from CPU memory.
+
+    Thread-safe: every call opens its own inference session unless given one (or, for :meth:`generate`,
+    unless the calling thread is inside ``with model.inference_session(...)``).
     """
 
     def __init__(
@@ -46,15 +57,17 @@ class DistributedModelForCausalLM:
         p2p: Any,
         manager: SequenceManager,
     ) -> None:
+        super().__init__()
         self.model_name = model_name
         self.config = config
         self._tokenizer = tokenizer
-        self.head = head
+        self.head = head  # a registered submodule: .to(), .parameters() and state_dict() reach it
         self.client_config = client_config
         self.dht = dht
         self.loop = loop
         self.p2p = p2p
         self.manager = manager
+        self._active = threading.local()  # per thread: the sessions entered with `with`, innermost last
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
         # finalizers would complain about a missing event loop).
         self._finalizer = weakref.finalize(self, _release, loop, p2p, dht)
@@ -66,6 +79,16 @@ class DistributedModelForCausalLM:
             raise CorollaError(f"{self.model_name} has no tokenizer files; use generate() with token ids")
         return self._tokenizer
 
+    @property
+    def device(self) -> torch.device:
+        """Where the local embeddings and head are (and where logits are computed)."""
+        return self.head.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the local embeddings and head."""
+        return self.head.embed_tokens.weight.dtype
+
     def __repr__(self) -> str:
         return f"DistributedModelForCausalLM({self.model_name!r}, blocks={self.config.num_hidden_layers})"
 
@@ -75,7 +98,7 @@ class DistributedModelForCausalLM:
         cls,
         model_name_or_path: str,
         *,
-        initial_peers: Sequence[str] = (),
+        initial_peers: Sequence[str] | str | None = None,
         token: str | None = None,
         revision: str | None = None,
         config: ClientConfig | None = None,
@@ -85,7 +108,7 @@ class DistributedModelForCausalLM:
 
         Args:
             model_name_or_path: a local checkpoint folder or a Hugging Face repo id.
-            initial_peers: multiaddrs of any peers of the swarm.
+            initial_peers: multiaddrs of any peers of the swarm (default: ``COROLLA_INITIAL_PEERS``).
             token: Hugging Face token for gated repos (default: ``HF_TOKEN`` or the saved login). It is
                 used only to download from the Hub and never sent to swarm peers.
             revision: Hub revision (branch, tag or commit).
@@ -93,9 +116,7 @@ class DistributedModelForCausalLM:
         """
         from corolla.engine.hub import check_model_access, resolve_token
 
-        if config is None:
-            client_config_overrides.setdefault("initial_peers", tuple(initial_peers))
-            config = from_env(ClientConfig, **client_config_overrides)
+        config = client_config(initial_peers, config, **client_config_overrides)
         if not config.initial_peers:
             raise CorollaError(
                 "no initial peers: pass initial_peers=[...] (multiaddrs printed by `corolla server --new-swarm`) "
@@ -134,14 +155,35 @@ class DistributedModelForCausalLM:
 
     # ---- sessions and raw forward -----------------------------------------------------------
     def inference_session(self, max_length: int | None = None) -> InferenceSession:
-        """Open a session whose servers keep the attention cache of up to ``max_length`` tokens."""
-        max_length = max_length or min(int(getattr(self.config, "max_position_embeddings", 2048)), 2048)
-        return InferenceSession(self.manager, self.p2p, self.loop, self.client_config, max_length)
+        """Open a session whose servers keep the attention cache of up to ``max_length`` tokens.
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Stateless full forward: [batch, length] ids → [batch, length, vocab] logits."""
-        hidden = self.head.embed(input_ids)
+        Inside ``with model.inference_session(...):`` it is this thread's :attr:`active_session`:
+        :meth:`generate` without ``session=`` continues it (as in Petals).
+        """
+        max_length = max_length or min(int(getattr(self.config, "max_position_embeddings", 2048)), 2048)
+        return _ModelSession(self._active, self.manager, self.p2p, self.loop, self.client_config, max_length)
+
+    @property
+    def active_session(self) -> InferenceSession | None:
+        """The innermost session this thread entered with ``with model.inference_session(...)``, if any."""
+        stack: list[InferenceSession] = getattr(self._active, "stack", [])
+        return stack[-1] if stack else None
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **unused: Any,
+    ) -> CausalLMOutputWithPast:
+        """Stateless full forward, as ``model(input_ids)``: [batch, length] ids → ``.logits`` [batch, length, vocab].
+
+        Returns a transformers ``CausalLMOutputWithPast`` (float32 logits on the device of ``input_ids``;
+        no cache: use :meth:`inference_session` or :meth:`generate` for incremental decoding).
+        """
+        _check_unsupported(unused)
+        _check_ids(input_ids, attention_mask)
+        hidden = _to_wire(self.head.embed(input_ids.to(self.device)))
         cfg = self.client_config
         for attempt in range(cfg.max_retries + 1):
             route = self.manager.plan_forward()
@@ -153,14 +195,13 @@ class DistributedModelForCausalLM:
                             self.p2p, hop.peer_id, hop.start, hop.end, x, cfg.max_chunk_bytes, cfg.request_timeout
                         )
                     )
-                return self.head.logits(x)
+                logits = self.head.logits(x.to(self.device))
+                return CausalLMOutputWithPast(logits=logits.to(input_ids.device))
             except PeerUnavailableError as e:
                 if attempt == cfg.max_retries:
                     raise
                 self.manager.ban(hop.peer_id, str(e))
         raise AssertionError("unreachable")
-
-    __call__ = forward
 
     # ---- token generation -------------------------------------------------------------------
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
@@ -181,8 +222,13 @@ class DistributedModelForCausalLM:
         max_new_tokens: int,
         eos_ids: set[int],
     ) -> Generator[torch.Tensor, None, FinishReason]:
-        """Feed ``new_ids`` [batch, n], then yield one sampled token per row per step ([batch])."""
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        """Feed ``new_ids`` [batch, n] (CPU), then yield one sampled token per row per step ([batch], CPU).
+
+        Embeddings, logits and sampling run on the model's device; hidden states go to the servers from
+        CPU memory; the session's token bookkeeping stays on the CPU.
+        """
+        device = self.device
+        generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
         feed = new_ids if session.pending_ids is None else torch.cat([session.pending_ids, new_ids], dim=1)
         session.pending_ids = None
         seen = feed if session.token_ids is None else torch.cat([session.token_ids, feed], dim=1)
@@ -192,10 +238,10 @@ class DistributedModelForCausalLM:
         for _ in range(max_new_tokens):
             if feed.shape[1] == 0:
                 raise ValueError("nothing to generate from: give at least one input token")
-            hidden = session.step(self.head.embed(feed))
+            hidden = session.step(_to_wire(self.head.embed(feed.to(device))))
             session.token_ids, session.pending_ids = seen, None
-            logits = self.head.logits(hidden[:, -1:])[:, -1]
-            token = next_tokens(logits, seen, params, generator)
+            logits = self.head.logits(hidden[:, -1:].to(device))[:, -1]
+            token = next_tokens(logits, seen.to(device), params, generator).cpu()
             token = torch.where(finished, torch.full_like(token, pad), token)
             finished |= torch.tensor([int(t) in eos_ids for t in token])
             session.pending_ids = token[:, None]  # sampled, not yet in the servers' caches
@@ -227,17 +273,24 @@ class DistributedModelForCausalLM:
         """transformers-style generation: returns ``input_ids`` followed by the new tokens.
 
         With ``session=``, ``input_ids`` are only the *new* tokens of this turn: earlier turns are
-        already in the servers' caches (Petals' multi-turn convention). ``streamer`` is any object with
-        transformers' streamer interface (``put(ids)``, ``end()``), e.g. ``transformers.TextStreamer``.
+        already in the servers' caches (Petals' multi-turn convention), and ``None`` continues from the
+        last generated token. ``streamer`` is any object with transformers' streamer interface
+        (``put(ids)``, ``end()``), e.g. ``transformers.TextStreamer``. The result is on the device of
+        ``input_ids`` (on the model's device when continuing with ``None``).
         """
+        if input_ids is None:
+            input_ids = unused.pop("inputs", None)  # transformers' name of the first argument
         if unused:
             logger.debug("generate() ignores %s", ", ".join(unused))
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported yet: generate sequences of equal length")
+        if session is None:
+            session = self.active_session
         if input_ids is None:
             if session is None or session.pending_ids is None:
                 raise ValueError("give input_ids (or a session with a pending token)")
-            input_ids = torch.zeros((session.pending_ids.shape[0], 0), dtype=torch.long)
+            input_ids = torch.zeros((session.pending_ids.shape[0], 0), dtype=torch.long, device=self.device)
+        _check_ids(input_ids, attention_mask)
+        out_device = input_ids.device
+        input_ids = input_ids.cpu()
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         own = session is None
         if session is None:
@@ -256,7 +309,7 @@ class DistributedModelForCausalLM:
             if streamer is not None:
                 streamer.end()
         new = torch.stack(tokens, dim=1) if tokens else input_ids[:, :0]
-        return torch.cat([input_ids, new], dim=1)
+        return torch.cat([input_ids, new], dim=1).to(out_device)
 
     # ---- text API ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: Messages) -> str:
@@ -330,6 +383,73 @@ class DistributedModelForCausalLM:
     def chat(self, messages: Messages, **kwargs: Any) -> GenerationResult:
         """Answer a conversation with the model's chat template."""
         return self.stream_chat(messages, **kwargs).result()
+
+
+class _ModelSession(InferenceSession):
+    """An inference session that is its model's active session in the thread that entered it."""
+
+    def __init__(self, active: threading.local, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._active = active
+
+    def __enter__(self) -> _ModelSession:
+        if not hasattr(self._active, "stack"):
+            self._active.stack = []
+        self._active.stack.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack: list[InferenceSession] = getattr(self._active, "stack", [])
+        if self in stack:
+            stack.remove(self)
+        super().__exit__(*exc)
+
+
+def _to_wire(hidden: torch.Tensor) -> torch.Tensor:
+    """Hidden states as the servers take them: in CPU memory, in a wire dtype (float32 if ours is none)."""
+    dtype = hidden.dtype if hidden.dtype in WIRE_DTYPES.values() else torch.float32
+    return hidden.to("cpu", dtype)
+
+
+def _check_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Raise a clear error for token ids the model cannot take (shape, dtype, padding)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(
+            f"input_ids must be an integer tensor [batch, length] (got {shape}); "
+            'use tokenizer(text, return_tensors="pt")["input_ids"]'
+        )
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("padded batches are not supported yet: generate sequences of equal length")
+
+
+_UNSUPPORTED = ("labels", "past_key_values", "inputs_embeds")
+
+
+def _check_unsupported(kwargs: dict[str, Any]) -> None:
+    """Refuse transformers arguments whose silent omission would give wrong results; ignore the rest."""
+    given = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} not supported by the distributed model: pass input_ids; compute losses from "
+            ".logits; keep a cache with model.inference_session()"
+        )
+    if kwargs:
+        logger.debug("ignoring %s", ", ".join(kwargs))
+
+
+def client_config(
+    initial_peers: Sequence[str] | str | None = None, config: ClientConfig | None = None, **overrides: Any
+) -> ClientConfig:
+    """The settings :meth:`DistributedModelForCausalLM.from_pretrained` runs with.
+
+    ``config`` (or the defaults, then ``COROLLA_*`` environment variables) with ``overrides`` applied.
+    Given peers win over ``config`` and over ``COROLLA_INITIAL_PEERS``; with none given (None or
+    empty), the environment variable or ``config`` supplies them.
+    """
+    config = from_env(ClientConfig, **overrides) if config is None else dataclasses.replace(config, **overrides)
+    peers = as_tuple(initial_peers)
+    return dataclasses.replace(config, initial_peers=peers) if peers else config
 
 
 def _release(loop: LoopThread, p2p: Any, dht: Any) -> None:
