@@ -132,7 +132,7 @@ class Server:
         self.num_blocks = self.cfg.num_blocks or await self._run_io(
             blocks_that_fit, self.model_config, self.cfg.device, self.dtype, self.cfg.cache_bytes
         )
-        handler = Handler(None, {}, self.cfg.session_idle_timeout)
+        handler = Handler(None, {}, self.cfg)
         p2p = await dht.replicate_p2p()
         await handler.register(p2p)
         start, end = await self._run_io(self._choose_span, dht, peer_id)
