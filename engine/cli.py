@@ -53,6 +53,22 @@ def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names - _SKIP and v is not None}
 
 
+def _refuse_token(value: str) -> str:
+    raise argparse.ArgumentTypeError(
+        "a token on the command line is visible to every user of this machine (ps, shell history); "
+        "put it in a file and pass --token-file PATH, or set HF_TOKEN (or COROLLA_TOKEN)"
+    )
+
+
+def _token_file(path: str) -> str:
+    from corolla.engine.hub import read_token_file
+
+    try:
+        return read_token_file(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from corolla.engine.server.server import Server
 
@@ -85,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="host a span of a model's blocks for the swarm")
     server.add_argument("model", help="local checkpoint folder or Hugging Face repo id")
-    server.add_argument("--token", default=None, help="Hugging Face token for gated repos (default: HF_TOKEN)")
+    server.add_argument("--token", type=_refuse_token, default=None, help=argparse.SUPPRESS)  # refused: shows in ps
+    server.add_argument(
+        "--token-file",
+        dest="token",
+        type=_token_file,
+        metavar="PATH",
+        help="file holding a Hugging Face token for gated repos (default: HF_TOKEN, COROLLA_TOKEN or `hf auth login`)",
+    )
     add_config_arguments(server, ServerConfig, _SKIP)
     server.set_defaults(func=_cmd_server)
 

@@ -85,6 +85,16 @@ class ServerConfig:
     max_batch_size: int = 8  # sequences per session or forward request
     max_sessions: int = 64  # open inference sessions at once
     max_chunk_tokens: int = 8192  # tokens per message (batch x length)
+    max_message_bytes: int = 4 * 1024 * 1024  # bytes of one message from a peer (checked from its header, unread)
+    max_forward_parts: int = 1024  # messages one stateless forward may be split into
+    forward_timeout: float = 300.0  # seconds a stateless forward may take from its first message to its answer
+    max_sessions_per_peer: int = 8  # open inference sessions one client peer may hold at once
+    session_max_lifetime: float = 6 * 3600.0  # seconds a session may stay open in all, however busy
+    session_reclaim_idle: float = 60.0  # seconds without a step after which a session yields to a new one if full
+    max_streams_per_peer: int = 16  # streams (sessions and forwards) one client peer may have open at once
+    max_streams: int = 128  # streams all peers may have open at once
+    max_tokens_in_flight: int = 65536  # tokens (batch x length) received and not yet answered, all peers together
+    max_tokens_in_flight_per_peer: int = 16384  # tokens received and not yet answered, per client peer
     announce_period: float = 30.0  # seconds between re-announcements on the DHT
     record_ttl: float = 90.0  # seconds an announcement stays valid if not refreshed
     session_idle_timeout: float = 600.0  # seconds a session may stay idle before its cache is freed

@@ -37,14 +37,17 @@ from corolla.engine.errors import (
     OfflineNotCachedError,
 )
 
-__all__ = ["check_model_access", "is_hub_offline", "model_page_url", "resolve_token"]
+__all__ = ["check_model_access", "is_hub_offline", "model_page_url", "read_token_file", "resolve_token"]
 
 logger = logging.getLogger(__name__)
 
 _TRUE_VALUES = {"1", "on", "yes", "true"}
 # The file whose presence in the local cache means "this model was downloaded before".
 _CONFIG_FILE = "config.json"
-_LOGIN_HINT = "pass token=..., set the HF_TOKEN environment variable, or run `hf auth login`"
+_LOGIN_HINT = (
+    "pass token=... (`corolla server --token-file PATH`), set the HF_TOKEN environment variable, or run `hf auth login`"
+)
+MAX_TOKEN_FILE_BYTES = 4096
 
 
 def resolve_token(token: str | SecretStr | None) -> str | None:
@@ -65,6 +68,27 @@ def resolve_token(token: str | SecretStr | None) -> str | None:
     if from_env:
         return from_env
     return huggingface_hub.get_token()
+
+
+def read_token_file(path: str | Path) -> str:
+    """A Hugging Face token from a file (its first non-empty line), so it never shows in ``ps``.
+
+    Raises:
+        ValueError: The file is missing, unreadable, too large or empty; the message says which.
+    """
+    file = Path(path).expanduser()
+    try:
+        if file.stat().st_size > MAX_TOKEN_FILE_BYTES:
+            raise ValueError(f"{file} is larger than a token file ({MAX_TOKEN_FILE_BYTES} bytes at most)")
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read the token file {file}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the token file {file} is not text") from e
+    token = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not token:
+        raise ValueError(f"the token file {file} is empty; put your Hugging Face token (hf_...) in it")
+    return token
 
 
 def model_page_url(repo_id: str) -> str:

@@ -1,20 +1,23 @@
-"""Running a span: input checks, sessions with reserved cache, and one compute thread."""
+"""Running a span: input checks, sessions with reserved cache and per-peer caps, and one fair compute thread."""
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PretrainedConfig
 
 from corolla.engine.config import ServerConfig
-from corolla.engine.errors import CacheFullError, ProtocolError
+from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
 from corolla.engine.models.span import BlockSpan, SpanCache
+from corolla.engine.server.compute_queue import ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
+from corolla.engine.server.limits import PeerBudget
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +31,10 @@ class ServerSession:
     batch_size: int
     reserved_bytes: int
     cache: SpanCache
+    peer: str = ""  # the client peer that opened it
+    opened: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    closed_because: str | None = None  # why the server closed it (reclaimed, lifetime over), if it did
 
 
 class SpanBackend:
@@ -48,9 +54,13 @@ class SpanBackend:
         self.budget = CacheBudget(cfg.cache_bytes)
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
+        # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
+        self.tokens_in_flight = PeerBudget(
+            "tokens in flight", cfg.max_tokens_in_flight_per_peer, cfg.max_tokens_in_flight
+        )
         self._lock = threading.Lock()
-        # One compute thread: requests are serialised on the device, the event loop stays free.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
+        # One compute thread: requests run one at a time on the device, inference steps first, peers in turn.
+        self._compute = ComputeThread()
 
     # ---- checks -----------------------------------------------------------------------------
     def check_span(self, start: int, end: int) -> None:
@@ -78,20 +88,38 @@ class SpanBackend:
         return hidden.to(self.device, self.dtype)
 
     # ---- sessions ---------------------------------------------------------------------------
-    def open_session(self, session_id: str, start: int, end: int, max_length: int, batch_size: int) -> ServerSession:
-        """Reserve cache for a new session or raise CacheFullError / ProtocolError."""
+    def open_session(
+        self, session_id: str, start: int, end: int, max_length: int, batch_size: int, peer: str = ""
+    ) -> ServerSession:
+        """Reserve cache for a new session of ``peer`` or raise CacheFullError / ProtocolError.
+
+        When the server is full, sessions idle for ``session_reclaim_idle`` seconds or older than
+        ``session_max_lifetime`` give their slot and cache to the new one (longest idle first).
+        """
         self.check_span(start, end)
         if max_length > self.cfg.max_length:
             raise ProtocolError(f"max_length {max_length} exceeds this server's limit of {self.cfg.max_length}")
         if batch_size > self.cfg.max_batch_size:
             raise ProtocolError(f"batch size {batch_size} exceeds this server's limit of {self.cfg.max_batch_size}")
+        per_token = cache_bytes_per_token(end - start, self.kv_heads, self.head_dim, self.dtype.itemsize)
+        nbytes = per_token * max_length * batch_size
         with self._lock:
             if session_id in self.sessions:
                 raise ProtocolError(f"session {session_id!r} is already open here")
+            self._close_expired()
+            mine = sum(1 for s in self.sessions.values() if s.peer == peer)
+            if mine >= self.cfg.max_sessions_per_peer:
+                raise CacheFullError(
+                    f"you already have {mine} open sessions on this server, its limit per peer; "
+                    "close sessions you no longer use"
+                )
+            while nbytes <= self.budget.capacity and (
+                len(self.sessions) >= self.cfg.max_sessions or nbytes > self.budget.free
+            ):
+                if not self._reclaim_one():
+                    break
             if len(self.sessions) >= self.cfg.max_sessions:
                 raise CacheFullError(f"this server already has {self.cfg.max_sessions} open sessions; retry later")
-            per_token = cache_bytes_per_token(end - start, self.kv_heads, self.head_dim, self.dtype.itemsize)
-            nbytes = per_token * max_length * batch_size
             self.budget.reserve(nbytes, f"a session of {batch_size}x{max_length} tokens over {end - start} blocks")
             session = ServerSession(
                 session_id,
@@ -101,14 +129,40 @@ class SpanBackend:
                 batch_size,
                 nbytes,
                 SpanCache(start, end - start, max_length),
+                peer=peer,
             )
             self.sessions[session_id] = session
             return session
 
+    def _close_expired(self) -> None:
+        """Close sessions past their lifetime (lock held)."""
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if now - session.opened > self.cfg.session_max_lifetime:
+                self._drop(session, f"it was open longer than {self.cfg.session_max_lifetime:.0f} s, the limit")
+
+    def _reclaim_one(self) -> bool:
+        """Close the session idle longest if it has been idle ``session_reclaim_idle`` s (lock held)."""
+        now = time.monotonic()
+        idle = [s for s in self.sessions.values() if now - s.last_used >= self.cfg.session_reclaim_idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_used)
+        self._drop(victim, f"it was idle for {now - victim.last_used:.0f} s while the server was full")
+        return True
+
+    def _drop(self, session: ServerSession, reason: str) -> None:
+        """Close a session on the server's initiative (lock held); its next step gets the reason."""
+        logger.info("closed session …%s of %s: %s", session.session_id[-6:], session.peer[-6:], reason)
+        session.closed_because = reason
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.budget.release(session.reserved_bytes)
+
     def close_session(self, session: ServerSession) -> None:
         """Free a session's cache reservation (idempotent)."""
         with self._lock:
-            if self.sessions.pop(session.session_id, None) is not None:
+            if self.sessions.get(session.session_id) is session:
+                del self.sessions[session.session_id]
                 self.budget.release(session.reserved_bytes)
 
     def cache_tokens_left(self) -> int:
@@ -117,8 +171,18 @@ class SpanBackend:
         return max(0, self.budget.free // max(1, per_token))
 
     # ---- compute ----------------------------------------------------------------------------
+    def _check_open(self, session: ServerSession) -> None:
+        with self._lock:
+            if session.closed_because is None and time.monotonic() - session.opened > self.cfg.session_max_lifetime:
+                self._drop(session, f"it was open longer than {self.cfg.session_max_lifetime:.0f} s, the limit")
+        if session.closed_because is not None:
+            raise SessionClosedError(
+                f"this server closed session {session.session_id!r}: {session.closed_because}; open a new one"
+            )
+
     async def inference_step(self, session: ServerSession, position: int, hidden: torch.Tensor) -> torch.Tensor:
         """Append ``hidden`` at ``position`` of the session; return the span's outputs (wire dtype)."""
+        self._check_open(session)
         wire_dtype = hidden.dtype
         x = self.check_hidden(hidden, session.batch_size)
         if position > session.cache.length:
@@ -133,17 +197,22 @@ class SpanBackend:
         session.last_used = time.monotonic()
 
         def run() -> torch.Tensor:
+            if session.closed_because is not None:  # reclaimed while this step waited
+                raise SessionClosedError(f"this server closed session {session.session_id!r}: open a new one")
             with torch.inference_mode():
                 session.cache.truncate(position)
                 out = self.span(x, session.cache, start=session.start, end=session.end)
             return out.to("cpu", wire_dtype)
 
-        out = await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        self.tokens_processed += x.shape[0] * x.shape[1]
+        tokens = x.shape[0] * x.shape[1]
+        with self.tokens_in_flight.holding(session.peer, tokens):
+            out = await self._compute.run(run, Priority.INFERENCE, session.peer)
+        session.last_used = time.monotonic()
+        self.tokens_processed += tokens
         return out
 
-    async def forward(self, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Stateless forward of full sequences through blocks ``start..end-1``."""
+    async def forward(self, start: int, end: int, hidden: torch.Tensor, peer: str = "") -> torch.Tensor:
+        """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens)."""
         self.check_span(start, end)
         wire_dtype = hidden.dtype
         x = self.check_hidden(hidden, None)
@@ -153,10 +222,14 @@ class SpanBackend:
                 out = self.span(x, None, 0, start=start, end=end)
             return out.to("cpu", wire_dtype)
 
-        out = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        out = await self._compute.run(run, Priority.FORWARD, peer)
         self.tokens_processed += x.shape[0] * x.shape[1]
         return out
 
+    def queued(self) -> int:
+        """Requests waiting for the compute thread."""
+        return len(self._compute)
+
     def shutdown(self) -> None:
         """Stop the compute thread."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._compute.shutdown()

@@ -1,4 +1,8 @@
-"""RPC handlers: inference stream, stateless forward, info. Peer input never crashes the server."""
+"""RPC handlers: inference stream, stateless forward, info. Peer input never crashes the server.
+
+Every request is bounded before the work is done: message size from the frame header (frames.py), streams and
+sessions per peer, parts and time per forward, tokens in flight per peer and in total (backend.py).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ import msgpack
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from corolla.engine.config import PROTOCOL_VERSION
+from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
 from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError, SessionClosedError
 from corolla.engine.server.backend import ServerSession, SpanBackend
+from corolla.engine.server.frames import BoundedStreams, FrameLimits
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -29,7 +34,8 @@ from corolla.engine.wire.tensors import deserialize, serialize
 logger = logging.getLogger(__name__)
 
 
-def _error(e: Exception, step_id: int = -1) -> runtime_pb2.ExpertResponse:
+def error_answer(e: Exception, step_id: int = -1) -> runtime_pb2.ExpertResponse:
+    """The answer that reports ``e`` to the peer (CorollaErrors by type and message, others as ServerError)."""
     kind = type(e).__name__ if isinstance(e, CorollaError) else "ServerError"
     text = str(e) if isinstance(e, CorollaError) else f"internal error: {type(e).__name__}: {e}"
     meta = StepResult(ok=False, step_id=step_id, error=text, error_type=kind)
@@ -52,10 +58,13 @@ def _one_tensor(request: runtime_pb2.ExpertRequest) -> Any:
 class Handler:
     """Registers and serves the three RPCs of a server over a hivemind P2P instance."""
 
-    def __init__(self, backend: SpanBackend | None, info: dict[str, Any], idle_timeout: float) -> None:
+    def __init__(self, backend: SpanBackend | None, info: dict[str, Any], cfg: ServerConfig) -> None:
         self.backend = backend  # None while loading or moving to another span
         self.info = info
-        self.idle_timeout = idle_timeout
+        self.cfg = cfg
+        self.idle_timeout = cfg.session_idle_timeout
+        limits = FrameLimits(cfg.max_message_bytes, cfg.max_streams_per_peer, cfg.max_streams)
+        self.streams = BoundedStreams(limits, error_answer)
 
     def _serving(self) -> SpanBackend:
         backend = self.backend
@@ -69,17 +78,10 @@ class Handler:
         return backend
 
     async def register(self, p2p: P2P) -> None:
-        """Add the handlers to the P2P daemon."""
-        await p2p.add_protobuf_handler(
-            RPC_INFERENCE,
-            self.rpc_inference,
-            runtime_pb2.ExpertRequest,
-            stream_input=True,
-            stream_output=True,
-        )
-        await p2p.add_protobuf_handler(
-            RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-        )
+        """Add the handlers to the P2P daemon (the streams with Corolla's size-checked frame reader)."""
+        await self.streams.register(p2p, RPC_INFERENCE, self.rpc_inference)
+        await self.streams.register(p2p, RPC_FORWARD, self.rpc_forward)
+        # Unary calls travel over the daemon's persistent connection, which caps them at 4 MiB itself.
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -101,6 +103,7 @@ class Handler:
         session: ServerSession | None = None
         backend = self.backend  # a stream stays on the backend it started with, even if the server moves
         iterator = aiter(requests)
+        peer = str(context.remote_id)
         try:
             while True:
                 try:
@@ -122,7 +125,7 @@ class Handler:
                         if backend is None:
                             backend = self._serving()
                         session = backend.open_session(
-                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size
+                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, peer
                         )
                         yield runtime_pb2.ExpertResponse(metadata=StepResult(position=0).encode())
                         continue
@@ -139,10 +142,10 @@ class Handler:
                     logger.info("rejected a request from %s: %s", str(context.remote_id)[-6:], e)
                     # Keep the stream open (until the client closes it or goes idle) so a client that is
                     # still writing never loses this answer; later steps get "unknown session" errors.
-                    yield _error(e, step_id)
+                    yield error_answer(e, step_id)
                 except Exception as e:
                     logger.exception("inference step failed")
-                    yield _error(e, step_id)
+                    yield error_answer(e, step_id)
         finally:
             if session is not None and backend is not None:
                 backend.close_session(session)
@@ -151,37 +154,66 @@ class Handler:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Stateless forward: metadata in the first part, hidden states split into parts along length."""
+        peer = str(context.remote_id)
+        held = [0]  # tokens this call holds in the backend's in-flight budget
+        backend: SpanBackend | None = None
         try:
             backend = self._serving()
-            parts: list[Any] = []
-            meta: ForwardRequest | None = None
-            total = 0
-            async for request in requests:
-                if meta is None:
-                    meta = ForwardRequest.decode(request.metadata)
-                    _check_version(meta.version)
-                for proto in request.tensors:
-                    t = deserialize(proto)
-                    total += t.numel()
-                    if total > backend.cfg.max_chunk_tokens * backend.hidden_size:
-                        raise ProtocolError("forward request too large; split the batch")
-                    parts.append(t)
-            if meta is None or not parts:
-                raise ProtocolError("empty forward request")
-            import torch
-
-            if any(p.ndim != 3 or p.shape[0] != parts[0].shape[0] for p in parts):
-                raise ProtocolError("forward parts must be [batch, length, hidden] with one batch size")
-            hidden = torch.cat(parts, dim=1)
-            out = await backend.forward(meta.start, meta.end, hidden)
-            # Answer in parts of at most max_chunk_tokens as well (messages are capped at 4 MiB).
+            try:
+                out = await asyncio.wait_for(self._forward(backend, requests, peer, held), self.cfg.forward_timeout)
+            except TimeoutError as e:
+                raise PeerUnavailableError(
+                    "this server",
+                    f"the forward did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere",
+                ) from e
+            # Answer in parts of at most 2 MiB (peers cap messages at max_message_bytes).
             step = max(1, (2 * 1024 * 1024) // max(1, out.shape[0] * out.shape[2] * out.element_size()))
             for i in range(0, out.shape[1], step):
                 yield runtime_pb2.ExpertResponse(
                     tensors=[serialize(out[:, i : i + step])], metadata=StepResult().encode()
                 )
         except CorollaError as e:
-            yield _error(e)
+            logger.info("rejected a forward from %s: %s", peer[-6:], e)
+            yield error_answer(e)
         except Exception as e:
             logger.exception("forward failed")
-            yield _error(e)
+            yield error_answer(e)
+        finally:
+            if backend is not None and held[0]:
+                backend.tokens_in_flight.release(peer, held[0])
+
+    async def _forward(
+        self, backend: SpanBackend, requests: AsyncIterator[runtime_pb2.ExpertRequest], peer: str, held: list[int]
+    ) -> Any:
+        """Read a forward's parts (each counted against the caps as it arrives) and run it."""
+        import torch
+
+        parts: list[Any] = []
+        meta: ForwardRequest | None = None
+        total = 0
+        messages = 0
+        async for request in requests:
+            messages += 1
+            if messages > self.cfg.max_forward_parts:
+                raise ProtocolError(
+                    f"a forward may be split into at most {self.cfg.max_forward_parts} messages; send fewer, larger ones"
+                )
+            if meta is None:
+                meta = ForwardRequest.decode(request.metadata)
+                _check_version(meta.version)
+            for proto in request.tensors:
+                t = deserialize(proto)
+                total += t.numel()
+                if total > backend.cfg.max_chunk_tokens * backend.hidden_size:
+                    raise ProtocolError("forward request too large; split the batch")
+                tokens = max(1, t.numel() // backend.hidden_size)
+                backend.tokens_in_flight.acquire(peer, tokens)
+                held[0] += tokens
+                parts.append(t)
+        if meta is None or not parts:
+            raise ProtocolError("empty forward request")
+        if any(p.ndim != 3 or p.shape[0] != parts[0].shape[0] for p in parts):
+            raise ProtocolError("forward parts must be [batch, length, hidden] with one batch size")
+        hidden = torch.cat(parts, dim=1)
+        del parts
+        return await backend.forward(meta.start, meta.end, hidden, peer)

@@ -22,6 +22,7 @@ from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
 from corolla.engine.dht.announce import announce_model, announce_span, make_dht, read_records, withdraw_span
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.errors import CorollaError
+from corolla.engine.hub import check_model_access, resolve_token
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
 from corolla.engine.models.gguf import cache_root
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
@@ -41,7 +42,11 @@ class Server:
         if cfg.announce_host and not cfg.port:
             raise CorollaError("--announce-host needs a fixed --port (the one forwarded to this machine)")
         self.cfg = cfg
-        self.ckpt = Checkpoint(cfg.model, token=cfg.token)
+        # The token: --token-file or COROLLA_TOKEN (cfg.token), else HF_TOKEN, else `hf auth login`'s.
+        token = resolve_token(cfg.token)
+        self.ckpt = Checkpoint(cfg.model, token=token)
+        if not self.ckpt.is_local:
+            check_model_access(cfg.model, token)  # unknown repo, gated, offline: a clear message, no traceback
         self.model_config = self.ckpt.config()
         self.dht_prefix = cfg.dht_prefix or self.ckpt.default_dht_prefix
         self.total_blocks = int(self.model_config.num_hidden_layers)
@@ -132,7 +137,7 @@ class Server:
         self.num_blocks = self.cfg.num_blocks or await self._run_io(
             blocks_that_fit, self.model_config, self.cfg.device, self.dtype, self.cfg.cache_bytes
         )
-        handler = Handler(None, {}, self.cfg.session_idle_timeout)
+        handler = Handler(None, {}, self.cfg)
         p2p = await dht.replicate_p2p()
         await handler.register(p2p)
         start, end = await self._run_io(self._choose_span, dht, peer_id)

@@ -168,8 +168,16 @@ def test_garbage_metadata_is_rejected(bad: BadInputSwarm) -> None:
     rejected(r, "exceeds")
 
 
+def frame_answer(raw: bytes) -> StepResult:
+    """The one answer frame a server sent before hanging up (marker, 8-byte length, ExpertResponse)."""
+    assert raw[:1] == P2P.MESSAGE_MARKER, raw[:16]
+    length = int.from_bytes(raw[1:9], "big")
+    assert len(raw) == 9 + length, f"expected one frame, got {len(raw)} bytes"
+    return StepResult.decode(runtime_pb2.ExpertResponse.FromString(raw[9:]).metadata)
+
+
 @pytest.mark.timeout(30)
-def test_garbage_protobuf_bytes_only_drop_that_stream(bad: BadInputSwarm) -> None:
+def test_garbage_protobuf_bytes_get_an_error_and_only_that_stream_is_closed(bad: BadInputSwarm) -> None:
     async def send_raw(payload: bytes) -> bytes:
         _, reader, writer = await bad.raw.p2p.call_binary_stream_handler(PeerID.from_base58(bad.first), RPC_INFERENCE)
         try:
@@ -181,8 +189,10 @@ def test_garbage_protobuf_bytes_only_drop_that_stream(bad: BadInputSwarm) -> Non
 
     # A message marker, a length, then bytes that are no ExpertRequest; then an unknown marker byte.
     garbage = b"\xff\xff\xff\xff\x0f\x07"
-    assert bad.raw.run(send_raw(P2P.MESSAGE_MARKER + len(garbage).to_bytes(8, "big") + garbage)) == b""
-    assert bad.raw.run(send_raw(b"\x07" + b"\x00" * 16)) == b""
+    answer = frame_answer(bad.raw.run(send_raw(P2P.MESSAGE_MARKER + len(garbage).to_bytes(8, "big") + garbage)))
+    rejected(answer, "not an ExpertRequest")
+    assert answer.error_type == "ProtocolError"
+    rejected(frame_answer(bad.raw.run(send_raw(b"\x07" + b"\x00" * 16))), "unknown frame marker")
 
 
 @pytest.mark.timeout(30)

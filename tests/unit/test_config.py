@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -120,7 +121,7 @@ def test_server_options_are_the_config_fields() -> None:
     parser = server_parser()
     options = {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
     fields = {f.name for f in dataclasses.fields(ServerConfig)} - CLI_SKIPPED
-    assert options == {"--" + name.replace("_", "-") for name in fields} | {"--help", "--token"}
+    assert options == {"--" + name.replace("_", "-") for name in fields} | {"--help", "--token", "--token-file"}
 
 
 def test_server_help_comes_from_the_field_comments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,7 +144,7 @@ def test_server_help_comes_from_the_field_comments(capsys: pytest.CaptureFixture
             assert "--" + f.name.replace("_", "-") in out
 
 
-def test_cli_values_are_typed_and_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_values_are_typed_and_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("COROLLA_MAX_LENGTH", "100")
     monkeypatch.setenv("COROLLA_PORT", "4000")
     captured: list[ServerConfig] = []
@@ -160,7 +161,8 @@ def test_cli_values_are_typed_and_override_env(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(server_module, "Server", FakeServer)
     monkeypatch.setattr(cli, "configure_logging", lambda level=None: None)  # keep the test's logging as it is
     argv = ["server", "some/model", "--new-swarm", "--max-length", "5", "--announce-period", "2.5"]
-    argv += ["--initial-peers", "A", "B", "--token", "hf_x"]
+    (tmp_path / "token").write_text("hf_x\n")
+    argv += ["--initial-peers", "A", "B", "--token-file", str(tmp_path / "token")]
     assert cli.main(argv) == 0
     (cfg,) = captured
     assert cfg.model == "some/model" and cfg.token == "hf_x"

@@ -250,3 +250,66 @@ def test_hf_endpoint_and_hf_token_env_in_fresh_process(fake_hub: FakeHub, tmp_pa
     assert "AccessNotGrantedError" in done.stderr and f"{fake_hub.url}/{GATED}" in done.stderr
     assert DENIED not in done.stderr
     assert fake_hub.requests[-1] == (f"/api/models/{GATED}/auth-check", f"Bearer {DENIED}")
+
+
+# ---- the server's token and Hub errors ------------------------------------------------------
+def test_read_token_file(tmp_path: Path) -> None:
+    from corolla.engine.hub import read_token_file
+
+    (tmp_path / "token").write_text(f"\n  {GRANTED}  \nignored\n")
+    assert read_token_file(tmp_path / "token") == GRANTED
+    (tmp_path / "empty").write_text("\n \n")
+    with pytest.raises(ValueError, match="is empty"):
+        read_token_file(tmp_path / "empty")
+    with pytest.raises(ValueError, match="cannot read the token file"):
+        read_token_file(tmp_path / "missing")
+    (tmp_path / "big").write_text("x" * 10_000)
+    with pytest.raises(ValueError, match="larger than a token file"):
+        read_token_file(tmp_path / "big")
+
+
+def run_server(args: list[str], hub_url: str, home: Path, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """``corolla server ARGS --new-swarm`` in a fresh process against the fake Hub; it must fail before serving."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "COROLLA_"))}
+    env.update(HF_ENDPOINT=hub_url, HF_HOME=str(home), COROLLA_NO_PROGRESS="1", **env_vars)
+    command = [sys.executable, "-m", "corolla.engine.cli", "server", *args, "--new-swarm"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
+
+
+@pytest.mark.timeout(240)
+def test_server_refuses_a_token_on_the_command_line(fake_hub: FakeHub, tmp_path: Path) -> None:
+    done = run_server([GATED, "--token", GRANTED], fake_hub.url, tmp_path)
+    assert done.returncode == 2
+    assert "--token-file PATH" in done.stderr and "HF_TOKEN" in done.stderr and "ps" in done.stderr
+    assert not fake_hub.requests  # refused before anything was sent
+
+
+@pytest.mark.timeout(600)
+def test_server_reads_its_token_from_a_file_or_the_environment(fake_hub: FakeHub, tmp_path: Path) -> None:
+    token_file = tmp_path / "hf-token"
+    token_file.write_text(DENIED + "\n")
+    done = run_server([GATED, "--token-file", str(token_file)], fake_hub.url, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "has not been granted access to the gated model" in done.stderr and "Traceback" not in done.stderr
+    assert DENIED not in done.stderr
+    assert fake_hub.requests[-1] == (f"/api/models/{GATED}/auth-check", f"Bearer {DENIED}")
+
+    done = run_server([GATED], fake_hub.url, tmp_path, COROLLA_TOKEN=DENIED)
+    assert "has not been granted access" in done.stderr
+    assert fake_hub.requests[-1] == (f"/api/models/{GATED}/auth-check", f"Bearer {DENIED}")
+
+    done = run_server([GATED, "--token-file", str(tmp_path / "nope")], fake_hub.url, tmp_path)
+    assert done.returncode == 2 and "cannot read the token file" in done.stderr
+
+
+@pytest.mark.timeout(600)
+def test_server_hub_errors_are_clear_messages(fake_hub: FakeHub, tmp_path: Path) -> None:
+    done = run_server([MISSING], fake_hub.url, tmp_path)
+    assert done.returncode == 2
+    assert f"Model {MISSING} was not found on the Hugging Face Hub" in done.stderr, done.stderr
+    done = run_server([GATED], fake_hub.url, tmp_path)
+    assert "is a gated model and needs a Hugging Face token" in done.stderr and "--token-file" in done.stderr
+    done = run_server([GATED], fake_hub.url, tmp_path, HF_HUB_OFFLINE="1")
+    assert "Offline mode is on (HF_HUB_OFFLINE=1)" in done.stderr
+    done = run_server([GATED], "http://127.0.0.1:9", tmp_path)
+    assert "Could not reach the Hugging Face Hub" in done.stderr and "Traceback" not in done.stderr
