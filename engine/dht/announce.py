@@ -6,6 +6,7 @@ functions bound with ``functools.partial`` and return plain picklable data.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -16,16 +17,16 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
+from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator, key_id, open_envelope
+from corolla.engine.errors import CorollaError
 
 logger = logging.getLogger(__name__)
 
 
 async def _store(
-    dht: hivemind.DHT, node: DHTNode, keys: list[str], subkey: str, value: dict[str, Any], expiration: float
+    dht: hivemind.DHT, node: DHTNode, keys: list[str], subkey: str, values: list[dict[str, Any]], expiration: float
 ) -> int:
-    stored = await node.store_many(
-        keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys), await_all_replicas=False
-    )
+    stored = await node.store_many(keys, values, expiration, subkeys=[subkey] * len(keys), await_all_replicas=False)
     return sum(bool(ok) for ok in stored.values())
 
 
@@ -43,18 +44,19 @@ async def _read(dht: hivemind.DHT, node: DHTNode, keys: list[str], latest: bool)
         entries: dict[str, Any] = {}
         for subkey, entry in item.value.items():
             if entry.expiration_time >= now and isinstance(subkey, str):
-                entries[subkey] = entry.value
+                entries[subkey] = (entry.value, entry.expiration_time)
         out[key] = entries
     return out
 
 
 def announce_span(
-    dht: hivemind.DHT, model: str, peer_id: str, record: ServerRecord, ttl: float, timeout: float = 30.0
+    dht: hivemind.DHT, model: str, identity: PeerIdentity, record: ServerRecord, ttl: float, timeout: float = 30.0
 ) -> int:
-    """Announce ``record`` under every block of its span; returns how many blocks were stored."""
+    """Announce ``record``, signed by ``identity``, under every block of its span; returns how many were stored."""
     keys = [block_key(model, i) for i in range(record.start, record.end)]
     expiration = get_dht_time() + ttl
-    coro = functools.partial(_store, keys=keys, subkey=peer_id, value=record.to_dict(), expiration=expiration)
+    values = [identity.seal(key, record.to_dict(), expiration) for key in keys]
+    coro = functools.partial(_store, keys=keys, subkey=identity.peer_id, values=values, expiration=expiration)
     stored: int = dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
     return stored
 
@@ -62,14 +64,14 @@ def announce_span(
 def withdraw_span(
     dht: hivemind.DHT,
     model: str,
-    peer_id: str,
+    identity: PeerIdentity,
     record: ServerRecord,
     linger: float = 10.0,
     timeout: float = 5.0,
 ) -> None:
     """Replace a server's records with OFFLINE ones that expire soon (the DHT cannot delete)."""
     offline = record.model_copy(update={"state": ServerState.OFFLINE, "cache_tokens_left": 0})
-    announce_span(dht, model, peer_id, offline, linger, timeout)
+    announce_span(dht, model, identity, offline, linger, timeout)
 
 
 def read_records(
@@ -79,15 +81,16 @@ def read_records(
 
     With ``latest`` (the default: every caller decides something by who is online) the values come
     from the peers storing them, not from this node's cache. Malformed values (from a buggy or
-    hostile peer) are skipped, never raised.
+    hostile peer) are skipped, never raised, and so is every value its peer id did not sign for this
+    block and expiration (see ``signing.py``).
     """
     keys = [block_key(model, i) for i in blocks]
     future = dht.run_coroutine(functools.partial(_read, keys=keys, latest=latest), return_future=True)
     raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
     out: dict[int, dict[str, ServerRecord]] = {i: {} for i in blocks}
     for i, key in zip(blocks, keys, strict=True):
-        for peer_id, value in raw.get(key, {}).items():
-            record = ServerRecord.from_dht(value)
+        for peer_id, (envelope, expiration) in raw.get(key, {}).items():
+            record = ServerRecord.from_dht(open_envelope(key_id(key), peer_id, envelope, expiration))
             if record is not None and record.start <= i < record.end:
                 out[i][peer_id] = record
     return out
@@ -99,7 +102,7 @@ MODELS_KEY = "_corolla.models"
 def announce_model(dht: hivemind.DHT, model: str, num_blocks: int, ttl: float, timeout: float = 30.0) -> None:
     """List ``model`` (and its number of blocks) under the swarm's model index, for `corolla health`."""
     coro = functools.partial(
-        _store, keys=[MODELS_KEY], subkey=model, value={"num_blocks": num_blocks}, expiration=get_dht_time() + ttl
+        _store, keys=[MODELS_KEY], subkey=model, values=[{"num_blocks": num_blocks}], expiration=get_dht_time() + ttl
     )
     dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
 
@@ -109,7 +112,7 @@ def read_models(dht: hivemind.DHT, timeout: float = 30.0, *, latest: bool = True
     future = dht.run_coroutine(functools.partial(_read, keys=[MODELS_KEY], latest=latest), return_future=True)
     raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
     models: dict[str, int] = {}
-    for name, value in raw.get(MODELS_KEY, {}).items():
+    for name, (value, _) in raw.get(MODELS_KEY, {}).items():
         if isinstance(value, dict) and isinstance(value.get("num_blocks"), int) and 0 < value["num_blocks"] < 100_000:
             models[name] = value["num_blocks"]
     return models
@@ -123,17 +126,32 @@ def make_dht(
     client_mode: bool = False,
     nat_port_map: bool = False,
     announce_host: str | None = None,
+    identity: PeerIdentity | None = None,
 ) -> hivemind.DHT:
-    """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked)."""
+    """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked).
+
+    Every peer refuses to store or believe a record under a peer id that its owner did not sign. A peer
+    that announces records (a server) passes its ``identity``: the DHT then runs under that key.
+    """
     kwargs: dict[str, Any] = {}
     if announce_host:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    return hivemind.DHT(
-        initial_peers=list(initial_peers),
-        start=True,
-        client_mode=client_mode,
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-        nat_port_map=nat_port_map,
-        num_workers=4,
-        **kwargs,
-    )
+    with contextlib.ExitStack() as stack:
+        if identity is not None:
+            # The daemon reads the key once at start; the file is removed as soon as the DHT is up.
+            kwargs["identity_path"] = stack.enter_context(identity.identity_file())
+            kwargs["check_if_identity_free"] = False  # a fresh random key: no need to ask the swarm
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            client_mode=client_mode,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            nat_port_map=nat_port_map,
+            num_workers=4,
+            record_validators=[SignedRecordValidator()],
+            **kwargs,
+        )
+    if identity is not None and dht.peer_id.to_base58() != identity.peer_id:
+        dht.shutdown()
+        raise CorollaError(f"the p2p daemon runs as {dht.peer_id}, not as the identity {identity.peer_id} it was given")
+    return dht

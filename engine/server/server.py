@@ -21,6 +21,7 @@ import torch
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
 from corolla.engine.dht.announce import announce_model, announce_span, make_dht, read_records, withdraw_span
 from corolla.engine.dht.records import ServerRecord, ServerState
+from corolla.engine.dht.signing import PeerIdentity
 from corolla.engine.errors import CorollaError
 from corolla.engine.hub import check_model_access, resolve_token
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
@@ -53,6 +54,7 @@ class Server:
         self.dtype = parse_dtype(cfg.dtype, cfg.device)
         self.speed = Speed(0.0, 0.0)
         self.num_blocks = 0
+        self.identity = PeerIdentity.generate()  # the peer id, and the key that signs this server's records
         self._stop = asyncio.Event()
         # DHT calls block; they get their own threads so a dead DHT cannot stall exit (no waiting on them).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corolla-dht")
@@ -70,6 +72,7 @@ class Server:
             self.cfg.port,
             nat_port_map=self.cfg.nat_port_map,
             announce_host=self.cfg.announce_host,
+            identity=self.identity,
         )
         try:
             asyncio.run(self._main(dht))
@@ -155,7 +158,7 @@ class Server:
         backend: SpanBackend | None = None
         try:
             joining = self._record(None, ServerState.JOINING, start, end)
-            await self._run_io(announce_span, dht, self.dht_prefix, peer_id, joining, self.cfg.record_ttl)
+            await self._run_io(announce_span, dht, self.dht_prefix, self.identity, joining, self.cfg.record_ttl)
             logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, self.cfg.model, self.cfg.device, self.dtype)
             span = await self._run_io(load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device)
             backend = SpanBackend(span, self.model_config, self.cfg, self.dtype)
@@ -167,7 +170,7 @@ class Server:
             next_check = time.monotonic() + self._rebalance_delay()
             while not self._stop.is_set():
                 record = self._record(backend, ServerState.ONLINE, start, end)
-                await self._run_io(announce_span, dht, self.dht_prefix, peer_id, record, self.cfg.record_ttl)
+                await self._run_io(announce_span, dht, self.dht_prefix, self.identity, record, self.cfg.record_ttl)
                 await self._run_io(announce_model, dht, self.dht_prefix, self.total_blocks, self.cfg.record_ttl)
                 self._write_status(backend, start, end, "online", maddrs, peer_id)
                 with contextlib.suppress(TimeoutError):
@@ -187,7 +190,7 @@ class Server:
             offline = self._record(None, ServerState.OFFLINE, start, end)
             logger.info("withdrawing blocks %d:%d", start, end)
             try:
-                await self._run_io(withdraw_span, dht, self.dht_prefix, peer_id, offline, self.cfg.record_ttl)
+                await self._run_io(withdraw_span, dht, self.dht_prefix, self.identity, offline, self.cfg.record_ttl)
             except Exception as e:  # leaving must not hang or crash on a broken DHT
                 logger.warning("could not withdraw from the DHT: %s", e or type(e).__name__)
             if backend is not None:
