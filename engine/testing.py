@@ -58,6 +58,24 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+# Per family: the settings its logit tests use on top of TINY_FAMILIES, chosen so that each feature is in
+# effect (windows shorter than the test sequences, Gemma's caps small enough to change the logits).
+FAMILY_TEST_OVERRIDES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 5},
+    "qwen2": {},
+    "qwen3": {},
+    "phi3": {"sliding_window": 5},
+    "mixtral": {},
+    "qwen3_moe": {},  # block 1 is a dense MLP block (mlp_only_layers), the others mixtures of experts
+    "gemma2": {"final_logit_softcapping": 0.3, "attn_logit_softcapping": 0.05},  # window 4 on every other block
+    "gemma3_text": {"final_logit_softcapping": 0.3},  # blocks 0-4 local (window 4, own rotary base), 5 global
+    "gpt_neox": {},
+    "bloom": {},
+    "falcon": {},  # multi-query attention, parallel attention and MLP, rotary positions
+}
+
+
 def tiny_config(family: str = "llama", **overrides: Any) -> Any:
     """The tiny transformers config of ``family`` (a key of ``TINY_FAMILIES``); ``None`` drops a setting."""
     import transformers

@@ -87,6 +87,12 @@ class Family:
         """``sdpa`` where the family's transformers model supports it, else ``eager`` (e.g. Gemma 2's softcap)."""
         return "sdpa" if getattr(self.cls("PreTrainedModel"), "_supports_sdpa", False) else "eager"
 
+    def experts_implementation(self) -> str:
+        """How transformers runs a mixture of experts by default: ``grouped_mm`` where the model allows it."""
+        pretrained = self.cls("PreTrainedModel")
+        can_set = getattr(pretrained, "_can_set_experts_implementation", None)
+        return "grouped_mm" if can_set is not None and can_set() else "eager"
+
     # ---- running blocks ---------------------------------------------------------------------
     def positional(self, config: PretrainedConfig) -> nn.Module | None:
         """The module that turns positions into what every block needs (rotary cos/sin), or None."""

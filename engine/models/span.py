@@ -178,8 +178,10 @@ class BlockSpan(nn.Module):
 
 
 def _with_attention(config: PretrainedConfig, family: Family) -> PretrainedConfig:
-    """Use the attention transformers itself would use (SDPA where supported, else eager) unless the config
-    already names an implementation that exists on every machine."""
+    """Use the attention (SDPA where supported, else eager) and mixture-of-experts kernels transformers itself
+    would use, unless the config already names an implementation that exists on every machine."""
     if getattr(config, "_attn_implementation", None) in (None, "flash_attention_2", "flex_attention"):
         config._attn_implementation = family.attention_implementation()
+    if family.experts is not None and getattr(config, "_experts_implementation", None) is None:
+        config._experts_implementation = family.experts_implementation()
     return config

@@ -15,25 +15,10 @@ from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client
 from corolla.engine.models.family import ExpertNames, fuse_experts
 from corolla.engine.models.registry import FAMILIES, get_family, sliding_window_of
 from corolla.engine.models.span import BlockSpan, SpanCache, build_attention_mask
-from corolla.engine.testing import TINY_FAMILIES, tiny_config
+from corolla.engine.testing import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
 
 ATOL = 1e-4
-FAMILY_OVERRIDES: dict[str, dict[str, object]] = {
-    "llama": {},
-    # A window much shorter than the test sequences, so the window mask really drops keys.
-    "mistral": {"sliding_window": 5},
-    "qwen2": {},
-    "qwen3": {},
-    "phi3": {"sliding_window": 5},
-    "mixtral": {},
-    "qwen3_moe": {},  # block 1 is a dense MLP block (mlp_only_layers), the others mixtures of experts
-    # Window 4 on every other block; caps small enough to change the logits (see test_softcaps_are_in_effect).
-    "gemma2": {"final_logit_softcapping": 0.3, "attn_logit_softcapping": 0.05},
-    "gemma3_text": {"final_logit_softcapping": 0.3},  # blocks 0-4 local (window 4, own rotary base), 5 global
-    "gpt_neox": {},
-    "bloom": {},
-    "falcon": {},  # multi-query attention, parallel attention and MLP, rotary positions
-}
+FAMILY_OVERRIDES = FAMILY_TEST_OVERRIDES
 # Variants: blocks 3:6 use a window and 0:3 do not (the window layers sit on the second "peer"); a head_dim
 # that is not hidden_size / heads.
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
