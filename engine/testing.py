@@ -36,23 +36,65 @@ TINY_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+# Per family: (config class, model class, tiny settings on top of TINY_DEFAULTS). Hidden sizes stay tiny,
+# experts few; windows are shorter than the test sequences so they really drop keys.
+TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [1]},
+    ),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"num_key_value_heads": None, "intermediate_size": None}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"num_key_value_heads": None, "intermediate_size": None}),
+}
+
+
+# Per family: the settings its logit tests use on top of TINY_FAMILIES, chosen so that each feature is in
+# effect (windows shorter than the test sequences, Gemma's caps small enough to change the logits).
+FAMILY_TEST_OVERRIDES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 5},
+    "qwen2": {},
+    "qwen3": {},
+    "phi3": {"sliding_window": 5},
+    "mixtral": {},
+    "qwen3_moe": {},  # block 1 is a dense MLP block (mlp_only_layers), the others mixtures of experts
+    "gemma2": {"final_logit_softcapping": 0.3, "attn_logit_softcapping": 0.05},  # window 4 on every other block
+    "gemma3_text": {"final_logit_softcapping": 0.3},  # blocks 0-4 local (window 4, own rotary base), 5 global
+    "gpt_neox": {},
+    "bloom": {},
+    "falcon": {},  # multi-query attention, parallel attention and MLP, rotary positions
+}
+
+
+def tiny_config(family: str = "llama", **overrides: Any) -> Any:
+    """The tiny transformers config of ``family`` (a key of ``TINY_FAMILIES``); ``None`` drops a setting."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny config for {family!r}; known: {', '.join(sorted(TINY_FAMILIES))}")
+    config_name, _, tiny = TINY_FAMILIES[family]
+    settings = {**TINY_DEFAULTS, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **tiny, **overrides}
+    return getattr(transformers, config_name)(**{k: v for k, v in settings.items() if v is not None})
+
+
 def make_tiny_checkpoint(path: str | Path, family: str = "llama", seed: int = 0, **overrides: Any) -> Path:
-    """Save a tiny random model of ``family`` (llama, mistral, qwen2, qwen3) as a safetensors checkpoint."""
+    """Save a tiny random model of ``family`` (a key of ``TINY_FAMILIES``) as a safetensors checkpoint."""
     import torch
     import transformers
 
-    classes = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM"),
-        "mistral": ("MistralConfig", "MistralForCausalLM"),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    }
-    config_name, model_name = classes[family]
-    config = getattr(transformers, config_name)(
-        **{**TINY_DEFAULTS, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **overrides}
-    )
+    config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config)
+    model = getattr(transformers, TINY_FAMILIES[family][1])(config)
     path = Path(path)
     model.save_pretrained(path)
     char_tokenizer(config.vocab_size).save_pretrained(path)

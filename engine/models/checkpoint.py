@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-LAYER_PREFIX = "model.layers."
-CLIENT_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
 class Checkpoint:
@@ -124,14 +122,19 @@ def load_span(
 ) -> BlockSpan:
     """Build blocks ``start..end-1`` and load only their tensors."""
     span = BlockSpan(config, start, end, empty=True)
-    prefixes = {i: f"{LAYER_PREFIX}{i}." for i in range(start, end)}
-    names = [n for n in ckpt.weight_map() if any(n.startswith(p) for p in prefixes.values())]
+    family = span.family
+    weight_map = ckpt.weight_map()
+    prefixes = {i: family.layer_prefix(weight_map, i) for i in range(start, end)}
+    names = [n for n in weight_map if any(n.startswith(p) for p in prefixes.values())]
     tensors = ckpt.read(names, desc=f"blocks {start}:{end}")
     state: dict[str, torch.Tensor] = {}
     for i, prefix in prefixes.items():
-        for name, tensor in tensors.items():
-            if name.startswith(prefix):
-                state[f"layers.{i - start}.{name[len(prefix) :]}"] = tensor
+        block = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+        try:
+            block = family.block_state(block, config)
+        except ValueError as e:
+            raise CorollaError(f"checkpoint {ckpt.name} does not match block {i}: {e}") from e
+        state.update({f"layers.{i - start}.{name}": tensor for name, tensor in block.items()})
     span.layers.to_empty(device=device)
     span.layers.to(dtype)
     missing, unexpected = span.load_state_dict(state, strict=False)
@@ -141,42 +144,65 @@ def load_span(
             f"checkpoint {ckpt.name} does not match blocks {start}:{end}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    span.rotary_emb.to(device)
+    if span.rotary_emb is not None:
+        span.rotary_emb.to(device)
     return span.eval()
 
 
 class ClientHead(nn.Module):
-    """What a client keeps locally: token embeddings, the final norm and the LM head."""
+    """What a client keeps locally: token embeddings, the final norm and the LM head, as its family has them.
+
+    The family decides the norm (RMSNorm or LayerNorm), a norm right after the embeddings (Bloom), an
+    embedding scale (Gemma) and the checkpoint names; a config's ``final_logit_softcapping`` (Gemma 2)
+    caps the logits the way transformers does.
+    """
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
+        family = get_family(config)
+        self.family = family
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.norm = get_family(config).norm_class()(config.hidden_size, eps=config.rms_norm_eps)
+        self.embed_norm = family.embed_norm(config)
+        self.embed_scale = family.embedding_scale(config)
+        self.norm = family.final_norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        softcap = getattr(config, "final_logit_softcapping", None)
+        self.softcap = float(softcap) if softcap else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, length] token ids → [batch, length, hidden]."""
-        return self.embed_tokens(input_ids)
+        """[batch, length] token ids → [batch, length, hidden] inputs of block 0."""
+        hidden: torch.Tensor = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        if self.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
+        return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[batch, length, hidden] last hidden states → [batch, length, vocab] float32 logits."""
-        return self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype))).float()
+        logits: torch.Tensor = self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype)))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
 
 
 def load_client_head(ckpt: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> ClientHead:
     """Load embeddings, final norm and LM head (tied embeddings reuse the embedding matrix)."""
     with torch.device("meta"):
         head = ClientHead(config)
-    tensors = ckpt.read([n for n in CLIENT_TENSORS if n in ckpt.weight_map()], desc="embeddings and head")
-    if "lm_head.weight" not in tensors:
+    names = head.family.client_tensors(ckpt.weight_map())
+    if "embed_tokens.weight" not in names or "norm.weight" not in names:
+        raise CorollaError(
+            f"{ckpt.name} lacks the embeddings or the final norm its family ({config.model_type}) names: "
+            f"found {sorted(names.values())}; is it a complete checkpoint?"
+        )
+    tensors = ckpt.read(sorted(names.values()), desc="embeddings and head")
+    state = {key: tensors[name] for key, name in names.items()}
+    if "lm_head.weight" not in state:
         if not getattr(config, "tie_word_embeddings", False):
-            logger.warning("%s has no lm_head.weight; using the tied embedding matrix", ckpt.name)
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    state = {
-        "embed_tokens.weight": tensors["model.embed_tokens.weight"],
-        "norm.weight": tensors["model.norm.weight"],
-        "lm_head.weight": tensors["lm_head.weight"],
-    }
+            lm_head = f"{head.family.names.lm_head}.weight"
+            logger.warning("%s has no %s; using the tied embedding matrix", ckpt.name, lm_head)
+        state["lm_head.weight"] = state["embed_tokens.weight"]
     head.to_empty(device="cpu")
     head.to(dtype)
     head.load_state_dict(state, strict=True)

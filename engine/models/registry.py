@@ -1,42 +1,25 @@
-"""Model families: which transformers classes build one block and its rotary embedding.
+"""Model families Corolla serves: one :class:`Family` entry (or small adapter class) per transformers family.
 
-A *block* is one decoder layer. Corolla reuses transformers' own decoder-layer modules (5.x calling
-convention: hidden_states, attention_mask, position_embeddings, past_key_values) and only supplies
-what a span of layers needs around them: positions, the rotary embedding, the mask and the KV cache.
+A *block* is one decoder layer. Corolla reuses transformers' own decoder-layer modules and only
+supplies what a span of layers needs around them (positions, masks, the KV cache), plus the client's
+embeddings, final norm and LM head. Adding a family is one entry here, and a test config in
+``corolla.engine.testing``; a family whose positions or masks differ gets a small adapter class.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-
-from torch import nn
 from transformers import PretrainedConfig
 
 from corolla.engine.errors import CorollaError
+from corolla.engine.models.alibi import BloomFamily, FalconFamily
+from corolla.engine.models.family import ExpertNames, Family, TensorNames, sliding_window_of
+from corolla.engine.models.gemma import Gemma3Family
 
+__all__ = ["FAMILIES", "Family", "get_family", "sliding_window_of"]
 
-@dataclass(frozen=True)
-class Family:
-    """How to build the blocks of one model family from transformers' modules."""
-
-    model_type: str
-    module: str  # transformers.models.<module>.modeling_<module>
-    prefix: str  # class-name prefix in that module, e.g. "Llama" for LlamaDecoderLayer
-
-    def _cls(self, suffix: str) -> type[nn.Module]:
-        mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
-        cls: type[nn.Module] = getattr(mod, f"{self.prefix}{suffix}")
-        return cls
-
-    def load(self) -> tuple[type[nn.Module], type[nn.Module]]:
-        """Import the decoder-layer and rotary-embedding classes."""
-        return self._cls("DecoderLayer"), self._cls("RotaryEmbedding")
-
-    def norm_class(self) -> type[nn.Module]:
-        """The family's final RMSNorm class (used by the client before the LM head)."""
-        return self._cls("RMSNorm")
-
+_BLOOM_NAMES = TensorNames(
+    base="transformer", layers="h", embed="word_embeddings", norm="ln_f", embed_norm="word_embeddings_layernorm"
+)
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -45,6 +28,39 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", "mistral", "Mistral"),
         Family("qwen2", "qwen2", "Qwen2"),
         Family("qwen3", "qwen3", "Qwen3"),
+        Family("phi3", "phi3", "Phi3"),
+        Family("mixtral", "mixtral", "Mixtral", experts=ExpertNames("block_sparse_moe", "w1", "w3", "w2")),
+        Family("qwen3_moe", "qwen3_moe", "Qwen3Moe", experts=ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")),
+        Family("gemma2", "gemma2", "Gemma2", embed_scale=True),
+        Gemma3Family("gemma3_text", "gemma3", "Gemma3", embed_scale=True),
+        Family(
+            "gpt_neox",
+            "gpt_neox",
+            "GPTNeoX",
+            layer_suffix="Layer",
+            names=TensorNames(base="gpt_neox", embed="embed_in", norm="final_layer_norm", lm_head="embed_out"),
+            layer_norm=True,
+            norm_eps="layer_norm_eps",
+            grouped_kv=False,
+        ),
+        BloomFamily(
+            "bloom",
+            "bloom",
+            "Bloom",
+            layer_suffix="Block",
+            names=_BLOOM_NAMES,
+            layer_norm=True,
+            norm_eps="layer_norm_epsilon",
+            grouped_kv=False,
+        ),
+        FalconFamily(
+            "falcon",
+            "falcon",
+            "Falcon",
+            names=TensorNames(base="transformer", layers="h", embed="word_embeddings", norm="ln_f"),
+            layer_norm=True,
+            norm_eps="layer_norm_epsilon",
+        ),
     )
 }
 
@@ -57,16 +73,3 @@ def get_family(config: PretrainedConfig) -> Family:
             f"Model type {config.model_type!r} is not supported yet. Supported: {', '.join(sorted(FAMILIES))}."
         )
     return family
-
-
-def sliding_window_of(config: PretrainedConfig, block: int) -> int | None:
-    """Sliding-window size of one block's attention, or None for full causal attention."""
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return int(window) if layer_types[block] == "sliding_attention" else None
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from typing import Any
 
 import torch
@@ -12,7 +10,10 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from corolla.engine.models.registry import get_family, sliding_window_of
+from corolla.engine.models.family import Family, build_attention_mask, cache_keyword, sliding_window_of
+from corolla.engine.models.registry import get_family
+
+__all__ = ["BlockSpan", "SpanCache", "SpanLayerCache", "build_attention_mask", "cache_keyword"]
 
 
 class SpanLayerCache(CacheLayerMixin):
@@ -122,20 +123,6 @@ class SpanCache(Cache):
         return self.length
 
 
-def build_attention_mask(
-    offset: int, new: int, window: int | None, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Additive causal mask [1, 1, new, offset + new] for queries at positions offset..offset+new-1."""
-    q_pos = torch.arange(offset, offset + new, device=device)[:, None]
-    k_pos = torch.arange(offset + new, device=device)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= (q_pos - k_pos) < window
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 class BlockSpan(nn.Module):
     """Decoder blocks ``start..end-1`` of a model, built from transformers' own layer modules."""
 
@@ -144,13 +131,15 @@ class BlockSpan(nn.Module):
         super().__init__()
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"span {start}:{end} is outside the model's 0:{config.num_hidden_layers} blocks")
-        config = _with_attention(config)
-        layer_cls, rotary_cls = get_family(config).load()
+        family = get_family(config)
+        config = _with_attention(config, family)
+        layer_cls = family.layer_class()
         self.config = config
+        self.family = family
         self.start, self.end = start, end
         with torch.device("meta") if empty else contextlib.nullcontext():
             self.layers = nn.ModuleList([layer_cls(config, layer_idx=i) for i in range(start, end)])
-        self.rotary_emb = rotary_cls(config)
+        self.rotary_emb = family.positional(config)  # None for families without one (Bloom)
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
         self._cache_kwarg = cache_keyword(layer_cls)
 
@@ -172,39 +161,27 @@ class BlockSpan(nn.Module):
         """
         start = self.start if start is None else start
         end = self.end if end is None else end
-        batch, new, _ = hidden_states.shape
+        new = hidden_states.shape[1]
         if cache is not None:
             offset = cache.length
             cache.begin_step(new)
-        positions = torch.arange(offset, offset + new, device=hidden_states.device).expand(batch, new)
-        cos_sin = self.rotary_emb(hidden_states, positions)  # each [batch, new, head_dim]
-        masks: dict[int | None, torch.Tensor] = {}
-        for i in range(start - self.start, end - self.start):
-            window = self.windows[i]
-            if window not in masks:
-                masks[window] = build_attention_mask(offset, new, window, hidden_states.dtype, hidden_states.device)
-            hidden_states = self.layers[i](
-                hidden_states,
-                attention_mask=masks[window],
-                position_ids=positions,
-                **{self._cache_kwarg: cache},
-                use_cache=cache is not None,
-                position_embeddings=cos_sin,
+        blocks = range(start, end)
+        inputs = self.family.layer_inputs(self.config, self.rotary_emb, hidden_states, offset, blocks)
+        for block, kwargs in zip(blocks, inputs, strict=True):
+            output = self.layers[block - self.start](
+                hidden_states, **kwargs, **{self._cache_kwarg: cache}, use_cache=cache is not None
             )
+            hidden_states = self.family.layer_output(output)
         if cache is not None:
             cache.end_step()
         return hidden_states
 
 
-def _with_attention(config: PretrainedConfig) -> PretrainedConfig:
-    """Use PyTorch SDPA attention unless the config already names an implementation that exists."""
+def _with_attention(config: PretrainedConfig, family: Family) -> PretrainedConfig:
+    """Use the attention (SDPA where supported, else eager) and mixture-of-experts kernels transformers itself
+    would use, unless the config already names an implementation that exists on every machine."""
     if getattr(config, "_attn_implementation", None) in (None, "flash_attention_2", "flex_attention"):
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = family.attention_implementation()
+    if family.experts is not None and getattr(config, "_experts_implementation", None) is None:
+        config._experts_implementation = family.experts_implementation()
     return config
-
-
-@functools.cache
-def cache_keyword(layer_cls: type[nn.Module]) -> str:
-    """The keyword a decoder layer takes its cache by: ``cache`` (transformers 5.24+) or ``past_key_values``."""
-    params = inspect.signature(layer_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"

@@ -48,9 +48,7 @@ class SpanBackend:
         self.device = next(span.layers.parameters()).device
         self.start, self.end = span.start, span.end
         self.hidden_size = int(config.hidden_size)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(head_dim)
+        self.kv_heads, self.head_dim = span.family.kv_shape(config)  # what one block caches per token
         self.budget = CacheBudget(cfg.cache_bytes)
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0

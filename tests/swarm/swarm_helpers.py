@@ -20,16 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.testing import ServerProcess, Swarm
+from corolla.engine.testing import FAMILY_TEST_OVERRIDES, ServerProcess, Swarm
 
 ATOL = 1e-4
-FAMILY_OVERRIDES: dict[str, dict[str, int]] = {
-    "llama": {},
-    # A window shorter than the test sequences, so the servers' window mask really drops keys.
-    "mistral": {"sliding_window": 5},
-    "qwen2": {},
-    "qwen3": {},
-}
+FAMILY_OVERRIDES = FAMILY_TEST_OVERRIDES  # every family, with the settings its logit tests use
 
 STARTED_GROUPS: set[int] = set()  # process groups of every server these tests started
 

@@ -12,24 +12,23 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConf
 
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
+from corolla.engine.models.family import ExpertNames, fuse_experts
 from corolla.engine.models.registry import FAMILIES, get_family, sliding_window_of
 from corolla.engine.models.span import BlockSpan, SpanCache, build_attention_mask
-from corolla.engine.testing import TINY_DEFAULTS
+from corolla.engine.testing import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
 
 ATOL = 1e-4
-FAMILY_OVERRIDES: dict[str, dict[str, int]] = {
-    "llama": {},
-    # A window much shorter than the test sequences, so the window mask really drops keys.
-    "mistral": {"sliding_window": 5},
-    "qwen2": {},
-    "qwen3": {},
-}
+FAMILY_OVERRIDES = FAMILY_TEST_OVERRIDES
 # Variants: blocks 3:6 use a window and 0:3 do not (the window layers sit on the second "peer"); a head_dim
 # that is not hidden_size / heads.
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
     "qwen2-mixed-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3}),
     "qwen3-mixed-window": ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 3}),
     "qwen3-head-dim-32": ("qwen3", {"head_dim": 32}),
+    "falcon-alibi": ("falcon", {"alibi": True, "multi_query": False}),
+    "falcon-new-architecture": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "gpt_neox-sequential-residual": ("gpt_neox", {"use_parallel_residual": False, "rotary_pct": 0.5}),
+    "bloom-post-layernorm-residual": ("bloom", {"apply_residual_connection_post_layernorm": True, "n_head": 8}),
 }
 CASES = {**{name: (name, overrides) for name, overrides in FAMILY_OVERRIDES.items()}, **VARIANTS}
 SPLIT = 3  # blocks 0:3 on one "peer", 3:6 on the other (TINY_DEFAULTS has 6 blocks)
@@ -157,13 +156,30 @@ def test_unsupported_model_type_names_the_supported_families() -> None:
 
 
 def test_registry_lists_exactly_the_tested_families() -> None:
-    assert set(FAMILIES) == set(FAMILY_OVERRIDES)
+    assert set(FAMILIES) == set(FAMILY_OVERRIDES) == set(TINY_FAMILIES)
     for name, family in FAMILIES.items():
-        layer_cls, rotary_cls = family.load()
-        assert layer_cls.__name__.endswith("DecoderLayer")
-        assert rotary_cls.__name__.endswith("RotaryEmbedding")
-        assert family.norm_class().__name__.endswith("RMSNorm")
         assert family.model_type == name
+        assert family.layer_class().__name__.endswith(("DecoderLayer", "Layer", "Block"))
+        config = tiny_config(name)
+        norm = family.final_norm(config)
+        assert isinstance(norm, torch.nn.LayerNorm) == family.layer_norm
+        assert type(norm).__name__.endswith("Norm")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@torch.inference_mode()
+def test_cache_accounting_matches_the_cached_keys(case: str) -> None:
+    """The server reserves cache by the family's (kv heads, head dim): it must be what the blocks really store."""
+    family, overrides = CASES[case]
+    config = tiny_config(family, **overrides)
+    span = BlockSpan(config, 0, 2)
+    cache = SpanCache(0, 2, 8)
+    span(torch.randn(2, 3, config.hidden_size), cache)
+    kv_heads, head_dim = get_family(config).kv_shape(config)
+    for layer in cache.span_layers:
+        assert layer.keys is not None and layer.values is not None
+        assert layer.keys.shape[0] == 2 and layer.keys.shape[1] == kv_heads and layer.keys.shape[3] == head_dim
+        assert layer.values.shape == layer.keys.shape
 
 
 def test_span_bounds_are_checked() -> None:
@@ -235,7 +251,7 @@ def test_spans_run_without_deprecation_warnings(name: str, recwarn: pytest.Warni
     import warnings
 
     warnings.simplefilter("always")
-    config = AutoConfig.for_model(name, **{**TINY_DEFAULTS, **FAMILY_OVERRIDES[name]})
+    config = tiny_config(name, **FAMILY_OVERRIDES[name])
     span = BlockSpan(config, 0, 2)
     cache = SpanCache(0, 2, 8)
     with torch.inference_mode():
@@ -243,3 +259,64 @@ def test_spans_run_without_deprecation_warnings(name: str, recwarn: pytest.Warni
         span(torch.randn(1, 1, config.hidden_size), cache)
     messages = [str(w.message) for w in recwarn if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert not [m for m in messages if "past_key_values" in m or "cache" in m], messages
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@torch.inference_mode()
+def test_softcaps_are_in_effect(family: str, tiny_checkpoint: Callable[..., Path]) -> None:
+    """Control for the Gemma cases: their caps change the logits, so matching transformers proves them."""
+    path = tiny_checkpoint(family, **FAMILY_OVERRIDES[family])
+    capped = hf_model(path)
+    config = AutoConfig.from_pretrained(path)
+    config.final_logit_softcapping = None
+    config.attn_logit_softcapping = None
+    uncapped = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+    ids = torch.randint(7, 160, (2, 8), generator=torch.Generator().manual_seed(5))
+    assert max_diff(capped(ids).logits, uncapped(ids).logits) > 1e-2
+    head, spans = load_distributed(path)
+    assert head.softcap == 0.3
+    assert max_diff(head.logits(run_spans(spans, head.embed(ids))), capped(ids).logits) <= ATOL
+
+
+@torch.inference_mode()
+def test_checkpoint_without_base_prefix_loads(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """Bloom's published checkpoints name tensors ``h.0...`` and ``word_embeddings`` (no ``transformer.``)."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_checkpoint("bloom")
+    tensors = load_file(str(path / "model.safetensors"))
+    assert all(name.startswith("transformer.") for name in tensors)
+    save_file(
+        {name.removeprefix("transformer."): t for name, t in tensors.items()}, str(tmp_path / "model.safetensors")
+    )
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    head, spans = load_distributed(tmp_path)
+    ids = torch.randint(7, 160, (2, 8), generator=torch.Generator().manual_seed(6))
+    assert max_diff(head.logits(run_spans(spans, head.embed(ids))), hf_model(path)(ids).logits) <= ATOL
+
+
+def test_moe_checkpoint_with_a_missing_expert_is_refused(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_checkpoint("mixtral")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.4.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    ckpt = Checkpoint(str(tmp_path))
+    load_span(ckpt, ckpt.config(), 0, 3, torch.float32, "cpu")  # blocks without the gap load
+    with pytest.raises(CorollaError, match="block 4"):
+        load_span(ckpt, ckpt.config(), 3, 6, torch.float32, "cpu")
+
+
+def test_fused_expert_tensors_pass_through() -> None:
+    layout = ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
+    fused = {"mlp.experts.gate_up_proj": torch.zeros(4, 8, 2), "mlp.gate.weight": torch.zeros(4, 2)}
+    passed = fuse_experts(fused, layout, 4)
+    assert passed.keys() == fused.keys() and all(passed[k] is fused[k] for k in fused)
+    parts = ("gate_proj", "up_proj", "down_proj")
+    per_expert = {f"mlp.experts.{e}.{p}.weight": torch.full((2, 3), float(e)) for e in range(2) for p in parts}
+    out = fuse_experts(per_expert, layout, 2)
+    assert out["mlp.experts.gate_up_proj"].shape == (2, 4, 3)  # [experts, gate rows + up rows, hidden]
+    assert out["mlp.experts.down_proj"].shape == (2, 2, 3)
+    assert torch.equal(out["mlp.experts.gate_up_proj"][1], torch.ones(4, 3))

@@ -1,0 +1,88 @@
+"""Families whose positions are ALiBi biases built outside the blocks: Bloom, and Falcon when configured so."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from corolla.engine.models.family import Family, causal_masks
+
+
+def alibi_biases(family: Family, config: PretrainedConfig, hidden: torch.Tensor, keys: int) -> torch.Tensor:
+    """transformers' ALiBi tensor [batch * heads, 1, keys] for unpadded sequences of ``keys`` tokens."""
+    build = family.function("build_alibi_tensor")
+    ones = torch.ones(hidden.shape[0], keys, dtype=torch.long, device=hidden.device)
+    alibi: torch.Tensor = build(ones, int(config.num_attention_heads), hidden.dtype)
+    return alibi
+
+
+@dataclass(frozen=True)
+class BloomFamily(Family):
+    """Bloom: ALiBi added to the attention scores, blocks take ``alibi=`` and ``layer_past=``; no rotary."""
+
+    def positional(self, config: PretrainedConfig) -> nn.Module | None:
+        """Bloom has no positional module: the ALiBi slopes depend only on the number of heads."""
+        return None
+
+    def layer_inputs(
+        self,
+        config: PretrainedConfig,
+        positional: nn.Module | None,
+        hidden: torch.Tensor,
+        offset: int,
+        blocks: range,
+    ) -> list[dict[str, Any]]:
+        """Each block gets the ALiBi tensor over all keys so far and the additive causal mask."""
+        new = hidden.shape[1]
+        alibi = alibi_biases(self, config, hidden, offset + new)  # [batch * heads, 1, offset + new]
+        masks = causal_masks(config, offset, new, blocks, hidden.dtype, hidden.device)
+        return [{"alibi": alibi, "attention_mask": mask} for mask in masks]
+
+    def kv_shape(self, config: PretrainedConfig) -> tuple[int, int]:
+        """Every head keeps its own keys (no grouped or multi-query attention)."""
+        heads = int(config.num_attention_heads)
+        return heads, int(config.hidden_size) // heads
+
+
+@dataclass(frozen=True)
+class FalconFamily(Family):
+    """Falcon: rotary positions, or ALiBi folded into the mask (``config.alibi``); multi-query or grouped keys."""
+
+    def layer_inputs(
+        self,
+        config: PretrainedConfig,
+        positional: nn.Module | None,
+        hidden: torch.Tensor,
+        offset: int,
+        blocks: range,
+    ) -> list[dict[str, Any]]:
+        """Rotary: the common inputs plus ``alibi=None``. ALiBi: the biases scaled and masked, as transformers does."""
+        if not config.alibi:
+            return [
+                {**inputs, "alibi": None} for inputs in super().layer_inputs(config, positional, hidden, offset, blocks)
+            ]
+        batch, new, _ = hidden.shape
+        heads = int(config.num_attention_heads)
+        keys = offset + new
+        alibi = alibi_biases(self, config, hidden, keys)  # [batch * heads, 1, keys]
+        scaled = alibi.reshape(batch, heads, 1, keys) / math.sqrt(config.hidden_size // heads)
+        out = []
+        made: dict[int, torch.Tensor] = {}
+        for mask in causal_masks(config, offset, new, blocks, hidden.dtype, hidden.device):
+            if id(mask) not in made:  # [batch, heads, new, keys]: ALiBi where allowed, the minimum elsewhere
+                made[id(mask)] = scaled.masked_fill(mask < -1, torch.finfo(hidden.dtype).min)
+            out.append({"alibi": alibi, "attention_mask": made[id(mask)], "position_embeddings": None})
+        return out
+
+    def kv_shape(self, config: PretrainedConfig) -> tuple[int, int]:
+        """New architecture: keys broadcast to every head; else multi-query (one) or ``num_kv_heads``."""
+        heads = int(config.num_attention_heads)
+        head_dim = int(config.hidden_size) // heads
+        if config.new_decoder_architecture:
+            return heads, head_dim
+        return (1 if config.multi_query else int(config.num_kv_heads)), head_dim
