@@ -125,7 +125,50 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--num-blocks", type=int, default=None, help="blocks of the model (default: from records)")
     health.add_argument("--json", action="store_true", help="print JSON instead of a table")
     health.set_defaults(func=_cmd_health)
+    add_web_commands(sub)
     return parser
+
+
+def add_web_commands(sub: Any) -> None:
+    """``corolla api`` and ``corolla monitor``: web faces whose dependencies come with the ``api`` extra."""
+    api = sub.add_parser("api", help="serve a swarm model over an OpenAI-compatible HTTP API")
+    api.add_argument("model", help="local checkpoint folder or Hugging Face repo id (as the servers use it)")
+    api.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    api.add_argument("--api-key", default=None, help="key clients must send (default: COROLLA_API_KEY, or none)")
+    api.add_argument("--model-name", default=None, help="model id clients ask for (default: MODEL as given)")
+    api.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request before 504")
+    api.add_argument("--default-max-tokens", type=int, default=512, help="tokens when a request sets no max")
+
+    def run_api(args: argparse.Namespace) -> int:
+        from corolla.engine.api.serve import run_api
+
+        return run_api(
+            args.model,
+            args.initial_peers,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            model_id=args.model_name,
+            request_timeout=args.request_timeout,
+            default_max_tokens=args.default_max_tokens,
+        )
+
+    api.set_defaults(func=run_api)
+
+    monitor = sub.add_parser("monitor", help="serve a live web page of the swarm's blocks and servers")
+    monitor.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers")
+    monitor.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    monitor.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    monitor.add_argument("--refresh", type=float, default=5.0, help="seconds between DHT reads (default 5)")
+
+    def run_monitor(args: argparse.Namespace) -> int:
+        from corolla.engine.monitor.serve import run_monitor
+
+        return run_monitor(args.initial_peers, host=args.host, port=args.port, refresh=args.refresh)
+
+    monitor.set_defaults(func=run_monitor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,63 @@
+"""``corolla api``: join the swarm once, then serve the OpenAI-compatible app with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+from corolla.engine.errors import CorollaError
+
+logger = logging.getLogger(__name__)
+
+
+def require_web_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise CorollaError(
+            f"`corolla api` needs the api extra: pip install 'corolla[api]' ({e.name} is missing)"
+        ) from e
+
+
+def run_api(
+    model: str,
+    initial_peers: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_id: str | None = None,
+    request_timeout: float = 600.0,
+    default_max_tokens: int = 512,
+) -> int:
+    """Serve ``model`` from the swarm at ``http://host:port/v1`` until SIGINT/SIGTERM. Returns an exit code."""
+    require_web_extra()
+    import uvicorn
+
+    from corolla.engine.api.app import ApiSettings, create_app
+    from corolla.engine.client.model import DistributedModelForCausalLM
+
+    api_key = api_key or os.environ.get("COROLLA_API_KEY") or None
+    client = DistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers)
+    try:
+        settings = ApiSettings(
+            model_id=model_id or model,
+            api_key=api_key,
+            request_timeout=request_timeout,
+            default_max_tokens=default_max_tokens,
+        )
+        app = create_app(client, settings)
+        logger.info(
+            "serving %s at http://%s:%d/v1 (OpenAI-compatible%s)",
+            settings.model_id,
+            host,
+            port,
+            ", API key required" if api_key else "",
+        )
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        client.close()
+    return 0

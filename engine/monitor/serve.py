@@ -1,0 +1,41 @@
+"""``corolla monitor``: one DHT peer for the life of the process, a reader thread, and the web page."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from corolla.engine.api.serve import require_web_extra
+from corolla.engine.dht.announce import make_dht, read_models, read_records
+from corolla.engine.dht.records import ServerRecord
+
+logger = logging.getLogger(__name__)
+
+
+def run_monitor(
+    initial_peers: Sequence[str], *, host: str = "127.0.0.1", port: int = 8080, refresh: float = 5.0
+) -> int:
+    """Serve the swarm's health page at ``http://host:port/`` until SIGINT/SIGTERM. Returns an exit code."""
+    require_web_extra()
+    import uvicorn
+
+    from corolla.engine.monitor.app import create_monitor_app
+    from corolla.engine.monitor.state import SwarmReader
+
+    if refresh <= 0:
+        raise ValueError(f"--refresh must be > 0 seconds, got {refresh}")
+    dht = make_dht(initial_peers, "127.0.0.1", client_mode=True)
+    timeout = max(10.0, 2 * refresh)
+
+    def records(model: str, blocks: range) -> dict[int, dict[str, ServerRecord]]:
+        return read_records(dht, model, list(blocks), timeout=timeout)
+
+    reader = SwarmReader(lambda: read_models(dht, timeout=timeout), records, refresh)
+    reader.start()
+    try:
+        logger.info("swarm monitor at http://%s:%d/ (reads the DHT every %.0f s)", host, port, refresh)
+        uvicorn.run(create_monitor_app(reader), host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        reader.stop()
+        dht.shutdown()
+    return 0

@@ -1,0 +1,135 @@
+"""The API's pure parts: request validation, parameter mapping, error mapping, monitor state."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from corolla.engine import CacheFullError, MissingBlocksError, PeerUnavailableError, ProtocolError
+from corolla.engine.api import protocol
+from corolla.engine.api.errors import APIError, error_for
+from corolla.engine.dht.records import ServerRecord, ServerState
+from corolla.engine.monitor.state import model_state, swarm_state
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def chat(**fields: object) -> protocol.ChatCompletionRequest:
+    return protocol.ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
+
+
+def test_greedy_when_temperature_is_zero_and_sampling_otherwise() -> None:
+    greedy = protocol.chat_options(chat(temperature=0, top_p=0.5, seed=3, max_tokens=7))
+    assert (greedy.do_sample, greedy.max_tokens, greedy.seed, greedy.top_p) == (False, 7, 3, 0.5)
+    sampled = protocol.chat_options(chat(temperature=0.7, stop="\n"))
+    assert sampled.do_sample and sampled.temperature == 0.7 and sampled.stop == ("\n",)
+    assert protocol.chat_options(chat()).do_sample  # OpenAI's default temperature is 1
+    assert protocol.chat_options(chat(max_completion_tokens=5, max_tokens=9)).max_tokens == 5
+    kwargs = greedy.stream_kwargs(7)
+    assert kwargs["max_new_tokens"] == 7 and kwargs["do_sample"] is False
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_unsupported_parameters_get_a_400_naming_them(fields: dict[str, object], param: str) -> None:
+    with pytest.raises(APIError) as info:
+        protocol.chat_options(chat(**fields))
+    assert info.value.status == 400 and info.value.param == param
+    assert info.value.body()["error"]["param"] == param
+
+
+def test_zero_penalties_and_n_1_are_accepted() -> None:
+    protocol.chat_options(chat(n=1, presence_penalty=0, frequency_penalty=0.0))
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 3}, {"top_p": 0}, {"max_tokens": 0}, {"messages": []}])
+def test_out_of_range_values_are_invalid(fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        chat(**fields)
+
+
+def test_message_content_parts_are_joined_and_images_refused() -> None:
+    request = chat(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]
+    )
+    assert protocol.chat_messages(request) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
+    with pytest.raises(APIError, match="image_url"):
+        protocol.chat_messages(chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
+
+
+def test_text_completion_defaults_and_refusals() -> None:
+    request = protocol.CompletionRequest.model_validate({"model": "m", "prompt": ["once"]})
+    assert protocol.prompt_text(request) == "once"
+    assert protocol.completion_options(request).max_tokens == 16  # OpenAI's default
+    two = protocol.CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]})
+    with pytest.raises(APIError, match="exactly one prompt"):
+        protocol.prompt_text(two)
+    for field, value in (("echo", True), ("suffix", "x"), ("best_of", 3), ("logprobs", 2)):
+        bad = protocol.CompletionRequest.model_validate({"model": "m", "prompt": "a", field: value})
+        with pytest.raises(APIError) as info:
+            protocol.completion_options(bad)
+        assert info.value.param == field
+
+
+def test_corolla_errors_map_to_openai_status_codes() -> None:
+    assert error_for(CacheFullError("full")).status == 429
+    missing = error_for(MissingBlocksError("m", [3, 4, 5]))
+    assert missing.status == 503 and "3:6" in missing.message and missing.code == "missing_blocks"
+    assert error_for(TimeoutError()).status == 504
+    assert error_for(PeerUnavailableError("…abc", "no answer within 2.0 s")).status == 504
+    assert error_for(ProtocolError("bad bytes")).status == 502
+    assert error_for(ValueError("bad")).status == 400
+    assert error_for(RuntimeError("boom")).status == 500
+    shape = error_for(CacheFullError("full")).body()["error"]
+    assert set(shape) == {"message", "type", "param", "code"}
+
+
+def test_finish_reasons_and_chunks_follow_openai() -> None:
+    assert [protocol.finish_reason(r) for r in ("eos", "stop", "length")] == ["stop", "stop", "length"]
+    chunk = protocol.chat_chunk("id", "m", {"content": "x"})
+    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["finish_reason"] is None
+    done = protocol.usage_chunk("id", "m", "chat.completion.chunk", 3, 4)
+    assert done["choices"] == [] and done["usage"]["total_tokens"] == 7
+
+
+def record(start: int, end: int, state: ServerState = ServerState.ONLINE, **extra: object) -> ServerRecord:
+    return ServerRecord(state=state, start=start, end=end, throughput=12.5, cache_tokens_left=100, **extra)  # type: ignore[arg-type]
+
+
+def test_monitor_state_counts_online_servers_per_block_and_names_missing_ones() -> None:
+    a, b, c = record(0, 3, public_name="alice"), record(0, 2), record(2, 4, ServerState.OFFLINE)
+    records = {
+        0: {"pa": a, "pb": b},
+        1: {"pa": a, "pb": b},
+        2: {"pa": a, "pc": c},
+        3: {"pc": c},
+    }
+    state = model_state("m", 5, records)
+    assert state["servers_per_block"] == [2, 2, 1, 0, 0]
+    assert state["missing_blocks"] == [3, 4] and state["missing"] == "3:5" and not state["healthy"]
+    rows = {s["peer_id"]: s for s in state["servers"]}
+    assert rows["pa"]["public_name"] == "alice" and rows["pa"]["state"] == "online"
+    assert rows["pc"]["state"] == "offline" and rows["pa"]["tokens_served"] is None
+    doc = swarm_state({"m": state}, 1.0, 5.0, None)
+    assert doc["healthy"] is False and doc["models"][0]["name"] == "m"
+    healthy = model_state("m", 2, {0: {"pb": b}, 1: {"pb": b}})
+    assert swarm_state({"m": healthy}, 1.0, 5.0, None)["healthy"] is True
+    assert swarm_state({}, 1.0, 5.0, None)["healthy"] is False  # nothing announced is not healthy
