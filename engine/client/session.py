@@ -277,7 +277,9 @@ class InferenceSession:
                     exclude = {*exclude, failed.stream.peer_id}
                     continue
                 if last_chance:
-                    raise MissingBlocksError(self.manager.model, range(failed.start, failed.end)) from e
+                    raise MissingBlocksError(
+                        self.manager.model, range(failed.start, failed.end), self.manager.source
+                    ) from e
                 continue
             return hops
         if cache_full is not None:

@@ -13,8 +13,11 @@ from typing import Any
 
 import hivemind
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 
+from corolla.engine.dht.owned import OwnedDHT
+from corolla.engine.dht.peers import check_initial_peers, unreachable_error
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
 
 logger = logging.getLogger(__name__)
@@ -118,16 +121,25 @@ def make_dht(
     nat_port_map: bool = False,
     announce_host: str | None = None,
 ) -> hivemind.DHT:
-    """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked)."""
+    """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked).
+
+    Its process and p2p daemon exit when this process dies, by any signal (see :class:`OwnedDHT`).
+    """
+    check_initial_peers(initial_peers)  # before the daemon starts: its own error names no address
     kwargs: dict[str, Any] = {}
     if announce_host:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    return hivemind.DHT(
-        initial_peers=list(initial_peers),
-        start=True,
-        client_mode=client_mode,
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-        nat_port_map=nat_port_map,
-        num_workers=4,
-        **kwargs,
-    )
+    try:
+        return OwnedDHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            client_mode=client_mode,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            nat_port_map=nat_port_map,
+            num_workers=4,
+            **kwargs,
+        )
+    except P2PDaemonError as e:
+        if initial_peers and "bootstrap" in str(e):  # hivemind's only sign: "failed to connect to bootstrap peers"
+            raise unreachable_error(initial_peers, e) from e
+        raise

@@ -55,7 +55,8 @@ def test_missing_blocks_error_names_them_and_how_to_serve_them(half: HalfSwarm) 
     assert info.value.blocks == [3, 4, 5]
     message = str(info.value)
     assert "3:6" in message
-    assert f"corolla server {half.swarm.dht_prefix} --blocks 3:6" in message
+    assert f"of {half.swarm.dht_prefix}" in message  # the name the swarm knows it by
+    assert f"corolla server {half.path} --blocks 3:6" in message  # the path this client was given
     with pytest.raises(MissingBlocksError, match="3:6"):
         half.model.forward(ids)
 
