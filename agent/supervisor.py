@@ -216,7 +216,8 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
+                # The server exits when this process dies, even by SIGKILL (ServerConfig.parent_pid).
+                env={**os.environ, **self.env, "COROLLA_PARENT_PID": str(os.getpid())},
                 **kwargs,
             )
         except OSError as e:

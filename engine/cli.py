@@ -10,11 +10,36 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from corolla.engine.config import ServerConfig, from_env
+from corolla.engine.config import ClientConfig, ServerConfig, as_tuple, format_size, from_env, is_size_field, parse_size
 from corolla.engine.errors import CorollaError
 from corolla.engine.logs import configure_logging
+from corolla.engine.version import __version__
 
 _SKIP = {"model", "extra", "token"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)} (any case)")
+    return level
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    """`` (default: X)`` for a field whose default says something; empty for None, False and ()."""
+    default = f.default
+    if default is dataclasses.MISSING or default is None or default is False or default == ():
+        return ""
+    shown = format_size(default) if is_size_field(f.name) and isinstance(default, int) else default
+    return f" (default: {shown})"
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -35,11 +60,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        help_text = helps.get(f.name, "")
+        help_text = helps.get(f.name, "") + _default_text(f)
         if "bool" in kind:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         elif "tuple" in kind:
             parser.add_argument(flag, nargs="*", default=None, metavar="MADDR", help=help_text)
+        elif is_size_field(f.name):
+            parser.add_argument(flag, type=_size, default=None, metavar="SIZE", help=help_text + "; e.g. 1GB, 512MiB")
         elif "int" in kind and "float" not in kind:
             parser.add_argument(flag, type=int, default=None, help=help_text)
         elif "float" in kind:
@@ -73,7 +100,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from corolla.engine.server.server import Server
 
     overrides = _config_overrides(args, ServerConfig)
-    cfg = from_env(ServerConfig, model=args.model, token=args.token, **overrides)
+    try:
+        cfg = from_env(ServerConfig, model=args.model, token=args.token, **overrides)
+    except ValueError as e:  # a bad COROLLA_* value
+        raise CorollaError(str(e)) from e
     if not cfg.new_swarm and not cfg.initial_peers:
         sys.stderr.write("corolla server: give --initial-peers MADDR... to join a swarm, or --new-swarm\n")
         return 2
@@ -90,16 +120,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     from corolla.engine.health import run_health
 
-    return run_health(args.model, args.initial_peers, as_json=args.json, num_blocks=args.num_blocks)
+    try:
+        peers = as_tuple(args.initial_peers) or from_env(ClientConfig).initial_peers  # COROLLA_INITIAL_PEERS
+    except ValueError as e:  # a bad COROLLA_* value
+        raise CorollaError(str(e)) from e
+    if not peers:
+        sys.stderr.write("corolla health: give --initial-peers MADDR... or set COROLLA_INITIAL_PEERS\n")
+        return 2
+    return run_health(args.model, peers, as_json=args.json, num_blocks=args.num_blocks)
+
+
+def _common_options(top_level: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand (a subcommand's copy keeps the value given before it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=None if top_level else argparse.SUPPRESS,
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR, any case (default: INFO, or COROLLA_LOG_LEVEL)",
+    )
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``corolla`` argument parser."""
-    parser = argparse.ArgumentParser(prog="corolla", description="Run large language models across many machines.")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
+    parser = argparse.ArgumentParser(
+        prog="corolla",
+        description="Run large language models across many machines.",
+        parents=[_common_options(top_level=True)],
+        epilog="Every server option can also be set as COROLLA_<OPTION> in the environment "
+        "(e.g. COROLLA_INITIAL_PEERS, COROLLA_CACHE_BYTES=1GB).",
+    )
+    parser.add_argument("--version", action="version", version=f"corolla {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = [_common_options(top_level=False)]
 
-    server = sub.add_parser("server", help="host a span of a model's blocks for the swarm")
+    server = sub.add_parser("server", help="host a span of a model's blocks for the swarm", parents=common)
     server.add_argument("model", help="local checkpoint folder or Hugging Face repo id")
     server.add_argument("--token", type=_refuse_token, default=None, help=argparse.SUPPRESS)  # refused: shows in ps
     server.add_argument(
@@ -112,16 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(server, ServerConfig, _SKIP)
     server.set_defaults(func=_cmd_server)
 
-    demo = sub.add_parser("demo", help="start a local swarm on SmolLM2-135M-Instruct and chat with it")
+    demo = sub.add_parser("demo", help="start a local swarm on SmolLM2-135M-Instruct and chat with it", parents=common)
     demo.add_argument("--prompt", default=None, help="answer this prompt and exit (default: interactive chat)")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
     demo.add_argument("--servers", type=int, default=2, help="server processes to split the blocks over")
     demo.add_argument("--serve", action="store_true", help="keep the swarm running for other programs (Ctrl-C stops)")
     demo.set_defaults(func=_cmd_demo)
 
-    health = sub.add_parser("health", help="show which servers cover which blocks of a model")
+    health = sub.add_parser("health", help="show which servers cover which blocks of a model", parents=common)
     health.add_argument("model", nargs="?", default=None, help="model name as announced (default: all known)")
-    health.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers")
+    health.add_argument(
+        "--initial-peers", nargs="+", default=None, metavar="MADDR", help="swarm peers (default: COROLLA_INITIAL_PEERS)"
+    )
     health.add_argument("--num-blocks", type=int, default=None, help="blocks of the model (default: from records)")
     health.add_argument("--json", action="store_true", help="print JSON instead of a table")
     health.set_defaults(func=_cmd_health)
@@ -180,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CorollaError as e:  # expected failures get their message, not a traceback
         sys.stderr.write(f"corolla {args.command}: {e}\n")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: everything was stopped on the way out; no traceback
+        sys.stderr.write("\n")
+        return 130
     return result
 
 

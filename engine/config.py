@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -13,7 +14,55 @@ T = TypeVar("T")
 PROTOCOL_VERSION = 1
 
 
-def _coerce(value: str, annotation: Any) -> Any:
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def is_size_field(name: str) -> bool:
+    """Config fields measured in bytes (they accept human sizes such as ``1GB``)."""
+    return name.endswith("_bytes")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a human size: ``"1GB"`` (10**9), ``"512MiB"`` (2**29), ``"1.5 GiB"``, ``"1048576"``.
+
+    Raises:
+        ValueError: not a size (the message shows the accepted forms).
+    """
+    if isinstance(text, int):
+        return text
+    m = _SIZE.fullmatch(text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"not a size: {text!r} (write bytes, or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB, e.g. 1GB)"
+        )
+    return round(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(num_bytes: int) -> str:
+    """The shortest exact human form of a byte count: ``format_size(2**29) == "512MiB"``."""
+    for unit in ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if num_bytes and num_bytes % factor == 0:
+            return f"{num_bytes // factor}{unit}"
+    return str(num_bytes)
+
+
+def _coerce(value: str, annotation: Any, name: str = "") -> Any:
+    if is_size_field(name):
+        return parse_size(value)
     text = str(annotation)
     if "bool" in text:
         return value.strip().lower() in {"1", "true", "yes", "on"}
@@ -32,11 +81,17 @@ def from_env(cls: type[T], **overrides: Any) -> T:
     for f in fields(cls):  # type: ignore[arg-type]
         env = os.environ.get(f"COROLLA_{f.name.upper()}")
         if env is not None:
-            values[f.name] = _coerce(env, f.type)
+            try:
+                values[f.name] = _coerce(env, f.type, f.name)
+            except ValueError as e:
+                raise ValueError(f"COROLLA_{f.name.upper()}: {e}") from e
     unknown = set(overrides) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
     if unknown:
         raise TypeError(f"unknown {cls.__name__} option(s): {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for name, value in values.items():
+        if is_size_field(name) and isinstance(value, str):
+            values[name] = parse_size(value)
     if "initial_peers" in values and isinstance(values["initial_peers"], str):
         values["initial_peers"] = (values["initial_peers"],)
     if "initial_peers" in values:
@@ -105,6 +160,7 @@ class ServerConfig:
     token: str | None = dataclasses.field(default=None, repr=False)  # Hugging Face token for gated repos
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port
     status_file: str | None = None  # path of a JSON file the server keeps updated (used by the tray agent)
+    parent_pid: int | None = None  # leave the swarm and exit when the process with this id ends (the tray agent's)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

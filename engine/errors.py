@@ -24,19 +24,33 @@ def format_blocks(blocks: Sequence[int]) -> str:
 
 
 class MissingBlocksError(CorollaError):
-    """No server in the swarm currently hosts some blocks of the model."""
+    """No server in the swarm currently hosts some blocks of the model.
 
-    def __init__(self, model: str, blocks: Sequence[int]) -> None:
+    Attributes:
+        model: The name the swarm knows the model by (its DHT prefix).
+        blocks: The missing block indices, sorted.
+        source: The folder or repo id the client was built from (what the hint tells to serve), if known.
+    """
+
+    def __init__(self, model: str, blocks: Sequence[int], source: str | None = None) -> None:
         self.model = model
         self.blocks = sorted(set(blocks))
+        self.source = source
         ranges = format_blocks(self.blocks)
         first = self.blocks[0]
         last = self.blocks[-1] + 1
         super().__init__(
             f"No server in the swarm hosts block(s) {ranges} of {model}. "
-            f"Serve them with `corolla server {model} --blocks {first}:{last} --initial-peers ...`, "
+            f"Serve them with `corolla server {source or model} --blocks {first}:{last} --initial-peers ...`, "
             "or wait for a volunteer to come back and try again."
         )
+
+    def with_source(self, source: str | None) -> MissingBlocksError:
+        """The same error whose hint names ``source`` (the model path the user gave)."""
+        return MissingBlocksError(self.model, self.blocks, source or self.source)
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return type(self), (self.model, self.blocks, self.source)
 
 
 def short_peer(peer_id: str) -> str:
@@ -52,19 +66,24 @@ class NoRouteError(MissingBlocksError):
     also catches "no usable server right now".
     """
 
-    def __init__(self, model: str, blocks: Sequence[int], avoided: Sequence[str]) -> None:
+    def __init__(self, model: str, blocks: Sequence[int], avoided: Sequence[str], source: str | None = None) -> None:
         self.model = model
         self.blocks = sorted(set(blocks))
         self.avoided = tuple(sorted(set(avoided)))
+        self.source = source
         CorollaError.__init__(
             self,
             f"Every server of block(s) {format_blocks(self.blocks)} of {model} failed recently "
             f"({', '.join(short_peer(p) for p in self.avoided)}). Try again in a minute, or serve them with "
-            f"`corolla server {model} --blocks {self.blocks[0]}:{self.blocks[-1] + 1} --initial-peers ...`.",
+            f"`corolla server {source or model} --blocks {self.blocks[0]}:{self.blocks[-1] + 1} --initial-peers ...`.",
         )
 
-    def __reduce__(self) -> tuple[type, tuple[str, list[int], tuple[str, ...]]]:
-        return type(self), (self.model, self.blocks, self.avoided)
+    def with_source(self, source: str | None) -> NoRouteError:
+        """The same error whose hint names ``source`` (the model path the user gave)."""
+        return NoRouteError(self.model, self.blocks, self.avoided, source or self.source)
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return type(self), (self.model, self.blocks, self.avoided, self.source)
 
 
 class PeerError(CorollaError):
@@ -98,6 +117,18 @@ class ProtocolError(PeerError):
 
 class SessionClosedError(PeerError):
     """An inference session was used after it was closed, or its server forgot it."""
+
+
+class InitialPeerError(CorollaError):
+    """An initial peer address is malformed, or no initial peer could be reached.
+
+    Attributes:
+        peers: The addresses concerned, as given.
+    """
+
+    def __init__(self, message: str, peers: Sequence[str]) -> None:
+        self.peers = tuple(peers)
+        super().__init__(message)
 
 
 class HubAccessError(CorollaError):

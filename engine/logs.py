@@ -10,6 +10,8 @@ import sys
 def configure_logging(level: str | int | None = None) -> None:
     """Short user-facing INFO lines on stderr; ``COROLLA_LOG_LEVEL`` overrides the level."""
     level = level or os.environ.get("COROLLA_LOG_LEVEL", "INFO")
+    if isinstance(level, str):
+        level = level.strip().upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger("corolla")

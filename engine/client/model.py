@@ -136,7 +136,7 @@ class DistributedModelForCausalLM(nn.Module):
         try:
             p2p = loop.run(dht.replicate_p2p(), timeout=config.connect_timeout)
             model_name = config.dht_prefix or ckpt.default_dht_prefix
-            manager = SequenceManager(dht, model_name, int(hf_config.num_hidden_layers), config)
+            manager = SequenceManager(dht, model_name, int(hf_config.num_hidden_layers), config, model_name_or_path)
         except BaseException:
             loop.stop()
             dht.shutdown()

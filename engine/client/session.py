@@ -286,10 +286,10 @@ class InferenceSession:
                     exclude = {*exclude, hop.stream.peer_id}
             if last_chance and cache_full is None:
                 hop, error = failed[0]
-                raise MissingBlocksError(self.manager.model, range(hop.start, hop.end)) from error
+                raise MissingBlocksError(self.manager.model, range(hop.start, hop.end), self.manager.source) from error
         if cache_full is not None:
             raise cache_full
-        raise NoRouteError(self.manager.model, range(start, end), sorted(tried))
+        raise NoRouteError(self.manager.model, range(start, end), sorted(tried), self.manager.source)
 
     async def _build(self, start: int, end: int) -> None:
         self.hops = await self._plan_and_open(start, end, exclude=set())

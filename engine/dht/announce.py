@@ -14,8 +14,11 @@ from typing import Any
 
 import hivemind
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 
+from corolla.engine.dht.owned import OwnedDHT
+from corolla.engine.dht.peers import check_initial_peers, unreachable_error
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
 from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator, key_id, open_envelope
 from corolla.engine.errors import CorollaError
@@ -131,8 +134,10 @@ def make_dht(
     """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked).
 
     Every peer refuses to store or believe a record under a peer id that its owner did not sign. A peer
-    that announces records (a server) passes its ``identity``: the DHT then runs under that key.
+    that announces records (a server) passes its ``identity``: the DHT then runs under that key. Its
+    process and p2p daemon exit when this process dies, by any signal (see :class:`OwnedDHT`).
     """
+    check_initial_peers(initial_peers)  # before the daemon starts: its own error names no address
     kwargs: dict[str, Any] = {}
     if announce_host:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
@@ -141,16 +146,21 @@ def make_dht(
             # The daemon reads the key once at start; the file is removed as soon as the DHT is up.
             kwargs["identity_path"] = stack.enter_context(identity.identity_file())
             kwargs["check_if_identity_free"] = False  # a fresh random key: no need to ask the swarm
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers),
-            start=True,
-            client_mode=client_mode,
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-            nat_port_map=nat_port_map,
-            num_workers=4,
-            record_validators=[SignedRecordValidator()],
-            **kwargs,
-        )
+        try:
+            dht = OwnedDHT(
+                initial_peers=list(initial_peers),
+                start=True,
+                client_mode=client_mode,
+                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+                nat_port_map=nat_port_map,
+                num_workers=4,
+                record_validators=[SignedRecordValidator()],
+                **kwargs,
+            )
+        except P2PDaemonError as e:
+            if initial_peers and "bootstrap" in str(e):  # hivemind's only sign: "failed to connect to bootstrap peers"
+                raise unreachable_error(initial_peers, e) from e
+            raise
     if identity is not None and dht.peer_id.to_base58() != identity.peer_id:
         dht.shutdown()
         raise CorollaError(f"the p2p daemon runs as {dht.peer_id}, not as the identity {identity.peer_id} it was given")

@@ -29,6 +29,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model argument is meant as a folder on this machine rather than a Hub repo id.
+
+    Absolute paths and ones starting with ``.``, ``~`` or a drive are folders; so is ``a/b`` when ``a``
+    is a folder here. A Hub repo id (``owner/name``) never starts with those.
+    """
+    if name_or_path.startswith((".", "~")) or os.path.isabs(name_or_path) or "\\" in name_or_path:
+        return True
+    first = Path(name_or_path).parts[0] if Path(name_or_path).parts else ""
+    return "/" in name_or_path and Path(first).is_dir()
+
+
 class Checkpoint:
     """Where a model's files are, and which file holds which tensor."""
 
@@ -36,7 +48,14 @@ class Checkpoint:
         self.name = name_or_path
         self.token = token
         self.revision = revision
-        self.local_dir: Path | None = Path(name_or_path) if Path(name_or_path).is_dir() else None
+        path = Path(name_or_path).expanduser()
+        self.local_dir: Path | None = path if path.is_dir() else None
+        if self.local_dir is None and looks_local(name_or_path):
+            what = "is a file, not a checkpoint folder" if path.exists() else "no such folder"
+            raise CorollaError(
+                f"{name_or_path}: {what}. Give a folder holding config.json and *.safetensors, "
+                "or a Hugging Face repo id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+            )
         self._weight_map: dict[str, str] | None = None
 
     def __repr__(self) -> str:

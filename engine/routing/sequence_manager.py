@@ -34,9 +34,10 @@ def describe_route(route: list[RouteHop]) -> str:
 class SequenceManager:
     """Knows which servers host which blocks of one model, and which of them to avoid for now."""
 
-    def __init__(self, dht: Any, model: str, num_blocks: int, config: ClientConfig) -> None:
+    def __init__(self, dht: Any, model: str, num_blocks: int, config: ClientConfig, source: str | None = None) -> None:
         self.dht = dht
         self.model = model
+        self.source = source  # the folder or repo id the user gave: MissingBlocksError's hint serves that
         self.num_blocks = num_blocks
         self.config = config
         self.spans: dict[str, RemoteSpan] = {}
@@ -117,9 +118,9 @@ class SequenceManager:
                     banned=(set() if ignore_bans else self.banned()) | set(exclude),
                     cache_tokens_needed=cache_tokens_needed,
                 )
-            except MissingBlocksError:
+            except MissingBlocksError as e:
                 if attempt == 1:
-                    raise
+                    raise e.with_source(self.source).with_traceback(e.__traceback__) from None
                 self.refresh()
         raise AssertionError("unreachable")
 
@@ -132,8 +133,8 @@ class SequenceManager:
                 spans = dict(self.spans)
             try:
                 return plan_forward_route(spans, start, end, rng=self._rng, model=self.model, banned=self.banned())
-            except MissingBlocksError:
+            except MissingBlocksError as e:
                 if attempt == 1:
-                    raise
+                    raise e.with_source(self.source).with_traceback(e.__traceback__) from None
                 self.refresh()
         raise AssertionError("unreachable")

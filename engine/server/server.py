@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from corolla.engine import procs
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
 from corolla.engine.dht.announce import announce_model, announce_span, make_dht, read_records, withdraw_span
 from corolla.engine.dht.records import ServerRecord, ServerState
@@ -61,6 +62,8 @@ class Server:
 
     def run(self) -> None:
         """Serve until asked to stop."""
+        if self.cfg.parent_pid:
+            procs.exit_with_owner(self.cfg.parent_pid, grace=30.0)  # SIGTERM: leave the swarm, then exit
         if self.cfg.num_threads > 0:
             torch.set_num_threads(self.cfg.num_threads)
         # Start the DHT (a forked process) before any signal handler is installed: a child that inherited

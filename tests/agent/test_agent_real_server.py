@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from agent_helpers import kill_pid, pid_alive, wait_for
 
+from corolla.agent.paths import AgentPaths
 from corolla.agent.serverstatus import read_stats
-from corolla.agent.settings import AgentSettings
+from corolla.agent.settings import AgentSettings, SettingsStore
 from corolla.agent.supervisor import Supervisor
 
 pytestmark = [
@@ -62,3 +66,42 @@ def test_supervisor_runs_real_server(tiny_llama: Path, tmp_path: Path) -> None:
     finally:
         supervisor.stop()
         kill_pid(pid)
+
+
+def test_sigkilled_agent_takes_its_real_server_along(tiny_llama: Path, agent_paths: AgentPaths) -> None:
+    """`corolla-agent --headless` sharing a real server is SIGKILLed: the server and its DHT process and p2p
+    daemon exit by themselves within seconds (nobody is left to stop them)."""
+    import psutil
+
+    settings = AgentSettings(
+        model=str(tiny_llama), num_blocks=2, new_swarm=True, host="127.0.0.1",
+        share_enabled=True, idle_minutes=0, poll_interval_s=0.2,
+    )  # fmt: skip
+    SettingsStore(agent_paths.settings_file).save(settings)
+    log = open(agent_paths.log_dir / "headless.out", "wb")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen([sys.executable, "-m", "corolla.agent.cli", "--headless"], stdout=log, stderr=log)
+    server: list[psutil.Process] = []
+    try:
+        wait_for(
+            lambda: (
+                ((s := read_stats(agent_paths.status_file)) and s.state == "online")
+                or (agent.poll() is not None and pytest.fail((agent_paths.log_dir / "headless.out").read_text()))
+            ),
+            timeout_s=150,
+            what="the agent's server to come online",
+        )
+        main = psutil.Process(json.loads(agent_paths.status_file.read_text())["pid"])
+        server = [main, *main.children(recursive=True)]
+        assert {"p2pd"} <= {p.name() for p in server}, [p.name() for p in server]
+        agent.kill()
+        agent.wait(timeout=10)
+        _, alive = psutil.wait_procs(server, timeout=45)  # the server leaves the swarm first (SIGTERM), then exits
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(timeout=10)
+        for proc in server:
+            kill_pid(proc.pid)
+        log.close()

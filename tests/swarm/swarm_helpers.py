@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,37 @@ def running_swarm(
 
 
 def track(*servers: ServerProcess) -> None:
-    """Remember servers (by process group) for the leftover-process check."""
-    STARTED_GROUPS.update(s.pid for s in servers)
+    """Remember servers (by process group: the server's, and its DHT process's) for the leftover-process check."""
+    for server in servers:
+        STARTED_GROUPS.add(server.pid)
+        for proc in descendants(server.pid):
+            with contextlib.suppress(OSError):
+                STARTED_GROUPS.add(os.getpgid(proc.pid))
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process ``pid`` started, and theirs (empty if it is gone)."""
+    with contextlib.suppress(psutil.Error):
+        return list(psutil.Process(pid).children(recursive=True))
+    return []
+
+
+def still_running(procs: Sequence[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` that still run (zombies waiting to be reaped count as gone)."""
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
+
+
+def wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Poll until every one of ``procs`` has exited or ``timeout`` seconds passed; return those left."""
+    deadline = time.monotonic() + timeout
+    while (left := still_running(procs)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def client(path: Path, swarm: Swarm, **overrides: Any) -> DistributedModelForCausalLM:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +39,32 @@ def test_demo_converts_once_and_answers_paris(tmp_path: Path) -> None:
         if p.pid not in before and "corolla.engine.cli" in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == []
+
+
+def test_ctrl_c_of_the_serving_demo_prints_no_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal: SIGINT to the demo's whole process group, once the swarm serves."""
+    cmd = [sys.executable, "-m", "corolla.engine.cli", "demo", "--serve"]
+    err_path = tmp_path / "demo.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=server_env(), start_new_session=True
+        )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded by the test timeout
+            if "Ctrl-C stops" in line:
+                break
+        assert proc.poll() is None, err_path.read_text()[-3000:]
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert len(started) >= 2 + 2 * 2  # 2 servers + their DHT processes and daemons (and the demo's own)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, err_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    stderr = err_path.read_text()
+    assert "ERROR" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=15)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]

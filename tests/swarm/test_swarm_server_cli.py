@@ -9,9 +9,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-from swarm_helpers import client, group_processes, hf_greedy, hf_model, peer_id, random_ids, running_swarm, track
+from swarm_helpers import (
+    client,
+    descendants,
+    hf_greedy,
+    hf_model,
+    peer_id,
+    random_ids,
+    running_swarm,
+    track,
+    wait_gone,
+)
 
 from corolla.engine import DistributedModelForCausalLM, MissingBlocksError
 from corolla.engine.dht.announce import read_records
@@ -44,7 +55,8 @@ def test_missing_blocks_error_names_them_and_how_to_serve_them(half: HalfSwarm) 
     assert info.value.blocks == [3, 4, 5]
     message = str(info.value)
     assert "3:6" in message
-    assert f"corolla server {half.swarm.dht_prefix} --blocks 3:6" in message
+    assert f"of {half.swarm.dht_prefix}" in message  # the name the swarm knows it by
+    assert f"corolla server {half.path} --blocks 3:6" in message  # the path this client was given
     with pytest.raises(MissingBlocksError, match="3:6"):
         half.model.forward(ids)
 
@@ -84,15 +96,15 @@ def test_num_blocks_picks_the_free_span(half: HalfSwarm, auto: AutoServer) -> No
 @pytest.mark.timeout(30)
 def test_sigterm_exits_cleanly_leaving_no_process(auto: AutoServer) -> None:
     server = auto.server
-    assert server.alive() and group_processes(server.pid), "the server is not running"
+    assert server.alive(), "the server is not running"
+    started = [psutil.Process(server.pid), *descendants(server.pid)]
+    assert {"python", "p2pd"} <= {p.name() for p in started}, started
     # SIGTERM to the main process only: it must leave the swarm and take its DHT process and daemon along.
     began = time.monotonic()
     os.kill(server.pid, signal.SIGTERM)
     assert server.proc.wait(timeout=15) == 0, server.log_tail()
     assert time.monotonic() - began < 15
-    deadline = time.monotonic() + 5
-    while (left := group_processes(server.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    left = wait_gone(started, timeout=5)
     assert not left, f"left behind by the server: {[(p.pid, p.cmdline()) for p in left]}"
     assert server.status()["state"] == "stopped"
     assert "withdrawing blocks 3:6" in server.log_tail()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import corolla.engine.cli as cli
-from corolla.engine.config import ClientConfig, ServerConfig, as_tuple, from_env, parse_span
+from corolla.engine.config import ClientConfig, ServerConfig, as_tuple, format_size, from_env, parse_size, parse_span
 
 CLI_SKIPPED = {"model", "extra", "token"}  # positional / not a flag / given as its own --token
 
@@ -102,6 +102,46 @@ def test_parse_span_errors(text: str, total: int | None) -> None:
         parse_span(text, total)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1GB", 10**9),
+        ("512MiB", 512 * 2**20),
+        ("512mib", 512 * 2**20),
+        ("1.5 GiB", 3 * 2**29),
+        ("2kb", 2000),
+        ("1048576", 2**20),
+        (" 7B ", 7),
+        ("1TiB", 2**40),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "1XB", "-1", "1e9", "1 G B", "one GB"])
+def test_parse_size_rejects_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(ValueError, match=r"not a size.*1GB"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("num", "text"), [(512 * 2**20, "512MiB"), (10**9, "1GB"), (2**30, "1GiB"), (1001, "1001")])
+def test_format_size_is_exact_and_round_trips(num: int, text: str) -> None:
+    assert format_size(num) == text
+    assert parse_size(format_size(num)) == num
+
+
+def test_byte_fields_take_human_sizes_from_env_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COROLLA_CACHE_BYTES", "1GB")
+    monkeypatch.setenv("COROLLA_MAX_CHUNK_BYTES", "1MiB")
+    assert from_env(ServerConfig).cache_bytes == 10**9
+    assert from_env(ClientConfig).max_chunk_bytes == 2**20
+    assert from_env(ServerConfig, cache_bytes="256MiB").cache_bytes == 256 * 2**20
+    monkeypatch.setenv("COROLLA_CACHE_BYTES", "lots")
+    with pytest.raises(ValueError, match="COROLLA_CACHE_BYTES: not a size"):
+        from_env(ServerConfig)
+
+
 def test_as_tuple() -> None:
     assert as_tuple(None) == ()
     assert as_tuple("a") == ("a",)
@@ -121,7 +161,12 @@ def test_server_options_are_the_config_fields() -> None:
     parser = server_parser()
     options = {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
     fields = {f.name for f in dataclasses.fields(ServerConfig)} - CLI_SKIPPED
-    assert options == {"--" + name.replace("_", "-") for name in fields} | {"--help", "--token", "--token-file"}
+    assert options == {"--" + name.replace("_", "-") for name in fields} | {
+        "--help",
+        "--token",
+        "--token-file",
+        "--log-level",
+    }
 
 
 def test_server_help_comes_from_the_field_comments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,7 +179,8 @@ def test_server_help_comes_from_the_field_comments(capsys: pytest.CaptureFixture
         help_text = by_dest[f.name].help
         assert help_text, f"--{f.name} has no help"
         line = next(line for line in source.splitlines() if line.strip().startswith(f"{f.name}:"))
-        assert line.rstrip().endswith(help_text), f.name
+        comment = line.split("#", 1)[1].strip()
+        assert help_text.startswith(comment), f.name
     with pytest.raises(SystemExit) as info:
         cli.build_parser().parse_args(["server", "--help"])
     assert info.value.code == 0
