@@ -420,7 +420,7 @@ def _check_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
             'use tokenizer(text, return_tensors="pt")["input_ids"]'
         )
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("padded batches are not supported yet: generate sequences of equal length")
+        raise ValueError("padded batches are not supported yet: use sequences of equal length")
 
 
 _UNSUPPORTED = ("labels", "past_key_values", "inputs_embeds")

@@ -131,7 +131,8 @@ def adapt(snippet: str, path: Path, *, peers_in_code: bool, reply_bound: int | N
     code, n = re.subn(r'^model_name = ".*"$', f"model_name = {str(path)!r}", code, flags=re.M)
     assert n == 1
     if peers_in_code:  # else the peers come from COROLLA_INITIAL_PEERS and this line stays as it is
-        code = replace(code, ".from_pretrained(model_name)\n", ".from_pretrained(model_name, initial_peers=PEERS)\n")
+        model_line = "AutoDistributedModelForCausalLM.from_pretrained(model_name)"
+        code = replace(code, model_line, model_line.replace("model_name)", "model_name, initial_peers=PEERS)"))
     if DEVICE == "cpu" and ".cuda()" in code:
         code = replace(code, ".cuda()", '.to("cpu")')
     if reply_bound is not None:
