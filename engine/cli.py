@@ -192,7 +192,8 @@ def add_web_commands(sub: Any) -> None:
     """``corolla api`` and ``corolla monitor``: web faces whose dependencies come with the ``api`` extra."""
     api = sub.add_parser("api", help="serve a swarm model over an OpenAI-compatible HTTP API")
     api.add_argument("model", help="local checkpoint folder or Hugging Face repo id (as the servers use it)")
-    api.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers")
+    peers_help = "swarm peers (default: COROLLA_INITIAL_PEERS)"
+    api.add_argument("--initial-peers", nargs="+", default=(), metavar="MADDR", help=peers_help)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     api.add_argument("--api-key", default=None, help="key clients must send (default: COROLLA_API_KEY, or none)")
@@ -217,7 +218,7 @@ def add_web_commands(sub: Any) -> None:
     api.set_defaults(func=run_api)
 
     monitor = sub.add_parser("monitor", help="serve a live web page of the swarm's blocks and servers")
-    monitor.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="swarm peers")
+    monitor.add_argument("--initial-peers", nargs="+", default=(), metavar="MADDR", help=peers_help)
     monitor.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     monitor.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     monitor.add_argument("--refresh", type=float, default=5.0, help="seconds between DHT reads (default 5)")

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from corolla.engine.config import ClientConfig, from_env
 from corolla.engine.errors import CorollaError
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,17 @@ def require_web_extra() -> None:
         raise CorollaError(
             f"`corolla api` needs the api extra: pip install 'corolla[api]' ({e.name} is missing)"
         ) from e
+
+
+def initial_peers_or_env(peers: Sequence[str], command: str) -> tuple[str, ...]:
+    """``peers``, else ``COROLLA_INITIAL_PEERS``; a CorollaError saying what to pass if neither is set."""
+    found = from_env(ClientConfig, initial_peers=tuple(peers) or None).initial_peers
+    if not found:
+        raise CorollaError(
+            f"no initial peers: pass `corolla {command} --initial-peers MADDR...` (the addresses a server "
+            "prints) or set COROLLA_INITIAL_PEERS"
+        )
+    return found
 
 
 def run_api(
@@ -40,6 +52,7 @@ def run_api(
     from corolla.engine.api.app import ApiSettings, create_app
     from corolla.engine.client.model import DistributedModelForCausalLM
 
+    initial_peers = initial_peers_or_env(initial_peers, "api")
     api_key = api_key or os.environ.get("COROLLA_API_KEY") or None
     client = DistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers)
     try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from corolla.engine.api.serve import require_web_extra
+from corolla.engine.api.serve import initial_peers_or_env, require_web_extra
 from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerRecord
+from corolla.engine.errors import CorollaError
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,9 @@ def run_monitor(
     from corolla.engine.monitor.app import create_monitor_app
     from corolla.engine.monitor.state import SwarmReader
 
+    initial_peers = initial_peers_or_env(initial_peers, "monitor")
     if refresh <= 0:
-        raise ValueError(f"--refresh must be > 0 seconds, got {refresh}")
+        raise CorollaError(f"--refresh must be > 0 seconds, got {refresh}")
     dht = make_dht(initial_peers, "127.0.0.1", client_mode=True)
     timeout = max(10.0, 2 * refresh)
 

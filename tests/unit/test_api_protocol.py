@@ -133,3 +133,17 @@ def test_monitor_state_counts_online_servers_per_block_and_names_missing_ones() 
     healthy = model_state("m", 2, {0: {"pb": b}, 1: {"pb": b}})
     assert swarm_state({"m": healthy}, 1.0, 5.0, None)["healthy"] is True
     assert swarm_state({}, 1.0, 5.0, None)["healthy"] is False  # nothing announced is not healthy
+
+
+@pytest.mark.parametrize("command", [["api", "some/model"], ["monitor"], ["monitor", "--refresh", "0"]])
+def test_web_commands_say_what_is_missing(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from corolla.engine.cli import main
+
+    monkeypatch.delenv("COROLLA_INITIAL_PEERS", raising=False)
+    if "--refresh" in command:
+        monkeypatch.setenv("COROLLA_INITIAL_PEERS", "/ip4/127.0.0.1/tcp/9/p2p/QmUnused")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert ("--refresh must be > 0" if "--refresh" in command else "COROLLA_INITIAL_PEERS") in err
