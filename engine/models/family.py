@@ -66,6 +66,8 @@ class Family:
     embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
     experts: ExpertNames | None = None
     grouped_kv: bool = True  # keys/values have ``num_key_value_heads`` heads (else one per attention head)
+    # Block tensors older checkpoints carry that today's modules compute instead (names end with these).
+    stale: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     # ---- classes ----------------------------------------------------------------------------
     def cls(self, suffix: str) -> type[nn.Module]:
@@ -162,6 +164,7 @@ class Family:
 
     def block_state(self, tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
         """One block's checkpoint tensors (names relative to the block) → its module's state dict."""
+        tensors = {name: t for name, t in tensors.items() if not name.endswith(self.stale)}
         if self.experts is None:
             return tensors
         return fuse_experts(tensors, self.experts, _num_experts(config))

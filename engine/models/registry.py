@@ -42,6 +42,7 @@ FAMILIES: dict[str, Family] = {
             layer_norm=True,
             norm_eps="layer_norm_eps",
             grouped_kv=False,
+            stale=("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"),  # Pythia's causal-mask buffers
         ),
         BloomFamily(
             "bloom",

@@ -320,3 +320,27 @@ def test_fused_expert_tensors_pass_through() -> None:
     assert out["mlp.experts.gate_up_proj"].shape == (2, 4, 3)  # [experts, gate rows + up rows, hidden]
     assert out["mlp.experts.down_proj"].shape == (2, 2, 3)
     assert torch.equal(out["mlp.experts.gate_up_proj"][1], torch.ones(4, 3))
+
+
+@torch.inference_mode()
+def test_stale_buffers_of_older_checkpoints_are_ignored(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """Older GPT-NeoX (Pythia) and Llama checkpoints carry mask and rotary buffers that today's modules compute."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_checkpoint("gpt_neox")
+    tensors = load_file(str(path / "model.safetensors"))
+    for i in range(6):
+        tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+        tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        tensors[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    head, spans = load_distributed(tmp_path)
+    ids = torch.randint(7, 160, (2, 8), generator=torch.Generator().manual_seed(7))
+    assert max_diff(head.logits(run_spans(spans, head.embed(ids))), hf_model(path)(ids).logits) <= ATOL
+    # Control: a tensor that is neither a weight nor a known stale buffer is still refused.
+    tensors["gpt_neox.layers.4.attention.surprise"] = torch.ones(2)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(str(tmp_path))
+    with pytest.raises(CorollaError, match="surprise"):
+        load_span(ckpt, ckpt.config(), 3, 6, torch.float32, "cpu")
