@@ -183,6 +183,7 @@ class BoundedStreams:
 
         answering = asyncio.create_task(answer())
         refused: Exception | None = None
+        ended = False  # the peer ended its request stream (nothing more to drop before closing)
         try:
             while not answering.done():
                 reading = asyncio.ensure_future(read_frame(reader, self.limits.max_message_bytes))
@@ -197,6 +198,7 @@ class BoundedStreams:
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
                     request = None  # the peer hung up mid-frame
+                ended = request is None
                 # Waits while the handler still holds the previous message: one message per stream at a time.
                 put = asyncio.ensure_future(queue.put(request))
                 await asyncio.wait({answering, put}, return_when=asyncio.FIRST_COMPLETED)
@@ -222,5 +224,8 @@ class BoundedStreams:
                     answering.cancel()
                 with contextlib.suppress(BaseException):
                     await answering
-                writer.close()
+                if ended:
+                    writer.close()
+                else:  # the handler answered early (an error) while the peer may still be writing
+                    await drain_and_close(reader, writer, self.limits)
             self.streams.close(peer)
