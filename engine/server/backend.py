@@ -103,7 +103,10 @@ class SpanBackend:
         nbytes = per_token * max_length * batch_size
         with self._lock:
             if session_id in self.sessions:
-                raise ProtocolError(f"session {session_id!r} is already open here")
+                if self.sessions[session_id].peer != peer:
+                    raise ProtocolError(f"session {session_id!r} is already open here")
+                # The same client reopens it (failover back to this server): its old stream is dead.
+                self._drop(self.sessions[session_id], "its client opened it again")
             self._close_expired()
             mine = sum(1 for s in self.sessions.values() if s.peer == peer)
             if mine >= self.cfg.max_sessions_per_peer:
@@ -210,19 +213,29 @@ class SpanBackend:
         return out
 
     async def forward(self, start: int, end: int, hidden: torch.Tensor, peer: str = "") -> torch.Tensor:
-        """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens)."""
+        """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens).
+
+        Long inputs run as several compute jobs of at most ``compute_chunk_tokens`` tokens over a temporary
+        cache, so an inference step never waits for more than one chunk of someone's forward.
+        """
         self.check_span(start, end)
         wire_dtype = hidden.dtype
         x = self.check_hidden(hidden, None)
+        batch, length = x.shape[0], x.shape[1]
+        chunk = max(1, self.cfg.compute_chunk_tokens // batch)  # positions per compute job
+        cache = SpanCache(start, end - start, length) if length > chunk else None
+        outputs: list[torch.Tensor] = []
+        for i in range(0, length, chunk):
+            part = x[:, i : i + chunk]
 
-        def run() -> torch.Tensor:
-            with torch.inference_mode():
-                out = self.span(x, None, 0, start=start, end=end)
-            return out.to("cpu", wire_dtype)
+            def run(part: torch.Tensor = part) -> torch.Tensor:
+                with torch.inference_mode():
+                    out = self.span(part, cache, 0, start=start, end=end)
+                return out.to("cpu", wire_dtype)
 
-        out = await self._compute.run(run, Priority.FORWARD, peer)
-        self.tokens_processed += x.shape[0] * x.shape[1]
-        return out
+            outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
+        self.tokens_processed += batch * length
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def queued(self) -> int:
         """Requests waiting for the compute thread."""

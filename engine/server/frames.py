@@ -182,13 +182,15 @@ class BoundedStreams:
                 await write_frame(writer, response)
 
         answering = asyncio.create_task(answer())
+        reading: asyncio.Future[runtime_pb2.ExpertRequest | None] | None = None
         refused: Exception | None = None
+        ended = False  # the peer ended its request stream (nothing more to drop before closing)
+        stopping = False  # this task is cancelled (server shutdown): close at once
         try:
             while not answering.done():
                 reading = asyncio.ensure_future(read_frame(reader, self.limits.max_message_bytes))
                 await asyncio.wait({answering, reading}, return_when=asyncio.FIRST_COMPLETED)
                 if not reading.done():
-                    reading.cancel()
                     break
                 try:
                     request = reading.result()
@@ -197,6 +199,7 @@ class BoundedStreams:
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
                     request = None  # the peer hung up mid-frame
+                ended = request is None
                 # Waits while the handler still holds the previous message: one message per stream at a time.
                 put = asyncio.ensure_future(queue.put(request))
                 await asyncio.wait({answering, put}, return_when=asyncio.FIRST_COMPLETED)
@@ -206,21 +209,27 @@ class BoundedStreams:
                 if request is None:
                     await asyncio.wait({answering})
                     break
+        except asyncio.CancelledError:
+            stopping = True
+            raise
         except Exception as e:  # a broken connection: this stream only
             logger.debug("stream from %s broke: %s", peer[-6:], e)
         finally:
-            if refused is not None:
+            if reading is not None and not reading.done():
+                reading.cancel()
+            if not answering.done():
                 answering.cancel()
-                with contextlib.suppress(BaseException):
-                    await answering
+            if not stopping:
+                await asyncio.wait({answering})  # never swallows a cancellation of this task
+            if stopping:
+                writer.close()
+            elif refused is not None:
                 logger.info("refused a message from %s: %s", peer[-6:], refused)
                 with contextlib.suppress(Exception):
                     await write_frame(writer, self.error_answer(refused))
                 await drain_and_close(reader, writer, self.limits)
-            else:
-                if not answering.done():
-                    answering.cancel()
-                with contextlib.suppress(BaseException):
-                    await answering
+            elif ended:
                 writer.close()
+            else:  # the handler answered early (an error) while the peer may still be writing
+                await drain_and_close(reader, writer, self.limits)
             self.streams.close(peer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 from hivemind.proto import runtime_pb2
@@ -168,3 +169,29 @@ def test_read_frame_refuses_oversized_frames_from_the_header_alone() -> None:
         asyncio.run(garbage(b"\x07" + b"\x00" * 8))
     with pytest.raises(ProtocolError, match="not an ExpertRequest"):
         asyncio.run(garbage(frame(b"\xff\xff\xff\xff\x0f\x07")))
+
+
+# ---- chunked forwards -----------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_long_forwards_run_in_chunks_with_the_same_output(tmp_path: Path) -> None:
+    import torch
+
+    from corolla.engine.config import ServerConfig
+    from corolla.engine.models.checkpoint import Checkpoint, load_span
+    from corolla.engine.server.backend import SpanBackend
+    from corolla.engine.testing import make_tiny_checkpoint
+
+    ckpt = Checkpoint(str(make_tiny_checkpoint(tmp_path / "tiny")))
+    config = ckpt.config()
+    span = load_span(ckpt, config, 0, 6, torch.float32, "cpu")
+    hidden = torch.randn(2, 23, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = span(hidden, None, 0, start=1, end=5)
+    backend = SpanBackend(span, config, ServerConfig(compute_chunk_tokens=10), torch.float32)  # 5 positions a job
+    try:
+        chunked = asyncio.run(backend.forward(1, 5, hidden, "peer"))
+    finally:
+        backend.shutdown()
+    assert chunked.shape == whole.shape
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    assert backend.tokens_processed == 46

@@ -1,0 +1,211 @@
+"""A normal client's latency while one stranger attacks the server, and the server's peak RSS. Prints figures.
+
+One server hosts every block (default limits); a bare P2P peer sends oversized frames (4 MiB + 1 byte, and
+1 GiB declared with part of it sent), floods a forward with empty parts, opens every session it can, and
+queues many long forwards, each while the normal client generates. Output must equal the unattacked run.
+
+    python benchmarks/attacks.py [--model smollm2|tiny] [--tokens 16] [--forwards 16] [--forward-tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
+
+import psutil
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.client.loop import LoopThread
+from corolla.engine.client.remote import remote_forward
+from corolla.engine.dht.announce import make_dht
+from corolla.engine.testing import Swarm, make_tiny_checkpoint, smollm2_checkpoint
+from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, StepResult
+
+MiB = 1024 * 1024
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and its children."""
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+class Peak:
+    """Samples a process tree's RSS every 50 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, tree_rss(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, tree_rss(self.pid))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+async def oversized(p2p: P2P, peer: str, declared: int, sent: int) -> str:
+    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), RPC_INFERENCE)
+
+    async def write() -> None:
+        writer.write(P2P.MESSAGE_MARKER + declared.to_bytes(8, "big"))
+        for _ in range(sent // MiB):
+            writer.write(bytes(MiB))
+            await writer.drain()
+
+    async def read() -> bytes:
+        got = b""
+        with contextlib.suppress(ConnectionError):  # the server may reset the stream after answering
+            while chunk := await reader.read(65536):
+                got += chunk
+        return got
+
+    writing = asyncio.ensure_future(write())
+    try:
+        answer = await asyncio.wait_for(read(), 120)
+    finally:
+        writing.cancel()
+        with contextlib.suppress(BaseException):
+            await writing
+        writer.close()
+    return "answered with an error" if answer[:1] == P2P.MESSAGE_MARKER else "closed"
+
+
+async def part_flood(p2p: P2P, peer: str, parts: int, end: int) -> str:
+    meta = ForwardRequest(start=0, end=end).encode()
+
+    async def requests() -> Any:
+        for _ in range(parts):
+            yield runtime_pb2.ExpertRequest(metadata=meta)
+
+    responses = await p2p.iterate_protobuf_handler(
+        PeerID.from_base58(peer), RPC_FORWARD, requests(), runtime_pb2.ExpertResponse
+    )
+    async for _ in responses:
+        break
+    await responses.aclose()  # type: ignore[attr-defined]
+    return "answered"
+
+
+async def session_flood(p2p: P2P, peer: str, count: int, end: int) -> tuple[int, list[Any]]:
+    opened, streams = 0, []
+    for i in range(count):
+        msg = OpenSession(session_id=f"flood{i}", start=0, end=end, max_length=2048, batch_size=1)
+        responses = await p2p.iterate_protobuf_handler(
+            PeerID.from_base58(peer),
+            RPC_INFERENCE,
+            runtime_pb2.ExpertRequest(metadata=msg.encode()),
+            runtime_pb2.ExpertResponse,
+        )
+        with contextlib.suppress(Exception):
+            opened += StepResult.decode((await anext(responses)).metadata).ok
+        streams.append(responses)
+    return opened, streams
+
+
+async def forward_flood(p2p: P2P, peer: str, count: int, tokens: int, hidden: int, end: int) -> str:
+    x = torch.randn(1, tokens, hidden)
+    results = await asyncio.gather(
+        *(remote_forward(p2p, peer, 0, end, x, 2 * MiB, 1200.0) for _ in range(count)), return_exceptions=True
+    )
+    done = sum(isinstance(r, torch.Tensor) for r in results)
+    return f"{done} done, {count - done} refused"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens the normal client generates per run")
+    parser.add_argument("--forwards", type=int, default=16, help="long forwards the attacker queues at once")
+    parser.add_argument("--forward-tokens", type=int, default=8192, help="tokens of each of them")
+    args = parser.parse_args()
+    path = smollm2_checkpoint() if args.model == "smollm2" else make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    blocks, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+    ids = torch.randint(7, min(int(config.vocab_size), 150), (1, 8), generator=torch.Generator().manual_seed(0))
+    with Swarm(path, spans=[f"0:{blocks}"]) as swarm:
+        server = swarm.servers[0]
+        peer = str(server.peer_id)
+        dht = make_dht(swarm.initial_peers, "127.0.0.1", client_mode=True)
+        loop = LoopThread("attacker")
+        p2p = loop.run(dht.replicate_p2p(), 60)
+        model = DistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        try:
+            reference = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
+            idle_rss = tree_rss(server.pid)
+            print(f"server idle RSS {idle_rss / MiB:.0f} MiB")
+
+            def measure(name: str, attack: Callable[[], Any] | None) -> None:
+                peak = Peak(server.pid)
+                with ThreadPoolExecutor(1) as pool:
+                    start = time.perf_counter()
+                    normal = pool.submit(model.generate, ids, max_new_tokens=args.tokens, eos_token_id=[])
+                    outcome = attack() if attack is not None else "-"
+                    out = normal.result()
+                    elapsed = time.perf_counter() - start
+                top = peak.stop()
+                print(
+                    f"{name:34} normal client {elapsed * 1000 / args.tokens:7.0f} ms/token, "
+                    f"identical {torch.equal(out, reference)}; server peak RSS {top / MiB:6.0f} MiB "
+                    f"(+{(top - idle_rss) / MiB:.0f}); attack: {outcome}"
+                )
+
+            measure("no attack", None)
+            measure("frame of 4 MiB + 1 byte", lambda: loop.run(oversized(p2p, peer, 4 * MiB + 1, 4 * MiB + 1), 300))
+            measure(
+                "frame of 1 GiB declared (256 MiB sent)",
+                lambda: loop.run(oversized(p2p, peer, 1 << 30, 256 * MiB), 300),
+            )
+            measure("forward of 100,000 empty parts", lambda: loop.run(part_flood(p2p, peer, 100_000, blocks), 300))
+            streams: list[Any] = []
+
+            def sessions() -> str:
+                opened, found = loop.run(session_flood(p2p, peer, 64, blocks), 300)
+                streams.extend(found)
+                return f"{opened} of 64 sessions opened"
+
+            measure("64 sessions from one peer", sessions)
+            for s in streams:
+                with contextlib.suppress(Exception):
+                    loop.run(s.aclose(), 10)
+            flood = f"{args.forwards} forwards of {args.forward_tokens} tokens"
+            measure(
+                flood,
+                lambda: loop.run(forward_flood(p2p, peer, args.forwards, args.forward_tokens, hidden, blocks), 3000),
+            )
+        finally:
+            model.close()
+            loop.run(p2p.shutdown(), 10)
+            loop.stop()
+            dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()
