@@ -6,7 +6,6 @@ functions bound with ``functools.partial`` and return plain picklable data.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -18,7 +17,6 @@ from hivemind.utils import get_dht_time
 
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
 from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator, key_id, open_envelope
-from corolla.engine.errors import CorollaError
 
 logger = logging.getLogger(__name__)
 
@@ -120,32 +118,25 @@ def make_dht(
     client_mode: bool = False,
     nat_port_map: bool = False,
     announce_host: str | None = None,
-    identity: PeerIdentity | None = None,
+    identity_path: str | None = None,
 ) -> hivemind.DHT:
     """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked).
 
     Every peer refuses to store or believe a record under a peer id that its owner did not sign. A peer
-    that announces records (a server) passes its ``identity``: the DHT then runs under that key.
+    that announces records (a server) runs under the key in ``identity_path`` (see
+    :meth:`PeerIdentity.identity_file`), read once when the daemon starts.
     """
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"record_validators": [SignedRecordValidator()]}
     if announce_host:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    with contextlib.ExitStack() as stack:
-        if identity is not None:
-            # The daemon reads the key once at start; the file is removed as soon as the DHT is up.
-            kwargs["identity_path"] = stack.enter_context(identity.identity_file())
-            kwargs["check_if_identity_free"] = False  # a fresh random key: no need to ask the swarm
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers),
-            start=True,
-            client_mode=client_mode,
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-            nat_port_map=nat_port_map,
-            num_workers=4,
-            record_validators=[SignedRecordValidator()],
-            **kwargs,
-        )
-    if identity is not None and dht.peer_id.to_base58() != identity.peer_id:
-        dht.shutdown()
-        raise CorollaError(f"the p2p daemon runs as {dht.peer_id}, not as the identity {identity.peer_id} it was given")
-    return dht
+    if identity_path:
+        kwargs.update(identity_path=identity_path, check_if_identity_free=False)  # a fresh key: nobody has it
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        client_mode=client_mode,
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        nat_port_map=nat_port_map,
+        num_workers=4,
+        **kwargs,
+    )

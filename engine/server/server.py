@@ -61,14 +61,20 @@ class Server:
         # Start the DHT (a forked process) before any signal handler is installed: a child that inherited
         # asyncio's handlers would ignore SIGTERM and could never be stopped.
         peers = () if self.cfg.new_swarm else self.cfg.initial_peers
-        dht = make_dht(
-            peers,
-            self.cfg.host,
-            self.cfg.port,
-            nat_port_map=self.cfg.nat_port_map,
-            announce_host=self.cfg.announce_host,
-            identity=self.identity,
-        )
+        with self.identity.identity_file() as identity_path:  # removed once the daemon has read it
+            dht = make_dht(
+                peers,
+                self.cfg.host,
+                self.cfg.port,
+                nat_port_map=self.cfg.nat_port_map,
+                announce_host=self.cfg.announce_host,
+                identity_path=identity_path,
+            )
+        if dht.peer_id.to_base58() != self.identity.peer_id:  # its records would carry no valid signature
+            dht.shutdown()
+            raise CorollaError(
+                f"the p2p daemon runs as {dht.peer_id}, not as this server's key {self.identity.peer_id}"
+            )
         try:
             asyncio.run(self._main(dht))
         finally:
