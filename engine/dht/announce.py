@@ -15,7 +15,7 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from corolla.engine.dht.records import ServerRecord, ServerState, block_key
+from corolla.engine.dht.records import ServerRecord, ServerState, block_key, count_models
 from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator, key_id, open_envelope
 
 logger = logging.getLogger(__name__)
@@ -91,23 +91,25 @@ def read_records(
 MODELS_KEY = "_corolla.models"
 
 
-def announce_model(dht: hivemind.DHT, model: str, num_blocks: int, ttl: float, timeout: float = 30.0) -> None:
-    """List ``model`` (and its number of blocks) under the swarm's model index, for `corolla health`."""
-    coro = functools.partial(
-        _store, keys=[MODELS_KEY], subkey=model, values=[{"num_blocks": num_blocks}], expiration=get_dht_time() + ttl
-    )
+def announce_model(
+    dht: hivemind.DHT, model: str, identity: PeerIdentity, num_blocks: int, ttl: float, timeout: float = 30.0
+) -> None:
+    """List ``model`` (and its number of blocks) under the swarm's model index, signed, for `corolla health`."""
+    expiration = get_dht_time() + ttl
+    value = identity.seal(MODELS_KEY, {"model": model, "num_blocks": num_blocks}, expiration)
+    coro = functools.partial(_store, keys=[MODELS_KEY], subkey=identity.peer_id, values=[value], expiration=expiration)
     dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
 
 
 def read_models(dht: hivemind.DHT, timeout: float = 30.0) -> dict[str, int]:
-    """Models announced in the swarm: ``{name: num_blocks}`` (malformed entries skipped)."""
+    """Models announced in the swarm: ``{name: num_blocks}`` (entries their server did not sign are skipped)."""
     future = dht.run_coroutine(functools.partial(_read, keys=[MODELS_KEY]), return_future=True)
     raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
-    models: dict[str, int] = {}
-    for name, (value, _) in raw.get(MODELS_KEY, {}).items():
-        if isinstance(value, dict) and isinstance(value.get("num_blocks"), int) and 0 < value["num_blocks"] < 100_000:
-            models[name] = value["num_blocks"]
-    return models
+    index_id = key_id(MODELS_KEY)
+    entries = [
+        open_envelope(index_id, peer_id, value, exp) for peer_id, (value, exp) in raw.get(MODELS_KEY, {}).items()
+    ]
+    return count_models(entry for entry in entries if entry is not None)
 
 
 def make_dht(

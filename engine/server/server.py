@@ -172,7 +172,9 @@ class Server:
             while not self._stop.is_set():
                 record = self._record(backend, ServerState.ONLINE, start, end)
                 await self._run_io(announce_span, dht, self.dht_prefix, self.identity, record, self.cfg.record_ttl)
-                await self._run_io(announce_model, dht, self.dht_prefix, self.total_blocks, self.cfg.record_ttl)
+                await self._run_io(
+                    announce_model, dht, self.dht_prefix, self.identity, self.total_blocks, self.cfg.record_ttl
+                )
                 self._write_status(backend, start, end, "online", maddrs, peer_id)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self._status_period())

@@ -26,7 +26,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
-from corolla.engine.dht.announce import make_dht, read_records
+from corolla.engine.dht.announce import MODELS_KEY, make_dht, read_records
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
 from corolla.engine.dht.signing import PeerIdentity, key_id, open_envelope
 from corolla.engine.health import swarm_health
@@ -167,18 +167,28 @@ def test_replayed_record_is_refused(forged: ForgedSwarm) -> None:
 
 
 def test_health_command_shows_the_real_servers(forged: ForgedSwarm) -> None:
-    """After every forgery above (the stranger still holds them), ``corolla health`` tells the truth."""
+    """After every forgery above (the stranger still holds them), ``corolla health`` tells the truth, and
+    forged entries of the model index (unsigned, or signed by the stranger under a server's id) do not
+    change the model's size."""
     forge(forged, 1, forged.second, fake(ServerState.ONLINE, 0, 6))  # and one more, in case run alone
-    cmd = [sys.executable, "-m", "corolla.engine.cli", "health", forged.swarm.dht_prefix, "--num-blocks", "6"]
-    result = subprocess.run(
-        [*cmd, "--json", "--initial-peers", *forged.swarm.initial_peers],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=server_env(),
-    )
+    model, expiration = forged.swarm.dht_prefix, get_dht_time() + FORGED_TTL
+    index = {"model": model, "num_blocks": 1000}
+    forged.stranger.store(MODELS_KEY, {"num_blocks": 1000}, expiration, subkey=model)  # the old unsigned form
+    for server in (forged.first, forged.second):
+        forged.stranger.store(MODELS_KEY, forged.stranger_key.seal(MODELS_KEY, index, expiration), expiration, server)
+    cmd = [
+        sys.executable,
+        "-m",
+        "corolla.engine.cli",
+        "health",
+        "--json",
+        "--initial-peers",
+        *forged.swarm.initial_peers,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=server_env())
     assert result.returncode == 0, result.stdout + result.stderr
     (report,) = json.loads(result.stdout)
+    assert report["model"] == model and report["num_blocks"] == 6
     assert report["healthy"] and report["servers_per_block"] == [1] * 6
     servers = {(s["peer_id"], s["start"], s["end"], s["state"]) for s in report["servers"]}
     assert servers == {(forged.first, 0, 3, "online"), (forged.second, 3, 6, "online")}

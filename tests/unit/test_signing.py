@@ -13,7 +13,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
-from corolla.engine.dht.records import ServerRecord, ServerState, block_key
+from corolla.engine.dht.records import ServerRecord, ServerState, block_key, count_models
 from corolla.engine.dht.signing import (
     MAX_BODY_BYTES,
     PeerIdentity,
@@ -168,3 +168,21 @@ def test_validator_leaves_other_records_to_the_readers() -> None:
     assert validator.validate(DHTRecord(key_id(KEY), b"", b"\x80", EXPIRATION))  # hivemind's dictionary marker
     assert validator.validate(DHTRecord(key_id(KEY), MSGPackSerializer.dumps(None), b"\x01", EXPIRATION))
     assert validator.validate(DHTRecord(key_id(KEY), b"\xc1", b"\x01", EXPIRATION))  # undecodable subkey
+
+
+def test_model_index_counts_one_vote_per_server() -> None:
+    entries = [
+        {"model": "a", "num_blocks": 6},
+        {"model": "a", "num_blocks": 6},
+        {"model": "a", "num_blocks": 1000},  # outvoted
+        {"model": "b", "num_blocks": 30},
+        {"model": "b", "num_blocks": 32},  # a tie goes to the smaller count
+        {"model": "c", "num_blocks": 6.0},
+        {"model": "c", "num_blocks": True},
+        {"model": "c", "num_blocks": 10**9},
+        {"model": "", "num_blocks": 6},
+        {"num_blocks": 6},
+        None,
+        ["a", 6],
+    ]
+    assert count_models(entries) == {"a": 6, "b": 30}
