@@ -65,7 +65,16 @@ def test_identity_file_is_private_and_removed(owner: PeerIdentity) -> None:
 
 @pytest.mark.parametrize(
     "peer_id",
-    [None, 5, b"12D3KooW", "", "not base58 0OIl", "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "x" * 100],
+    [
+        None,
+        5,
+        b"12D3KooW",
+        "",
+        "not base58 0OIl",
+        "12D3KooWü",
+        "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+        "x" * 100,
+    ],
 )
 def test_other_peer_ids_stand_for_no_key(peer_id: Any) -> None:
     assert peer_public_key(peer_id) is None  # RSA ids ("Qm…") are hashes: a record cannot be checked from them
