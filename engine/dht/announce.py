@@ -6,7 +6,6 @@ functions bound with ``functools.partial`` and return plain picklable data.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -19,9 +18,8 @@ from hivemind.utils import get_dht_time
 
 from corolla.engine.dht.owned import OwnedDHT
 from corolla.engine.dht.peers import check_initial_peers, unreachable_error
-from corolla.engine.dht.records import ServerRecord, ServerState, block_key
+from corolla.engine.dht.records import ServerRecord, ServerState, block_key, count_models
 from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator, key_id, open_envelope
-from corolla.engine.errors import CorollaError
 
 logger = logging.getLogger(__name__)
 
@@ -102,23 +100,25 @@ def read_records(
 MODELS_KEY = "_corolla.models"
 
 
-def announce_model(dht: hivemind.DHT, model: str, num_blocks: int, ttl: float, timeout: float = 30.0) -> None:
-    """List ``model`` (and its number of blocks) under the swarm's model index, for `corolla health`."""
-    coro = functools.partial(
-        _store, keys=[MODELS_KEY], subkey=model, values=[{"num_blocks": num_blocks}], expiration=get_dht_time() + ttl
-    )
+def announce_model(
+    dht: hivemind.DHT, model: str, identity: PeerIdentity, num_blocks: int, ttl: float, timeout: float = 30.0
+) -> None:
+    """List ``model`` (and its number of blocks) under the swarm's model index, signed, for `corolla health`."""
+    expiration = get_dht_time() + ttl
+    value = identity.seal(MODELS_KEY, {"model": model, "num_blocks": num_blocks}, expiration)
+    coro = functools.partial(_store, keys=[MODELS_KEY], subkey=identity.peer_id, values=[value], expiration=expiration)
     dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
 
 
 def read_models(dht: hivemind.DHT, timeout: float = 30.0, *, latest: bool = True) -> dict[str, int]:
-    """Models announced in the swarm: ``{name: num_blocks}`` (malformed entries skipped)."""
+    """Models announced in the swarm: ``{name: num_blocks}`` (entries their server did not sign are skipped)."""
     future = dht.run_coroutine(functools.partial(_read, keys=[MODELS_KEY], latest=latest), return_future=True)
     raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
-    models: dict[str, int] = {}
-    for name, (value, _) in raw.get(MODELS_KEY, {}).items():
-        if isinstance(value, dict) and isinstance(value.get("num_blocks"), int) and 0 < value["num_blocks"] < 100_000:
-            models[name] = value["num_blocks"]
-    return models
+    index_id = key_id(MODELS_KEY)
+    entries = [
+        open_envelope(index_id, peer_id, value, exp) for peer_id, (value, exp) in raw.get(MODELS_KEY, {}).items()
+    ]
+    return count_models(entry for entry in entries if entry is not None)
 
 
 def make_dht(
@@ -129,39 +129,32 @@ def make_dht(
     client_mode: bool = False,
     nat_port_map: bool = False,
     announce_host: str | None = None,
-    identity: PeerIdentity | None = None,
+    identity_path: str | None = None,
 ) -> hivemind.DHT:
     """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked).
 
     Every peer refuses to store or believe a record under a peer id that its owner did not sign. A peer
-    that announces records (a server) passes its ``identity``: the DHT then runs under that key. Its
-    process and p2p daemon exit when this process dies, by any signal (see :class:`OwnedDHT`).
+    that announces records (a server) runs under the key in ``identity_path`` (see
+    :meth:`PeerIdentity.identity_file`), read once when the daemon starts. Its process and p2p daemon
+    exit when this process dies, by any signal (see :class:`OwnedDHT`).
     """
     check_initial_peers(initial_peers)  # before the daemon starts: its own error names no address
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"record_validators": [SignedRecordValidator()]}
     if announce_host:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    with contextlib.ExitStack() as stack:
-        if identity is not None:
-            # The daemon reads the key once at start; the file is removed as soon as the DHT is up.
-            kwargs["identity_path"] = stack.enter_context(identity.identity_file())
-            kwargs["check_if_identity_free"] = False  # a fresh random key: no need to ask the swarm
-        try:
-            dht = OwnedDHT(
-                initial_peers=list(initial_peers),
-                start=True,
-                client_mode=client_mode,
-                host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-                nat_port_map=nat_port_map,
-                num_workers=4,
-                record_validators=[SignedRecordValidator()],
-                **kwargs,
-            )
-        except P2PDaemonError as e:
-            if initial_peers and "bootstrap" in str(e):  # hivemind's only sign: "failed to connect to bootstrap peers"
-                raise unreachable_error(initial_peers, e) from e
-            raise
-    if identity is not None and dht.peer_id.to_base58() != identity.peer_id:
-        dht.shutdown()
-        raise CorollaError(f"the p2p daemon runs as {dht.peer_id}, not as the identity {identity.peer_id} it was given")
-    return dht
+    if identity_path:
+        kwargs.update(identity_path=identity_path, check_if_identity_free=False)  # a fresh key: nobody has it
+    try:
+        return OwnedDHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            client_mode=client_mode,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            nat_port_map=nat_port_map,
+            num_workers=4,
+            **kwargs,
+        )
+    except P2PDaemonError as e:
+        if initial_peers and "bootstrap" in str(e):  # hivemind's only sign: "failed to connect to bootstrap peers"
+            raise unreachable_error(initial_peers, e) from e
+        raise

@@ -7,7 +7,9 @@ fields it does not know, so newer servers can add fields without breaking older 
 
 from __future__ import annotations
 
+import collections
 import enum
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -70,3 +72,22 @@ class ServerRecord(BaseModel):
 def block_key(model: str, block: int) -> str:
     """DHT key under which the servers of one block announce themselves."""
     return f"{model}.{block}"
+
+
+MAX_BLOCKS = 100_000  # more blocks than any model has: a larger count is junk
+
+
+def count_models(entries: Iterable[Any]) -> dict[str, int]:
+    """Models of the swarm's index from its servers' entries (``{"model": name, "num_blocks": n}``).
+
+    Each entry is one server's vote; when servers disagree on a model's size, most votes win and a tie
+    goes to the smaller count. Malformed entries are skipped.
+    """
+    votes: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        name, count = entry.get("model"), entry.get("num_blocks")
+        if isinstance(name, str) and 0 < len(name) <= 256 and type(count) is int and 0 < count < MAX_BLOCKS:
+            votes[name][count] += 1
+    return {name: min(counter, key=lambda n: (-counter[n], n)) for name, counter in votes.items()}

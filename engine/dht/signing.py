@@ -18,6 +18,7 @@ before they believe a record (a peer running other code may hand anything back).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import tempfile
@@ -63,6 +64,11 @@ def peer_public_key(peer_id: Any) -> Ed25519PublicKey | None:
     """
     if not isinstance(peer_id, str) or len(peer_id) > 64:
         return None
+    return _parse_peer_id(peer_id)
+
+
+@functools.lru_cache(maxsize=4096)  # readers check every record of every server on each refresh
+def _parse_peer_id(peer_id: str) -> Ed25519PublicKey | None:
     try:
         raw = PeerID.from_base58(peer_id).to_bytes()
     except ValueError:

@@ -69,14 +69,20 @@ class Server:
         # Start the DHT (a forked process) before any signal handler is installed: a child that inherited
         # asyncio's handlers would ignore SIGTERM and could never be stopped.
         peers = () if self.cfg.new_swarm else self.cfg.initial_peers
-        dht = make_dht(
-            peers,
-            self.cfg.host,
-            self.cfg.port,
-            nat_port_map=self.cfg.nat_port_map,
-            announce_host=self.cfg.announce_host,
-            identity=self.identity,
-        )
+        with self.identity.identity_file() as identity_path:  # removed once the daemon has read it
+            dht = make_dht(
+                peers,
+                self.cfg.host,
+                self.cfg.port,
+                nat_port_map=self.cfg.nat_port_map,
+                announce_host=self.cfg.announce_host,
+                identity_path=identity_path,
+            )
+        if dht.peer_id.to_base58() != self.identity.peer_id:  # its records would carry no valid signature
+            dht.shutdown()
+            raise CorollaError(
+                f"the p2p daemon runs as {dht.peer_id}, not as this server's key {self.identity.peer_id}"
+            )
         try:
             asyncio.run(self._main(dht))
         finally:
@@ -174,7 +180,9 @@ class Server:
             while not self._stop.is_set():
                 record = self._record(backend, ServerState.ONLINE, start, end)
                 await self._run_io(announce_span, dht, self.dht_prefix, self.identity, record, self.cfg.record_ttl)
-                await self._run_io(announce_model, dht, self.dht_prefix, self.total_blocks, self.cfg.record_ttl)
+                await self._run_io(
+                    announce_model, dht, self.dht_prefix, self.identity, self.total_blocks, self.cfg.record_ttl
+                )
                 self._write_status(backend, start, end, "online", maddrs, peer_id)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self._status_period())

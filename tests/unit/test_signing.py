@@ -13,7 +13,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
-from corolla.engine.dht.records import ServerRecord, ServerState, block_key
+from corolla.engine.dht.records import ServerRecord, ServerState, block_key, count_models
 from corolla.engine.dht.signing import (
     MAX_BODY_BYTES,
     PeerIdentity,
@@ -65,7 +65,16 @@ def test_identity_file_is_private_and_removed(owner: PeerIdentity) -> None:
 
 @pytest.mark.parametrize(
     "peer_id",
-    [None, 5, b"12D3KooW", "", "not base58 0OIl", "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "x" * 100],
+    [
+        None,
+        5,
+        b"12D3KooW",
+        "",
+        "not base58 0OIl",
+        "12D3KooWü",
+        "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+        "x" * 100,
+    ],
 )
 def test_other_peer_ids_stand_for_no_key(peer_id: Any) -> None:
     assert peer_public_key(peer_id) is None  # RSA ids ("Qm…") are hashes: a record cannot be checked from them
@@ -168,3 +177,21 @@ def test_validator_leaves_other_records_to_the_readers() -> None:
     assert validator.validate(DHTRecord(key_id(KEY), b"", b"\x80", EXPIRATION))  # hivemind's dictionary marker
     assert validator.validate(DHTRecord(key_id(KEY), MSGPackSerializer.dumps(None), b"\x01", EXPIRATION))
     assert validator.validate(DHTRecord(key_id(KEY), b"\xc1", b"\x01", EXPIRATION))  # undecodable subkey
+
+
+def test_model_index_counts_one_vote_per_server() -> None:
+    entries = [
+        {"model": "a", "num_blocks": 6},
+        {"model": "a", "num_blocks": 6},
+        {"model": "a", "num_blocks": 1000},  # outvoted
+        {"model": "b", "num_blocks": 30},
+        {"model": "b", "num_blocks": 32},  # a tie goes to the smaller count
+        {"model": "c", "num_blocks": 6.0},
+        {"model": "c", "num_blocks": True},
+        {"model": "c", "num_blocks": 10**9},
+        {"model": "", "num_blocks": 6},
+        {"num_blocks": 6},
+        None,
+        ["a", 6],
+    ]
+    assert count_models(entries) == {"a": 6, "b": 30}
