@@ -147,10 +147,13 @@ def test_open_session_limits(backend: SpanBackend) -> None:
         backend.open_session("x", *SPAN, max_length=8, batch_size=5)
     with pytest.raises(ProtocolError, match="not hosted"):
         backend.open_session("x", 0, 2, max_length=8, batch_size=1)
-    backend.open_session("x", *SPAN, max_length=8, batch_size=1)
-    with pytest.raises(ProtocolError, match="already open"):
-        backend.open_session("x", *SPAN, max_length=8, batch_size=1)
+    backend.open_session("x", *SPAN, max_length=8, batch_size=1, peer="alice")
+    with pytest.raises(ProtocolError, match="already open"):  # another peer cannot take over a session id
+        backend.open_session("x", *SPAN, max_length=8, batch_size=1, peer="mallory")
     assert backend.budget.used == 8 * per_token_bytes()  # refusals reserved nothing
+    # Its own client may reopen it (failover back to this server): the old one is dropped, not doubled.
+    backend.open_session("x", *SPAN, max_length=8, batch_size=1, peer="alice")
+    assert backend.budget.used == 8 * per_token_bytes() and len(backend.sessions) == 1
 
 
 def test_max_sessions_is_enforced() -> None:
