@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> Figures:
             began = time.perf_counter()
             model.generate(prompts[0], max_new_tokens=args.new_tokens, eos_token_id=[])  # warm-up, no churn
             generation_seconds = time.perf_counter() - began
-            plan = sorted(rng.sample(range(args.generations), min(args.kills, args.generations)))
+            # Kills land in generations 0..N-2: each happens before the next generation starts at the latest.
+            plan = sorted(rng.sample(range(args.generations - 1), min(args.kills, args.generations - 1)))
             driver = Driver(swarm, progress, plan, generation_seconds, deadline, rng)
             driver.start()
             started = time.perf_counter()
