@@ -129,16 +129,22 @@ class Driver(threading.Thread):
         return {h.stream.peer_id for h in list(session.hops)} if session is not None else set()
 
     def _pick(self) -> ServerProcess | None:
-        """A replica to kill, preferring (3 times in 4) one on the live route; waits for a spare (bounded)."""
-        delay = 0.1
+        """A replica to kill: 3 times in 4 one on the live route (a failover), else any spare one.
+
+        Waits (bounded) for a spare replica, and for a route kill, for a generation to be running.
+        """
+        on_route = self.rng.random() < 0.75
+        patience = time.monotonic() + 2 * self.generation_seconds
+        delay = 0.02
         while time.monotonic() < self.deadline and not self.stop.is_set():
             candidates = self.killable()
-            if candidates:
-                in_use = [s for s in candidates if s.peer_id in self._in_use()]
-                pool = in_use if in_use and self.rng.random() < 0.75 else candidates
-                return self.rng.choice(pool)
+            in_use = [s for s in candidates if s.peer_id in self._in_use()]
+            if in_use and on_route:
+                return self.rng.choice(in_use)
+            if candidates and (not on_route or time.monotonic() > patience):
+                return self.rng.choice(candidates)
             self.stop.wait(delay)
-            delay = min(delay * 1.5, 1.0)
+            delay = min(delay * 1.5, 0.5)
         return None
 
 
@@ -211,13 +217,19 @@ def run(args: argparse.Namespace) -> Figures:
             began = time.perf_counter()
             model.generate(prompts[0], max_new_tokens=args.new_tokens, eos_token_id=[])  # warm-up, no churn
             generation_seconds = time.perf_counter() - began
-            plan = sorted(rng.sample(range(args.generations), min(args.kills, args.generations)))
+            # Kills land in generations 0..N-2: each happens before the next generation starts at the latest.
+            plan = sorted(rng.sample(range(args.generations - 1), min(args.kills, args.generations - 1)))
             driver = Driver(swarm, progress, plan, generation_seconds, deadline, rng)
             driver.start()
             started = time.perf_counter()
             for g in range(args.generations):
-                # Do not outrun the driver: the kills planned before generation g happen before it starts.
-                while driver.is_alive() and driver.kills < sum(k < g for k in plan) and time.monotonic() < deadline:
+                # Do not outrun the driver: the kills planned before generation g happen before it starts,
+                # and a generation planned for a kill starts when some span has a spare replica to kill.
+                while (
+                    driver.is_alive()
+                    and (driver.kills < sum(k < g for k in plan) or (g in plan and not driver.killable()))
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.05)
                 if time.monotonic() > deadline:
                     figures.errors.append(f"time bound of {args.max_seconds:.0f} s reached before generation {g}")

@@ -113,7 +113,8 @@ class HopStream:
             raise PeerUnavailableError(self.peer_id, f"no answer within {timeout:.1f} s") from e
         except (asyncio.IncompleteReadError, ConnectionError, EOFError) as e:
             self._abort()
-            raise PeerUnavailableError(self.peer_id, "closed the stream") from e
+            detail = f" ({e})" if isinstance(e, ConnectionError) and str(e) else ""
+            raise PeerUnavailableError(self.peer_id, f"closed the stream{detail}") from e
         except Exception as e:
             self._abort()
             raise PeerUnavailableError(self.peer_id, f"{type(e).__name__}: {e}") from e
@@ -220,6 +221,9 @@ async def remote_forward(
         async for response in responses:
             _check(peer_id, StepResult.decode(response.metadata))
             outputs.extend(deserialize(t) for t in response.tensors)
+        if sum(o.shape[1] for o in outputs if o.ndim == 3) < hidden.shape[1]:
+            # hivemind ends the iteration quietly when the connection closes: a server that died mid-way.
+            raise PeerUnavailableError(peer_id, "closed the stream before answering every chunk")
         return torch.cat(outputs, dim=1)
 
     try:
