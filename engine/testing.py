@@ -145,7 +145,7 @@ def server_env(threads: int = 1) -> dict[str, str]:
 
 
 class ServerProcess:
-    """One ``corolla server`` child process in its own process group (so its DHT daemon dies with it)."""
+    """One ``corolla server`` child process in its own session (a terminal's Ctrl-C does not reach it)."""
 
     def __init__(
         self,
@@ -216,7 +216,10 @@ class ServerProcess:
         return ""
 
     def kill(self) -> None:
-        """SIGKILL the whole server (main process, DHT process, p2p daemon): a crash with no goodbye."""
+        """SIGKILL the server's main process group: a crash with no goodbye.
+
+        Its DHT process and p2p daemon (a group of their own) see their owner gone and exit within a second.
+        """
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
@@ -234,7 +237,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 logger.warning("server %d ignored SIGTERM for %.0f s; killing it", self.pid, grace)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)  # leftovers: its DHT process and p2p daemon
+            os.killpg(self.pid, signal.SIGKILL)  # leftovers (its DHT process and daemon follow their owner)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         self._log.close()

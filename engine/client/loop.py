@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -30,7 +31,22 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
-        """Stop the loop and its thread."""
+        """Cancel what still runs on the loop (streams of an interrupted step), then stop the loop and its thread.
+
+        Tasks left pending would be destroyed later with "Task was destroyed but it is pending!" and
+        "Event loop is closed" tracebacks on stderr (seen on Ctrl-C in the middle of an answer).
+        """
         if self.loop.is_running():
+            if threading.current_thread() is not self._thread:
+                with contextlib.suppress(Exception):
+                    self.run(_cancel_other_tasks(), timeout=5)
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+async def _cancel_other_tasks() -> None:
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -68,3 +68,29 @@ def test_ctrl_c_of_the_serving_demo_prints_no_error_and_leaves_nothing(tmp_path:
     _, alive = psutil.wait_procs(started, timeout=15)
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_ctrl_c_while_the_demo_answers_prints_no_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a streamed answer: a quiet exit, every process stopped."""
+    prompt = "Write a long story about a cat who travels the world."
+    cmd = [sys.executable, "-m", "corolla.engine.cli", "demo", "--prompt", prompt, "--max-new-tokens", "400"]
+    err_path = tmp_path / "demo.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=server_env(), start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.read(1)  # the answer starts streaming (bounded by the test timeout)
+        assert first, err_path.read_text()[-3000:]
+        started = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.stdout.read()
+        assert proc.wait(timeout=120) == 130, err_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    stderr = err_path.read_text()
+    assert "ERROR" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=15)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.name()) for p in alive]
