@@ -112,20 +112,23 @@ async def part_flood(p2p: P2P, peer: str, parts: int, end: int) -> str:
     return "answered"
 
 
-async def session_flood(p2p: P2P, peer: str, count: int, end: int) -> tuple[int, list[Any]]:
-    opened, streams = 0, []
+async def session_flood(p2p: P2P, peer: str, count: int, end: int) -> tuple[int, list[Any], asyncio.Event]:
+    """Open ``count`` sessions, each on its own stream that stays open (silent) until ``release`` is set."""
+    opened, streams, release = 0, [], asyncio.Event()
     for i in range(count):
         msg = OpenSession(session_id=f"flood{i}", start=0, end=end, max_length=2048, batch_size=1)
+
+        async def requests(msg: OpenSession = msg) -> Any:
+            yield runtime_pb2.ExpertRequest(metadata=msg.encode())
+            await release.wait()
+
         responses = await p2p.iterate_protobuf_handler(
-            PeerID.from_base58(peer),
-            RPC_INFERENCE,
-            runtime_pb2.ExpertRequest(metadata=msg.encode()),
-            runtime_pb2.ExpertResponse,
+            PeerID.from_base58(peer), RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse
         )
         with contextlib.suppress(Exception):
             opened += StepResult.decode((await anext(responses)).metadata).ok
         streams.append(responses)
-    return opened, streams
+    return opened, streams, release
 
 
 async def forward_flood(p2p: P2P, peer: str, count: int, tokens: int, hidden: int, end: int) -> str:
@@ -162,14 +165,16 @@ def main() -> None:
             idle_rss = tree_rss(server.pid)
             print(f"server idle RSS {idle_rss / MiB:.0f} MiB")
 
-            def measure(name: str, attack: Callable[[], Any] | None) -> None:
+            def measure(name: str, attack: Callable[[], Any] | None, lead: float = 0.5) -> None:
+                """Start the attack, give it ``lead`` seconds to get going, then time the normal client."""
                 peak = Peak(server.pid)
                 with ThreadPoolExecutor(1) as pool:
+                    attacking = pool.submit(attack) if attack is not None else None
+                    time.sleep(lead if attack is not None else 0.0)
                     start = time.perf_counter()
-                    normal = pool.submit(model.generate, ids, max_new_tokens=args.tokens, eos_token_id=[])
-                    outcome = attack() if attack is not None else "-"
-                    out = normal.result()
+                    out = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
                     elapsed = time.perf_counter() - start
+                    outcome = attacking.result() if attacking is not None else "-"
                 top = peak.stop()
                 print(
                     f"{name:34} normal client {elapsed * 1000 / args.tokens:7.0f} ms/token, "
@@ -184,14 +189,16 @@ def main() -> None:
                 lambda: loop.run(oversized(p2p, peer, 1 << 30, 256 * MiB), 300),
             )
             measure("forward of 100,000 empty parts", lambda: loop.run(part_flood(p2p, peer, 100_000, blocks), 300))
-            streams: list[Any] = []
+            held: list[Any] = []
 
             def sessions() -> str:
-                opened, found = loop.run(session_flood(p2p, peer, 64, blocks), 300)
-                streams.extend(found)
+                opened, streams, release = loop.run(session_flood(p2p, peer, 64, blocks), 300)
+                held.extend([*streams, release])
                 return f"{opened} of 64 sessions opened"
 
             measure("64 sessions from one peer", sessions)
+            *streams, release = held
+            loop.loop.call_soon_threadsafe(release.set)
             for s in streams:
                 with contextlib.suppress(Exception):
                     loop.run(s.aclose(), 10)
@@ -199,6 +206,7 @@ def main() -> None:
             measure(
                 flood,
                 lambda: loop.run(forward_flood(p2p, peer, args.forwards, args.forward_tokens, hidden, blocks), 3000),
+                lead=3.0,  # the forwards are sent and queued before the normal client starts
             )
         finally:
             model.close()
