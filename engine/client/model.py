@@ -195,12 +195,13 @@ class DistributedModelForCausalLM(nn.Module):
                             self.p2p, hop.peer_id, hop.start, hop.end, x, cfg.max_chunk_bytes, cfg.request_timeout
                         )
                     )
+                    self.manager.mark_ok(hop.peer_id)  # it answered well: forget its past failures
                 logits = self.head.logits(x.to(self.device))
                 return CausalLMOutputWithPast(logits=logits.to(input_ids.device))
             except PeerUnavailableError as e:
                 if attempt == cfg.max_retries:
                     raise
-                self.manager.ban(hop.peer_id, str(e))
+                self.manager.ban(hop.peer_id, str(e))  # the peer we talked to, whatever the error says
         raise AssertionError("unreachable")
 
     # ---- token generation -------------------------------------------------------------------
