@@ -200,6 +200,9 @@ def add_web_commands(sub: Any) -> None:
     api.add_argument("--model-name", default=None, help="model id clients ask for (default: MODEL as given)")
     api.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request before 504")
     api.add_argument("--default-max-tokens", type=int, default=512, help="tokens when a request sets no max")
+    api.add_argument(
+        "--max-sessions", type=int, default=8, help="generations at once; more wait their turn (default 8)"
+    )
 
     def run_api(args: argparse.Namespace) -> int:
         from corolla.engine.api.serve import run_api
@@ -213,6 +216,7 @@ def add_web_commands(sub: Any) -> None:
             model_id=args.model_name,
             request_timeout=args.request_timeout,
             default_max_tokens=args.default_max_tokens,
+            max_sessions=args.max_sessions,
         )
 
     api.set_defaults(func=run_api)

@@ -43,6 +43,9 @@ class ApiSettings:
     request_timeout: float = 600.0  # seconds one request may take before it fails with 504
     default_max_tokens: int = 512  # tokens to generate when a chat request gives no max_tokens
     max_workers: int = 64  # worker threads that run generation steps (bounds concurrent steps)
+    # Generations running at once; more requests wait their turn (within request_timeout). Servers
+    # let one peer hold 8 sessions by default, and this app is one peer however many users it has.
+    max_sessions: int = 8
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -83,6 +86,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
     metrics = ApiMetrics()
     app.state.metrics = metrics
     limiter = anyio.CapacityLimiter(settings.max_workers)
+    session_slots = anyio.Semaphore(settings.max_sessions)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
     async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -192,7 +196,17 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
         model_id = settings.model_id
         metrics.in_progress.inc()
         stream: TextStream | None = None
+        held = [False]  # whether this request holds a session slot
+
+        def release_slot() -> None:
+            if held[0]:
+                held[0] = False
+                session_slots.release()
+
         try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):  # TimeoutError: a 504
+                await session_slots.acquire()
+            held[0] = True
             stream = await in_thread(make_stream)
             if not stream_requested:
                 try:
@@ -201,6 +215,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
                         pieces.append(piece)
                 finally:
                     await in_thread(stream.close)
+                    release_slot()
                 text = "".join(pieces)
                 metrics.in_progress.dec()
                 metrics.latency.labels(endpoint).observe(time.monotonic() - began)
@@ -220,6 +235,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
             if stream is not None:
                 with anyio.CancelScope(shield=True):
                     await in_thread(stream.close)
+            release_slot()
             if not isinstance(e, Exception):
                 raise
             error = error_for(e)
@@ -265,6 +281,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
                     logger.info("client left a stream after %d tokens; closing its session", live.completion_tokens)
                 with anyio.CancelScope(shield=True):
                     await in_thread(live.close)
+                release_slot()
                 metrics.in_progress.dec()
                 metrics.tokens.labels("prompt").inc(live.prompt_tokens)
                 metrics.tokens.labels("completion").inc(live.completion_tokens)

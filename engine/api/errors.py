@@ -56,6 +56,11 @@ def error_for(exc: BaseException) -> APIError:
             type="rate_limit_error",
             code="swarm_cache_full",
         )
+    if isinstance(exc, NoRouteError):
+        # Servers hold the blocks but every one failed: a timeout if they did not answer in time.
+        if _timed_out(exc):
+            return _timeout(exc)
+        return APIError(503, str(exc), type="service_unavailable", code="no_route")
     if isinstance(exc, MissingBlocksError):
         return APIError(
             503,
@@ -64,16 +69,8 @@ def error_for(exc: BaseException) -> APIError:
             param=None,
             code="missing_blocks",
         )
-    if isinstance(exc, NoRouteError):
-        return APIError(503, str(exc), type="service_unavailable", code="no_route")
     if isinstance(exc, TimeoutError | PeerUnavailableError):
-        return APIError(
-            504,
-            f"The swarm did not answer in time: {exc or 'request deadline passed'}. Retry; if it keeps "
-            "happening, check the swarm with `corolla health`.",
-            type="timeout",
-            code="swarm_timeout",
-        )
+        return _timeout(exc)
     if isinstance(exc, ProtocolError):
         return APIError(502, f"A server of the swarm answered badly: {exc}", type="server_error", code="bad_gateway")
     if isinstance(exc, CorollaError):
@@ -81,3 +78,25 @@ def error_for(exc: BaseException) -> APIError:
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+
+
+def _timeout(exc: BaseException) -> APIError:
+    return APIError(
+        504,
+        f"The swarm did not answer in time: {exc or 'request deadline passed'}. Retry; if it keeps "
+        "happening, check the swarm with `corolla health`.",
+        type="timeout",
+        code="swarm_timeout",
+    )
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """True if a timeout or an unresponsive peer is among the causes of ``exc``."""
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, TimeoutError | PeerUnavailableError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -44,6 +44,7 @@ def run_api(
     model_id: str | None = None,
     request_timeout: float = 600.0,
     default_max_tokens: int = 512,
+    max_sessions: int = 8,
 ) -> int:
     """Serve ``model`` from the swarm at ``http://host:port/v1`` until SIGINT/SIGTERM. Returns an exit code."""
     require_web_extra()
@@ -61,6 +62,7 @@ def run_api(
             api_key=api_key,
             request_timeout=request_timeout,
             default_max_tokens=default_max_tokens,
+            max_sessions=max_sessions,
         )
         app = create_app(client, settings)
         logger.info(

@@ -241,6 +241,7 @@ class InferenceSession:
         last_chance = False
         cache_full: CacheFullError | None = None  # servers that answered but had no room are not "missing"
         tried: set[str] = set()
+        last_error: BaseException | None = None  # the last failure to open a hop: the cause we report
         for _ in range(self.config.max_retries + 1):
             try:
                 route = await loop.run_in_executor(
@@ -280,6 +281,7 @@ class InferenceSession:
             for hop, error in failed:
                 if not isinstance(error, _RETRYABLE):
                     raise error
+                last_error = error
                 self.manager.ban(hop.stream.peer_id, str(error))
                 if isinstance(error, CacheFullError):
                     cache_full = error
@@ -289,7 +291,7 @@ class InferenceSession:
                 raise MissingBlocksError(self.manager.model, range(hop.start, hop.end), self.manager.source) from error
         if cache_full is not None:
             raise cache_full
-        raise NoRouteError(self.manager.model, range(start, end), sorted(tried), self.manager.source)
+        raise NoRouteError(self.manager.model, range(start, end), sorted(tried), self.manager.source) from last_error
 
     async def _build(self, start: int, end: int) -> None:
         self.hops = await self._plan_and_open(start, end, exclude=set())

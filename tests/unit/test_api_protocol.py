@@ -147,3 +147,19 @@ def test_web_commands_say_what_is_missing(
     assert main(command) == 2
     err = capsys.readouterr().err
     assert ("--refresh must be > 0" if "--refresh" in command else "COROLLA_INITIAL_PEERS") in err
+
+
+def test_no_route_after_timeouts_is_504_and_otherwise_503() -> None:
+    from corolla.engine.api.errors import error_for
+    from corolla.engine.errors import NoRouteError, PeerUnavailableError
+
+    try:
+        try:
+            raise PeerUnavailableError("12D3KooWabc", "no answer within 3.0 s")
+        except PeerUnavailableError as e:
+            raise NoRouteError("m", [0, 1], ["12D3KooWabc"]) from e
+    except NoRouteError as e:
+        timed_out = error_for(e)
+    assert (timed_out.status, timed_out.code) == (504, "swarm_timeout")
+    refused = error_for(NoRouteError("m", [0, 1], ["12D3KooWabc"]))
+    assert (refused.status, refused.code) == (503, "no_route")
