@@ -176,6 +176,9 @@ class ServerProcess:
             str(self.status_path),
             *extra_args,
         ]
+        if "--parent-pid" not in extra_args:
+            # A killed test run, benchmark or demo leaves no server behind, even when it had no time to stop it.
+            args += ["--parent-pid", str(os.getpid())]
         if blocks:
             args += ["--blocks", blocks]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -27,6 +27,14 @@ print("ready", flush=True)
 time.sleep(600)
 """
 
+SWARM_SCRIPT = """
+import sys, time
+from corolla.engine.testing import Swarm
+with Swarm(sys.argv[1], spans=["0:6"]) as swarm:
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
 
 @pytest.fixture(scope="module")
 def swarm(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
@@ -72,6 +80,32 @@ def test_sigkilled_client_leaves_no_dht_process_or_daemon(swarm: Swarm, tiny_che
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         left = wait_gone(watched, GONE_WITHIN)
+        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(180)
+def test_sigkilled_swarm_owner_leaves_no_server(tiny_checkpoint: Callable[..., Path]) -> None:
+    """A test run, benchmark or demo killed before it could stop its swarm: the servers follow it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SWARM_SCRIPT, str(tiny_checkpoint("llama"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded by the test timeout
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+        watched = descendants(proc.pid)
+        assert any("server" in p.cmdline() for p in watched), [p.cmdline()[:4] for p in watched]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        left = wait_gone(watched, 60.0)  # the server leaves the swarm (SIGTERM grace), then its helpers exit
         assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
     finally:
         if proc.poll() is None:
