@@ -133,3 +133,16 @@ def test_activation_estimate_covers_the_peak_of_the_largest_job() -> None:
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0 < figures["peak_growth"] <= figures["estimate"], figures
+
+
+def test_server_refuses_a_cap_that_holds_no_block_with_a_clear_message(tiny_checkpoint: Callable[..., Path]) -> None:
+    args = ["server", str(tiny_checkpoint("llama")), "--new-swarm", "--max-memory", "1MB", "--host", "127.0.0.1"]
+    out = subprocess.run(
+        [sys.executable, "-m", "corolla.engine.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 2, out.stderr
+    assert "holds not even one block" in out.stderr and "Traceback" not in out.stderr
