@@ -69,8 +69,10 @@ class Int8Linear(nn.Module):
         """[..., in] → [..., out] in ``x``'s dtype."""
         qweight = self.qweight
         scale = self.scale.to(x.dtype)
-        # torch's CPU int8 kernel; it crashes on bfloat16 rows not a multiple of 8 long, so odd shapes dequantize.
-        if x.device.type == "cpu" and x.dtype in _INT8_KERNEL_DTYPES and self.in_features % 32 == 0:
+        # torch's CPU int8 kernel wins for a few rows (decode steps); long prompts are faster dequantized once.
+        # (It crashes on bfloat16 rows not a multiple of 8 long, so odd shapes always dequantize.)
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype in _INT8_KERNEL_DTYPES and self.in_features % 32 == 0 and rows <= 32:
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), qweight, scale)
             out = out.reshape(*x.shape[:-1], self.out_features)
         else:
