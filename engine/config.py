@@ -31,7 +31,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 def is_size_field(name: str) -> bool:
     """Config fields measured in bytes (they accept human sizes such as ``1GB``)."""
-    return name.endswith("_bytes")
+    return name.endswith("_bytes") or name == "max_memory"
 
 
 def parse_size(text: str | int) -> int:
@@ -117,6 +117,7 @@ class ClientConfig:
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
     num_threads: int = 0  # torch CPU threads for embeddings and LM head (0: torch's default)
+    require_exact: bool = False  # route only through servers whose blocks are not quantized (no --quant)
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,10 @@ class ServerConfig:
     announce_host: str | None = None  # public address to announce, if different from --host
     device: str = "cpu"  # torch device for the blocks: cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # float32, float16, bfloat16, or auto (bfloat16/float16 on GPU, float32 on CPU)
+    quant: str = "none"  # none, int8 or nf4: store block weights quantized (about 1/4 or 1/7 of float32's memory)
+    max_memory: int | None = None  # bytes weights, cache and activations may take together (e.g. 6GB); None: no cap
     num_threads: int = 0  # torch CPU threads (0: torch's default)
-    cache_bytes: int = 512 * 1024 * 1024  # bytes of attention cache all sessions may reserve together
+    cache_bytes: int = 512 * 1024 * 1024  # bytes of attention cache all sessions share (with --max-memory: the least)
     max_length: int = 8192  # tokens a session may hold at most
     max_batch_size: int = 8  # sequences per session or forward request
     max_sessions: int = 64  # open inference sessions at once

@@ -40,6 +40,7 @@ class ServerRecord(BaseModel):
     public_name: str | None = Field(default=None, max_length=64)
     corolla_version: str = Field(default="", max_length=32)
     dtype: str = Field(default="", max_length=16)
+    quant: str = Field(default="none", max_length=16, description="weight quantization: none, int8 or nf4")
 
     @model_validator(mode="after")
     def _span_is_ordered(self) -> ServerRecord:

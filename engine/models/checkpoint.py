@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from corolla.engine.errors import CorollaError
+from corolla.engine.models.quant import check_quant, quantize_linears
 from corolla.engine.models.registry import get_family
 from corolla.engine.models.span import BlockSpan
 
@@ -138,31 +139,38 @@ def load_span(
     end: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    quant: str = "none",
 ) -> BlockSpan:
-    """Build blocks ``start..end-1`` and load only their tensors."""
+    """Build blocks ``start..end-1`` and load only their tensors; ``quant`` int8/nf4 quantizes their linears.
+
+    Blocks are filled (and quantized) one at a time, and each block's checkpoint tensors are dropped once
+    it holds them, so the device never holds more than one block in full precision besides the rest.
+    """
+    check_quant(quant)
     span = BlockSpan(config, start, end, empty=True)
     family = span.family
     weight_map = ckpt.weight_map()
     prefixes = {i: family.layer_prefix(weight_map, i) for i in range(start, end)}
     names = [n for n in weight_map if any(n.startswith(p) for p in prefixes.values())]
     tensors = ckpt.read(names, desc=f"blocks {start}:{end}")
-    state: dict[str, torch.Tensor] = {}
     for i, prefix in prefixes.items():
-        block = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+        block = {name[len(prefix) :]: tensors.pop(name) for name in list(tensors) if name.startswith(prefix)}
         try:
             block = family.block_state(block, config)
         except ValueError as e:
             raise CorollaError(f"checkpoint {ckpt.name} does not match block {i}: {e}") from e
-        state.update({f"layers.{i - start}.{name}": tensor for name, tensor in block.items()})
-    span.layers.to_empty(device=device)
-    span.layers.to(dtype)
-    missing, unexpected = span.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.startswith("rotary_emb.")]
-    if missing or unexpected:
-        raise CorollaError(
-            f"checkpoint {ckpt.name} does not match blocks {start}:{end}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        layer = span.layers[i - start]
+        layer.to_empty(device=device)
+        layer.to(dtype)
+        missing, unexpected = layer.load_state_dict(block, strict=False)
+        if missing or unexpected:
+            where = f"layers.{i - start}."
+            raise CorollaError(
+                f"checkpoint {ckpt.name} does not match blocks {start}:{end}: "
+                f"missing {[where + m for m in missing][:5]}, unexpected {[where + u for u in unexpected][:5]}"
+            )
+        quantize_linears(layer, quant)
+        del block
     if span.rotary_emb is not None:
         span.rotary_emb.to(device)
     return span.eval()

@@ -14,6 +14,7 @@ from corolla.engine.config import ClientConfig
 from corolla.engine.dht.announce import read_records
 from corolla.engine.dht.records import ServerState
 from corolla.engine.errors import MissingBlocksError, short_peer
+from corolla.engine.routing.exact import exact_spans
 from corolla.engine.routing.planner import RouteHop, plan_forward_route, plan_inference_route
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 
@@ -52,6 +53,8 @@ class SequenceManager:
         """Re-read every block's server records from the peers storing them (never a cached copy)."""
         records = read_records(self.dht, self.model, range(self.num_blocks), timeout=self.config.request_timeout)
         spans = spans_from_records(records, num_blocks=self.num_blocks, states=(ServerState.ONLINE,))
+        if self.config.require_exact:
+            spans = exact_spans(spans)
         with self._lock:
             self.spans = spans
             self._updated = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,11 +28,13 @@ from corolla.engine.errors import CorollaError
 from corolla.engine.hub import check_model_access, resolve_token
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
 from corolla.engine.models.gguf import cache_root
+from corolla.engine.models.quant import check_quant, tensor_bytes
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.block_selection import choose_best_blocks, should_choose_other_blocks
 from corolla.engine.server.handler import Handler
-from corolla.engine.server.throughput import Speed, block_speed, blocks_that_fit
+from corolla.engine.server.memory import server_memory_plan
+from corolla.engine.server.throughput import Speed, block_speed
 from corolla.engine.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,15 @@ class Server:
         self.model_config = self.ckpt.config()
         self.dht_prefix = cfg.dht_prefix or self.ckpt.default_dht_prefix
         self.total_blocks = int(self.model_config.num_hidden_layers)
-        self.dtype = parse_dtype(cfg.dtype, cfg.device)
+        try:
+            self.dtype = parse_dtype(cfg.dtype, cfg.device)
+            self.quant = check_quant(cfg.quant)
+        except ValueError as e:
+            raise CorollaError(str(e)) from e
+        # Weights, cache and activations under --max-memory; the cache budget gets what the blocks leave.
+        self.memory = server_memory_plan(self.model_config, cfg, self.dtype, self.quant)
+        self.cfg = cfg = dataclasses.replace(cfg, cache_bytes=self.memory.cache_bytes)
+        logger.info("memory: %s", self.memory.describe())
         self.speed = Speed(0.0, 0.0)
         self.num_blocks = 0
         self.identity = PeerIdentity.generate()  # the peer id, and the key that signs this server's records
@@ -128,6 +139,7 @@ class Server:
             public_name=self.cfg.public_name,
             corolla_version=__version__,
             dtype=str(self.dtype).removeprefix("torch."),
+            quant=self.quant,
         )
 
     # ---- main loop --------------------------------------------------------------------------
@@ -144,11 +156,9 @@ class Server:
             logger.info("new swarm: others join with --initial-peers %s", " ".join(maddrs))
         if self.cfg.throughput is None:
             self.speed = await self._run_io(
-                block_speed, self.model_config, self.cfg.device, self.dtype, cache_root() / "throughput"
+                block_speed, self.model_config, self.cfg.device, self.dtype, cache_root() / "throughput", self.quant
             )
-        self.num_blocks = self.cfg.num_blocks or await self._run_io(
-            blocks_that_fit, self.model_config, self.cfg.device, self.dtype, self.cfg.cache_bytes
-        )
+        self.num_blocks = self.memory.num_blocks
         handler = Handler(None, {}, self.cfg)
         p2p = await dht.replicate_p2p()
         await handler.register(p2p)
@@ -169,7 +179,9 @@ class Server:
             joining = self._record(None, ServerState.JOINING, start, end)
             await self._run_io(announce_span, dht, self.dht_prefix, self.identity, joining, self.cfg.record_ttl)
             logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, self.cfg.model, self.cfg.device, self.dtype)
-            span = await self._run_io(load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device)
+            span = await self._run_io(
+                load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device, self.quant
+            )
             backend = SpanBackend(span, self.model_config, self.cfg, self.dtype)
             handler.backend = backend
             handler.info = self._info(start, end, backend)
@@ -227,6 +239,7 @@ class Server:
             "start": start,
             "end": end,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "quant": self.quant,
             "hidden_size": backend.hidden_size,
             "max_length": self.cfg.max_length,
             "max_batch_size": self.cfg.max_batch_size,
@@ -249,6 +262,7 @@ class Server:
             "maddrs": maddrs,
             "peer_id": peer_id,
             "pid": os.getpid(),
+            "memory": {**dataclasses.asdict(self.memory), "weights_loaded": tensor_bytes(backend.span.layers)},
             "time": time.time(),
         }
         path = Path(self.cfg.status_file)

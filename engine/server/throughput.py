@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from corolla.engine.models.quant import quantize_linears
 from corolla.engine.models.span import BlockSpan, SpanCache
 
 logger = logging.getLogger(__name__)
@@ -28,22 +29,28 @@ class Speed:
     forward_rps: float  # tokens per second in a 256-token forward
 
 
-def _key(config: PretrainedConfig, device: str, dtype: torch.dtype) -> str:
+def _key(config: PretrainedConfig, device: str, dtype: torch.dtype, quant: str = "none") -> str:
     shape = {
         k: getattr(config, k, None)
         for k in ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
     }
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
-    raw = json.dumps([shape, name, str(dtype), torch.__version__, torch.get_num_threads()], sort_keys=True)
+    raw = json.dumps([shape, name, str(dtype), torch.__version__, torch.get_num_threads(), quant], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def measure_block_speed(
-    config: PretrainedConfig, device: str, dtype: torch.dtype, steps: int = 16, forward_tokens: int = 256
+    config: PretrainedConfig,
+    device: str,
+    dtype: torch.dtype,
+    steps: int = 16,
+    forward_tokens: int = 256,
+    quant: str = "none",
 ) -> Speed:
-    """Time one randomly initialised block (the weights' values do not change its speed)."""
+    """Time one randomly initialised block (the weights' values do not change its speed), quantized as served."""
     block = BlockSpan(config, 0, 1).to(device)
     block.layers.to(dtype)
+    quantize_linears(block.layers, quant)
     hidden = torch.randn(1, 1, config.hidden_size, device=device, dtype=dtype)
     with torch.inference_mode():
         cache = SpanCache(0, 1, steps + 2)
@@ -69,36 +76,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def block_speed(config: PretrainedConfig, device: str, dtype: torch.dtype, cache_dir: Path) -> Speed:
-    """Cached :func:`measure_block_speed` (measured on the first start of each device/dtype/model shape)."""
-    path = cache_dir / f"throughput-{_key(config, device, dtype)}.json"
+def block_speed(
+    config: PretrainedConfig, device: str, dtype: torch.dtype, cache_dir: Path, quant: str = "none"
+) -> Speed:
+    """Cached :func:`measure_block_speed` (measured on the first start of each device/dtype/quant/model shape)."""
+    path = cache_dir / f"throughput-{_key(config, device, dtype, quant)}.json"
     try:
         return Speed(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         pass
     logger.info("measuring this machine's speed for %s blocks on %s (%s), once", config.model_type, device, dtype)
-    speed = measure_block_speed(config, device, dtype)
+    speed = measure_block_speed(config, device, dtype, quant=quant)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(speed)))
     tmp.replace(path)
     logger.info("speed: %.1f steps/s and %.0f tokens/s per block", speed.inference_rps, speed.forward_rps)
     return speed
-
-
-def blocks_that_fit(
-    config: PretrainedConfig, device: str, dtype: torch.dtype, cache_bytes: int, reserve: float = 0.9
-) -> int:
-    """How many blocks this device's free memory holds next to the attention-cache budget."""
-    with torch.device("meta"):
-        block = BlockSpan(config, 0, 1, empty=True)
-    block_bytes = sum(p.numel() for p in block.layers.parameters()) * dtype.itemsize
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return int(config.num_hidden_layers)
-    usable = int(free * reserve) - cache_bytes
-    return max(1, min(int(config.num_hidden_layers), usable // max(1, block_bytes)))

@@ -69,6 +69,16 @@ def test_server_argv(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_max_vram_gb_caps_the_server_memory(tmp_path: Path) -> None:
+    from corolla.engine.config import ServerConfig, from_env, parse_size
+
+    argv = AgentSettings(model="m", max_vram_gb=6.5).server_argv(tmp_path / "s.json", "cuda")
+    value = argv[argv.index("--max-memory") + 1]
+    assert parse_size(value) == round(6.5 * 2**30)
+    assert from_env(ServerConfig, max_memory=value).max_memory == round(6.5 * 2**30)  # the server reads it
+    assert "--max-memory" not in AgentSettings(model="m").server_argv(tmp_path / "s.json", "cuda")
+
+
 def test_autostart_desktop_entry(agent_paths: AgentPaths, tmp_path: Path) -> None:
     if not sys.platform.startswith("linux"):
         pytest.skip("XDG autostart is Linux-only")
