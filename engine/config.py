@@ -115,6 +115,7 @@ class ClientConfig:
     max_backoff: float = 60.0  # seconds: cap of a ban
     update_period: float = 30.0  # seconds between route refreshes from the DHT
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
+    wire_dtype: str = "auto"  # dtype activations travel in: auto (the model's), or bfloat16/float16 to halve fp32
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
     num_threads: int = 0  # torch CPU threads for embeddings and LM head (0: torch's default)
 

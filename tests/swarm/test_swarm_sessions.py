@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
+from swarm_helpers import client, hf_greedy, hf_model, max_diff, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
@@ -165,3 +165,14 @@ def test_concurrent_sessions_are_batched_and_match_transformers(three: ThreeServ
     for i, want in enumerate(expected):
         assert torch.equal(results[i], want), f"generation {i}"
     assert rows_batched(three.model, peers) > before  # the servers really ran steps of sessions together
+
+
+@pytest.mark.timeout(60)
+def test_bfloat16_wire_stays_close_to_transformers(three: ThreeServers) -> None:
+    """The opt-in compressed wire: float32 servers take and answer bfloat16 activations; a small, nonzero error."""
+    ids = random_ids(2, 10, seed=60)
+    with client(three.path, three.swarm, wire_dtype="bfloat16") as light, torch.inference_mode():
+        got = light(ids).logits
+        want = three.hf(ids).logits
+    err = max_diff(got, want)
+    assert 0 < err < 0.05 * want.abs().max().item(), err
