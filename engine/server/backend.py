@@ -20,6 +20,8 @@ from corolla.engine.server.limits import PeerBudget
 
 logger = logging.getLogger(__name__)
 
+BATCH_LENGTH_BUCKET = 512  # decode steps batch together when their sessions hold the same multiple of this many tokens
+
 
 @dataclass
 class ServerSession:
@@ -202,10 +204,11 @@ class SpanBackend:
         with self.tokens_in_flight.holding(session.peer, tokens):
             if x.shape[1] == 1 and position > 0 and self.cfg.batch_rows > 1:
                 # A decode step: it may run in one forward with other sessions' steps over the same blocks.
+                # Sessions of similar lengths only, so that padding every row to the longest one (one block's
+                # keys at a time) costs at most a bucket's worth of extra keys per row.
+                key = (session.start, session.end, position // BATCH_LENGTH_BUCKET)
                 step = (session, position, x)
-                batch = Batchable(
-                    (session.start, session.end), step, self._decode_many, x.shape[0], self.cfg.batch_rows
-                )
+                batch = Batchable(key, step, self._decode_many, x.shape[0], self.cfg.batch_rows)
                 out = await self._compute.run(lambda: self._decode_many([step])[0], *self._turn(session), batch)
             else:
                 # A prompt runs as chunks of at most compute_chunk_tokens, so other sessions' steps run between.

@@ -8,8 +8,10 @@ import threading
 import pytest
 import torch
 
+from corolla.engine.config import ServerConfig
 from corolla.engine.models.batched import run_rows
 from corolla.engine.models.span import BlockSpan, SpanCache
+from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, FairQueue, Priority
 from corolla.engine.testing import FAMILY_TEST_OVERRIDES, tiny_config
 
@@ -178,3 +180,44 @@ def test_a_failing_batch_runs_its_steps_one_by_one() -> None:
     finally:
         thread.shutdown()
     assert results[0] == 1 and isinstance(results[1], RuntimeError)
+
+
+@pytest.mark.timeout(60)
+def test_a_long_prompt_runs_in_chunks_that_other_sessions_steps_can_pass() -> None:
+    """A prompt step is split into compute jobs of compute_chunk_tokens; its output equals one forward, and a
+    decode step queued meanwhile runs before the prompt's last chunk."""
+    config = tiny_config("llama")
+    span = random_span(config, 0, 3)
+    cfg = ServerConfig(compute_chunk_tokens=4)
+    backend = SpanBackend(span, config, cfg, torch.float32)
+    prompt = torch.randn(1, 23, config.hidden_size)
+    with torch.inference_mode():
+        whole = span(prompt, SpanCache(0, 3, 64))
+    order: list[str] = []
+    real_run = backend.span.forward
+
+    def spy(hidden: torch.Tensor, cache: object = None, *args: object, **kwargs: object) -> torch.Tensor:
+        order.append(f"{hidden.shape[1]}")
+        return real_run(hidden, cache, *args, **kwargs)  # type: ignore[arg-type]
+
+    backend.span.forward = spy  # type: ignore[method-assign]
+
+    async def scenario() -> torch.Tensor:
+        long = backend.open_session("long", 0, 3, 64, 1, "A")
+        short = backend.open_session("short", 0, 3, 64, 1, "B")
+        await backend.inference_step(short, 0, torch.randn(1, 2, config.hidden_size))
+        order.clear()
+        prompt_task = asyncio.ensure_future(backend.inference_step(long, 0, prompt))
+        while not order:  # the prompt's first chunk has started
+            await asyncio.sleep(0.001)
+        await backend.inference_step(short, 2, torch.randn(1, 1, config.hidden_size))
+        order.append("decode done")
+        return await prompt_task
+
+    try:
+        out = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    assert (out - whole).abs().max().item() < ATOL
+    assert order.count("4") == 5 and order.count("3") == 1  # 23 positions in jobs of 4
+    assert order.index("decode done") < len(order) - 1  # the decode step did not wait for the whole prompt
