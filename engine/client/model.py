@@ -183,7 +183,7 @@ class DistributedModelForCausalLM(nn.Module):
         """
         _check_unsupported(unused)
         _check_ids(input_ids, attention_mask)
-        hidden = _to_wire(self.head.embed(input_ids.to(self.device)))
+        hidden = _to_wire(self.head.embed(input_ids.to(self.device)), self.client_config.wire_dtype)
         cfg = self.client_config
         for attempt in range(cfg.max_retries + 1):
             route = self.manager.plan_forward()
@@ -239,7 +239,7 @@ class DistributedModelForCausalLM(nn.Module):
         for _ in range(max_new_tokens):
             if feed.shape[1] == 0:
                 raise ValueError("nothing to generate from: give at least one input token")
-            hidden = session.step(_to_wire(self.head.embed(feed.to(device))))
+            hidden = session.step(_to_wire(self.head.embed(feed.to(device)), self.client_config.wire_dtype))
             session.token_ids, session.pending_ids = seen, None
             logits = self.head.logits(hidden[:, -1:].to(device))[:, -1]
             token = next_tokens(logits, seen.to(device), params, generator).cpu()
@@ -406,8 +406,16 @@ class _ModelSession(InferenceSession):
         super().__exit__(*exc)
 
 
-def _to_wire(hidden: torch.Tensor) -> torch.Tensor:
-    """Hidden states as the servers take them: in CPU memory, in a wire dtype (float32 if ours is none)."""
+def _to_wire(hidden: torch.Tensor, wire_dtype: str = "auto") -> torch.Tensor:
+    """Hidden states as the servers take them: in CPU memory, in the wire dtype (``ClientConfig.wire_dtype``).
+
+    ``auto`` keeps the model's dtype (float32 if it has no wire form); a 16-bit one compresses float32
+    activations to half the bytes (servers compute in their own dtype and answer in the one they were sent).
+    """
+    if wire_dtype != "auto":
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype {wire_dtype!r} is not one of auto, {', '.join(WIRE_DTYPES)}")
+        return hidden.to("cpu", WIRE_DTYPES[wire_dtype])
     dtype = hidden.dtype if hidden.dtype in WIRE_DTYPES.values() else torch.float32
     return hidden.to("cpu", dtype)
 

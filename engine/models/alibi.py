@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from corolla.engine.models.family import Family, causal_masks
+from corolla.engine.models.family import Family
 
 
 def alibi_biases(family: Family, config: PretrainedConfig, hidden: torch.Tensor, keys: int) -> torch.Tensor:
@@ -29,18 +29,17 @@ class BloomFamily(Family):
         """Bloom has no positional module: the ALiBi slopes depend only on the number of heads."""
         return None
 
-    def layer_inputs(
+    def block_inputs(
         self,
         config: PretrainedConfig,
         positional: nn.Module | None,
         hidden: torch.Tensor,
-        offset: int,
+        positions: torch.Tensor,
+        masks: list[torch.Tensor],
         blocks: range,
     ) -> list[dict[str, Any]]:
         """Each block gets the ALiBi tensor over all keys so far and the additive causal mask."""
-        new = hidden.shape[1]
-        alibi = alibi_biases(self, config, hidden, offset + new)  # [batch * heads, 1, offset + new]
-        masks = causal_masks(config, offset, new, blocks, hidden.dtype, hidden.device)
+        alibi = alibi_biases(self, config, hidden, masks[0].shape[-1])  # [batch * heads, 1, keys]
         return [{"alibi": alibi, "attention_mask": mask} for mask in masks]
 
     def kv_shape(self, config: PretrainedConfig) -> tuple[int, int]:
@@ -53,27 +52,29 @@ class BloomFamily(Family):
 class FalconFamily(Family):
     """Falcon: rotary positions, or ALiBi folded into the mask (``config.alibi``); multi-query or grouped keys."""
 
-    def layer_inputs(
+    def block_inputs(
         self,
         config: PretrainedConfig,
         positional: nn.Module | None,
         hidden: torch.Tensor,
-        offset: int,
+        positions: torch.Tensor,
+        masks: list[torch.Tensor],
         blocks: range,
     ) -> list[dict[str, Any]]:
         """Rotary: the common inputs plus ``alibi=None``. ALiBi: the biases scaled and masked, as transformers does."""
         if not config.alibi:
             return [
-                {**inputs, "alibi": None} for inputs in super().layer_inputs(config, positional, hidden, offset, blocks)
+                {**inputs, "alibi": None}
+                for inputs in super().block_inputs(config, positional, hidden, positions, masks, blocks)
             ]
-        batch, new, _ = hidden.shape
+        batch = hidden.shape[0]
         heads = int(config.num_attention_heads)
-        keys = offset + new
+        keys = masks[0].shape[-1]
         alibi = alibi_biases(self, config, hidden, keys)  # [batch * heads, 1, keys]
         scaled = alibi.reshape(batch, heads, 1, keys) / math.sqrt(config.hidden_size // heads)
         out = []
         made: dict[int, torch.Tensor] = {}
-        for mask in causal_masks(config, offset, new, blocks, hidden.dtype, hidden.device):
+        for mask in masks:
             if id(mask) not in made:  # [batch, heads, new, keys]: ALiBi where allowed, the minimum elsewhere
                 made[id(mask)] = scaled.masked_fill(mask < -1, torch.finfo(hidden.dtype).min)
             out.append({"alibi": alibi, "attention_mask": made[id(mask)], "position_embeddings": None})

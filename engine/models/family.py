@@ -114,14 +114,31 @@ class Family:
             config: the model config.
             positional: what :meth:`positional` built.
             hidden: [batch, new, hidden] inputs of the first block (for shape, dtype, device).
-            offset: position of the first new token.
+            offset: position of the first new token (the same for every sequence).
             blocks: global indices of the blocks to run.
         """
-        assert positional is not None  # built by positional() for this family
         batch, new, _ = hidden.shape
         positions = torch.arange(offset, offset + new, device=hidden.device).expand(batch, new)
-        cos_sin = positional(hidden, positions)  # each [batch, new, head_dim]
         masks = causal_masks(config, offset, new, blocks, hidden.dtype, hidden.device)
+        return self.block_inputs(config, positional, hidden, positions, masks, blocks)
+
+    def block_inputs(
+        self,
+        config: PretrainedConfig,
+        positional: nn.Module | None,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        masks: list[torch.Tensor],
+        blocks: range,
+    ) -> list[dict[str, Any]]:
+        """Keyword arguments of each block given every row's positions and each block's additive mask.
+
+        Args:
+            positions: [batch, new] position of every new token (rows may differ: a batch of sessions).
+            masks: per block, [1 or batch, 1, new, keys]; key ``j`` is position ``j`` of that row.
+        """
+        assert positional is not None  # built by positional() for this family
+        cos_sin = positional(hidden, positions)  # each [batch, new, head_dim]
         return [{"attention_mask": mask, "position_ids": positions, "position_embeddings": cos_sin} for mask in masks]
 
     @staticmethod
@@ -264,6 +281,30 @@ def causal_masks(
         window = sliding_window_of(config, block)
         if window not in made:
             made[window] = build_attention_mask(offset, new, window, dtype, device)
+        out.append(made[window])
+    return out
+
+
+def row_masks(
+    config: PretrainedConfig, held: list[int], blocks: range, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """Per block, an additive mask [rows, 1, 1, max(held) + 1] for one new token per row at position ``held[r]``.
+
+    Row ``r`` sees keys ``0..held[r]`` (within the block's window); the keys past it are another row's padding.
+    """
+    q_pos = torch.tensor(held, device=device)[:, None]  # [rows, 1]
+    k_pos = torch.arange(max(held) + 1, device=device)[None, :]  # [1, keys]
+    made: dict[int | None, torch.Tensor] = {}
+    out = []
+    for block in blocks:
+        window = sliding_window_of(config, block)
+        if window not in made:
+            allowed = k_pos <= q_pos
+            if window is not None:
+                allowed &= (q_pos - k_pos) < window
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            made[window] = mask[:, None, None, :]
         out.append(made[window])
     return out
 

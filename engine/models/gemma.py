@@ -9,26 +9,24 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from corolla.engine.models.family import Family, causal_masks
+from corolla.engine.models.family import Family
 
 
 @dataclass(frozen=True)
 class Gemma3Family(Family):
     """Gemma 3 (text): the rotary module takes the layer type; local layers use a sliding window."""
 
-    def layer_inputs(
+    def block_inputs(
         self,
         config: PretrainedConfig,
         positional: nn.Module | None,
         hidden: torch.Tensor,
-        offset: int,
+        positions: torch.Tensor,
+        masks: list[torch.Tensor],
         blocks: range,
     ) -> list[dict[str, Any]]:
         """The common inputs, with cos/sin computed once per layer type of the blocks that run."""
         assert positional is not None  # built by positional()
-        batch, new, _ = hidden.shape
-        positions = torch.arange(offset, offset + new, device=hidden.device).expand(batch, new)
-        masks = causal_masks(config, offset, new, blocks, hidden.dtype, hidden.device)
         cos_sin: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
         for block, mask in zip(blocks, masks, strict=True):

@@ -98,6 +98,16 @@ class SpanCache(Cache):
             raise ValueError(f"session holds {self.length} tokens, +{new_tokens} exceeds {self.max_length}")
         self._pending = new_tokens
 
+    def abort_step(self) -> None:
+        """Forget a step that failed half-way (the keys it wrote past ``length`` are ignored)."""
+        self._pending = 0
+
+    @property
+    def batch_rows(self) -> int | None:
+        """Sequences this cache holds (its storage's batch size), or None before its first step."""
+        keys = self.span_layers[0].keys
+        return None if keys is None or self.length == 0 else int(keys.shape[0])
+
     def end_step(self) -> None:
         """Commit the tokens appended by the step."""
         self.length += self._pending
@@ -141,7 +151,7 @@ class BlockSpan(nn.Module):
             self.layers = nn.ModuleList([layer_cls(config, layer_idx=i) for i in range(start, end)])
         self.rotary_emb = family.positional(config)  # None for families without one (Bloom)
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
-        self._cache_kwarg = cache_keyword(layer_cls)
+        self.cache_kwarg = cache_keyword(layer_cls)  # how the blocks take their cache
 
     def forward(
         self,
@@ -169,7 +179,7 @@ class BlockSpan(nn.Module):
         inputs = self.family.layer_inputs(self.config, self.rotary_emb, hidden_states, offset, blocks)
         for block, kwargs in zip(blocks, inputs, strict=True):
             output = self.layers[block - self.start](
-                hidden_states, **kwargs, **{self._cache_kwarg: cache}, use_cache=cache is not None
+                hidden_states, **kwargs, **{self.cache_kwarg: cache}, use_cache=cache is not None
             )
             hidden_states = self.family.layer_output(output)
         if cache is not None:

@@ -12,12 +12,15 @@ from transformers import PretrainedConfig
 
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
+from corolla.engine.models.batched import run_rows
 from corolla.engine.models.span import BlockSpan, SpanCache
-from corolla.engine.server.compute_queue import ComputeThread, Priority
+from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
 from corolla.engine.server.limits import PeerBudget
 
 logger = logging.getLogger(__name__)
+
+BATCH_LENGTH_BUCKET = 512  # decode steps batch together when their sessions hold the same multiple of this many tokens
 
 
 @dataclass
@@ -52,6 +55,7 @@ class SpanBackend:
         self.budget = CacheBudget(cfg.cache_bytes)
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
+        self.rows_batched = 0  # decode rows that ran in one forward with another session's
         # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
         self.tokens_in_flight = PeerBudget(
             "tokens in flight", cfg.max_tokens_in_flight_per_peer, cfg.max_tokens_in_flight
@@ -196,21 +200,59 @@ class SpanBackend:
                 "open the session with a larger max_length"
             )
         session.last_used = time.monotonic()
-
-        def run() -> torch.Tensor:
-            if session.closed_because is not None:  # reclaimed while this step waited
-                raise SessionClosedError(f"this server closed session {session.session_id!r}: open a new one")
-            with torch.inference_mode():
-                session.cache.truncate(position)
-                out = self.span(x, session.cache, start=session.start, end=session.end)
-            return out.to("cpu", wire_dtype)
-
         tokens = x.shape[0] * x.shape[1]
         with self.tokens_in_flight.holding(session.peer, tokens):
-            out = await self._compute.run(run, Priority.INFERENCE, session.peer)
+            if x.shape[1] == 1 and position > 0 and self.cfg.batch_rows > 1:
+                # A decode step: it may run in one forward with other sessions' steps over the same blocks.
+                # Sessions of similar lengths only, so that padding every row to the longest one (one block's
+                # keys at a time) costs at most a bucket's worth of extra keys per row.
+                key = (session.start, session.end, position // BATCH_LENGTH_BUCKET)
+                step = (session, position, x)
+                batch = Batchable(key, step, self._decode_many, x.shape[0], self.cfg.batch_rows)
+                out = await self._compute.run(lambda: self._decode_many([step])[0], *self._turn(session), batch)
+            else:
+                # A prompt runs as chunks of at most compute_chunk_tokens, so other sessions' steps run between.
+                chunk = max(1, self.cfg.compute_chunk_tokens // x.shape[0])
+                parts = []
+                for i in range(0, x.shape[1], chunk):
+                    part = x[:, i : i + chunk]
+
+                    def run(part: torch.Tensor = part, at: int = position + i) -> torch.Tensor:
+                        self._check_not_reclaimed(session)
+                        with torch.inference_mode():
+                            session.cache.truncate(at)
+                            return self.span(part, session.cache, start=session.start, end=session.end)
+
+                    parts.append(await self._compute.run(run, *self._turn(session)))
+                out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         session.last_used = time.monotonic()
         self.tokens_processed += tokens
-        return out
+        return out.to("cpu", wire_dtype)
+
+    @staticmethod
+    def _turn(session: ServerSession) -> tuple[Priority, str]:
+        return Priority.INFERENCE, session.peer
+
+    @staticmethod
+    def _check_not_reclaimed(session: ServerSession) -> None:
+        if session.closed_because is not None:  # reclaimed while this step waited
+            raise SessionClosedError(f"this server closed session {session.session_id!r}: open a new one")
+
+    def _decode_many(self, steps: list[tuple[ServerSession, int, torch.Tensor]]) -> list[torch.Tensor]:
+        """One token of each session (all over the same blocks) in one forward (runs on the compute thread)."""
+        for s, _, _ in steps:
+            self._check_not_reclaimed(s)
+        session = steps[0][0]
+        with torch.inference_mode():
+            for s, position, _ in steps:
+                s.cache.truncate(position)
+            if len(steps) == 1:
+                return [self.span(steps[0][2], session.cache, start=session.start, end=session.end)]
+            outs = run_rows(
+                self.span, [x for _, _, x in steps], [s.cache for s, _, _ in steps], session.start, session.end
+            )
+        self.rows_batched += sum(x.shape[0] for _, _, x in steps)
+        return outs
 
     async def forward(self, start: int, end: int, hidden: torch.Tensor, peer: str = "") -> torch.Tensor:
         """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens).

@@ -92,6 +92,7 @@ class Handler:
             info.update(
                 cache_tokens_left=backend.cache_tokens_left(),
                 tokens_processed=backend.tokens_processed,
+                rows_batched=backend.rows_batched,
                 sessions=len(backend.sessions),
             )
         return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(info, use_bin_type=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm_helpers import client, hf_greedy, hf_model, random_ids, running_swarm
+from swarm_helpers import client, hf_greedy, hf_model, max_diff, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
@@ -40,6 +40,11 @@ def three(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPat
 def tokens_processed(model: DistributedModelForCausalLM, peers: list[str]) -> int:
     """Tokens the given servers have computed so far, summed (their info RPC's counter)."""
     return sum(int(model.loop.run(remote_info(model.p2p, peer, 10.0))["tokens_processed"]) for peer in peers)
+
+
+def rows_batched(model: DistributedModelForCausalLM, peers: list[str]) -> int:
+    """Decode rows the given servers ran in one forward with another session's, summed."""
+    return sum(int(model.loop.run(remote_info(model.p2p, peer, 10.0))["rows_batched"]) for peer in peers)
 
 
 @pytest.mark.timeout(120)
@@ -132,3 +137,42 @@ def test_chat_matches_transformers_up_to_the_stop(three: ThreeServers) -> None:
     assert result.text == full[: full.index(stop)]
     assert result.finish_reason == "stop"
     assert result.prompt_tokens == len(three.model.tokenizer(prompt).input_ids)
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_sessions_are_batched_and_match_transformers(three: ThreeServers) -> None:
+    """Decode steps of sessions running at once share forwards on the servers; every output stays exact."""
+    prompts = [random_ids(1 + i % 2, 3 + i, seed=40 + i) for i in range(6)]
+    expected = [hf_greedy(three.hf, p, 16, eos=False) for p in prompts]
+    peers = [peer_id(server) for server in three.swarm.servers]
+    before = rows_batched(three.model, peers)
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = three.model.generate(prompts[i], max_new_tokens=16, eos_token_id=[])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=80)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    for i, want in enumerate(expected):
+        assert torch.equal(results[i], want), f"generation {i}"
+    assert rows_batched(three.model, peers) > before  # the servers really ran steps of sessions together
+
+
+@pytest.mark.timeout(60)
+def test_bfloat16_wire_stays_close_to_transformers(three: ThreeServers) -> None:
+    """The opt-in compressed wire: float32 servers take and answer bfloat16 activations; a small, nonzero error."""
+    ids = random_ids(2, 10, seed=60)
+    with client(three.path, three.swarm, wire_dtype="bfloat16") as light, torch.inference_mode():
+        got = light(ids).logits
+        want = three.hf(ids).logits
+    err = max_diff(got, want)
+    assert 0 < err < 0.05 * want.abs().max().item(), err

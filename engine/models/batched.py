@@ -1,0 +1,99 @@
+"""One forward for the decode steps of several sessions over the same blocks (batching across sessions).
+
+Each session keeps its own :class:`SpanCache` (storage preallocated per session, appended in place). A batched
+step stacks every session's new token into one ``[rows, 1, hidden]`` input; each row gets its own position
+and a mask that hides the keys past its own length. Inside a block, :class:`RowsCache` appends each row's new
+keys/values to that row's session cache and hands attention the sessions' keys side by side, right-padded to
+the longest (the padding is masked out). Everything else in the block (projections, MLP, experts) runs once for
+all rows. The outputs equal running the sessions one by one, up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from corolla.engine.models.family import row_masks
+from corolla.engine.models.span import BlockSpan, SpanCache
+
+__all__ = ["RowsCache", "run_rows"]
+
+
+class RowsCache(Cache):
+    """The caches of several sessions seen by the blocks as one cache of ``sum(batch sizes)`` rows."""
+
+    def __init__(self, caches: list[SpanCache]) -> None:
+        self.caches = caches
+        self.rows: list[slice] = []  # which rows of the batch belong to each cache
+        first = 0
+        for cache in caches:
+            if cache.batch_rows is None:
+                raise ValueError("a session cache joins a batch only after it holds tokens")
+            self.rows.append(slice(first, first + cache.batch_rows))
+            first += cache.batch_rows
+        self.keys = max(cache.length for cache in caches) + 1  # key positions in this step
+        super().__init__(layers=list(caches[0].span_layers))
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each row's new keys/values [rows, kv_heads, 1, head_dim] to its session's cache; return all
+        sessions' keys/values [rows, kv_heads, keys, head_dim], right-padded with zeros (masked)."""
+        rows, heads, _, dim = key_states.shape
+        keys = key_states.new_zeros((rows, heads, self.keys, dim))
+        values = value_states.new_zeros((rows, heads, self.keys, dim))
+        for cache, part in zip(self.caches, self.rows, strict=True):
+            k, v = cache.update(key_states[part], value_states[part], layer_idx)  # views of the session's storage
+            keys[part, :, : k.shape[2]] = k
+            values[part, :, : v.shape[2]] = v
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int | None = 0, *args: Any) -> int:
+        """Key positions before this step (the longest session's)."""
+        return self.keys - 1
+
+
+def run_rows(
+    span: BlockSpan, inputs: list[torch.Tensor], caches: list[SpanCache], start: int, end: int
+) -> list[torch.Tensor]:
+    """Decode one token for each session in one forward of blocks ``start..end-1``.
+
+    Args:
+        span: the blocks.
+        inputs: per session, [batch_i, 1, hidden] hidden states of its next token.
+        caches: per session, its cache over exactly blocks ``start..end-1``, holding at least one token.
+
+    Returns:
+        Per session, [batch_i, 1, hidden] outputs, as ``span(inputs[i], caches[i])`` would give.
+    """
+    if len(inputs) != len(caches) or not inputs:
+        raise ValueError("one input per cache, at least one")
+    for x, cache in zip(inputs, caches, strict=True):
+        if cache.batch_rows is None:
+            raise ValueError("a session cache joins a batch only after it holds tokens")
+        if x.shape[1] != 1 or x.shape[0] != cache.batch_rows:
+            raise ValueError(f"a batched step takes one token per row of its cache, got {list(x.shape)}")
+    hidden = torch.cat(inputs, dim=0)  # [rows, 1, hidden]
+    rows = RowsCache(caches)
+    held: list[int] = []  # tokens each row's session holds: the position of its new token
+    for x, cache in zip(inputs, caches, strict=True):
+        held += [cache.length] * x.shape[0]
+    positions = torch.tensor(held, device=hidden.device)[:, None]  # [rows, 1]
+    blocks = range(start, end)
+    masks = row_masks(span.config, held, blocks, hidden.dtype, hidden.device)
+    kwargs_per_block = span.family.block_inputs(span.config, span.rotary_emb, hidden, positions, masks, blocks)
+    for cache in caches:
+        cache.begin_step(1)
+    try:
+        for block, kwargs in zip(blocks, kwargs_per_block, strict=True):
+            output = span.layers[block - span.start](hidden, **kwargs, **{span.cache_kwarg: rows}, use_cache=True)
+            hidden = span.family.layer_output(output)
+    except BaseException:
+        for cache in caches:
+            cache.abort_step()
+        raise
+    for cache in caches:
+        cache.end_step()
+    return list(torch.split(hidden, [x.shape[0] for x in inputs], dim=0))

@@ -1,0 +1,223 @@
+"""Batching across sessions: one forward for several sessions' decode steps equals running them one by one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from corolla.engine.config import ServerConfig
+from corolla.engine.models.batched import run_rows
+from corolla.engine.models.span import BlockSpan, SpanCache
+from corolla.engine.server.backend import SpanBackend
+from corolla.engine.server.compute_queue import Batchable, ComputeThread, FairQueue, Priority
+from corolla.engine.testing import FAMILY_TEST_OVERRIDES, tiny_config
+
+ATOL = 1e-5  # fp32: only the summation order of the matmuls differs between a batch and a single row
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "falcon-alibi": ("falcon", {"alibi": True, "multi_query": False}),
+    "qwen2-mixed-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}),
+}
+CASES = {**{name: (name, overrides) for name, overrides in FAMILY_TEST_OVERRIDES.items()}, **VARIANTS}
+# Sessions of different batch sizes and prompt lengths (longer and shorter than the tiny windows of 4 and 5).
+SESSIONS = [(1, 7), (2, 3), (1, 1), (1, 10)]
+DECODE_STEPS = 4
+
+
+def random_span(config: object, start: int, end: int) -> BlockSpan:
+    """Blocks with random weights (fused expert tensors are allocated empty, so every matrix is drawn here)."""
+    torch.manual_seed(0)
+    span = BlockSpan(config, start, end).eval()  # type: ignore[arg-type]
+    for p in span.parameters():
+        if p.ndim >= 2:
+            p.data.normal_(0, 0.1)
+    return span
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(CASES))
+@torch.inference_mode()
+def test_batched_decode_equals_one_by_one(case: str) -> None:
+    family, overrides = CASES[case]
+    config = tiny_config(family, **overrides)
+    span = random_span(config, 1, 4)  # a sub-span: global block indices do not start at 0
+    hidden = config.hidden_size
+    prompts = [torch.randn(batch, length, hidden) for batch, length in SESSIONS]
+    alone = [SpanCache(1, 3, 32) for _ in SESSIONS]
+    together = [SpanCache(1, 3, 32) for _ in SESSIONS]
+    for prompt, a, b in zip(prompts, alone, together, strict=True):
+        assert torch.equal(span(prompt, a), span(prompt, b))
+    for step in range(DECODE_STEPS):
+        # A different subset of the sessions decodes together each step (a session may skip a step).
+        members = [i for i in range(len(SESSIONS)) if (i + step) % 4 != 3]
+        tokens = {i: torch.randn(SESSIONS[i][0], 1, hidden) for i in members}
+        expected = {i: span(tokens[i], alone[i]) for i in members}
+        got = run_rows(span, [tokens[i] for i in members], [together[i] for i in members], 1, 4)
+        for i, out in zip(members, got, strict=True):
+            assert out.shape == expected[i].shape
+            diff = (out - expected[i]).abs().max().item()
+            assert diff < ATOL, f"{case}: session {i} step {step} differs by {diff}"
+            assert together[i].length == alone[i].length
+
+
+@torch.inference_mode()
+def test_batched_step_writes_into_each_sessions_own_storage() -> None:
+    """No step reallocates a session's cache once it has room: the keys stay in the same storage."""
+    config = tiny_config("llama")
+    span = random_span(config, 0, 2)
+    caches = [SpanCache(0, 2, 64) for _ in range(3)]
+    for i, cache in enumerate(caches):
+        span(torch.randn(1, 2 + i, config.hidden_size), cache)
+    storage = [cache.span_layers[0].keys.data_ptr() for cache in caches]  # type: ignore[union-attr]
+    for _ in range(5):
+        run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 0, 2)
+    assert [cache.span_layers[0].keys.data_ptr() for cache in caches] == storage  # type: ignore[union-attr]
+    assert [cache.length for cache in caches] == [7, 8, 9]
+
+
+@torch.inference_mode()
+def test_batched_step_refuses_mismatched_rows() -> None:
+    config = tiny_config("llama")
+    span = random_span(config, 0, 2)
+    cache = SpanCache(0, 2, 16)
+    span(torch.randn(2, 3, config.hidden_size), cache)
+    with pytest.raises(ValueError, match="one token per row"):
+        run_rows(span, [torch.randn(1, 1, config.hidden_size)], [cache], 0, 2)
+    with pytest.raises(ValueError, match="holds tokens"):
+        run_rows(span, [torch.randn(1, 1, config.hidden_size)], [SpanCache(0, 2, 16)], 0, 2)
+    assert cache.length == 3
+
+
+def block(started: threading.Event, gate: threading.Event) -> None:
+    """A job that holds the compute thread until the test has queued what it wants batched."""
+    started.set()
+    gate.wait(20)
+
+
+def test_queue_take_keeps_the_pick_order_and_the_others_places() -> None:
+    queue: FairQueue[str] = FairQueue()
+    for item, priority, peer in [("a1", 0, "A"), ("b1", 0, "B"), ("a2", 0, "A"), ("f1", 1, "A"), ("b2", 0, "B")]:
+        queue.put(item, priority, peer)
+    assert queue.take(lambda item: item != "b1", 3) == ["a1", "b2", "a2"]  # one per peer per round
+    assert len(queue) == 2
+    assert [queue.pop(), queue.pop(), queue.pop()] == ["b1", "f1", None]
+    queue.put("a3", 0, "A")
+    assert queue.take(lambda item: True, 1) == ["a3"] and len(queue) == 0
+
+
+@pytest.mark.timeout(30)
+def test_compute_thread_runs_queued_steps_of_one_key_as_one_batch() -> None:
+    thread = ComputeThread()
+    gate, started = threading.Event(), threading.Event()
+    calls: list[list[int]] = []
+
+    def run_many(payloads: list[int]) -> list[int]:
+        calls.append(payloads)
+        return [p * 10 for p in payloads]
+
+    def step(n: int, key: str = "span", size: int = 1) -> Batchable:
+        return Batchable(key, n, run_many, size=size, limit=4)
+
+    async def scenario() -> list[int]:
+        blocker = asyncio.ensure_future(thread.run(lambda: block(started, gate), Priority.INFERENCE, "X"))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        jobs = [
+            thread.run(lambda: -1, Priority.INFERENCE, "A", step(1)),
+            thread.run(lambda: -2, Priority.INFERENCE, "B", step(2, key="other")),
+            thread.run(lambda: -3, Priority.INFERENCE, "C", step(3, size=2)),
+            thread.run(lambda: -4, Priority.INFERENCE, "D", step(4, size=2)),  # over the limit of 4 rows
+            thread.run(lambda: -5, Priority.INFERENCE, "E", step(5)),
+            thread.run(lambda: 6, Priority.INFERENCE, "F"),
+        ]
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        while len(thread) < len(jobs):
+            await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        return list(await asyncio.gather(*tasks))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        thread.shutdown()
+    assert results == [10, -2, 30, -4, 50, 6]  # grouped steps through run_many, lone ones through their own fn
+    assert calls[0] == [1, 3, 5]  # the first key's steps, up to 4 rows; the others ran alone (their own fn)
+    assert len(calls) == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_batch_runs_its_steps_one_by_one() -> None:
+    thread = ComputeThread()
+    gate, started = threading.Event(), threading.Event()
+
+    def run_many(payloads: list[int]) -> list[int]:
+        raise ValueError("one member is bad")
+
+    async def scenario() -> list[object]:
+        blocker = asyncio.ensure_future(thread.run(lambda: block(started, gate), Priority.INFERENCE, "X"))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+
+        def bad() -> int:
+            raise RuntimeError("bad step")
+
+        jobs = [
+            thread.run(lambda: 1, Priority.INFERENCE, "A", Batchable("k", 1, run_many, limit=8)),
+            thread.run(bad, Priority.INFERENCE, "B", Batchable("k", 2, run_many, limit=8)),
+        ]
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        while len(thread) < len(jobs):
+            await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        thread.shutdown()
+    assert results[0] == 1 and isinstance(results[1], RuntimeError)
+
+
+@pytest.mark.timeout(60)
+def test_a_long_prompt_runs_in_chunks_that_other_sessions_steps_can_pass() -> None:
+    """A prompt step is split into compute jobs of compute_chunk_tokens; its output equals one forward, and a
+    decode step queued meanwhile runs before the prompt's last chunk."""
+    config = tiny_config("llama")
+    span = random_span(config, 0, 3)
+    cfg = ServerConfig(compute_chunk_tokens=4)
+    backend = SpanBackend(span, config, cfg, torch.float32)
+    prompt = torch.randn(1, 23, config.hidden_size)
+    with torch.inference_mode():
+        whole = span(prompt, SpanCache(0, 3, 64))
+    order: list[str] = []
+    real_run = backend.span.forward
+
+    def spy(hidden: torch.Tensor, cache: object = None, *args: object, **kwargs: object) -> torch.Tensor:
+        order.append(f"{hidden.shape[1]}")
+        return real_run(hidden, cache, *args, **kwargs)  # type: ignore[arg-type]
+
+    backend.span.forward = spy  # type: ignore[method-assign]
+
+    async def scenario() -> torch.Tensor:
+        long = backend.open_session("long", 0, 3, 64, 1, "A")
+        short = backend.open_session("short", 0, 3, 64, 1, "B")
+        await backend.inference_step(short, 0, torch.randn(1, 2, config.hidden_size))
+        order.clear()
+        prompt_task = asyncio.ensure_future(backend.inference_step(long, 0, prompt))
+        while not order:  # the prompt's first chunk has started
+            await asyncio.sleep(0.001)
+        await backend.inference_step(short, 2, torch.randn(1, 1, config.hidden_size))
+        order.append("decode done")
+        return await prompt_task
+
+    try:
+        out = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    assert (out - whole).abs().max().item() < ATOL
+    assert order.count("4") == 5 and order.count("3") == 1  # 23 positions in jobs of 4
+    assert order.index("decode done") < len(order) - 1  # the decode step did not wait for the whole prompt
