@@ -40,6 +40,7 @@ class ServerRecord(BaseModel):
     public_name: str | None = Field(default=None, max_length=64)
     corolla_version: str = Field(default="", max_length=32)
     dtype: str = Field(default="", max_length=16)
+    tokens_served: int = Field(default=0, ge=0, description="tokens this server's machine processed for clients")
 
     @model_validator(mode="after")
     def _span_is_ordered(self) -> ServerRecord:

@@ -15,6 +15,7 @@ from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedEr
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
+from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.limits import PeerBudget
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class ServerSession:
     opened: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     closed_because: str | None = None  # why the server closed it (reclaimed, lifetime over), if it did
+    favored: bool = False  # its client proved it also serves (server/contributors.py): its steps go first
 
 
 class SpanBackend:
@@ -52,6 +54,9 @@ class SpanBackend:
         self.budget = CacheBudget(cfg.cache_bytes)
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
+        self.ledger: Ledger | None = (
+            None  # a Ledger (server/ledger.py) counting tokens per client peer, if the server set one
+        )
         # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
         self.tokens_in_flight = PeerBudget(
             "tokens in flight", cfg.max_tokens_in_flight_per_peer, cfg.max_tokens_in_flight
@@ -207,9 +212,11 @@ class SpanBackend:
 
         tokens = x.shape[0] * x.shape[1]
         with self.tokens_in_flight.holding(session.peer, tokens):
-            out = await self._compute.run(run, Priority.INFERENCE, session.peer)
+            out = await self._compute.run(run, Priority.INFERENCE, session.peer, favored=session.favored)
         session.last_used = time.monotonic()
         self.tokens_processed += tokens
+        if self.ledger is not None:
+            self.ledger.add(session.peer, tokens)
         return out
 
     async def forward(self, start: int, end: int, hidden: torch.Tensor, peer: str = "") -> torch.Tensor:
@@ -235,6 +242,8 @@ class SpanBackend:
 
             outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
         self.tokens_processed += batch * length
+        if self.ledger is not None:
+            self.ledger.add(peer, batch * length)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def queued(self) -> int:
