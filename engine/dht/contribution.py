@@ -36,16 +36,16 @@ def _payload(client_id: str, server_id: str, stamp: float) -> bytes:
 
 def make_claim(identity: PeerIdentity, client_id: str, server_id: str, now: float | None = None) -> str:
     """A claim, signed by ``identity`` (a server's key), that ``client_id`` belongs to that server's owner."""
-    stamp = time.time() if now is None else now
+    stamp = round(time.time() if now is None else now, 3)  # signed as written
     signature = identity.sign(_payload(client_id, server_id, stamp))
-    return f"{identity.peer_id}.{stamp:.3f}.{signature.hex()}"
+    return f"{identity.peer_id}:{stamp:.3f}:{signature.hex()}"
 
 
 def check_claim(claim: str | None, client_id: str, server_id: str, now: float | None = None) -> str | None:
     """The claimed server's peer id if ``claim`` is validly signed for this pair of peers and fresh; else None."""
     if not claim or len(claim) > 512:
         return None
-    parts = claim.split(".")
+    parts = claim.split(":")
     if len(parts) != 3:
         return None
     peer_id, stamp_text, sig_hex = parts

@@ -3,8 +3,9 @@
 The server calls :meth:`ContributorBook.is_contributor` when a session opens. The claim's signature is
 checked at once (``dht/contribution.py``); whether the claimed server is online is looked up in the swarm's
 model index (signed entries that servers refresh while they serve), remembered for ``ttl`` seconds, and
-read at most once per ``ttl`` however many sessions open. A lookup that fails or is slow counts as "not
-a contributor": priority is a favour, never a reason to refuse or delay anyone.
+read at most once per ``ttl`` however many sessions open. Only a client with a validly signed claim
+waits for that lookup (at most ``timeout``); one that fails counts as "not a contributor": priority is a
+favour, never a reason to refuse anyone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ OnlineServers = Callable[[], set[str]]  # blocking: peer ids with a signed, unex
 class ContributorBook:
     """Answers "is this client a contributor?" from claims and a cached set of online servers."""
 
-    def __init__(self, online_servers: OnlineServers, ttl: float = 30.0, timeout: float = 5.0) -> None:
+    def __init__(self, online_servers: OnlineServers, ttl: float = 30.0, timeout: float = 15.0) -> None:
         self._online_servers = online_servers
         self.ttl = ttl
         self.timeout = timeout
@@ -42,7 +43,7 @@ class ContributorBook:
             self._online = await asyncio.wait_for(asyncio.shield(self._reading), self.timeout)
             self._read_at = time.monotonic()
         except Exception as e:  # a slow or broken DHT: nobody gets priority for now
-            logger.debug("could not read the online servers: %s", e or type(e).__name__)
+            logger.info("could not read the online servers: %s", e or type(e).__name__)
         return self._online
 
     async def is_contributor(self, claim: str | None, client_id: str, server_id: str) -> bool:
@@ -53,4 +54,6 @@ class ContributorBook:
         found = contributor in await self.online()
         if found:
             logger.info("client %s serves as %s: its steps go first", client_id[-6:], contributor[-6:])
+        else:
+            logger.info("client %s claims to serve as %s, which is not online", client_id[-6:], contributor[-6:])
         return found

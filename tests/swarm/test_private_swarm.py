@@ -196,55 +196,67 @@ def test_streams_need_a_fresh_proof_for_this_pair_of_peers(private: Private, pee
     member.loop.run(stream.close(session_id), timeout=10)
 
 
-SESSIONS, STEPS, TOKENS = 3, 8, 64  # per client: sessions at once, steps per session, tokens per step
+SESSIONS, STEPS, TOKENS = 3, 6, 64  # per client: sessions at once, steps per session, tokens per step
 
 
-async def _steps(peer: _Peer, opened: list[tuple[HopStream, str]]) -> list[float]:
-    """Run every session's steps at once; the latency of each step, in seconds."""
+async def _steps(peer: _Peer, opened: list[tuple[HopStream, str]], steps: int) -> list[tuple[float, float]]:
+    """Run every session's ``steps`` steps at once; when each step began and ended (perf_counter seconds)."""
 
-    async def one(stream: HopStream, session_id: str) -> list[float]:
-        latencies = []
-        for i in range(STEPS):
+    async def one(stream: HopStream, session_id: str) -> list[tuple[float, float]]:
+        times = []
+        for i in range(steps):
             x = torch.randn(1, TOKENS, HIDDEN)
             began = time.perf_counter()
             await stream.step(session_id, x, i * TOKENS, i, 120)
-            latencies.append(time.perf_counter() - began)
+            times.append((began, time.perf_counter()))
         await stream.close(session_id)
-        return latencies
+        return times
 
     done = await asyncio.gather(*(one(s, sid) for s, sid in opened))
-    return [t for latencies in done for t in latencies]
+    return [t for times in done for t in times]
 
 
 def test_contributors_are_served_first_under_load(private: Private, peers: tuple[_Peer, ...]) -> None:
-    """Two clients saturate server A with equal loads; the one whose owner runs server B gets its steps first."""
+    """Two clients saturate server A with the same load; the one whose owner runs server B gets its steps first.
+
+    The other client keeps stepping after the contributor is done (it must finish too); latencies are
+    compared over the steps that both ran at the same time, and the contributor's must be clearly lower
+    (without priority the two are equal, give or take noise).
+    """
     contributor, other, _ = peers
     a = peer_id(private.a)
     owner_key = load_identity(private.b_identity)  # server B's key: its owner's client signs claims with it
 
-    def open_all(peer: _Peer, claim: bool) -> list[tuple[HopStream, str]]:
+    def open_all(peer: _Peer, claim: bool, steps: int) -> list[tuple[HopStream, str]]:
         async def go() -> list[tuple[HopStream, str]]:
             return [
                 await peer.open_async(
                     a,
                     make_proof(private.keys, peer.id, a),
                     make_claim(owner_key, peer.id, a) if claim else None,
-                    max_length=STEPS * TOKENS,
+                    max_length=steps * TOKENS,
                 )
                 for _ in range(SESSIONS)
             ]
 
         return peer.loop.run(go(), timeout=60)
 
-    favored, plain = open_all(contributor, True), open_all(other, False)
+    favored, plain = open_all(contributor, True, STEPS), open_all(other, False, 2 * STEPS)
     runs = [
-        asyncio.run_coroutine_threadsafe(_steps(p, opened), p.loop.loop)
-        for p, opened in ((other, plain), (contributor, favored))
+        asyncio.run_coroutine_threadsafe(_steps(other, plain, 2 * STEPS), other.loop.loop),
+        asyncio.run_coroutine_threadsafe(_steps(contributor, favored, STEPS), contributor.loop.loop),
     ]
-    plain_latency, favored_latency = (run.result(timeout=180) for run in runs)
-    assert len(plain_latency) == len(favored_latency) == SESSIONS * STEPS  # the non-contributor finished too
-    favored_mean = sum(favored_latency) / len(favored_latency)
-    plain_mean = sum(plain_latency) / len(plain_latency)
-    figures = f"mean step latency: contributor {favored_mean * 1000:.1f} ms, other {plain_mean * 1000:.1f} ms"
+    plain_times, favored_times = (run.result(timeout=180) for run in runs)
+    assert len(plain_times) == SESSIONS * 2 * STEPS  # the non-contributor finished every step
+    assert len(favored_times) == SESSIONS * STEPS
+    overlap_end = max(end for _, end in favored_times)
+    plain_overlap = [end - began for began, end in plain_times if began < overlap_end]
+    favored_mean = sum(end - began for began, end in favored_times) / len(favored_times)
+    plain_mean = sum(plain_overlap) / len(plain_overlap)
+    figures = (
+        f"mean step latency: contributor {favored_mean * 1000:.1f} ms, "
+        f"other {plain_mean * 1000:.1f} ms over the same time ({len(plain_overlap)} steps)"
+    )
     logger.warning(figures)  # shown in the test report
-    assert favored_mean < plain_mean, figures
+    # Equal loads without priority give equal latencies (measured: 478 vs 522 ms); with it, about 1:2.6.
+    assert favored_mean * 1.5 < plain_mean, figures
