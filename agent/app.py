@@ -348,6 +348,8 @@ class AgentApp:
             pid=child.pid,
             blocks=(stats.blocks if stats and stats.blocks else default_blocks),
             tokens_processed=stats.tokens_processed if stats else 0,
+            tokens_served_today=stats.tokens_served_today if stats else self._status.tokens_served_today,
+            tokens_served_total=stats.tokens_served_total if stats else self._status.tokens_served_total,
             gpu=self._gpu.name,
             start_at_login=self.settings.start_at_login,
             log_dir=str(self.paths.log_dir),

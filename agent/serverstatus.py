@@ -15,6 +15,8 @@ class ServerStats(BaseModel):
         blocks: The span served, e.g. ``"0:15"``.
         tokens_processed: Tokens run through our blocks since the server started.
         state: The server's own state, e.g. ``"online"``.
+        tokens_served_today: Tokens this machine's servers processed for others today (the server's ledger).
+        tokens_served_total: The same, over all time.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -22,6 +24,8 @@ class ServerStats(BaseModel):
     blocks: str | None = Field(default=None, max_length=64)
     tokens_processed: int = Field(default=0, ge=0)
     state: str = Field(default="unknown", max_length=32)
+    tokens_served_today: int = Field(default=0, ge=0)
+    tokens_served_total: int = Field(default=0, ge=0)
 
 
 def read_stats(path: Path) -> ServerStats | None:

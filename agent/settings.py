@@ -49,6 +49,7 @@ class AgentSettings(BaseModel):
         server_command: Program part of the server command line (None: this Python's
             ``-m corolla.engine.cli server``).
         extra_server_args: Extra flags appended to the server command line.
+        swarm_key_file: Key file of a private swarm (``corolla swarm-key new``); None: a public swarm.
     """
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
@@ -73,6 +74,7 @@ class AgentSettings(BaseModel):
     poll_interval_s: float = Field(default=2.0, gt=0, le=60)
     server_command: list[str] | None = None
     extra_server_args: list[str] = Field(default_factory=list)
+    swarm_key_file: str | None = Field(default=None, max_length=4096)
 
     @field_validator("initial_peers")
     @classmethod
@@ -120,6 +122,8 @@ class AgentSettings(BaseModel):
             argv += ["--public-name", self.public_name]
         if self.max_vram_gb is not None:
             argv += ["--max-memory", str(round(self.max_vram_gb * 2**30))]  # bytes
+        if self.swarm_key_file:
+            argv += ["--swarm-key", self.swarm_key_file]
         argv += ["--device", device, "--status-file", str(status_file), *self.extra_server_args]
         return argv
 

@@ -59,6 +59,8 @@ class Status:
         pid: The server's pid while one runs.
         blocks: Blocks served, from the server's status file or the settings.
         tokens_processed: Tokens processed by this server since it started.
+        tokens_served_today: Tokens this machine served to the swarm today (from the server's ledger).
+        tokens_served_total: Tokens this machine served to the swarm in total.
         gpu: The GPU's name, or "no NVIDIA GPU".
         start_at_login: Whether the agent starts at login.
         log_dir: Where the logs are.
@@ -72,6 +74,8 @@ class Status:
     pid: int | None = None
     blocks: str | None = None
     tokens_processed: int = 0
+    tokens_served_today: int = 0
+    tokens_served_total: int = 0
     gpu: str = ""
     start_at_login: bool = False
     log_dir: str = ""
@@ -83,6 +87,10 @@ class Status:
         lines = [f"Corolla: {STATE_LABELS[self.state]}"]
         if self.state in (AgentState.SHARING, AgentState.STARTING):
             lines.append(f"blocks {self.blocks or '?'} · {self.tokens_processed:,} tokens processed")
+        if self.tokens_served_total:
+            lines.append(
+                f"you served {self.tokens_served_today:,} tokens today / {self.tokens_served_total:,} in total"
+            )
         if self.reasons:
             lines.append("; ".join(self.reasons))
         return "\n".join(lines)

@@ -11,6 +11,7 @@ from corolla.engine.errors import (
     MissingBlocksError,
     NoRouteError,
     PeerUnavailableError,
+    PrivateSwarmError,
     ProtocolError,
     SessionClosedError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "MissingBlocksError",
     "NoRouteError",
     "PeerUnavailableError",
+    "PrivateSwarmError",
     "ProtocolError",
     "SamplingParams",
     "ServerConfig",

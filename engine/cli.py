@@ -16,6 +16,7 @@ from corolla.engine.logs import configure_logging
 from corolla.engine.version import __version__
 
 _SKIP = {"model", "extra", "token"}
+_ALIASES = {"swarm_key_file": ("--swarm-key",)}  # shorter spellings of generated options
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -59,20 +60,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag, *_ALIASES.get(f.name, ())]
         kind = str(f.type)
         help_text = helps.get(f.name, "") + _default_text(f)
         if "bool" in kind:
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            parser.add_argument(*flags, action="store_true", default=None, help=help_text)
         elif "tuple" in kind:
-            parser.add_argument(flag, nargs="*", default=None, metavar="MADDR", help=help_text)
+            parser.add_argument(*flags, nargs="*", default=None, metavar="MADDR", help=help_text)
         elif is_size_field(f.name):
-            parser.add_argument(flag, type=_size, default=None, metavar="SIZE", help=help_text + "; e.g. 1GB, 512MiB")
+            parser.add_argument(*flags, type=_size, default=None, metavar="SIZE", help=help_text + "; e.g. 1GB, 512MiB")
         elif "int" in kind and "float" not in kind:
-            parser.add_argument(flag, type=int, default=None, help=help_text)
+            parser.add_argument(*flags, type=int, default=None, help=help_text)
         elif "float" in kind:
-            parser.add_argument(flag, type=float, default=None, help=help_text)
+            parser.add_argument(*flags, type=float, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=str, default=None, help=help_text)
+            parser.add_argument(*flags, type=str, default=None, help=help_text)
 
 
 def _config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -127,7 +129,23 @@ def _cmd_health(args: argparse.Namespace) -> int:
     if not peers:
         sys.stderr.write("corolla health: give --initial-peers MADDR... or set COROLLA_INITIAL_PEERS\n")
         return 2
-    return run_health(args.model, peers, as_json=args.json, num_blocks=args.num_blocks)
+    from corolla.engine.dht.swarm_key import keys_from_option
+
+    keys = keys_from_option(args.swarm_key)
+    return run_health(args.model, peers, as_json=args.json, num_blocks=args.num_blocks, swarm_keys=keys)
+
+
+_SWARM_KEY_HELP = "key file of a private swarm (default: COROLLA_SWARM_KEY_FILE; none: a public swarm)"
+
+
+def _cmd_swarm_key(args: argparse.Namespace) -> int:
+    from corolla.engine.dht.swarm_key import new_key
+
+    sys.stdout.write(
+        "# Corolla swarm key: whoever holds it can join, read and use your swarm. Keep it secret.\n"
+        f"{new_key().text()}\n"
+    )
+    return 0
 
 
 def _common_options(top_level: bool) -> argparse.ArgumentParser:
@@ -183,7 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--num-blocks", type=int, default=None, help="blocks of the model (default: from records)")
     health.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    health.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
     health.set_defaults(func=_cmd_health)
+    swarm_key = sub.add_parser("swarm-key", help="make the key of a private swarm", parents=common)
+    swarm_key_sub = swarm_key.add_subparsers(dest="action", required=True)
+    swarm_key_new = swarm_key_sub.add_parser("new", help="print a new random key: corolla swarm-key new > team.key")
+    swarm_key_new.set_defaults(func=_cmd_swarm_key)
     add_web_commands(sub)
     return parser
 
@@ -203,6 +226,7 @@ def add_web_commands(sub: Any) -> None:
     api.add_argument(
         "--max-sessions", type=int, default=8, help="generations at once; more wait their turn (default 8)"
     )
+    api.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
 
     def run_api(args: argparse.Namespace) -> int:
         from corolla.engine.api.serve import run_api
@@ -217,6 +241,7 @@ def add_web_commands(sub: Any) -> None:
             request_timeout=args.request_timeout,
             default_max_tokens=args.default_max_tokens,
             max_sessions=args.max_sessions,
+            swarm_key_file=args.swarm_key,
         )
 
     api.set_defaults(func=run_api)
@@ -226,11 +251,14 @@ def add_web_commands(sub: Any) -> None:
     monitor.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     monitor.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     monitor.add_argument("--refresh", type=float, default=5.0, help="seconds between DHT reads (default 5)")
+    monitor.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
 
     def run_monitor(args: argparse.Namespace) -> int:
+        from corolla.engine.dht.swarm_key import keys_from_option
         from corolla.engine.monitor.serve import run_monitor
 
-        return run_monitor(args.initial_peers, host=args.host, port=args.port, refresh=args.refresh)
+        keys = keys_from_option(args.swarm_key)
+        return run_monitor(args.initial_peers, host=args.host, port=args.port, refresh=args.refresh, swarm_keys=keys)
 
     monitor.set_defaults(func=run_monitor)
 

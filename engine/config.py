@@ -119,6 +119,8 @@ class ClientConfig:
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
     num_threads: int = 0  # torch CPU threads for embeddings and LM head (0: torch's default)
     require_exact: bool = False  # route only through servers whose blocks are not quantized (no --quant)
+    swarm_key_file: str | None = None  # key file of a private swarm (`corolla swarm-key new`); None: public swarm
+    contributor_key_file: str | None = None  # your server's --identity-file: be served first as a contributor
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,8 @@ class ServerConfig:
     token: str | None = dataclasses.field(default=None, repr=False)  # Hugging Face token for gated repos
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port
     status_file: str | None = None  # path of a JSON file the server keeps updated (used by the tray agent)
+    swarm_key_file: str | None = None  # key file of a private swarm (`corolla swarm-key new`); None: public swarm
+    identity_file: str | None = None  # file keeping this server's key (made if missing): a stable peer id
     parent_pid: int | None = None  # leave the swarm and exit when the process with this id ends (the tray agent's)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

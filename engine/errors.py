@@ -119,6 +119,10 @@ class SessionClosedError(PeerError):
     """An inference session was used after it was closed, or its server forgot it."""
 
 
+class PrivateSwarmError(PeerError):
+    """The swarm (or a server) is private and this peer does not hold its swarm key, or its proof failed."""
+
+
 class InitialPeerError(CorollaError):
     """An initial peer address is malformed, or no initial peer could be reached.
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerState
+from corolla.engine.dht.swarm_key import SwarmKeys
 from corolla.engine.errors import format_blocks
 
 
@@ -26,6 +27,7 @@ class ServerHealth:
     cache_tokens_left: int
     version: str
     dtype: str
+    tokens_served: int = 0  # tokens the server's machine processed for clients (its contribution ledger)
 
 
 @dataclass
@@ -76,6 +78,7 @@ def model_health(dht: Any, model: str, num_blocks: int) -> ModelHealth:
                     cache_tokens_left=r.cache_tokens_left,
                     version=r.corolla_version,
                     dtype=r.dtype,
+                    tokens_served=r.tokens_served,
                 ),
             )
     ordered = sorted(servers.values(), key=lambda s: (s.start, s.end, s.peer_id))
@@ -101,20 +104,28 @@ def format_table(reports: Sequence[ModelHealth]) -> str:
         lines.append(f"{r.model}: {r.num_blocks} blocks, {len(r.servers)} servers, {status}")
         if r.num_blocks:
             lines.append("  servers per block: " + " ".join(str(n) for n in r.servers_per_block))
-        lines.append(f"  {'peer':<10} {'name':<16} {'span':<9} {'state':<8} {'tok/s/blk':>9} {'cache tok':>10} version")
+        lines.append(
+            f"  {'peer':<10} {'name':<16} {'span':<9} {'state':<8} {'tok/s/blk':>9} {'cache tok':>10} {'served':>9} version"
+        )
         for s in r.servers:
             lines.append(
                 f"  …{s.peer_id[-8:]:<9} {(s.public_name or '-')[:16]:<16} {f'{s.start}:{s.end}':<9} {s.state:<8} "
-                f"{s.throughput:>9.1f} {s.cache_tokens_left:>10} {s.version}"
+                f"{s.throughput:>9.1f} {s.cache_tokens_left:>10} {s.tokens_served:>9} {s.version}"
             )
     if not reports:
         lines.append("no models are announced in this swarm")
     return "\n".join(lines)
 
 
-def run_health(model: str | None, initial_peers: Sequence[str], as_json: bool, num_blocks: int | None) -> int:
+def run_health(
+    model: str | None,
+    initial_peers: Sequence[str],
+    as_json: bool,
+    num_blocks: int | None,
+    swarm_keys: SwarmKeys | None = None,
+) -> int:
     """``corolla health``: print the report; exit code 1 if any block of any model has no server."""
-    dht = make_dht(initial_peers, "127.0.0.1", client_mode=True)
+    dht = make_dht(initial_peers, "127.0.0.1", client_mode=True, swarm_keys=swarm_keys)
     try:
         reports = swarm_health(dht, model, num_blocks)
     finally:

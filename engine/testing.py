@@ -182,9 +182,9 @@ class ServerProcess:
         if blocks:
             args += ["--blocks", blocks]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(threads), start_new_session=True
-        )
+        env = server_env(threads)
+        env.setdefault("COROLLA_DATA_DIR", str(log_path.parent / "data"))  # its ledger: not the user's
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
@@ -264,8 +264,10 @@ class Swarm:
         extra_args: Sequence[str] = (),
         log_dir: str | Path | None = None,
         dht_prefix: str | None = None,
+        swarm_keys: Any = None,
     ) -> None:
         self.model = str(model)
+        self.swarm_keys = swarm_keys  # SwarmKeys of a private swarm, for the bootstrap peer (servers: --swarm-key)
         self.spans = list(spans)
         self.threads = threads
         self.start_timeout = start_timeout
@@ -285,7 +287,7 @@ class Swarm:
 
     def start(self) -> None:
         """Start the bootstrap peer and every server; return when all announce themselves ONLINE."""
-        self.dht = make_dht([], "127.0.0.1")
+        self.dht = make_dht([], "127.0.0.1", swarm_keys=self.swarm_keys)
         self.initial_peers = [str(a) for a in self.dht.get_visible_maddrs()]
         try:
             for span in self.spans:

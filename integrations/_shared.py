@@ -112,10 +112,16 @@ def close_clients() -> None:
 
 
 def client_overrides(
-    client_config: Mapping[str, Any] | None, *, timeout: float | None = None, max_retries: int | None = None
+    client_config: Mapping[str, Any] | None,
+    *,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    swarm_key: str | None = None,
 ) -> dict[str, Any]:
-    """``ClientConfig`` overrides from an adapter's fields (the standard ``timeout``/``max_retries``)."""
+    """``ClientConfig`` overrides from an adapter's fields (the standard ``timeout``/``max_retries``, a swarm key)."""
     overrides = dict(client_config or {})
+    if swarm_key is not None:
+        overrides.setdefault("swarm_key_file", str(swarm_key))
     if timeout is not None:
         overrides.setdefault("step_timeout", float(timeout))
     if max_retries is not None:

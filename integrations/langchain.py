@@ -97,6 +97,8 @@ class _CorollaFields(BaseModel):
     """Whether ``invoke`` streams internally (so callbacks get every token)."""
     connect_on_init: bool = False
     """Check Hub access and connect to the swarm in the constructor instead of on first use."""
+    swarm_key: str | None = None
+    """Key file of a private swarm (default: ``COROLLA_SWARM_KEY_FILE``, or a public swarm)."""
     client: Any = Field(default=None, exclude=True)
     """An existing ``DistributedModelForCausalLM`` to use instead of the shared one."""
 
@@ -134,12 +136,16 @@ class _CorollaFields(BaseModel):
     def _get_client(self, model: str | None = None) -> ClientLike:
         """The client for ``model`` (default: this object's), connecting on first use."""
         if model is not None and model != self.model_name:
-            overrides = client_overrides(self.client_config, timeout=self.timeout, max_retries=self.max_retries)
+            overrides = client_overrides(
+                self.client_config, timeout=self.timeout, max_retries=self.max_retries, swarm_key=self.swarm_key
+            )
             return get_client(model, self.initial_peers, self.token, overrides)
         if self.client is not None:
             return self.client  # type: ignore[no-any-return]
         if self._client is None:
-            overrides = client_overrides(self.client_config, timeout=self.timeout, max_retries=self.max_retries)
+            overrides = client_overrides(
+                self.client_config, timeout=self.timeout, max_retries=self.max_retries, swarm_key=self.swarm_key
+            )
             self._client = get_client(self.model_name, self.initial_peers, self.token, overrides)
         return self._client
 

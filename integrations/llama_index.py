@@ -92,6 +92,7 @@ class DistributedLLM(CustomLLM):
     timeout: float | None = Field(default=None, description="Seconds a server may take for one step.")
     max_retries: int | None = Field(default=None, description="Route re-plans allowed within one call.")
     client_config: dict[str, Any] = Field(default_factory=dict, description="Other ClientConfig fields.")
+    swarm_key: str | None = Field(default=None, description="Key file of a private swarm (default: public).")
     client: Any = Field(default=None, exclude=True, description="An existing DistributedModelForCausalLM.")
 
     _client: ClientLike | None = PrivateAttr(default=None)
@@ -118,7 +119,9 @@ class DistributedLLM(CustomLLM):
         if self.client is not None:
             return self.client  # type: ignore[no-any-return]
         if self._client is None:
-            overrides = client_overrides(self.client_config, timeout=self.timeout, max_retries=self.max_retries)
+            overrides = client_overrides(
+                self.client_config, timeout=self.timeout, max_retries=self.max_retries, swarm_key=self.swarm_key
+            )
             self._client = get_client(self.model_name, self.initial_peers, self.token, overrides)
         return self._client
 

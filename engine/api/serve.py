@@ -45,6 +45,7 @@ def run_api(
     request_timeout: float = 600.0,
     default_max_tokens: int = 512,
     max_sessions: int = 8,
+    swarm_key_file: str | None = None,
 ) -> int:
     """Serve ``model`` from the swarm at ``http://host:port/v1`` until SIGINT/SIGTERM. Returns an exit code."""
     require_web_extra()
@@ -55,7 +56,9 @@ def run_api(
 
     initial_peers = initial_peers_or_env(initial_peers, "api")
     api_key = api_key or os.environ.get("COROLLA_API_KEY") or None
-    client = DistributedModelForCausalLM.from_pretrained(model, initial_peers=initial_peers)
+    client = DistributedModelForCausalLM.from_pretrained(
+        model, initial_peers=initial_peers, swarm_key=swarm_key_file
+    )  # no file given: COROLLA_SWARM_KEY_FILE
     try:
         settings = ApiSettings(
             model_id=model_id or model,

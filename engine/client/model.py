@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Generator, Sequence
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from corolla.engine.client.credentials import credentials_for
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.client.sampling import SamplingParams, next_tokens
@@ -102,6 +104,7 @@ class DistributedModelForCausalLM(nn.Module):
         token: str | None = None,
         revision: str | None = None,
         config: ClientConfig | None = None,
+        swarm_key: str | os.PathLike[str] | None = None,
         **client_config_overrides: Any,
     ) -> DistributedModelForCausalLM:
         """Load embeddings, head and tokenizer locally and join the swarm that serves the blocks.
@@ -113,9 +116,13 @@ class DistributedModelForCausalLM(nn.Module):
                 used only to download from the Hub and never sent to swarm peers.
             revision: Hub revision (branch, tag or commit).
             config: a full ClientConfig; ``client_config_overrides`` set single fields instead.
+            swarm_key: the key file of a private swarm (``corolla swarm-key new``; default:
+                ``COROLLA_SWARM_KEY_FILE``, or none for a public swarm).
         """
         from corolla.engine.hub import check_model_access, resolve_token
 
+        if swarm_key is not None:
+            client_config_overrides["swarm_key_file"] = os.fspath(swarm_key)
         config = client_config(initial_peers, config, **client_config_overrides)
         if not config.initial_peers:
             raise CorollaError(
@@ -131,7 +138,14 @@ class DistributedModelForCausalLM(nn.Module):
         head = load_client_head(ckpt, hf_config, torch.float32)
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
-        dht = make_dht(config.initial_peers, config.host, client_mode=True, nat_port_map=config.nat_port_map)
+        swarm_keys = credentials_for(config).keys  # read the key files before any process starts
+        dht = make_dht(
+            config.initial_peers,
+            config.host,
+            client_mode=True,
+            nat_port_map=config.nat_port_map,
+            swarm_keys=swarm_keys,
+        )
         loop = LoopThread()
         try:
             p2p = loop.run(dht.replicate_p2p(), timeout=config.connect_timeout)
@@ -192,7 +206,14 @@ class DistributedModelForCausalLM(nn.Module):
                 for hop in route:
                     x = self.loop.run(
                         remote_forward(
-                            self.p2p, hop.peer_id, hop.start, hop.end, x, cfg.max_chunk_bytes, cfg.request_timeout
+                            self.p2p,
+                            hop.peer_id,
+                            hop.start,
+                            hop.end,
+                            x,
+                            cfg.max_chunk_bytes,
+                            cfg.request_timeout,
+                            proof=credentials_for(cfg).proof(self.p2p.peer_id.to_base58(), hop.peer_id),
                         )
                     )
                     self.manager.mark_ok(hop.peer_id)  # it answered well: forget its past failures

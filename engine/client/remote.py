@@ -19,6 +19,7 @@ from corolla.engine.errors import (
     CorollaError,
     PeerError,
     PeerUnavailableError,
+    PrivateSwarmError,
     ProtocolError,
     SessionClosedError,
 )
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _SERVER_ERRORS: dict[str, type[PeerError]] = {
     "CacheFullError": CacheFullError,
+    "PrivateSwarmError": PrivateSwarmError,
     "ProtocolError": ProtocolError,
     "SessionClosedError": SessionClosedError,
 }
@@ -126,9 +128,22 @@ class HopStream:
                 self._pipe.close()
 
     async def open(
-        self, p2p: P2P, session_id: str, max_length: int, batch_size: int, connect_timeout: float, step_timeout: float
+        self,
+        p2p: P2P,
+        session_id: str,
+        max_length: int,
+        batch_size: int,
+        connect_timeout: float,
+        step_timeout: float,
+        *,
+        proof: str | None = None,
+        contributor: str | None = None,
     ) -> None:
-        """Open the stream and reserve the session's cache on the server."""
+        """Open the stream and reserve the session's cache on the server.
+
+        ``proof`` (a private swarm's proof of membership) and ``contributor`` (a claim of a client that also
+        serves) come from ``client/credentials.py``, made for this stream's pair of peers.
+        """
         try:
             _, reader, writer = await asyncio.wait_for(
                 p2p.call_binary_stream_handler(PeerID.from_base58(self.peer_id), RPC_INFERENCE), connect_timeout
@@ -137,7 +152,13 @@ class HopStream:
         except Exception as e:
             raise PeerUnavailableError(self.peer_id, f"could not open a stream: {e or type(e).__name__}") from e
         msg = OpenSession(
-            session_id=session_id, start=self.start, end=self.end, max_length=max_length, batch_size=batch_size
+            session_id=session_id,
+            start=self.start,
+            end=self.end,
+            max_length=max_length,
+            batch_size=batch_size,
+            proof=proof,
+            contributor=contributor,
         )
         response = await self._exchange(runtime_pb2.ExpertRequest(metadata=msg.encode()), step_timeout)
         with _blaming(self.peer_id):
@@ -202,12 +223,19 @@ async def _goodbye(pipe: Pipe, session_id: str, timeout: float = 5.0) -> None:
 
 
 async def remote_forward(
-    p2p: P2P, peer_id: str, start: int, end: int, hidden: torch.Tensor, max_chunk_bytes: int, timeout: float
+    p2p: P2P,
+    peer_id: str,
+    start: int,
+    end: int,
+    hidden: torch.Tensor,
+    max_chunk_bytes: int,
+    timeout: float,
+    proof: str | None = None,
 ) -> torch.Tensor:
     """Stateless forward of [batch, length, hidden] through blocks ``start..end-1`` of one server."""
     per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
     step = max(1, max_chunk_bytes // per_token)
-    meta = ForwardRequest(start=start, end=end).encode()
+    meta = ForwardRequest(start=start, end=end, proof=proof).encode()
 
     async def parts() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         for i in range(0, hidden.shape[1], step):
@@ -240,12 +268,12 @@ async def remote_forward(
     return out
 
 
-async def remote_info(p2p: P2P, peer_id: str, timeout: float) -> dict[str, Any]:
-    """A server's self-description (model, span, free cache, counters)."""
+async def remote_info(p2p: P2P, peer_id: str, timeout: float, proof: str | None = None) -> dict[str, Any]:
+    """A server's self-description (model, span, free cache, counters); ``proof``: see :meth:`HopStream.open`."""
     try:
         response = await asyncio.wait_for(
             p2p.call_protobuf_handler(
-                PeerID.from_base58(peer_id), RPC_INFO, runtime_pb2.ExpertUID(), runtime_pb2.ExpertInfo
+                PeerID.from_base58(peer_id), RPC_INFO, runtime_pb2.ExpertUID(uid=proof or ""), runtime_pb2.ExpertInfo
             ),
             timeout,
         )

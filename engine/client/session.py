@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from corolla.engine.client.credentials import credentials_for
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import HopStream
 from corolla.engine.config import ClientConfig
@@ -259,6 +260,7 @@ class InferenceSession:
                 continue
             hops = [_Hop(HopStream(h.peer_id, h.start, h.end)) for h in route]
             tried.update(h.peer_id for h in route)
+            credentials, me = credentials_for(self.config), self.p2p.peer_id.to_base58()
             # Open every hop at once: one round trip for the whole route, not one per server.
             results = await asyncio.gather(
                 *(
@@ -269,6 +271,8 @@ class InferenceSession:
                         self.batch_size or 1,
                         self.config.connect_timeout,
                         self.config.step_timeout,
+                        proof=credentials.proof(me, hop.stream.peer_id),
+                        contributor=credentials.claim(me, hop.stream.peer_id),
                     )
                     for hop in hops
                 ),

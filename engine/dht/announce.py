@@ -20,6 +20,7 @@ from corolla.engine.dht.owned import OwnedDHT
 from corolla.engine.dht.peers import check_initial_peers, unreachable_error
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key, count_models
 from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator, key_id, open_envelope
+from corolla.engine.dht.swarm_key import SwarmKeys, SwarmKeyValidator, foreign_records_seen, private_swarm_error
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,23 @@ def read_records(
             record = ServerRecord.from_dht(open_envelope(key_id(key), peer_id, envelope, expiration))
             if record is not None and record.start <= i < record.end:
                 out[i][peer_id] = record
+    if not any(out.values()):
+        check_not_private(dht, timeout)
     return out
+
+
+async def _foreign_seen(dht: hivemind.DHT, node: DHTNode) -> tuple[int, bool] | None:
+    return foreign_records_seen(node.protocol.record_validator)
+
+
+def check_not_private(dht: hivemind.DHT, timeout: float = 30.0) -> None:
+    """Raise PrivateSwarmError if this peer found records sealed with a swarm key it does not hold.
+
+    Called when a read found nothing: "no servers" would mislead a peer that is simply not a member.
+    """
+    seen = dht.run_coroutine(_foreign_seen, return_future=True).result(timeout=timeout)
+    if seen is not None and seen[0] > 0:
+        raise private_swarm_error(seen[1])
 
 
 MODELS_KEY = "_corolla.models"
@@ -118,7 +135,22 @@ def read_models(dht: hivemind.DHT, timeout: float = 30.0, *, latest: bool = True
     entries = [
         open_envelope(index_id, peer_id, value, exp) for peer_id, (value, exp) in raw.get(MODELS_KEY, {}).items()
     ]
-    return count_models(entry for entry in entries if entry is not None)
+    models = count_models(entry for entry in entries if entry is not None)
+    if not models:
+        check_not_private(dht, timeout)
+    return models
+
+
+def read_online_servers(dht: hivemind.DHT, timeout: float = 30.0) -> set[str]:
+    """Peer ids with a signed, unexpired entry in the model index: servers that serve now (any model)."""
+    future = dht.run_coroutine(functools.partial(_read, keys=[MODELS_KEY], latest=True), return_future=True)
+    raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
+    index_id = key_id(MODELS_KEY)
+    return {
+        peer_id
+        for peer_id, (value, exp) in raw.get(MODELS_KEY, {}).items()
+        if open_envelope(index_id, peer_id, value, exp) is not None
+    }
 
 
 def make_dht(
@@ -130,16 +162,19 @@ def make_dht(
     nat_port_map: bool = False,
     announce_host: str | None = None,
     identity_path: str | None = None,
+    swarm_keys: SwarmKeys | None = None,
 ) -> hivemind.DHT:
     """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked).
 
     Every peer refuses to store or believe a record under a peer id that its owner did not sign. A peer
     that announces records (a server) runs under the key in ``identity_path`` (see
-    :meth:`PeerIdentity.identity_file`), read once when the daemon starts. Its process and p2p daemon
+    :meth:`PeerIdentity.identity_file`), read once when the daemon starts. With ``swarm_keys`` it is a member
+    of a private swarm: its values are sealed with the key and values not sealed with one of the keys are
+    dropped (see ``swarm_key.py``). Its process and p2p daemon
     exit when this process dies, by any signal (see :class:`OwnedDHT`).
     """
     check_initial_peers(initial_peers)  # before the daemon starts: its own error names no address
-    kwargs: dict[str, Any] = {"record_validators": [SignedRecordValidator()]}
+    kwargs: dict[str, Any] = {"record_validators": [SignedRecordValidator(), SwarmKeyValidator(swarm_keys)]}
     if announce_host:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
     if identity_path:

@@ -41,6 +41,7 @@ class ServerRecord(BaseModel):
     corolla_version: str = Field(default="", max_length=32)
     dtype: str = Field(default="", max_length=16)
     quant: str = Field(default="none", max_length=16, description="weight quantization: none, int8 or nf4")
+    tokens_served: int = Field(default=0, ge=0, description="tokens this server's machine processed for clients")
 
     @model_validator(mode="after")
     def _span_is_ordered(self) -> ServerRecord:

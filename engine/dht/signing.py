@@ -135,6 +135,10 @@ class PeerIdentity:
                 f.write(self.libp2p_private_key())
             yield path
 
+    def sign(self, data: bytes) -> bytes:
+        """An Ed25519 signature of ``data`` (callers prefix their own domain, as :meth:`seal` does)."""
+        return self._private_key.sign(data)
+
     def seal(self, key: str, value: dict[str, Any], expiration: float) -> dict[str, Any]:
         """The signed envelope of ``value``, to be stored under ``key`` and this peer's id until ``expiration``."""
         body = msgpack.packb(value, use_bin_type=True)

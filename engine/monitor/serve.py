@@ -8,13 +8,19 @@ from collections.abc import Sequence
 from corolla.engine.api.serve import initial_peers_or_env, require_web_extra
 from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerRecord
+from corolla.engine.dht.swarm_key import SwarmKeys
 from corolla.engine.errors import CorollaError
 
 logger = logging.getLogger(__name__)
 
 
 def run_monitor(
-    initial_peers: Sequence[str], *, host: str = "127.0.0.1", port: int = 8080, refresh: float = 5.0
+    initial_peers: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    refresh: float = 5.0,
+    swarm_keys: SwarmKeys | None = None,
 ) -> int:
     """Serve the swarm's health page at ``http://host:port/`` until SIGINT/SIGTERM. Returns an exit code."""
     require_web_extra()
@@ -26,7 +32,7 @@ def run_monitor(
     initial_peers = initial_peers_or_env(initial_peers, "monitor")
     if refresh <= 0:
         raise CorollaError(f"--refresh must be > 0 seconds, got {refresh}")
-    dht = make_dht(initial_peers, "127.0.0.1", client_mode=True)
+    dht = make_dht(initial_peers, "127.0.0.1", client_mode=True, swarm_keys=swarm_keys)
     timeout = max(10.0, 2 * refresh)
 
     def records(model: str, blocks: range) -> dict[int, dict[str, ServerRecord]]:

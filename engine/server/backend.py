@@ -16,6 +16,7 @@ from corolla.engine.models.batched import run_rows
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
+from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.limits import PeerBudget
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ServerSession:
     opened: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     closed_because: str | None = None  # why the server closed it (reclaimed, lifetime over), if it did
+    favored: bool = False  # its client proved it also serves (server/contributors.py): its steps go first
 
 
 class SpanBackend:
@@ -56,6 +58,9 @@ class SpanBackend:
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
         self.rows_batched = 0  # decode rows that ran in one forward with another session's
+        self.ledger: Ledger | None = (
+            None  # a Ledger (server/ledger.py) counting tokens per client peer, if the server set one
+        )
         # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
         self.tokens_in_flight = PeerBudget(
             "tokens in flight", cfg.max_tokens_in_flight_per_peer, cfg.max_tokens_in_flight
@@ -209,7 +214,9 @@ class SpanBackend:
                 key = (session.start, session.end, position // BATCH_LENGTH_BUCKET)
                 step = (session, position, x)
                 batch = Batchable(key, step, self._decode_many, x.shape[0], self.cfg.batch_rows)
-                out = await self._compute.run(lambda: self._decode_many([step])[0], *self._turn(session), batch)
+                out = await self._compute.run(
+                    lambda: self._decode_many([step])[0], *self._turn(session), batch, favored=session.favored
+                )
             else:
                 # A prompt runs as chunks of at most compute_chunk_tokens, so other sessions' steps run between.
                 chunk = max(1, self.cfg.compute_chunk_tokens // x.shape[0])
@@ -223,10 +230,12 @@ class SpanBackend:
                             session.cache.truncate(at)
                             return self.span(part, session.cache, start=session.start, end=session.end)
 
-                    parts.append(await self._compute.run(run, *self._turn(session)))
+                    parts.append(await self._compute.run(run, *self._turn(session), favored=session.favored))
                 out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         session.last_used = time.monotonic()
         self.tokens_processed += tokens
+        if self.ledger is not None:
+            self.ledger.add(session.peer, tokens)
         return out.to("cpu", wire_dtype)
 
     @staticmethod
@@ -277,6 +286,8 @@ class SpanBackend:
 
             outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
         self.tokens_processed += batch * length
+        if self.ledger is not None:
+            self.ledger.add(peer, batch * length)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def queued(self) -> int:

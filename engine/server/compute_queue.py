@@ -40,18 +40,28 @@ class FairQueue(Generic[T]):
     Not thread-safe on its own (ComputeThread guards it with a lock).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, favor_turns: int = 4) -> None:
         # priority -> peer -> that peer's items in arrival order; a peer's position is its turn in the round
         self._waiting: dict[int, OrderedDict[str, deque[T]]] = {}
         self._count = 0
+        # Favored peers (contributors) take up to favor_turns turns in a row, then one other peer gets one:
+        # first under load, yet nobody is starved.
+        self.favor_turns = favor_turns
+        self._favored: set[str] = set()
+        self._favored_streak = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def put(self, item: T, priority: int, peer: str) -> None:
-        """Queue ``item`` sent by ``peer``; a peer new to this priority takes its turn after the others."""
+    def put(self, item: T, priority: int, peer: str, favored: bool = False) -> None:
+        """Queue ``item`` sent by ``peer``; a peer new to this priority takes its turn after the others.
+
+        A ``favored`` item's peer is served ahead of others of the same priority (see ``favor_turns``).
+        """
         self._waiting.setdefault(priority, OrderedDict()).setdefault(peer, deque()).append(item)
         self._count += 1
+        if favored:
+            self._favored.add(peer)
 
     def pop(self) -> T | None:
         """The next item to run, or None if nothing waits."""
@@ -59,12 +69,15 @@ class FairQueue(Generic[T]):
             peers = self._waiting[priority]
             if not peers:
                 continue
-            peer, items = next(iter(peers.items()))
+            peer = self._next_peer(peers)
+            items = peers[peer]
             item = items.popleft()
             if items:
                 peers.move_to_end(peer)  # its next item waits until every other peer had a turn
             else:
                 del peers[peer]
+                if peer in self._favored and not self.waiting(peer):
+                    self._favored.discard(peer)
             self._count -= 1
             return item
         return None
@@ -98,6 +111,22 @@ class FairQueue(Generic[T]):
                     del peers[peer]
         self._count -= len(taken)
         return taken
+
+    def _next_peer(self, peers: OrderedDict[str, deque[T]]) -> str:
+        """The peer whose turn it is: round-robin, favored peers first unless they had favor_turns in a row."""
+        first = next(iter(peers))
+        if not self._favored:
+            return first
+        favored = next((p for p in peers if p in self._favored), None)
+        other = next((p for p in peers if p not in self._favored), None)
+        if favored is None or other is None:
+            self._favored_streak = 0
+            return first
+        if self._favored_streak < self.favor_turns:
+            self._favored_streak += 1
+            return favored
+        self._favored_streak = 0
+        return other
 
     def waiting(self, peer: str) -> int:
         """Items ``peer`` has queued, over all priorities."""
@@ -154,16 +183,19 @@ class ComputeThread:
         with self._cond:
             return len(self._queue)
 
-    async def run(self, fn: Callable[[], T], priority: Priority, peer: str, batch: Batchable | None = None) -> T:
+    async def run(
+        self, fn: Callable[[], T], priority: Priority, peer: str, batch: Batchable | None = None, favored: bool = False
+    ) -> T:
         """Queue ``fn`` for ``peer`` and wait for its result; cancelling the wait drops it if not started.
 
         With ``batch``, the job may run inside one ``batch.run_many`` call with other queued jobs of its key.
+        ``favored`` (a contributor's step) goes first in its priority, within the queue's fairness bound.
         """
         future: Future[T] = Future()
         with self._cond:
             if self._stopped:
                 raise RuntimeError("the compute thread has stopped")
-            self._queue.put(_Job(fn, future, batch), priority, peer)
+            self._queue.put(_Job(fn, future, batch), priority, peer, favored)
             self._cond.notify()
         return await asyncio.wrap_future(future)
 

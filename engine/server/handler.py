@@ -16,9 +16,16 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
-from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError, SessionClosedError
+from corolla.engine.errors import (
+    CorollaError,
+    PeerUnavailableError,
+    PrivateSwarmError,
+    ProtocolError,
+    SessionClosedError,
+)
 from corolla.engine.server.backend import ServerSession, SpanBackend
 from corolla.engine.server.frames import BoundedStreams, FrameLimits
+from corolla.engine.wire.membership import MembershipGate
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -65,6 +72,8 @@ class Handler:
         self.idle_timeout = cfg.session_idle_timeout
         limits = FrameLimits(cfg.max_message_bytes, cfg.max_streams_per_peer, cfg.max_streams)
         self.streams = BoundedStreams(limits, error_answer)
+        self.gate = MembershipGate(None)  # a private swarm's server replaces it with one holding the swarm key
+        self.contributors: Any = None  # a ContributorBook (server/contributors.py), if the server set one
 
     def _serving(self) -> SpanBackend:
         backend = self.backend
@@ -85,7 +94,8 @@ class Handler:
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
-        """Describe this server: model, span, dtype, free cache, counters."""
+        """Describe this server: model, span, dtype, free cache, counters (a private swarm's: to members only)."""
+        self.gate.admit(request.uid or None, str(context.remote_id), str(context.local_id))
         info = dict(self.info)
         backend = self.backend
         if backend is not None:
@@ -123,11 +133,21 @@ class Handler:
                         if session is not None:
                             raise ProtocolError("this stream already has an open session")
                         _check_version(msg.version)
+                        try:
+                            self.gate.admit(msg.proof, peer, str(context.local_id))
+                        except PrivateSwarmError as e:
+                            logger.info("refused a stream from %s: %s", peer[-6:], e)
+                            yield error_answer(e)
+                            return  # a non-member gets nothing more on this stream
                         if backend is None:
                             backend = self._serving()
                         session = backend.open_session(
                             msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, peer
                         )
+                        if self.contributors is not None:
+                            session.favored = await self.contributors.is_contributor(
+                                msg.contributor, peer, str(context.local_id)
+                            )
                         yield runtime_pb2.ExpertResponse(metadata=StepResult(position=0).encode())
                         continue
                     step_id = msg.step_id
@@ -161,7 +181,9 @@ class Handler:
         try:
             backend = self._serving()
             try:
-                out = await asyncio.wait_for(self._forward(backend, requests, peer, held), self.cfg.forward_timeout)
+                out = await asyncio.wait_for(
+                    self._forward(backend, requests, peer, str(context.local_id), held), self.cfg.forward_timeout
+                )
             except TimeoutError as e:
                 raise PeerUnavailableError(
                     "this server",
@@ -184,7 +206,12 @@ class Handler:
                 backend.tokens_in_flight.release(peer, held[0])
 
     async def _forward(
-        self, backend: SpanBackend, requests: AsyncIterator[runtime_pb2.ExpertRequest], peer: str, held: list[int]
+        self,
+        backend: SpanBackend,
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+        peer: str,
+        server_id: str,
+        held: list[int],
     ) -> Any:
         """Read a forward's parts (each counted against the caps as it arrives) and run it."""
         import torch
@@ -202,6 +229,7 @@ class Handler:
             if meta is None:
                 meta = ForwardRequest.decode(request.metadata)
                 _check_version(meta.version)
+                self.gate.admit(meta.proof, peer, server_id)
             for proto in request.tensors:
                 t = deserialize(proto)
                 total += t.numel()

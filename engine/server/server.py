@@ -21,9 +21,19 @@ import torch
 
 from corolla.engine import procs
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
-from corolla.engine.dht.announce import announce_model, announce_span, make_dht, read_records, withdraw_span
+from corolla.engine.dht.announce import (
+    announce_model,
+    announce_span,
+    make_dht,
+    read_models,
+    read_online_servers,
+    read_records,
+    withdraw_span,
+)
+from corolla.engine.dht.contribution import load_identity
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.dht.signing import PeerIdentity
+from corolla.engine.dht.swarm_key import load_keys
 from corolla.engine.errors import CorollaError
 from corolla.engine.hub import check_model_access, resolve_token
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
@@ -32,10 +42,13 @@ from corolla.engine.models.quant import check_quant, tensor_bytes
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.block_selection import choose_best_blocks, should_choose_other_blocks
+from corolla.engine.server.contributors import ContributorBook
 from corolla.engine.server.handler import Handler
+from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.memory import server_memory_plan
 from corolla.engine.server.throughput import Speed, block_speed
 from corolla.engine.version import __version__
+from corolla.engine.wire.membership import MembershipGate
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +79,10 @@ class Server:
         logger.info("memory: %s", self.memory.describe())
         self.speed = Speed(0.0, 0.0)
         self.num_blocks = 0
-        self.identity = PeerIdentity.generate()  # the peer id, and the key that signs this server's records
+        # The peer id, and the key that signs this server's records (kept in --identity-file if given).
+        self.identity = load_identity(cfg.identity_file, create=True) if cfg.identity_file else PeerIdentity.generate()
+        self.swarm_keys = load_keys(cfg.swarm_key_file)  # None: a public swarm
+        self.ledger = Ledger()
         self._stop = asyncio.Event()
         # DHT calls block; they get their own threads so a dead DHT cannot stall exit (no waiting on them).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corolla-dht")
@@ -88,6 +104,7 @@ class Server:
                 nat_port_map=self.cfg.nat_port_map,
                 announce_host=self.cfg.announce_host,
                 identity_path=identity_path,
+                swarm_keys=self.swarm_keys,
             )
         if dht.peer_id.to_base58() != self.identity.peer_id:  # its records would carry no valid signature
             dht.shutdown()
@@ -140,6 +157,7 @@ class Server:
             corolla_version=__version__,
             dtype=str(self.dtype).removeprefix("torch."),
             quant=self.quant,
+            tokens_served=self.ledger.totals()["total"],
         )
 
     # ---- main loop --------------------------------------------------------------------------
@@ -154,12 +172,16 @@ class Server:
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
         if self.cfg.new_swarm:
             logger.info("new swarm: others join with --initial-peers %s", " ".join(maddrs))
+        else:
+            await self._run_io(read_models, dht)  # PrivateSwarmError if the swarm is private and we lack its key
         if self.cfg.throughput is None:
             self.speed = await self._run_io(
                 block_speed, self.model_config, self.cfg.device, self.dtype, cache_root() / "throughput", self.quant
             )
         self.num_blocks = self.memory.num_blocks
         handler = Handler(None, {}, self.cfg)
+        handler.gate = MembershipGate(self.swarm_keys)
+        handler.contributors = ContributorBook(lambda: read_online_servers(dht))
         p2p = await dht.replicate_p2p()
         await handler.register(p2p)
         start, end = await self._run_io(self._choose_span, dht, peer_id)
@@ -183,6 +205,7 @@ class Server:
                 load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device, self.quant
             )
             backend = SpanBackend(span, self.model_config, self.cfg, self.dtype)
+            backend.ledger = self.ledger
             handler.backend = backend
             handler.info = self._info(start, end, backend)
             logger.info(
@@ -190,6 +213,7 @@ class Server:
             )
             next_check = time.monotonic() + self._rebalance_delay()
             while not self._stop.is_set():
+                await self._run_io(self.ledger.save)
                 record = self._record(backend, ServerState.ONLINE, start, end)
                 await self._run_io(announce_span, dht, self.dht_prefix, self.identity, record, self.cfg.record_ttl)
                 await self._run_io(
@@ -216,6 +240,7 @@ class Server:
                 await self._run_io(withdraw_span, dht, self.dht_prefix, self.identity, offline, self.cfg.record_ttl)
             except Exception as e:  # leaving must not hang or crash on a broken DHT
                 logger.warning("could not withdraw from the DHT: %s", e or type(e).__name__)
+            await self._run_io(self.ledger.save)
             if backend is not None:
                 self._write_status(backend, start, end, "stopped" if self._stop.is_set() else "moving", maddrs, peer_id)
                 backend.shutdown()
@@ -258,6 +283,8 @@ class Server:
             "model": self.dht_prefix,
             "blocks": f"{start}:{end}",
             "tokens_processed": backend.tokens_processed,
+            "tokens_served_today": self.ledger.totals()["today"],
+            "tokens_served_total": self.ledger.totals()["total"],
             "sessions": len(backend.sessions),
             "maddrs": maddrs,
             "peer_id": peer_id,

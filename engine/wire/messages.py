@@ -56,6 +56,8 @@ class OpenSession(_Message):
     end: int = Field(gt=0)
     max_length: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    proof: str | None = Field(default=None, max_length=256)  # membership of a private swarm (wire/membership.py)
+    contributor: str | None = Field(default=None, max_length=512)  # claim of a client that also serves
 
 
 class Step(_Message):
@@ -95,6 +97,7 @@ class ForwardRequest(_Message):
     version: int = PROTOCOL_VERSION
     start: int = Field(ge=0)
     end: int = Field(gt=0)
+    proof: str | None = Field(default=None, max_length=256)  # membership of a private swarm (wire/membership.py)
 
 
 def decode_inference_message(raw: bytes) -> OpenSession | Step | Close:

@@ -166,6 +166,7 @@ def test_server_options_are_the_config_fields() -> None:
         "--token",
         "--token-file",
         "--log-level",
+        "--swarm-key",  # the short spelling of --swarm-key-file
     }
 
 
