@@ -24,6 +24,7 @@ from corolla.engine.errors import (
     SessionClosedError,
 )
 from corolla.engine.server.backend import ServerSession, SpanBackend
+from corolla.engine.server.contributors import ContributorBook
 from corolla.engine.server.frames import BoundedStreams, FrameLimits
 from corolla.engine.wire.membership import MembershipGate
 from corolla.engine.wire.messages import (
@@ -73,7 +74,7 @@ class Handler:
         limits = FrameLimits(cfg.max_message_bytes, cfg.max_streams_per_peer, cfg.max_streams)
         self.streams = BoundedStreams(limits, error_answer)
         self.gate = MembershipGate(None)  # a private swarm's server replaces it with one holding the swarm key
-        self.contributors: Any = None  # a ContributorBook (server/contributors.py), if the server set one
+        self.contributors: ContributorBook | None = None  # who serves too (their steps go first), if set
 
     def _serving(self) -> SpanBackend:
         backend = self.backend

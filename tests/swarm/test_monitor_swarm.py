@@ -91,7 +91,7 @@ def test_state_json_and_metrics(live: LiveMonitor) -> None:
     for row in rows.values():
         assert row["state"] == "online" and row["version"] == __version__
         assert row["throughput"] > 0 and row["cache_tokens_left"] > 0
-        assert row["tokens_served"] is None  # records do not carry it yet: the page shows "—"
+        assert row["tokens_served"] == 0  # records carry the ledger's total; nobody asked for tokens yet
     text = httpx.get(live.monitor.url + "/metrics", timeout=10).text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -166,7 +166,7 @@ def test_page_shows_bar_and_table_and_turns_red_when_a_server_stops(
         ("bob-gpu", "2:6", "online"),
         ("carol-desktop", "3:6", "online"),
     ]
-    assert all(c[6] == __version__ and c[7] == "\u2014" for c in cells)  # version; tokens served not announced
+    assert all(c[6] == __version__ and c[7] == "0" for c in cells)  # version; tokens served (none yet)
     assert all(float(c[4]) > 0 and int(c[5].replace(",", "")) > 0 for c in cells)  # throughput, free cache
     assert page["colour"] == "rgb(47, 158, 68)"  # green
     DOCS.mkdir(exist_ok=True)
