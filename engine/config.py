@@ -117,6 +117,10 @@ class ClientConfig:
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
     num_threads: int = 0  # torch CPU threads for embeddings and LM head (0: torch's default)
+    verify_rate: float = 0.05  # share of steps whose output a hop's independent replica recomputes (0: off)
+    verify_first_steps: int = 2  # steps of each new server always recomputed before it is trusted at verify_rate
+    liar_ban: float = 3600.0  # seconds this client avoids a server it caught lying
+    report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
 
 
 @dataclass(frozen=True)
