@@ -18,12 +18,9 @@ from corolla.engine.client.verify import output_problem, outputs_agree, toleranc
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import PeerError, short_peer
 from corolla.engine.routing.sequence_manager import SequenceManager
-from corolla.engine.routing.trust import Judgement, Opinion, judge, settled, silent_bound
+from corolla.engine.routing.trust import MAX_OPINIONS, Judgement, Opinion, judge, settled, silent_bound
 
 logger = logging.getLogger(__name__)
-
-MAX_OPINIONS = 4
-"""Outputs gathered at most for one check (the server's own and three replicas')."""
 
 
 async def recompute(

@@ -23,7 +23,7 @@ from corolla.engine.routing.planner import (
 )
 from corolla.engine.routing.reports import LiarReport, write_report
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
-from corolla.engine.routing.trust import believed_block_seconds
+from corolla.engine.routing.trust import ban_seconds, believed_block_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class SequenceManager:
         with self._lock:
             ban = self._bans.get(peer_id)
             strikes = ban.strikes + 1 if ban else 1
-            seconds = min(self.config.max_backoff, self.config.min_backoff * 2 ** (strikes - 1))
+            seconds = ban_seconds(strikes, self.config.min_backoff, self.config.max_backoff)
             self._bans[peer_id] = _Ban(time.monotonic() + seconds, strikes)
         logger.info("avoiding %s for %.1f s: %s", short_peer(peer_id), seconds, reason)
         return seconds

@@ -22,9 +22,11 @@ from typing import Any
 
 __all__ = [
     "FASTEST_BLOCK_S",
+    "MAX_OPINIONS",
     "Judgement",
     "Opinion",
     "Verdict",
+    "ban_seconds",
     "believed_block_seconds",
     "judge",
     "probe_problem",
@@ -35,6 +37,8 @@ __all__ = [
 
 FASTEST_BLOCK_S = 1e-4
 """Seconds per token per block below which an announced speed is implausible (10,000 block-steps/s)."""
+MAX_OPINIONS = 4
+"""Outputs gathered at most for one spot check (the server's own and three replicas')."""
 SILENT_RTT_FACTOR = 5.0
 """A step may take this many times the server's measured round trip (plus its compute) before it is silent."""
 SILENT_COMPUTE_FACTOR = 10.0
@@ -79,6 +83,11 @@ def probe_problem(info: Mapping[str, Any], *, version: int, model: str, start: i
     if not (isinstance(s, int) and isinstance(e, int) and s <= start and end <= e):
         return f"serves blocks {s!r}:{e!r}, its record promised {start}:{end}"
     return None
+
+
+def ban_seconds(strikes: int, min_backoff: float, max_backoff: float) -> float:
+    """Seconds to avoid a server after its ``strikes``-th failure in a row: doubling from ``min_backoff``, capped."""
+    return min(max_backoff, min_backoff * 2 ** min(max(strikes - 1, 0), 62))
 
 
 def should_verify(checked_steps: int, *, first_steps: int, rate: float, draw: float) -> bool:
