@@ -1,6 +1,7 @@
 """Simulate a churning swarm to measure block placement and route planning.
 
     python benchmarks/swarm_simulation.py [--servers 1000 --blocks 80 --steps 200 --seed 0]
+                                          [--part all|placement|adversaries --generations 1000]
 
 Model. Servers are heterogeneous: a GPU memory size drawn from a fixed mix sets how many
 consecutive blocks each can hold, and a lognormal draw sets its throughput (tokens/s per block,
@@ -27,6 +28,16 @@ Figures, measured twice a step (right after departures, the worst moment, and at
   ``plan_inference_route`` over the whole model, median and p95.
 
 ``--outage-step N`` adds a correlated failure: at step N every server hosting block 0 leaves.
+
+Adversaries and internet churn (``--part adversaries``; ``--adversaries 0.05``): in a swarm of
+``--servers`` servers, that share are liars (they serve, announce 1e6 tokens/s and answer wrong
+outputs on ``--lie-rate`` of their steps, each liar its own wrong output) or fake records (1e9 tokens/s,
+nobody behind them); one server of any kind leaves every simulated second and a new one joins. One
+client runs ``--generations`` generations of ``--gen-tokens`` tokens with the client's own pure functions:
+``plan_inference_route`` with claims capped by its measurements, probing (fakes never answer),
+``should_verify`` / ``settled`` / ``judge`` for spot checks with ``ClientConfig``'s defaults, and
+``ban_seconds`` for bans. Printed: the share of generations that complete with honest output
+(target >= 99.9%), how many accepted a lie or failed, and the liars caught.
 
 Two baselines run on the same draws: the same joins without moves, and random placement.
 A small swarm (``--small-servers``) is also run, where coverage is actually at risk.

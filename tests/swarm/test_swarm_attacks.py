@@ -286,3 +286,13 @@ def test_forward_floods_do_not_starve_a_normal_client(attack: Attack) -> None:
     assert done and all(r.shape == (4, 1024, HIDDEN) for r in done)
     assert refused and all("tokens in flight" in str(r) for r in refused)
     assert len(done) + len(refused) == 16, [r for r in results if not isinstance(r, torch.Tensor | CacheFullError)]
+
+
+# ---- verification with one replica ----------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_output_of_a_single_replica_is_flagged_unverified(attack: Attack) -> None:
+    """Nobody else serves these blocks, so nothing can check the server: the session says so."""
+    with attack.model.inference_session(16) as session:
+        attack.model.generate(random_ids(1, 4, seed=15), max_new_tokens=2, eos_token_id=[], session=session)
+    assert not session.verified
+    assert session.unverified == {(0, 6): f"only …{attack.server[-6:]} serves blocks 0:6"}
