@@ -4,7 +4,13 @@ One server hosts every block (default limits); a bare P2P peer sends oversized f
 1 GiB declared with part of it sent), floods a forward with empty parts, opens every session it can, and
 queues many long forwards, each while the normal client generates. Output must equal the unattacked run.
 
+Then liars (``--part liars``): two honest servers of every block, then two liars announcing 1e6 tokens/s
+join (one answers random tensors, one serves other weights). Printed: the decode cost of spot checks at
+the default rate (ms/token with verification off and on, two honest replicas), and how long a fresh client
+takes to catch each liar, with its output compared to the honest one.
+
     python benchmarks/attacks.py [--model smollm2|tiny] [--tokens 16] [--forwards 16] [--forward-tokens 8192]
+                                 [--part all|floods|liars] [--cost-tokens 64] [--cost-rounds 5]
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +30,6 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
 
-import psutil
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
@@ -33,40 +38,10 @@ from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.dht.announce import make_dht
-from corolla.engine.testing import Swarm, make_tiny_checkpoint, smollm2_checkpoint
+from corolla.engine.testing import LYING_SERVER, PeakRss, Swarm, make_tiny_checkpoint, smollm2_checkpoint, tree_rss
 from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, StepResult
 
 MiB = 1024 * 1024
-
-
-def tree_rss(pid: int) -> int:
-    """RSS of a process and its children."""
-    proc = psutil.Process(pid)
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
-class Peak:
-    """Samples a process tree's RSS every 50 ms in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, tree_rss(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, tree_rss(self.pid))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.peak
 
 
 async def oversized(p2p: P2P, peer: str, declared: int, sent: int) -> str:
@@ -146,8 +121,100 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="tokens the normal client generates per run")
     parser.add_argument("--forwards", type=int, default=16, help="long forwards the attacker queues at once")
     parser.add_argument("--forward-tokens", type=int, default=8192, help="tokens of each of them")
+    parser.add_argument("--part", choices=["all", "floods", "liars"], default="all")
+    parser.add_argument("--cost-tokens", type=int, default=64, help="tokens per run when timing spot checks")
+    parser.add_argument("--cost-rounds", type=int, default=5, help="runs with verification off and on, alternated")
     args = parser.parse_args()
     path = smollm2_checkpoint() if args.model == "smollm2" else make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    if args.part in ("all", "floods"):
+        floods(path, args)
+    if args.part in ("all", "liars"):
+        liars(path, args)
+
+
+def other_weights(path: Path) -> Path:
+    """A copy of the checkpoint with every weight perturbed by 10% noise (a server with other weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+    out = Path(tempfile.mkdtemp()) / path.name
+    model.save_pretrained(out)
+    with contextlib.suppress(Exception):
+        AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return out
+
+
+def liars(path: Path, args: argparse.Namespace) -> None:
+    """Spot-check cost on an honest swarm, then the time a fresh client takes to catch two liars."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    blocks = int(config.num_hidden_layers)
+    ids = torch.randint(7, min(int(config.vocab_size), 150), (1, 8), generator=torch.Generator().manual_seed(0))
+    span = f"0:{blocks}"
+    with Swarm(path, spans=[span, span], extra_args=["--throughput", "50"]) as swarm:
+        off = DistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, verify_first_steps=0
+        )
+        on = DistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        try:
+            reference = off.generate(ids, max_new_tokens=args.cost_tokens, eos_token_id=[])
+            on.generate(ids, max_new_tokens=4, eos_token_id=[])  # both servers' first steps checked
+            times: dict[str, list[float]] = {"off": [], "on": []}
+            for _ in range(args.cost_rounds):
+                for name, model in (("off", off), ("on", on)):
+                    start = time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=args.cost_tokens, eos_token_id=[])
+                    times[name].append((time.perf_counter() - start) * 1000 / args.cost_tokens)
+                    assert torch.equal(out, reference), f"verification {name}: output changed"
+            t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
+            rate = on.client_config.verify_rate
+            print(
+                f"spot checks at verify_rate={rate:g} (two honest replicas, {args.cost_tokens} tokens a run, "
+                f"median of {args.cost_rounds}): {t_off:.1f} ms/token off, {t_on:.1f} ms/token on, "
+                f"decode slowdown {100 * (t_on / t_off - 1):+.1f}% (target <= 10%)"
+            )
+        finally:
+            off.close()
+            on.close()
+        fast = ["--throughput", "1e6"]
+        random_liar = swarm.add_server(span, wait=False, extra_args=fast, launcher=LYING_SERVER)
+        weights_liar = swarm.add_server(span, wait=False, extra_args=fast, model=other_weights(path))
+        swarm.wait_ready()
+        names = {str(random_liar.peer_id): "random tensors", str(weights_liar.peer_id): "other weights"}
+        reports = Path(tempfile.mkdtemp()) / "reports.jsonl"
+        fresh = DistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, report_file=str(reports)
+        )
+        caught: dict[str, float] = {}
+        convict = fresh.manager.convict
+
+        def timed_convict(peer_id: str, start: int, end: int, reason: str) -> None:
+            caught.setdefault(peer_id, time.perf_counter())
+            convict(peer_id, start, end, reason)
+
+        fresh.manager.convict = timed_convict  # type: ignore[method-assign]
+        try:
+            began = time.perf_counter()
+            out = fresh.generate(ids, max_new_tokens=args.cost_tokens, eos_token_id=[])
+            elapsed = time.perf_counter() - began
+        finally:
+            fresh.close()
+        for peer, name in names.items():
+            when = f"caught {caught[peer] - began:.2f} s after the request" if peer in caught else "NOT caught"
+            print(f"liar ({name}, announcing 1e6 tokens/s): {when}")
+        print(
+            f"fresh client with two liars in a swarm of four: {args.cost_tokens} tokens in {elapsed:.2f} s, "
+            f"output identical to the honest one: {torch.equal(out, reference)}; reports in {reports}"
+        )
+
+
+def floods(path: Path, args: argparse.Namespace) -> None:
+    """The normal client's latency and the server's peak RSS under each flood."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
@@ -167,7 +234,7 @@ def main() -> None:
 
             def measure(name: str, attack: Callable[[], Any] | None, lead: float = 0.5) -> None:
                 """Start the attack, give it ``lead`` seconds to get going, then time the normal client."""
-                peak = Peak(server.pid)
+                peak = PeakRss(server.pid)
                 with ThreadPoolExecutor(1) as pool:
                     attacking = pool.submit(attack) if attack is not None else None
                     time.sleep(lead if attack is not None else 0.0)

@@ -1,6 +1,7 @@
 """Simulate a churning swarm to measure block placement and route planning.
 
     python benchmarks/swarm_simulation.py [--servers 1000 --blocks 80 --steps 200 --seed 0]
+                                          [--part all|placement|adversaries --generations 1000]
 
 Model. Servers are heterogeneous: a GPU memory size drawn from a fixed mix sets how many
 consecutive blocks each can hold, and a lognormal draw sets its throughput (tokens/s per block,
@@ -28,6 +29,16 @@ Figures, measured twice a step (right after departures, the worst moment, and at
 
 ``--outage-step N`` adds a correlated failure: at step N every server hosting block 0 leaves.
 
+Adversaries and internet churn (``--part adversaries``; ``--adversaries 0.05``): in a swarm of
+``--servers`` servers, that share are liars (they serve, announce 1e6 tokens/s and answer wrong
+outputs on ``--lie-rate`` of their steps, each liar its own wrong output) or fake records (1e9 tokens/s,
+nobody behind them); one server of any kind leaves every simulated second and a new one joins. One
+client runs ``--generations`` generations of ``--gen-tokens`` tokens with the client's own pure functions:
+``plan_inference_route`` with claims capped by its measurements, probing (fakes never answer),
+``should_verify`` / ``settled`` / ``judge`` for spot checks with ``ClientConfig``'s defaults, and
+``ban_seconds`` for bans. Printed: the share of generations that complete with honest output
+(target >= 99.9%), how many accepted a lie or failed, and the liars caught.
+
 Two baselines run on the same draws: the same joins without moves, and random placement.
 A small swarm (``--small-servers``) is also run, where coverage is actually at risk.
 Prints figures only; it asserts nothing.
@@ -44,10 +55,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from corolla.engine.config import ClientConfig
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.errors import MissingBlocksError
-from corolla.engine.routing.planner import plan_inference_route
-from corolla.engine.routing.spans import spans_from_records
+from corolla.engine.routing.planner import RouteHop, plan_inference_route
+from corolla.engine.routing.spans import RemoteSpan, spans_from_records
+from corolla.engine.routing.trust import (
+    MAX_OPINIONS,
+    Judgement,
+    Opinion,
+    Verdict,
+    ban_seconds,
+    judge,
+    settled,
+    should_verify,
+)
 from corolla.engine.server.block_selection import better_start, choose_best_start
 
 GPU_MEMORY_GB = np.array([8, 12, 16, 24, 40, 80])
@@ -257,6 +279,261 @@ def report(name: str, result: Result, bottleneck: float) -> None:
     )
 
 
+# ---- adversaries and internet churn ---------------------------------------------------------------
+# The client's own pure functions decide everything below: plan_inference_route (with claims capped by
+# measurements), should_verify, settled/judge (spot checks), ban_seconds (bans). Only the network is
+# simulated: who answers, what each server outputs, how long it takes.
+
+HONEST, LIAR, FAKE = "honest", "liar", "fake"
+TARGET_HONEST = 0.999
+CLIENT = ClientConfig()
+
+
+@dataclass
+class SimClient:
+    """The state a client keeps across generations (what SequenceManager holds)."""
+
+    bans: dict[str, tuple[float, int]] = field(default_factory=dict)  # peer -> (until, strikes)
+    rtt: dict[str, float] = field(default_factory=dict)
+    block_s: dict[str, float] = field(default_factory=dict)
+    checked: dict[str, int] = field(default_factory=dict)
+    convicted: set[str] = field(default_factory=set)
+
+    def banned(self, now: float) -> set[str]:
+        return {p for p, (until, _) in self.bans.items() if until > now}
+
+    def ban(self, peer: str, now: float) -> None:
+        strikes = self.bans[peer][1] + 1 if peer in self.bans else 1
+        self.bans[peer] = (now + ban_seconds(strikes, CLIENT.min_backoff, CLIENT.max_backoff), strikes)
+
+    def convict(self, peer: str, now: float) -> None:
+        self.bans[peer] = (now + CLIENT.liar_ban, 32)
+        self.convicted.add(peer)
+
+
+@dataclass
+class World:
+    """Servers (as in the placement simulation) with a kind each, the spans clients see, and a clock."""
+
+    swarm: Swarm
+    kind: list[str] = field(default_factory=list)
+    spans: dict[str, RemoteSpan] = field(default_factory=dict)
+    now: float = 0.0
+    next_leave: float = 1.0
+    leaves: int = 0
+
+
+def _peer(i: int) -> str:
+    return f"peer{i:06d}"
+
+
+def _index(peer: str) -> int:
+    return int(peer[4:])
+
+
+def _record(world: World, i: int) -> ServerRecord:
+    s = world.swarm
+    if world.kind[i] == HONEST:
+        speed, rps, cache = s.speed[i], s.rps[i], s.cache[i]
+    else:  # liars and fakes claim to be the fastest servers of the swarm, with room for everyone
+        speed, rps, cache = (1e6, 1e6, 10**6) if world.kind[i] == LIAR else (1e9, 1e9, 10**6)
+    end = s.start[i] + s.length[i]
+    return ServerRecord(
+        state=ServerState.ONLINE,
+        start=s.start[i],
+        end=end,
+        throughput=speed,
+        inference_rps=rps,
+        cache_tokens_left=cache,
+    )
+
+
+def _join(world: World, draws: np.random.Generator, kinds: np.random.Generator, adversaries: float) -> None:
+    join(world.swarm, draws, place_best, draws, step=-1, load_steps=0)
+    i = len(world.swarm.start) - 1
+    roll = kinds.random()
+    world.kind.append(HONEST if roll >= adversaries else (LIAR if roll < adversaries / 2 else FAKE))
+    rec = _record(world, i)
+    world.spans[_peer(i)] = RemoteSpan(_peer(i), rec.start, rec.end, rec)
+
+
+def _advance(world: World, seconds: float, draws: np.random.Generator, kinds: np.random.Generator, adv: float) -> None:
+    """Move the clock; one server (any kind) leaves every second and a new one joins."""
+    world.now += seconds
+    while world.now >= world.next_leave:
+        world.next_leave += 1.0
+        alive = sorted(world.swarm.alive)
+        gone = alive[int(kinds.integers(len(alive)))]
+        world.swarm.alive.discard(gone)
+        world.spans.pop(_peer(gone), None)
+        world.leaves += 1
+        _join(world, draws, kinds, adv)
+
+
+def _alive(world: World, peer: str) -> bool:
+    return _index(peer) in world.swarm.alive
+
+
+def _plan(world: World, client: SimClient, start: int, end: int, exclude: set[str]) -> list[RouteHop] | None:
+    """What _plan_and_open does: plan, probe the route's servers (fakes never answer), re-plan without them."""
+    exclude = set(exclude)
+    while True:
+        try:
+            route = plan_inference_route(
+                world.spans,
+                start,
+                end,
+                rtt=client.rtt,
+                banned=client.banned(world.now) | exclude,
+                cache_tokens_needed=1_024,
+                measured_block_s=client.block_s,
+            )
+        except MissingBlocksError:
+            return None
+        bad = [h.peer_id for h in route if world.kind[_index(h.peer_id)] == FAKE or not _alive(world, h.peer_id)]
+        if not bad:
+            return route
+        for peer in bad:
+            client.ban(peer, world.now)
+            exclude.add(peer)
+
+
+def _lies(world: World, peer: str, rng: np.random.Generator, lie_rate: float) -> bool:
+    return world.kind[_index(peer)] == LIAR and rng.random() < lie_rate
+
+
+def _spot_check(
+    world: World,
+    client: SimClient,
+    hop: RouteHop,
+    lied: bool,
+    avoid: set[str],
+    rng: np.random.Generator,
+    lie_rate: float,
+) -> Judgement:
+    """What spot_check does, with each liar's output distinct and every honest route's output the truth."""
+    fresh = iter(range(1, 10**9))
+    opinions = [Opinion((hop.peer_id,), next(fresh) if lied else 0)]
+    used = {hop.peer_id, *avoid}
+    while not settled(opinions) and len(opinions) < MAX_OPINIONS:
+        try:
+            route = plan_inference_route(
+                world.spans,
+                hop.start,
+                hop.end,
+                rtt=client.rtt,
+                banned=client.banned(world.now) | used,
+                measured_block_s=client.block_s,
+            )
+        except MissingBlocksError:
+            break
+        peers = tuple(h.peer_id for h in route)
+        used.update(peers)
+        dead = [p for p in peers if world.kind[_index(p)] == FAKE or not _alive(world, p)]
+        if dead:
+            client.ban(dead[0], world.now)
+            continue
+        wrong = any(_lies(world, p, rng, lie_rate) for p in peers)
+        opinions.append(Opinion(peers, next(fresh) if wrong else 0))
+    return judge(opinions)
+
+
+def _hop_seconds(world: World, client: SimClient, hop: RouteHop) -> float:
+    i = _index(hop.peer_id)
+    return world.swarm.rtt[i] + hop.length / world.swarm.rps[i]
+
+
+def generation(
+    world: World,
+    client: SimClient,
+    tokens: int,
+    rng: np.random.Generator,
+    draws: np.random.Generator,
+    kinds: np.random.Generator,
+    args: argparse.Namespace,
+    tally: dict[str, int],
+) -> str:
+    """One generation of ``tokens`` steps; returns "honest", "wrong" or "failed"."""
+    avoid: set[str] = set()
+    route = _plan(world, client, 0, world.swarm.num_blocks, avoid)
+    if route is None:
+        return "failed"
+    honest = True
+    for _ in range(tokens):
+        i = 0
+        while i < len(route):
+            hop = route[i]
+            _advance(world, _hop_seconds(world, client, hop), draws, kinds, args.adversaries)
+            if not _alive(world, hop.peer_id):  # left mid-generation: failover of this hop
+                client.ban(hop.peer_id, world.now)
+                new = _plan(world, client, hop.start, hop.end, {hop.peer_id, *avoid})
+                if new is None:
+                    return "failed"
+                route[i : i + 1] = new
+                tally["failovers"] += 1
+                continue
+            peer, idx = hop.peer_id, _index(hop.peer_id)
+            old = client.rtt.get(peer)
+            seconds = _hop_seconds(world, client, hop)
+            client.rtt[peer] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            client.block_s[peer] = 1.0 / world.swarm.rps[idx]
+            lied = _lies(world, peer, rng, args.lie_rate)
+            draw = float(rng.random())
+            if should_verify(
+                client.checked.get(peer, 0), first_steps=CLIENT.verify_first_steps, rate=CLIENT.verify_rate, draw=draw
+            ):
+                tally["checks"] += 1
+                verdict = _spot_check(world, client, hop, lied, avoid, rng, args.lie_rate)
+                avoid.update(verdict.liars, verdict.suspects)
+                for liar in verdict.liars:
+                    if liar not in client.convicted:
+                        tally["caught"] += 1
+                        tally["false_convictions"] += world.kind[_index(liar)] != LIAR
+                    client.convict(liar, world.now)
+                if verdict.verdict is Verdict.AGREE:
+                    client.checked[peer] = client.checked.get(peer, 0) + 1
+                if verdict.verdict not in (Verdict.AGREE, Verdict.UNVERIFIED):
+                    new = _plan(world, client, hop.start, hop.end, {peer, *avoid})
+                    if new is None:
+                        return "failed"
+                    route[i : i + 1] = new
+                    continue
+            honest = honest and not lied
+            i += 1
+    return "honest" if honest else "wrong"
+
+
+def adversarial_run(args: argparse.Namespace) -> None:
+    draws = np.random.default_rng(args.seed + 10)
+    kinds = np.random.default_rng(args.seed + 11)
+    rng = np.random.default_rng(args.seed + 12)
+    world = World(Swarm(num_blocks=args.blocks))
+    for _ in range(args.servers):
+        _join(world, draws, kinds, args.adversaries)
+    client = SimClient()
+    tally = {"honest": 0, "wrong": 0, "failed": 0, "checks": 0, "caught": 0, "false_convictions": 0, "failovers": 0}
+    began = time.perf_counter()
+    for _ in range(args.generations):
+        tally[generation(world, client, args.gen_tokens, rng, draws, kinds, args, tally)] += 1
+    share = tally["honest"] / args.generations
+    bad = sum(world.kind[i] != HONEST for i in world.swarm.alive)
+    print(
+        f"adversaries: {args.servers} servers, {args.adversaries:.0%} of them liars (lying on {args.lie_rate:.0%} of "
+        f"steps) or fake records, one server leaving every second ({world.leaves} left in {world.now:,.0f} s); "
+        f"{bad} adversaries online at the end"
+    )
+    print(
+        f"  {args.generations} generations of {args.gen_tokens} tokens by one client (verify_rate "
+        f"{CLIENT.verify_rate:g}, first {CLIENT.verify_first_steps} steps of each new server): "
+        f"{share:.2%} complete with honest output (target >= {TARGET_HONEST:.1%}: {verdict(share >= TARGET_HONEST)}); "
+        f"{tally['wrong']} accepted a lie, {tally['failed']} failed"
+    )
+    print(
+        f"  {tally['checks']} spot checks, {tally['caught']} liars caught ({tally['false_convictions']} honest servers "
+        f"convicted), {tally['failovers']} failovers; {time.perf_counter() - began:.1f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", type=int, default=1000, help="target population")
@@ -270,7 +547,16 @@ def main() -> None:
     parser.add_argument("--outage-step", type=int, default=-1, help="step at which every server hosting block 0 leaves")
     parser.add_argument("--small-servers", type=int, default=40, help="population of the small swarm (0: skip)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the no-move and random runs")
+    parser.add_argument("--part", choices=["all", "placement", "adversaries"], default="all")
+    parser.add_argument("--adversaries", type=float, default=0.05, help="share of servers that lie or are fake")
+    parser.add_argument("--lie-rate", type=float, default=1.0, help="share of steps on which a liar lies")
+    parser.add_argument("--generations", type=int, default=1000, help="generations run in the adversarial swarm")
+    parser.add_argument("--gen-tokens", type=int, default=16, help="tokens of each generation")
     args = parser.parse_args()
+    if args.part in ("all", "adversaries"):
+        adversarial_run(args)
+    if args.part == "adversaries":
+        return
 
     began = time.perf_counter()
     print(

@@ -121,6 +121,10 @@ class ClientConfig:
     require_exact: bool = False  # route only through servers whose blocks are not quantized (no --quant)
     swarm_key_file: str | None = None  # key file of a private swarm (`corolla swarm-key new`); None: public swarm
     contributor_key_file: str | None = None  # your server's --identity-file: be served first as a contributor
+    verify_rate: float = 0.05  # share of steps whose output a hop's independent replica recomputes (0: off)
+    verify_first_steps: int = 2  # steps of each new server always recomputed before it is trusted at verify_rate
+    liar_ban: float = 3600.0  # seconds this client avoids a server it caught lying
+    report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerState
 from corolla.engine.dht.swarm_key import SwarmKeys
 from corolla.engine.errors import format_blocks
+from corolla.engine.routing.reports import read_reports
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ServerHealth:
     version: str
     dtype: str
     tokens_served: int = 0  # tokens the server's machine processed for clients (its contribution ledger)
+    reported: str | None = None  # why this machine's clients caught it lying (the latest report), if they did
 
 
 @dataclass
@@ -58,8 +60,9 @@ class ModelHealth:
 
 
 def model_health(dht: Any, model: str, num_blocks: int) -> ModelHealth:
-    """Read one model's records from the DHT and summarise them."""
+    """Read one model's records from the DHT and summarise them (with this machine's reports of liars)."""
     records = read_records(dht, model, range(num_blocks))
+    reported = {r.peer_id: f"lied about blocks {r.start}:{r.end}: {r.reason}" for r in read_reports(model=model)}
     servers: dict[str, ServerHealth] = {}
     per_block = [0] * num_blocks
     for block, by_peer in records.items():
@@ -79,6 +82,7 @@ def model_health(dht: Any, model: str, num_blocks: int) -> ModelHealth:
                     version=r.corolla_version,
                     dtype=r.dtype,
                     tokens_served=r.tokens_served,
+                    reported=reported.get(peer_id),
                 ),
             )
     ordered = sorted(servers.values(), key=lambda s: (s.start, s.end, s.peer_id))
@@ -111,7 +115,11 @@ def format_table(reports: Sequence[ModelHealth]) -> str:
             lines.append(
                 f"  …{s.peer_id[-8:]:<9} {(s.public_name or '-')[:16]:<16} {f'{s.start}:{s.end}':<9} {s.state:<8} "
                 f"{s.throughput:>9.1f} {s.cache_tokens_left:>10} {s.tokens_served:>9} {s.version}"
+                + ("  REPORTED" if s.reported else "")
             )
+        for s in r.servers:
+            if s.reported:
+                lines.append(f"  REPORTED …{s.peer_id[-8:]} by a client on this machine: {s.reported}")
     if not reports:
         lines.append("no models are announced in this swarm")
     return "\n".join(lines)

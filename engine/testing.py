@@ -144,6 +144,60 @@ def server_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
+_LYING_SERVER_CODE = """
+import sys, torch
+from corolla.engine.cli import main
+from corolla.engine.server.backend import SpanBackend
+honest = SpanBackend.inference_step
+async def lying_step(self, session, position, hidden):
+    out = await honest(self, session, position, hidden)
+    return torch.randn_like(out) * out.std()
+SpanBackend.inference_step = lying_step
+sys.exit(main())
+"""
+LYING_SERVER: tuple[str, ...] = (sys.executable, "-c", _LYING_SERVER_CODE)
+"""Launcher of a ``corolla server`` whose every inference step answers random tensors of the right shape
+and scale (its forwards stay honest): an attacker for the verification tests and benchmarks."""
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and its children, in bytes (a server with its DHT process and p2p daemon)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+class PeakRss:
+    """Samples a process tree's RSS every 50 ms in a thread until stopped; ``peak`` is the largest sample."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peak = tree_rss(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, tree_rss(self.pid))
+
+    def stop(self) -> int:
+        """Stop sampling; the peak RSS in bytes."""
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
 class ServerProcess:
     """One ``corolla server`` child process in its own session (a terminal's Ctrl-C does not reach it)."""
 
@@ -156,14 +210,14 @@ class ServerProcess:
         *,
         threads: int = 1,
         extra_args: Sequence[str] = (),
+        launcher: Sequence[str] = (),
     ) -> None:
+        """``launcher`` replaces ``python -m corolla.engine.cli`` (tests start modified servers with it)."""
         self.blocks = blocks
         self.log_path = log_path
         self.status_path = log_path.with_suffix(".status.json")
         args = [
-            sys.executable,
-            "-m",
-            "corolla.engine.cli",
+            *(launcher or (sys.executable, "-m", "corolla.engine.cli")),
             "server",
             model,
             "--initial-peers",
@@ -297,17 +351,31 @@ class Swarm:
             self.stop()
             raise
 
-    def add_server(self, blocks: str | None, wait: bool = True, extra_args: Sequence[str] = ()) -> ServerProcess:
-        """Start one more server (``blocks`` like ``"0:3"``, or None to let it choose)."""
+    def add_server(
+        self,
+        blocks: str | None,
+        wait: bool = True,
+        extra_args: Sequence[str] = (),
+        *,
+        model: str | Path | None = None,
+        launcher: Sequence[str] = (),
+    ) -> ServerProcess:
+        """Start one more server (``blocks`` like ``"0:3"``, or None to let it choose).
+
+        ``model`` serves another checkpoint under this swarm's model name (a server with other weights);
+        ``launcher`` starts a modified server (see :data:`LYING_SERVER`).
+        """
         self._started = getattr(self, "_started", 0) + 1
         log = self.log_dir / f"server-{self._started}.log"
+        prefix = ["--dht-prefix", self.dht_prefix] if model is not None else []
         server = ServerProcess(
-            self.model,
+            str(model or self.model),
             blocks,
             self.initial_peers,
             log,
             threads=self.threads,
-            extra_args=[*self.extra_args, *extra_args],
+            extra_args=[*self.extra_args, *prefix, *extra_args],
+            launcher=launcher,
         )
         self.servers.append(server)
         if wait:

@@ -392,7 +392,14 @@ class DistributedModelForCausalLM(nn.Module):
         def decode(token_ids: list[int]) -> str:
             return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-        return TextStream(tokens(), decode, int(ids.shape[1]), stop or (), on_close=session.close if own else None)
+        return TextStream(
+            tokens(),
+            decode,
+            int(ids.shape[1]),
+            stop or (),
+            on_close=session.close if own else None,
+            unverified=lambda: list(session.unverified.values()),
+        )
 
     def generate_text(self, prompt: str, **kwargs: Any) -> GenerationResult:
         """Generate a whole continuation of ``prompt`` (same options as :meth:`stream_text`)."""

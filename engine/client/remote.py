@@ -277,6 +277,8 @@ async def remote_info(p2p: P2P, peer_id: str, timeout: float, proof: str | None 
             ),
             timeout,
         )
+    except TimeoutError as e:
+        raise PeerUnavailableError(peer_id, f"no answer to info within {timeout:.1f} s") from e
     except Exception as e:
         raise PeerUnavailableError(peer_id, f"{type(e).__name__}: {e}") from e
     try:

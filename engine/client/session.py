@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ import torch
 
 from corolla.engine.client.credentials import credentials_for
 from corolla.engine.client.loop import LoopThread
-from corolla.engine.client.remote import HopStream
-from corolla.engine.config import ClientConfig
+from corolla.engine.client.remote import HopStream, remote_info
+from corolla.engine.client.spot_check import spot_check
+from corolla.engine.client.verify import output_problem
+from corolla.engine.config import PROTOCOL_VERSION, ClientConfig
 from corolla.engine.errors import (
     CacheFullError,
     MissingBlocksError,
@@ -25,13 +28,17 @@ from corolla.engine.errors import (
     PeerUnavailableError,
     ProtocolError,
     SessionClosedError,
+    short_peer,
 )
 from corolla.engine.routing.planner import RouteHop
 from corolla.engine.routing.sequence_manager import SequenceManager, describe_route
+from corolla.engine.routing.trust import Verdict, probe_problem, should_verify, silent_bound
 
 logger = logging.getLogger(__name__)
 
 _RETRYABLE = (PeerUnavailableError, CacheFullError, SessionClosedError, ProtocolError)
+PROBE_BATCH = 16
+"""Servers probed at once when a route needs a new one (the route's own, then other candidates)."""
 
 
 @dataclass
@@ -84,6 +91,11 @@ class InferenceSession:
         self.token_ids: torch.Tensor | None = None  # [batch, position] ids fed so far (kept by the model)
         self.pending_ids: torch.Tensor | None = None  # sampled but not yet fed (kept by the model)
         self._step_id = 0
+        self.avoid: set[str] = set()  # peers caught lying (or on a route that lied) in this session: never again
+        self.liars: set[str] = set()  # peers this session convicted
+        self.unverified: dict[tuple[int, int], str] = {}  # (start, end) of hops whose output no replica could check
+        self.checks = 0  # spot checks run
+        self._rng = random.Random()
 
     # ---- public API -------------------------------------------------------------------------
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -144,36 +156,93 @@ class InferenceSession:
             outputs.append(await self._step_chunk(chunk))
         return torch.cat(outputs, dim=1)
 
-    def _timeout(self, peer_id: str, new_tokens: int) -> float:
-        """Seconds to wait for a step: adaptive for one-token steps, so a stalled server is noticed fast."""
-        usual = self.manager.rtt.get(peer_id)
-        if new_tokens > 1 or usual is None:
-            return self.config.step_timeout
-        return min(self.config.step_timeout, max(self.config.stall_timeout, 5 * usual))
+    @property
+    def verified(self) -> bool:
+        """False if some hop's output could not be checked on an independent replica (see :attr:`unverified`)."""
+        return not self.unverified
+
+    def _timeout(self, peer_id: str, tokens: int, blocks: int) -> float:
+        """Seconds to wait for a step before the server counts as silent: tied to its measured round trip."""
+        return silent_bound(
+            self.manager.rtt.get(peer_id, self.manager.ping.get(peer_id)),
+            tokens,
+            blocks,
+            self.manager.believed_block_s(peer_id),
+            floor_s=self.config.stall_timeout,
+            ceiling_s=self.config.step_timeout,
+        )
+
+    async def _verify(self, hop: _Hop, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Spot-check ``out`` when due; False if the hop's server lied (convicted) or is suspect (avoided)."""
+        peer = hop.stream.peer_id
+        # A hop already known to have no independent replica is checked at the rate only (it may gain one).
+        seen = self.config.verify_first_steps if (hop.start, hop.end) in self.unverified else 0
+        due = should_verify(
+            max(self.manager.checked.get(peer, 0), seen),
+            first_steps=self.config.verify_first_steps,
+            rate=self.config.verify_rate,
+            draw=self._rng.random(),
+        )
+        if not due:
+            return True
+        self.checks += 1
+        history = hop.history(self.position)
+        inputs = x if history is None else torch.cat([history, x], dim=1)
+        judgement = await spot_check(
+            self.manager, self.p2p, self.config, peer, (hop.start, hop.end), inputs, out, self.avoid
+        )
+        self.avoid.update(judgement.liars, judgement.suspects)
+        for liar in judgement.liars:
+            self.liars.add(liar)
+            reason = "its output differed from two independent replicas'"
+            self.manager.convict(liar, hop.start, hop.end, reason)
+        if judgement.verdict is Verdict.AGREE:
+            self.manager.passed_check(peer)
+        elif judgement.verdict is Verdict.UNVERIFIED and (hop.start, hop.end) not in self.unverified:
+            why = f"only {short_peer(peer)} serves blocks {hop.start}:{hop.end}"
+            logger.warning("output is unverified: %s", why)
+            self.unverified[(hop.start, hop.end)] = why
+        elif judgement.verdict is Verdict.DISPUTED:
+            logger.warning(
+                "replicas of blocks %d:%d disagree with %s and none settles it: moving off it",
+                hop.start,
+                hop.end,
+                short_peer(peer),
+            )
+        return judgement.verdict in (Verdict.AGREE, Verdict.UNVERIFIED)
 
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hops:
             await self._build(0, self.manager.num_blocks)
-        attempts = 0
+        failed: set[str] = set()  # peers that failed this step: each failure of a new one is free
+        attempts = 0  # failures of peers that had failed before (the retry budget)
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
             peer = hop.stream.peer_id
+            blocks = hop.end - hop.start
             try:
                 began = time.perf_counter()
                 self._step_id += 1
-                out = await hop.stream.step(
-                    self.session_id, x, self.position, self._step_id, self._timeout(peer, x.shape[1])
-                )
+                timeout = self._timeout(peer, x.shape[0] * x.shape[1], blocks)
+                out = await hop.stream.step(self.session_id, x, self.position, self._step_id, timeout)
+                problem = output_problem(out, x.shape, x.dtype)
+                if problem is not None:
+                    raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
                 if x.shape[1] == 1:
-                    self.manager.record_rtt(peer, time.perf_counter() - began)
+                    self.manager.record_step(peer, time.perf_counter() - began, blocks)
             except _RETRYABLE as e:
-                attempts += 1
-                if attempts > self.config.max_retries:
-                    raise
+                if peer in failed:
+                    attempts += 1
+                    if attempts > self.config.max_retries:
+                        raise
+                failed.add(peer)
                 self.manager.ban(peer, str(e))
                 await self._repair(i)
                 continue  # retry the same hop index: the replacement route starts there
+            if not await self._verify(hop, x, out):
+                await self._repair(i)
+                continue  # the liar's answer is dropped; its replacement recomputes the step
             self.manager.mark_ok(peer)
             hop.inputs.append(x)
             x = out
@@ -187,7 +256,7 @@ class InferenceSession:
         await broken.stream.close(self.session_id)
         history = broken.history(self.position)
         began = time.perf_counter()
-        exclude = {broken.stream.peer_id}
+        exclude = {broken.stream.peer_id, *self.avoid}
         for attempt in range(self.config.max_retries + 1):
             new_hops = await self._plan_and_open(broken.start, broken.end, exclude=exclude)
             try:
@@ -222,28 +291,90 @@ class InferenceSession:
             position = 0
             for chunk in self._chunks(x):
                 self._step_id += 1
-                outputs.append(
-                    await hop.stream.step(self.session_id, chunk, position, self._step_id, self.config.step_timeout)
-                )
+                timeout = self._timeout(hop.stream.peer_id, chunk.shape[0] * chunk.shape[1], hop.end - hop.start)
+                out = await hop.stream.step(self.session_id, chunk, position, self._step_id, timeout)
+                problem = output_problem(out, chunk.shape, chunk.dtype)
+                if problem is not None:
+                    raise ProtocolError(
+                        f"server {short_peer(hop.stream.peer_id)} {problem}", peer_id=hop.stream.peer_id
+                    )
+                outputs.append(out)
                 position += chunk.shape[1]
             hop.inputs = [x]
             x = torch.cat(outputs, dim=1)
 
+    def _probe_timeout(self) -> float:
+        """Seconds a new server may take to answer its probe: tied to the round trips measured so far.
+
+        Five times the median round trip of the servers already probed (at least ``stall_timeout``);
+        ``connect_timeout`` before any was measured.
+        """
+        pings = sorted(self.manager.ping.values())
+        if not pings:
+            return self.config.connect_timeout
+        typical = pings[len(pings) // 2]
+        return silent_bound(
+            typical, 0, 0, 0.0, floor_s=self.config.stall_timeout, ceiling_s=self.config.connect_timeout
+        )
+
+    async def _probe(self, hops: list[_Hop], start: int, end: int, exclude: set[str]) -> list[tuple[_Hop, PeerError]]:
+        """Ask every server of ``hops`` not yet probed for its info; the hops whose server failed, and why.
+
+        A server carries a session only once it answered with this client's protocol version, this model
+        and a span that holds the hop's blocks (a record alone is a claim anyone could make). Up to
+        :data:`PROBE_BATCH` other unprobed servers of the same blocks are probed at the same time, so a
+        swarm full of fake records costs a few rounds of probes, not one round per fake; those that fail
+        join ``exclude``.
+        """
+        new = [hop for hop in hops if hop.stream.peer_id not in self.manager.probed]
+        if not new:
+            return []
+        extra = self.manager.unprobed(start, end, exclude | {h.stream.peer_id for h in hops}, PROBE_BATCH - len(new))
+        candidates = [*new, *(_Hop(HopStream(p, max(start, s), min(end, e))) for p, s, e in extra)]
+
+        async def probe(hop: _Hop) -> None:
+            peer = hop.stream.peer_id
+            began = time.perf_counter()
+            proof = credentials_for(self.config).proof(self.p2p.peer_id.to_base58(), peer)
+            info = await remote_info(self.p2p, peer, self._probe_timeout(), proof=proof)
+            problem = probe_problem(
+                info, version=PROTOCOL_VERSION, model=self.manager.model, start=hop.start, end=hop.end
+            )
+            if problem is not None:
+                raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
+            self.manager.record_probe(peer, time.perf_counter() - began)
+
+        results = await asyncio.gather(*(probe(hop) for hop in candidates), return_exceptions=True)
+        failed = []
+        for i, (hop, result) in enumerate(zip(candidates, results, strict=True)):
+            if isinstance(result, PeerError):
+                if i < len(new):
+                    failed.append((hop, result))
+                else:
+                    self.manager.ban(hop.stream.peer_id, str(result))
+                    exclude.add(hop.stream.peer_id)
+            elif isinstance(result, BaseException):
+                raise result
+        return failed
+
     async def _plan_and_open(self, start: int, end: int, exclude: set[str]) -> list[_Hop]:
         """Plan blocks ``start..end-1`` and open a stream on every hop, retrying other servers on failure.
 
-        The sequence manager re-reads the swarm (fresh from the DHT) before it reports blocks as
-        missing, so a server that joined since the last read is found here. When only servers we
-        already failed announce some blocks (NoRouteError: their records outlive them for the record
-        TTL), they get one last try after a short pause; if that fails too, the blocks are missing and
-        MissingBlocksError says so, instead of retrying dead servers for minutes.
+        Every server that fails (its probe or its open) is left out for the rest of this call, and
+        planning goes on while untried servers remain: fifty fake records cost fifty quick failures,
+        not the whole generation. The sequence manager re-reads the swarm (fresh from the DHT) before
+        it reports blocks as missing, so a server that joined since the last read is found here. When
+        only servers we already failed announce some blocks (NoRouteError: their records outlive them
+        for the record TTL), they get one last try after a short pause; if that fails too, the blocks
+        are missing and MissingBlocksError says so, instead of retrying dead servers for minutes.
+        Peers this session caught lying are never tried again.
         """
         loop = asyncio.get_running_loop()
         last_chance = False
         cache_full: CacheFullError | None = None  # servers that answered but had no room are not "missing"
         tried: set[str] = set()
-        last_error: BaseException | None = None  # the last failure to open a hop: the cause we report
-        for _ in range(self.config.max_retries + 1):
+        exclude = {*exclude, *self.avoid}
+        while True:  # each round leaves out at least one more server, so it ends
             try:
                 route = await loop.run_in_executor(
                     None, self.manager.plan_inference, start, end, self.max_length, frozenset(exclude), last_chance
@@ -255,47 +386,45 @@ class InferenceSession:
                     ) from e
                 if last_chance or not isinstance(e, NoRouteError):
                     raise
-                last_chance, exclude = True, set()
+                last_chance, exclude = True, set(self.avoid)
                 await asyncio.sleep(self.config.min_backoff)
                 continue
             hops = [_Hop(HopStream(h.peer_id, h.start, h.end)) for h in route]
             tried.update(h.peer_id for h in route)
             credentials, me = credentials_for(self.config), self.p2p.peer_id.to_base58()
-            # Open every hop at once: one round trip for the whole route, not one per server.
-            results = await asyncio.gather(
-                *(
-                    hop.stream.open(
-                        self.p2p,
-                        self.session_id,
-                        self.max_length,
-                        self.batch_size or 1,
-                        self.config.connect_timeout,
-                        self.config.step_timeout,
-                        proof=credentials.proof(me, hop.stream.peer_id),
-                        contributor=credentials.claim(me, hop.stream.peer_id),
-                    )
-                    for hop in hops
-                ),
-                return_exceptions=True,
-            )
-            failed = [(hop, r) for hop, r in zip(hops, results, strict=True) if isinstance(r, BaseException)]
+            failed: list[tuple[_Hop, BaseException]] = list(await self._probe(hops, start, end, exclude))
             if not failed:
-                return hops
-            await self._close_all(hops)
+                # Open every hop at once: one round trip for the whole route, not one per server.
+                results = await asyncio.gather(
+                    *(
+                        hop.stream.open(
+                            self.p2p,
+                            self.session_id,
+                            self.max_length,
+                            self.batch_size or 1,
+                            self.config.connect_timeout,
+                            self._timeout(hop.stream.peer_id, 0, 0),
+                            proof=credentials.proof(me, hop.stream.peer_id),
+                            contributor=credentials.claim(me, hop.stream.peer_id),
+                        )
+                        for hop in hops
+                    ),
+                    return_exceptions=True,
+                )
+                failed = [(hop, r) for hop, r in zip(hops, results, strict=True) if isinstance(r, BaseException)]
+                if not failed:
+                    return hops
+                await self._close_all(hops)
             for hop, error in failed:
                 if not isinstance(error, _RETRYABLE):
                     raise error
-                last_error = error
                 self.manager.ban(hop.stream.peer_id, str(error))
+                exclude.add(hop.stream.peer_id)
                 if isinstance(error, CacheFullError):
                     cache_full = error
-                    exclude = {*exclude, hop.stream.peer_id}
             if last_chance and cache_full is None:
                 hop, error = failed[0]
                 raise MissingBlocksError(self.manager.model, range(hop.start, hop.end), self.manager.source) from error
-        if cache_full is not None:
-            raise cache_full
-        raise NoRouteError(self.manager.model, range(start, end), sorted(tried), self.manager.source) from last_error
 
     async def _build(self, start: int, end: int) -> None:
         self.hops = await self._plan_and_open(start, end, exclude=set())

@@ -17,6 +17,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    unverified: tuple[str, ...] = ()  # why parts of the route could not be checked on an independent replica
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -42,7 +43,9 @@ class TextStream(Iterator[str]):
         prompt_tokens: int,
         stop: Sequence[str] = (),
         on_close: Callable[[], Any] | None = None,
+        unverified: Callable[[], Sequence[str]] | None = None,
     ) -> None:
+        self._unverified = unverified
         self._tokens = tokens
         self._decode = decode
         self._stops = [s for s in stop if s]
@@ -108,4 +111,7 @@ class TextStream(Iterator[str]):
         """Consume the rest of the stream and return the whole completion."""
         for _ in self:
             pass
-        return GenerationResult(self.text, self.prompt_tokens, self.completion_tokens, self.finish_reason or "length")
+        unverified = tuple(self._unverified()) if self._unverified is not None else ()
+        return GenerationResult(
+            self.text, self.prompt_tokens, self.completion_tokens, self.finish_reason or "length", unverified
+        )

@@ -22,6 +22,7 @@ import numpy as np
 
 from corolla.engine.errors import MissingBlocksError, NoRouteError
 from corolla.engine.routing.spans import RemoteSpan, missing_blocks
+from corolla.engine.routing.trust import believed_block_seconds
 
 __all__ = [
     "CACHE_PENALTY_S",
@@ -58,16 +59,19 @@ class RouteHop:
         return self.end - self.start
 
 
-def block_seconds(span: RemoteSpan) -> float:
+def block_seconds(span: RemoteSpan, measured_s: float | None = None) -> float:
     """Expected seconds for one token through one block of ``span``'s server.
 
-    Uses the announced single-token speed (``inference_rps``), else the batch throughput, else
-    :data:`UNKNOWN_BLOCK_S`.
+    The announced single-token speed (``inference_rps``), else the batch throughput, else
+    :data:`UNKNOWN_BLOCK_S`; an announcement is a claim, so it is capped by plausibility and by
+    ``measured_s`` (what this client measured) with :func:`~corolla.engine.routing.trust.believed_block_seconds`.
     """
+    announced = UNKNOWN_BLOCK_S
     for speed in (span.record.inference_rps, span.record.throughput):
         if math.isfinite(speed) and speed > 0:
-            return 1.0 / speed
-    return UNKNOWN_BLOCK_S
+            announced = 1.0 / speed
+            break
+    return believed_block_seconds(announced, measured_s)
 
 
 def _usable_spans(
@@ -114,6 +118,7 @@ def plan_inference_route(
     default_rtt: float = DEFAULT_RTT_S,
     hop_overhead: float = HOP_OVERHEAD_S,
     cache_penalty: float = CACHE_PENALTY_S,
+    measured_block_s: Mapping[str, float] | None = None,
 ) -> list[RouteHop]:
     """The route over blocks ``[start, end)`` with the least expected seconds per generated token.
 
@@ -136,6 +141,8 @@ def plan_inference_route(
         default_rtt: Round-trip time assumed for unmeasured servers, in seconds.
         hop_overhead: Fixed cost of each hop, in seconds.
         cache_penalty: Extra cost of a hop on a server short of cache, in seconds.
+        measured_block_s: Seconds per token per block this client measured on servers; an announced
+            speed faster than the measurement (or than plausible) is not believed.
 
     Returns:
         Hops in block order; they cover ``[start, end)`` exactly and contiguously.
@@ -158,7 +165,8 @@ def plan_inference_route(
             for s in usable
         ]
     )
-    per_block = np.array([block_seconds(s) for s in usable])
+    measured = measured_block_s or {}
+    per_block = np.array([block_seconds(s, measured.get(s.peer_id)) for s in usable])
 
     num_steps = end - start
     # dist[p]: least cost to reach the current boundary having run the previous block on server p.

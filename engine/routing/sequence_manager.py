@@ -15,8 +15,16 @@ from corolla.engine.dht.announce import read_records
 from corolla.engine.dht.records import ServerState
 from corolla.engine.errors import MissingBlocksError, short_peer
 from corolla.engine.routing.exact import exact_spans
-from corolla.engine.routing.planner import RouteHop, plan_forward_route, plan_inference_route
+from corolla.engine.routing.planner import (
+    UNKNOWN_BLOCK_S,
+    RouteHop,
+    block_seconds,
+    plan_forward_route,
+    plan_inference_route,
+)
+from corolla.engine.routing.reports import LiarReport, write_report
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
+from corolla.engine.routing.trust import ban_seconds, believed_block_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +50,12 @@ class SequenceManager:
         self.num_blocks = num_blocks
         self.config = config
         self.spans: dict[str, RemoteSpan] = {}
-        self.rtt: dict[str, float] = {}
+        self.rtt: dict[str, float] = {}  # smoothed seconds of a one-token step (network and compute)
+        self.ping: dict[str, float] = {}  # seconds of an info round trip (network only), from probes
+        self.block_s: dict[str, float] = {}  # measured seconds per token per block of one-token steps
+        self.probed: set[str] = set()  # servers whose info answer matched their record
+        self.checked: dict[str, int] = {}  # spot checks each server passed
+        self.convicted: set[str] = set()  # servers this client caught lying
         self._bans: dict[str, _Ban] = {}
         self._updated = 0.0
         self._lock = threading.RLock()
@@ -69,7 +82,7 @@ class SequenceManager:
         with self._lock:
             ban = self._bans.get(peer_id)
             strikes = ban.strikes + 1 if ban else 1
-            seconds = min(self.config.max_backoff, self.config.min_backoff * 2 ** (strikes - 1))
+            seconds = ban_seconds(strikes, self.config.min_backoff, self.config.max_backoff)
             self._bans[peer_id] = _Ban(time.monotonic() + seconds, strikes)
         logger.info("avoiding %s for %.1f s: %s", short_peer(peer_id), seconds, reason)
         return seconds
@@ -77,7 +90,8 @@ class SequenceManager:
     def mark_ok(self, peer_id: str) -> None:
         """A server answered well: forget its past failures (its next failure bans it for the minimum)."""
         with self._lock:
-            self._bans.pop(peer_id, None)
+            if peer_id not in self.convicted:  # a liar's good answers do not lift its ban
+                self._bans.pop(peer_id, None)
 
     def banned(self) -> set[str]:
         """Servers to avoid right now."""
@@ -90,6 +104,62 @@ class SequenceManager:
         with self._lock:
             old = self.rtt.get(peer_id)
             self.rtt[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
+        """Fold a one-token step's time into the server's RTT and its measured seconds per block."""
+        self.record_rtt(peer_id, seconds)
+        per_block = max(seconds - self.ping.get(peer_id, 0.0), 0.0) / max(blocks, 1)
+        with self._lock:
+            old = self.block_s.get(peer_id)
+            self.block_s[peer_id] = per_block if old is None else 0.8 * old + 0.2 * per_block
+
+    def record_probe(self, peer_id: str, seconds: float) -> None:
+        """A server's info answer matched its record, after ``seconds``."""
+        with self._lock:
+            self.probed.add(peer_id)
+            old = self.ping.get(peer_id)
+            self.ping[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def unprobed(self, start: int, end: int, exclude: Collection[str], limit: int) -> list[tuple[str, int, int]]:
+        """Up to ``limit`` servers of blocks ``[start, end)`` never probed, the ones the planner favours first.
+
+        Returns ``(peer_id, span start, span end)``, skipping banned servers and ``exclude``.
+        """
+        skip = self.banned() | set(exclude)
+        with self._lock:
+            spans = [
+                s
+                for p, s in self.spans.items()
+                if p not in self.probed and p not in skip and s.start < end and s.end > start
+            ]
+            measured = dict(self.block_s)
+        spans.sort(key=lambda s: (block_seconds(s, measured.get(s.peer_id)), s.peer_id))
+        return [(s.peer_id, s.start, s.end) for s in spans[: max(limit, 0)]]
+
+    def believed_block_s(self, peer_id: str) -> float:
+        """Seconds per token per block the planner believes for a server (claim capped by measurement)."""
+        with self._lock:
+            span = self.spans.get(peer_id)
+            measured = self.block_s.get(peer_id)
+        return block_seconds(span, measured) if span is not None else believed_block_seconds(UNKNOWN_BLOCK_S, measured)
+
+    def passed_check(self, peer_id: str) -> None:
+        """A spot check of the server's output agreed with an independent replica."""
+        with self._lock:
+            self.checked[peer_id] = self.checked.get(peer_id, 0) + 1
+
+    def convict(self, peer_id: str, start: int, end: int, reason: str) -> None:
+        """A server was caught lying: avoid it for ``liar_ban`` seconds, log it and report it for `corolla health`."""
+        with self._lock:
+            strikes = max(self._bans[peer_id].strikes if peer_id in self._bans else 0, 32)
+            self._bans[peer_id] = _Ban(time.monotonic() + self.config.liar_ban, strikes)
+            self.probed.discard(peer_id)
+            self.checked.pop(peer_id, None)
+            self.convicted.add(peer_id)
+        logger.warning(
+            "server %s lied about blocks %d:%d (%s); reported and avoided", short_peer(peer_id), start, end, reason
+        )
+        write_report(LiarReport(peer_id, self.model, start, end, reason, time.time()), self.config.report_file)
 
     # ---- planning ---------------------------------------------------------------------------
     def plan_inference(
@@ -120,6 +190,7 @@ class SequenceManager:
                     rtt=rtt,
                     banned=(set() if ignore_bans else self.banned()) | set(exclude),
                     cache_tokens_needed=cache_tokens_needed,
+                    measured_block_s=dict(self.block_s),
                 )
             except MissingBlocksError as e:
                 if attempt == 1:
@@ -127,15 +198,36 @@ class SequenceManager:
                 self.refresh()
         raise AssertionError("unreachable")
 
-    def plan_forward(self, start: int = 0, end: int | None = None) -> list[RouteHop]:
-        """A load-spreading route for a stateless forward."""
+    def plan_replica(self, start: int, end: int, exclude: Collection[str]) -> list[RouteHop] | None:
+        """The fastest route over ``[start, end)`` avoiding ``exclude`` and bans, from the swarm as last read;
+        None if there is none (no DHT read: spot checks of a hop with a single server must stay cheap)."""
+        with self._lock:
+            spans = dict(self.spans)
+            rtt = dict(self.rtt)
+            measured = dict(self.block_s)
+        try:
+            return plan_inference_route(
+                spans,
+                start,
+                end,
+                model=self.model,
+                rtt=rtt,
+                banned=self.banned() | set(exclude),
+                measured_block_s=measured,
+            )
+        except MissingBlocksError:
+            return None
+
+    def plan_forward(self, start: int = 0, end: int | None = None, exclude: Collection[str] = ()) -> list[RouteHop]:
+        """A load-spreading route for a stateless forward (avoiding banned servers and ``exclude``)."""
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
         for attempt in range(2):
             with self._lock:
                 spans = dict(self.spans)
             try:
-                return plan_forward_route(spans, start, end, rng=self._rng, model=self.model, banned=self.banned())
+                banned = self.banned() | set(exclude)
+                return plan_forward_route(spans, start, end, rng=self._rng, model=self.model, banned=banned)
             except MissingBlocksError as e:
                 if attempt == 1:
                     raise e.with_source(self.source).with_traceback(e.__traceback__) from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
 import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -29,7 +27,7 @@ from corolla.engine import CacheFullError, CorollaError, DistributedModelForCaus
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.dht.announce import make_dht
-from corolla.engine.testing import Swarm
+from corolla.engine.testing import PeakRss, Swarm, tree_rss
 from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, Step, StepResult
 from corolla.engine.wire.tensors import serialize
 
@@ -68,16 +66,6 @@ class Attack:
     idle_rss: int
 
 
-def tree_rss(pid: int) -> int:
-    """RSS of a process and its children (the server, its DHT process and p2p daemon)."""
-    proc = psutil.Process(pid)
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
 @contextlib.contextmanager
 def raw_peer(swarm: Swarm, name: str) -> Iterator[Raw]:
     dht = make_dht(swarm.initial_peers, "127.0.0.1", client_mode=True)
@@ -111,32 +99,11 @@ def attack(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPa
             yield Attack(path, swarm, peer_id(server), server.pid, attacker, other, model, hf_model(path), rss)
 
 
-class RssSampler:
-    """Samples the server's RSS in a thread until stopped; ``peak`` is the largest sample."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = tree_rss(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, tree_rss(self.pid))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.peak
-
-
 def under_attack(att: Attack, run_attack: Callable[[], T], seed: int, new_tokens: int = 8) -> T:
     """Run ``run_attack`` while the normal client generates; check its output and the server's memory."""
     ids = random_ids(1, 6, seed=seed)
     expected = hf_greedy(att.reference, ids, new_tokens, eos=False)
-    sampler = RssSampler(att.pid)
+    sampler = PeakRss(att.pid)
     try:
         with ThreadPoolExecutor(1) as pool:
             normal = pool.submit(att.model.generate, ids, max_new_tokens=new_tokens, eos_token_id=[])
@@ -319,3 +286,13 @@ def test_forward_floods_do_not_starve_a_normal_client(attack: Attack) -> None:
     assert done and all(r.shape == (4, 1024, HIDDEN) for r in done)
     assert refused and all("tokens in flight" in str(r) for r in refused)
     assert len(done) + len(refused) == 16, [r for r in results if not isinstance(r, torch.Tensor | CacheFullError)]
+
+
+# ---- verification with one replica ----------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_output_of_a_single_replica_is_flagged_unverified(attack: Attack) -> None:
+    """Nobody else serves these blocks, so nothing can check the server: the session says so."""
+    with attack.model.inference_session(16) as session:
+        attack.model.generate(random_ids(1, 4, seed=15), max_new_tokens=2, eos_token_id=[], session=session)
+    assert not session.verified
+    assert session.unverified == {(0, 6): f"only …{attack.server[-6:]} serves blocks 0:6"}

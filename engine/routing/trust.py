@@ -1,0 +1,174 @@
+"""What a client believes about servers: claims capped by measurements, spot-check schedule, verdicts.
+
+Pure functions over plain data, shared by the client (the sequence manager and inference sessions) and
+the swarm simulator (``benchmarks/swarm_simulation.py``), so both route, verify and ban the same way.
+
+* :func:`believed_block_seconds`: a server's announced speed is a claim; the planner uses the slower of
+  the claim and what this client measured, and never a speed faster than :data:`FASTEST_BLOCK_S`.
+* :func:`probe_problem`: a new server answers ``info`` before it carries a session; its protocol
+  version, model and span must match what its record said.
+* :func:`should_verify`: which steps get their output recomputed on an independent replica.
+* :func:`judge`: who lied, from the outputs of independent replicas (two that agree settle it).
+* :func:`silent_bound`: how long to wait for a step before a server counts as silent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = [
+    "FASTEST_BLOCK_S",
+    "MAX_OPINIONS",
+    "Judgement",
+    "Opinion",
+    "Verdict",
+    "ban_seconds",
+    "believed_block_seconds",
+    "judge",
+    "probe_problem",
+    "settled",
+    "should_verify",
+    "silent_bound",
+]
+
+FASTEST_BLOCK_S = 1e-4
+"""Seconds per token per block below which an announced speed is implausible (10,000 block-steps/s)."""
+MAX_OPINIONS = 4
+"""Outputs gathered at most for one spot check (the server's own and three replicas')."""
+SILENT_RTT_FACTOR = 5.0
+"""A step may take this many times the server's measured round trip (plus its compute) before it is silent."""
+SILENT_COMPUTE_FACTOR = 10.0
+"""A step may take this many times its expected compute (tokens x blocks x believed seconds) on top."""
+
+
+def believed_block_seconds(announced_s: float, measured_s: float | None) -> float:
+    """Seconds per token per block the planner should assume for a server.
+
+    Args:
+        announced_s: What the server's record implies (1 / announced speed).
+        measured_s: What this client measured on its own steps through the server, if any.
+
+    Returns:
+        The slower of claim and measurement, never faster than :data:`FASTEST_BLOCK_S`: a record that
+        announces a speed of 1e9 is believed no more than a plausible one, and a measured slow server
+        is not taken at its word.
+    """
+    claim = announced_s if math.isfinite(announced_s) and announced_s > 0 else FASTEST_BLOCK_S
+    believed = max(claim, FASTEST_BLOCK_S)
+    if measured_s is not None and math.isfinite(measured_s) and measured_s > 0:
+        believed = max(believed, measured_s)
+    return believed
+
+
+def probe_problem(info: Mapping[str, Any], *, version: int, model: str, start: int, end: int) -> str | None:
+    """Why a server's ``info`` answer disqualifies it for blocks ``[start, end)``, or None if it fits.
+
+    Args:
+        info: The decoded info record the server sent (untrusted).
+        version: The protocol version this client speaks.
+        model: The model name the client routes for (the DHT prefix).
+        start: First block the client wants from the server.
+        end: One past the last block.
+    """
+    got = info.get("version")
+    if got != version:
+        return f"speaks protocol {got!r}, this client speaks {version}"
+    if info.get("model") != model:
+        return f"serves model {info.get('model')!r}, not {model!r}"
+    s, e = info.get("start"), info.get("end")
+    if not (isinstance(s, int) and isinstance(e, int) and s <= start and end <= e):
+        return f"serves blocks {s!r}:{e!r}, its record promised {start}:{end}"
+    return None
+
+
+def ban_seconds(strikes: int, min_backoff: float, max_backoff: float) -> float:
+    """Seconds to avoid a server after its ``strikes``-th failure in a row: doubling from ``min_backoff``, capped."""
+    return min(max_backoff, min_backoff * 2 ** min(max(strikes - 1, 0), 62))
+
+
+def should_verify(checked_steps: int, *, first_steps: int, rate: float, draw: float) -> bool:
+    """Whether to recompute this step's output of a server on an independent replica.
+
+    Args:
+        checked_steps: Steps of this server this client has already verified.
+        first_steps: A new server's first this-many steps are always verified.
+        rate: Share of later steps verified (0 never, 1 always).
+        draw: A uniform random number in ``[0, 1)`` (the caller's generator, for reproducibility).
+    """
+    return checked_steps < first_steps or draw < rate
+
+
+class Verdict(Enum):
+    """Outcome of a spot check."""
+
+    AGREE = "agree"  # an independent replica recomputed the same output: the server told the truth
+    SERVER_LIED = "server_lied"  # two independent replicas agree with each other, against the server
+    DISPUTED = "disputed"  # no output is backed by two independent sources: the server becomes a suspect
+    UNVERIFIED = "unverified"  # no independent replica exists for the hop's blocks
+
+
+@dataclass(frozen=True)
+class Opinion:
+    """One output of a hop: the peers of the route that computed it, and which outputs it matched.
+
+    ``group`` numbers the distinct outputs seen: opinions with the same group matched each other.
+    """
+
+    peers: tuple[str, ...]
+    group: int
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A verdict, the peers it convicts (ban for the session and report) and those merely suspected.
+
+    A one-peer route whose output disagrees with the majority convicts that peer. A multi-peer route
+    that disagrees holds at least one liar, but which one is unknown: its peers are suspects (avoided
+    for the session, not reported).
+    """
+
+    verdict: Verdict
+    liars: tuple[str, ...] = ()
+    suspects: tuple[str, ...] = ()
+
+
+def settled(opinions: list[Opinion]) -> bool:
+    """Whether some output is backed by two independent routes (stop asking more replicas)."""
+    groups = [o.group for o in opinions]
+    return any(groups.count(g) >= 2 for g in set(groups))
+
+
+def judge(opinions: list[Opinion]) -> Judgement:
+    """Decide a spot check from the opinions gathered; ``opinions[0]`` is the checked server's own output.
+
+    Every later opinion came from a route that avoids the peers of all earlier ones, so two matching
+    opinions are two independent sources. The output backed by two of them is the truth.
+    """
+    if len(opinions) < 2:
+        return Judgement(Verdict.UNVERIFIED)
+    groups = [o.group for o in opinions]
+    backed = [g for g in dict.fromkeys(groups) if groups.count(g) >= 2]
+    if not backed:  # nobody's output is backed, the server's included: leave it (not reported: unproven)
+        return Judgement(Verdict.DISPUTED, suspects=opinions[0].peers)
+    truth = backed[0]
+    liars = tuple(o.peers[0] for o in opinions if o.group != truth and len(o.peers) == 1)
+    suspects = tuple(p for o in opinions if o.group != truth and len(o.peers) > 1 for p in o.peers)
+    verdict = Verdict.AGREE if opinions[0].group == truth else Verdict.SERVER_LIED
+    return Judgement(verdict, liars, suspects)
+
+
+def silent_bound(
+    rtt_s: float | None, tokens: int, blocks: int, block_s: float, *, floor_s: float, ceiling_s: float
+) -> float:
+    """Seconds to wait for a step's answer before the server counts as silent.
+
+    Tied to what the client measured: ``max(floor, 5 x RTT) + 10 x tokens x blocks x believed seconds
+    per block``, at most ``ceiling_s``. A server whose RTT was never measured gets the floor for it.
+    """
+    rtt = rtt_s if rtt_s is not None and math.isfinite(rtt_s) and rtt_s >= 0 else 0.0
+    compute = SILENT_COMPUTE_FACTOR * tokens * blocks * block_s
+    return min(ceiling_s, max(floor_s, SILENT_RTT_FACTOR * rtt) + compute)
