@@ -200,7 +200,7 @@ def test_streams_need_a_fresh_proof_for_this_pair_of_peers(private: Private, pee
     member.loop.run(stream.close(session_id), timeout=10)
 
 
-SESSIONS, STEPS, TOKENS = 3, 6, 64  # per client: sessions at once, steps per session, tokens per step
+SESSIONS, STEPS, TOKENS = 3, 4, 256  # per client: sessions at once, steps per session, tokens per step
 
 
 async def _steps(peer: _Peer, opened: list[tuple[HopStream, str]], steps: int) -> list[tuple[float, float]]:
