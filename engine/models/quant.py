@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "nf4")
 _INT8_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")  # torch's CPU int8 weight kernel (private, so checked)
 NF4_GROUP = 64  # weights sharing one absmax
 # The 16 levels of 4-bit NormalFloat (Dettmers et al., QLoRA): quantiles of N(0, 1) scaled to [-1, 1].
 NF4_LEVELS = (
@@ -72,7 +73,8 @@ class Int8Linear(nn.Module):
         # torch's CPU int8 kernel wins for a few rows (decode steps); long prompts are faster dequantized once.
         # (It crashes on bfloat16 rows not a multiple of 8 long, so odd shapes always dequantize.)
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and x.dtype in _INT8_KERNEL_DTYPES and self.in_features % 32 == 0 and rows <= 32:
+        kernel = _HAS_INT8_KERNEL and x.device.type == "cpu" and x.dtype in _INT8_KERNEL_DTYPES
+        if kernel and self.in_features % 32 == 0 and rows <= 32:
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), qweight, scale)
             out = out.reshape(*x.shape[:-1], self.out_features)
         else:
