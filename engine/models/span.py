@@ -150,6 +150,7 @@ class BlockSpan(nn.Module):
         offset: int = 0,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks ``start..end-1`` (default: all of the span).
 
@@ -158,6 +159,8 @@ class BlockSpan(nn.Module):
             cache: the session's cache for exactly these blocks; ``offset`` is then its length.
             offset: position of the first new token when running without a cache.
             start: first block to run (global index); end: one past the last.
+            prompts: [end - start, batch, pre, hidden] deep prompts: block ``start + i`` first adds
+                ``prompts[i]`` to the hidden states of the first ``pre`` positions (deep prompt tuning).
         """
         start = self.start if start is None else start
         end = self.end if end is None else end
@@ -167,7 +170,10 @@ class BlockSpan(nn.Module):
             cache.begin_step(new)
         blocks = range(start, end)
         inputs = self.family.layer_inputs(self.config, self.rotary_emb, hidden_states, offset, blocks)
-        for block, kwargs in zip(blocks, inputs, strict=True):
+        for i, (block, kwargs) in enumerate(zip(blocks, inputs, strict=True)):
+            if prompts is not None:
+                pre = prompts.shape[2]
+                hidden_states = torch.cat([hidden_states[:, :pre] + prompts[i], hidden_states[:, pre:]], dim=1)
             output = self.layers[block - self.start](
                 hidden_states, **kwargs, **{self._cache_kwarg: cache}, use_cache=cache is not None
             )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from transformers import PretrainedConfig
@@ -18,6 +20,8 @@ from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
 from corolla.engine.server.limits import PeerBudget
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -236,6 +240,10 @@ class SpanBackend:
             outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
         self.tokens_processed += batch * length
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    async def compute(self, fn: Callable[[], T], peer: str = "") -> T:
+        """Run ``fn`` on the compute thread as a forward-priority job of ``peer`` (training calls use it)."""
+        return await self._compute.run(fn, Priority.FORWARD, peer)
 
     def queued(self) -> int:
         """Requests waiting for the compute thread."""

@@ -19,6 +19,7 @@ from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
 from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError, SessionClosedError
 from corolla.engine.server.backend import ServerSession, SpanBackend
 from corolla.engine.server.frames import BoundedStreams, FrameLimits
+from corolla.engine.server.training import TrainingRPCs
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -30,6 +31,7 @@ from corolla.engine.wire.messages import (
     decode_inference_message,
 )
 from corolla.engine.wire.tensors import deserialize, serialize
+from corolla.engine.wire.training import RPC_BACKWARD, RPC_TRAIN_FORWARD
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,9 @@ class Handler:
         """Add the handlers to the P2P daemon (the streams with Corolla's size-checked frame reader)."""
         await self.streams.register(p2p, RPC_INFERENCE, self.rpc_inference)
         await self.streams.register(p2p, RPC_FORWARD, self.rpc_forward)
+        training = TrainingRPCs(self._serving, self.cfg, error_answer)  # forward with deep prompts, backward
+        await self.streams.register(p2p, RPC_TRAIN_FORWARD, training.rpc_train_forward)
+        await self.streams.register(p2p, RPC_BACKWARD, training.rpc_backward)
         # Unary calls travel over the daemon's persistent connection, which caps them at 4 MiB itself.
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
 

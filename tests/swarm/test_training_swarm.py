@@ -1,0 +1,111 @@
+"""Training through a real swarm (tiny Llama; servers 0:3, 3:6 and a second 3:6).
+
+Gradients of the inputs and of deep prompts equal transformers' own autograd; prompt tuning lowers the
+loss with a standard optimizer; trained prompts save and load; a server killed in the middle of a
+backward is routed around and the loss curve stays the same. Every family's gradients are checked at
+the server's level in tests/unit/test_training_backend.py (one swarm per family would cost minutes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from swarm_helpers import client, hf_model, random_ids, running_swarm
+
+from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.client.route_autograd import remote_blocks
+from corolla.engine.client.training import training_blocks
+from corolla.engine.testing import Swarm, make_tiny_checkpoint
+from corolla.engine.testing_grads import reference_block_grads
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]
+
+RTOL = 1e-4
+SPANS = ["0:3", "3:6", "3:6"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("training") / "tiny-llama", "llama", seed=5)
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    with running_swarm(checkpoint, SPANS, tmp_path_factory) as s:
+        yield s
+
+
+@pytest.fixture
+def model(checkpoint: Path, swarm: Swarm) -> Iterator[DistributedModelForCausalLM]:
+    with client(checkpoint, swarm, tuning_mode="deep_ptune", pre_seq_len=3, min_backoff=30.0) as m:
+        yield m
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_input_and_deep_prompt_gradients_equal_local_autograd(
+    checkpoint: Path, model: DistributedModelForCausalLM
+) -> None:
+    hf = hf_model(checkpoint)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 6, 64, generator=gen).requires_grad_(True)
+    prompts = (torch.randn(6, 2, 3, 64, generator=gen) * 0.5).requires_grad_(True)
+    grad_out = torch.randn(2, 6, 64, generator=gen)
+    out = remote_blocks(hidden, prompts, training_blocks(model))
+    (out * grad_out).sum().backward()
+    assert len(training_blocks(model).last_trace) == 2  # two servers: 0:3 and 3:6
+    out_ref, grad_ref, prompts_ref = reference_block_grads(hf, hidden, grad_out, prompts)
+    assert rel_diff(out.detach(), out_ref) <= RTOL
+    assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None
+    assert rel_diff(hidden.grad, grad_ref) <= RTOL
+    assert rel_diff(prompts.grad, prompts_ref) <= RTOL
+
+
+def train(model: DistributedModelForCausalLM, steps: int, kill: Swarm | None = None) -> list[float]:
+    """A few Adam steps of deep prompt tuning on one fixed batch, from the same start every time.
+
+    With ``kill``, the server of the last hop is killed at the start of step 1's backward; the client
+    must have avoided it (banned) to finish.
+    """
+    assert model.ptune is not None
+    model.enable_prompt_tuning("deep_ptune", 3)  # same seed: the same starting prompts
+    assert model.ptune is not None
+    optimizer = torch.optim.Adam(model.ptune.parameters(), lr=0.05)
+    ids = random_ids(2, 8, seed=9)
+    losses = []
+    for step in range(steps):
+        loss = model(ids, labels=ids).loss
+        if kill is not None and step == 1:
+            # Kill the server of the last hop just before the backward needs it.
+            victim = training_blocks(model).last_trace[-1].hop.peer_id
+            server = next(s for s in kill.servers if s.alive() and s.peer_id == victim)
+            loss.register_hook(lambda g, server=server: (server.kill(), g)[1])
+        loss.backward()
+        if kill is not None and step == 1:
+            assert victim in model.manager.banned()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_prompt_tuning_lowers_the_loss_and_survives_a_killed_server(
+    model: DistributedModelForCausalLM, swarm: Swarm, tmp_path: Path
+) -> None:
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"ptune.prompts", "ptune.deep"}
+    clean = train(model, 4)
+    assert clean[-1] < clean[0] - 0.05, clean
+    assert model.ptune is not None
+    model.ptune.save(tmp_path / "prompts.safetensors")
+    trained = [p.detach().clone() for p in model.ptune.parameters()]
+    interrupted = train(model, 4, kill=swarm)
+    assert sum(s.alive() for s in swarm.servers) == 2  # one of the 3:6 servers is gone
+    assert max(abs(a - b) for a, b in zip(clean, interrupted, strict=True)) <= 1e-5, (clean, interrupted)
+    model.ptune.load(tmp_path / "prompts.safetensors")
+    for a, b in zip(model.ptune.parameters(), trained, strict=True):
+        assert torch.equal(a.detach(), b)
