@@ -15,7 +15,7 @@ import pytest
 import torch
 from swarm_helpers import client, hf_model, random_ids, running_swarm
 
-from corolla.engine import DistributedModelForCausalLM
+from corolla.engine import DistributedModelForCausalLM, DistributedModelForSequenceClassification
 from corolla.engine.client.route_autograd import remote_blocks
 from corolla.engine.client.training import training_blocks
 from corolla.engine.testing import Swarm, make_tiny_checkpoint
@@ -109,3 +109,28 @@ def test_prompt_tuning_lowers_the_loss_and_survives_a_killed_server(
     model.ptune.load(tmp_path / "prompts.safetensors")
     for a, b in zip(model.ptune.parameters(), trained, strict=True):
         assert torch.equal(a.detach(), b)
+
+
+def test_sequence_classification_matches_local_and_trains(checkpoint: Path, swarm: Swarm) -> None:
+    alive = [s for s in swarm.servers if s.alive()]
+    assert alive, "the swarm lost every server"
+    with DistributedModelForSequenceClassification.from_pretrained(
+        str(checkpoint), initial_peers=swarm.initial_peers, num_labels=3, step_timeout=20.0, connect_timeout=10.0
+    ) as model:
+        ids = random_ids(3, 5, seed=2)
+        labels = torch.tensor([0, 2, 1])
+        hf = hf_model(checkpoint)
+        with torch.no_grad():
+            last = hf(ids, output_hidden_states=True).hidden_states[-1][:, -1]  # after the final norm
+            expected = model.score(last)
+        out = model(ids, labels=labels)
+        assert out.logits.shape == (3, 3) and rel_diff(out.logits.detach(), expected) <= RTOL
+        optimizer = torch.optim.Adam(model.score.parameters(), lr=0.1)
+        losses = []
+        for _ in range(3):
+            loss = model(ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < losses[0], losses
