@@ -117,6 +117,7 @@ class ClientConfig:
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
     num_threads: int = 0  # torch CPU threads for embeddings and LM head (0: torch's default)
+    active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class ServerConfig:
     token: str | None = dataclasses.field(default=None, repr=False)  # Hugging Face token for gated repos
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port
     status_file: str | None = None  # path of a JSON file the server keeps updated (used by the tray agent)
+    adapters: tuple[str, ...] = ()  # PEFT LoRA adapter folders to serve with the blocks (clients pick one by name)
     parent_pid: int | None = None  # leave the swarm and exit when the process with this id ends (the tray agent's)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

@@ -231,7 +231,14 @@ class DistributedModelForCausalLM(nn.Module):
                 for hop in route:
                     x = self.loop.run(
                         remote_forward(
-                            self.p2p, hop.peer_id, hop.start, hop.end, x, cfg.max_chunk_bytes, cfg.request_timeout
+                            self.p2p,
+                            hop.peer_id,
+                            hop.start,
+                            hop.end,
+                            x,
+                            cfg.max_chunk_bytes,
+                            cfg.request_timeout,
+                            cfg.active_adapter,
                         )
                     )
                     self.manager.mark_ok(hop.peer_id)  # it answered well: forget its past failures

@@ -126,7 +126,14 @@ class HopStream:
                 self._pipe.close()
 
     async def open(
-        self, p2p: P2P, session_id: str, max_length: int, batch_size: int, connect_timeout: float, step_timeout: float
+        self,
+        p2p: P2P,
+        session_id: str,
+        max_length: int,
+        batch_size: int,
+        connect_timeout: float,
+        step_timeout: float,
+        adapter: str | None = None,
     ) -> None:
         """Open the stream and reserve the session's cache on the server."""
         try:
@@ -137,7 +144,12 @@ class HopStream:
         except Exception as e:
             raise PeerUnavailableError(self.peer_id, f"could not open a stream: {e or type(e).__name__}") from e
         msg = OpenSession(
-            session_id=session_id, start=self.start, end=self.end, max_length=max_length, batch_size=batch_size
+            session_id=session_id,
+            start=self.start,
+            end=self.end,
+            max_length=max_length,
+            batch_size=batch_size,
+            adapter=adapter,
         )
         response = await self._exchange(runtime_pb2.ExpertRequest(metadata=msg.encode()), step_timeout)
         with _blaming(self.peer_id):
@@ -202,12 +214,19 @@ async def _goodbye(pipe: Pipe, session_id: str, timeout: float = 5.0) -> None:
 
 
 async def remote_forward(
-    p2p: P2P, peer_id: str, start: int, end: int, hidden: torch.Tensor, max_chunk_bytes: int, timeout: float
+    p2p: P2P,
+    peer_id: str,
+    start: int,
+    end: int,
+    hidden: torch.Tensor,
+    max_chunk_bytes: int,
+    timeout: float,
+    adapter: str | None = None,
 ) -> torch.Tensor:
     """Stateless forward of [batch, length, hidden] through blocks ``start..end-1`` of one server."""
     per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
     step = max(1, max_chunk_bytes // per_token)
-    meta = ForwardRequest(start=start, end=end).encode()
+    meta = ForwardRequest(start=start, end=end, adapter=adapter).encode()
 
     async def parts() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         for i in range(0, hidden.shape[1], step):

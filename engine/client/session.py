@@ -269,6 +269,7 @@ class InferenceSession:
                         self.batch_size or 1,
                         self.config.connect_timeout,
                         self.config.step_timeout,
+                        self.config.active_adapter,
                     )
                     for hop in hops
                 ),

@@ -28,7 +28,8 @@ def training_blocks(model: DistributedModelForCausalLM) -> RemoteBlocks:
     """The model's swarm access for training calls (made on first use; it remembers the last route)."""
     blocks: RemoteBlocks | None = model.__dict__.get("_remote_blocks")
     if blocks is None:
-        blocks = RemoteBlocks(model.manager, model.p2p, model.loop, model.client_config)
+        cfg = model.client_config
+        blocks = RemoteBlocks(model.manager, model.p2p, model.loop, cfg, cfg.active_adapter)
         model.__dict__["_remote_blocks"] = blocks
     return blocks
 

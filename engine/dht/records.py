@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -40,6 +40,7 @@ class ServerRecord(BaseModel):
     public_name: str | None = Field(default=None, max_length=64)
     corolla_version: str = Field(default="", max_length=32)
     dtype: str = Field(default="", max_length=16)
+    adapters: tuple[Annotated[str, Field(max_length=128)], ...] = Field(default=(), max_length=32)
 
     @model_validator(mode="after")
     def _span_is_ordered(self) -> ServerRecord:
@@ -56,6 +57,7 @@ class ServerRecord(BaseModel):
         """Encode for the DHT (plain types only)."""
         data = self.model_dump(mode="python")
         data["state"] = int(self.state)
+        data["adapters"] = list(self.adapters)  # msgpack reads sequences back as lists
         return data
 
     @classmethod

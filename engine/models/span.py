@@ -142,6 +142,7 @@ class BlockSpan(nn.Module):
         self.rotary_emb = family.positional(config)  # None for families without one (Bloom)
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
         self._cache_kwarg = cache_keyword(layer_cls)
+        self.adapters: tuple[str, ...] = ()  # LoRA adapters attached to these blocks (models/lora.py)
 
     def forward(
         self,

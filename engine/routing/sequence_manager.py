@@ -52,6 +52,9 @@ class SequenceManager:
         """Re-read every block's server records from the peers storing them (never a cached copy)."""
         records = read_records(self.dht, self.model, range(self.num_blocks), timeout=self.config.request_timeout)
         spans = spans_from_records(records, num_blocks=self.num_blocks, states=(ServerState.ONLINE,))
+        adapter = self.config.active_adapter
+        if adapter is not None:  # only servers that apply the chosen LoRA adapter
+            spans = {peer: span for peer, span in spans.items() if adapter in span.record.adapters}
         with self._lock:
             self.spans = spans
             self._updated = time.monotonic()

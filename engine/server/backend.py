@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
+from corolla.engine.models.lora import using
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
@@ -39,6 +40,7 @@ class ServerSession:
     opened: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     closed_because: str | None = None  # why the server closed it (reclaimed, lifetime over), if it did
+    adapter: str | None = None  # the LoRA adapter its steps run with
 
 
 class SpanBackend:
@@ -89,9 +91,24 @@ class SpanBackend:
             raise ProtocolError("hidden states contain NaN or infinity")
         return hidden.to(self.device, self.dtype)
 
+    def check_adapter(self, adapter: str | None) -> None:
+        """The requested LoRA adapter must be one this server serves (None: the base model)."""
+        if adapter is not None and adapter not in self.span.adapters:
+            served = ", ".join(self.span.adapters) or "none"
+            raise ProtocolError(
+                f"adapter {adapter!r} is not served here (served: {served}); pick a server announcing it"
+            )
+
     # ---- sessions ---------------------------------------------------------------------------
     def open_session(
-        self, session_id: str, start: int, end: int, max_length: int, batch_size: int, peer: str = ""
+        self,
+        session_id: str,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        peer: str = "",
+        adapter: str | None = None,
     ) -> ServerSession:
         """Reserve cache for a new session of ``peer`` or raise CacheFullError / ProtocolError.
 
@@ -99,6 +116,7 @@ class SpanBackend:
         ``session_max_lifetime`` give their slot and cache to the new one (longest idle first).
         """
         self.check_span(start, end)
+        self.check_adapter(adapter)
         if max_length > self.cfg.max_length:
             raise ProtocolError(f"max_length {max_length} exceeds this server's limit of {self.cfg.max_length}")
         if batch_size > self.cfg.max_batch_size:
@@ -135,6 +153,7 @@ class SpanBackend:
                 nbytes,
                 SpanCache(start, end - start, max_length),
                 peer=peer,
+                adapter=adapter,
             )
             self.sessions[session_id] = session
             return session
@@ -204,7 +223,7 @@ class SpanBackend:
         def run() -> torch.Tensor:
             if session.closed_because is not None:  # reclaimed while this step waited
                 raise SessionClosedError(f"this server closed session {session.session_id!r}: open a new one")
-            with torch.inference_mode():
+            with torch.inference_mode(), using(session.adapter):
                 session.cache.truncate(position)
                 out = self.span(x, session.cache, start=session.start, end=session.end)
             return out.to("cpu", wire_dtype)
@@ -216,13 +235,16 @@ class SpanBackend:
         self.tokens_processed += tokens
         return out
 
-    async def forward(self, start: int, end: int, hidden: torch.Tensor, peer: str = "") -> torch.Tensor:
+    async def forward(
+        self, start: int, end: int, hidden: torch.Tensor, peer: str = "", adapter: str | None = None
+    ) -> torch.Tensor:
         """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens).
 
         Long inputs run as several compute jobs of at most ``compute_chunk_tokens`` tokens over a temporary
         cache, so an inference step never waits for more than one chunk of someone's forward.
         """
         self.check_span(start, end)
+        self.check_adapter(adapter)
         wire_dtype = hidden.dtype
         x = self.check_hidden(hidden, None)
         batch, length = x.shape[0], x.shape[1]
@@ -233,7 +255,7 @@ class SpanBackend:
             part = x[:, i : i + chunk]
 
             def run(part: torch.Tensor = part) -> torch.Tensor:
-                with torch.inference_mode():
+                with torch.inference_mode(), using(adapter):
                     out = self.span(part, cache, 0, start=start, end=end)
                 return out.to("cpu", wire_dtype)
 

@@ -130,7 +130,7 @@ class Handler:
                         if backend is None:
                             backend = self._serving()
                         session = backend.open_session(
-                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, peer
+                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, peer, msg.adapter
                         )
                         yield runtime_pb2.ExpertResponse(metadata=StepResult(position=0).encode())
                         continue
@@ -221,4 +221,4 @@ class Handler:
             raise ProtocolError("forward parts must be [batch, length, hidden] with one batch size")
         hidden = torch.cat(parts, dim=1)
         del parts
-        return await backend.forward(meta.start, meta.end, hidden, peer)
+        return await backend.forward(meta.start, meta.end, hidden, peer, meta.adapter)

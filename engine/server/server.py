@@ -27,6 +27,7 @@ from corolla.engine.errors import CorollaError
 from corolla.engine.hub import check_model_access, resolve_token
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
 from corolla.engine.models.gguf import cache_root
+from corolla.engine.models.lora import attach_adapters, read_adapter
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.block_selection import choose_best_blocks, should_choose_other_blocks
@@ -53,6 +54,7 @@ class Server:
         self.dht_prefix = cfg.dht_prefix or self.ckpt.default_dht_prefix
         self.total_blocks = int(self.model_config.num_hidden_layers)
         self.dtype = parse_dtype(cfg.dtype, cfg.device)
+        self.adapters = [read_adapter(path) for path in cfg.adapters]  # bad folders fail here, before joining
         self.speed = Speed(0.0, 0.0)
         self.num_blocks = 0
         self.identity = PeerIdentity.generate()  # the peer id, and the key that signs this server's records
@@ -128,6 +130,7 @@ class Server:
             public_name=self.cfg.public_name,
             corolla_version=__version__,
             dtype=str(self.dtype).removeprefix("torch."),
+            adapters=tuple(adapter.name for adapter in self.adapters),
         )
 
     # ---- main loop --------------------------------------------------------------------------
@@ -170,6 +173,7 @@ class Server:
             await self._run_io(announce_span, dht, self.dht_prefix, self.identity, joining, self.cfg.record_ttl)
             logger.info("loading blocks %d:%d of %s (%s, %s)", start, end, self.cfg.model, self.cfg.device, self.dtype)
             span = await self._run_io(load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device)
+            attach_adapters(span, self.adapters)
             backend = SpanBackend(span, self.model_config, self.cfg, self.dtype)
             handler.backend = backend
             handler.info = self._info(start, end, backend)

@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
 from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError
+from corolla.engine.models.lora import using
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.wire.messages import StepResult
 from corolla.engine.wire.training import Assembler, TrainRequest, answer_shapes, pieces, request_shapes
@@ -53,8 +54,7 @@ def check_request(backend: SpanBackend, req: TrainRequest) -> None:
             f"deep prompts of {req.end - req.start} blocks x {req.batch} x {req.pre} exceed "
             f"{cfg.max_chunk_tokens} positions; use fewer prompt tokens or smaller micro-batches"
         )
-    if req.adapter is not None:
-        raise ProtocolError(f"adapter {req.adapter!r} is not served here; pick a server that announces it")
+    backend.check_adapter(req.adapter)
 
 
 def _checked(backend: SpanBackend, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -72,7 +72,7 @@ def train_forward(
     p = _checked(backend, prompts, "deep prompts") if prompts is not None else None
 
     def run() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), using(req.adapter):
             out = backend.span(x, None, 0, start=req.start, end=req.end, prompts=p)
         return out.to("cpu", wire)
 
@@ -89,7 +89,7 @@ def train_backward(
     p = _checked(backend, prompts, "deep prompts") if prompts is not None else None
 
     def run() -> list[torch.Tensor]:
-        with torch.enable_grad():
+        with torch.enable_grad(), using(req.adapter):
             xs = x.detach().requires_grad_(True)
             ps = p.detach().requires_grad_(True) if p is not None else None
             out = backend.span(xs, None, 0, start=req.start, end=req.end, prompts=ps)

@@ -56,6 +56,7 @@ class OpenSession(_Message):
     end: int = Field(gt=0)
     max_length: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    adapter: str | None = Field(default=None, max_length=128)  # LoRA adapter to apply (None: the base model)
 
 
 class Step(_Message):
@@ -95,6 +96,7 @@ class ForwardRequest(_Message):
     version: int = PROTOCOL_VERSION
     start: int = Field(ge=0)
     end: int = Field(gt=0)
+    adapter: str | None = Field(default=None, max_length=128)  # LoRA adapter to apply (None: the base model)
 
 
 def decode_inference_message(raw: bytes) -> OpenSession | Step | Close:

@@ -1,21 +1,25 @@
-"""Training through a real swarm (tiny Llama; servers 0:3, 3:6 and a second 3:6).
+"""Training and LoRA adapters through one real swarm (tiny Llama; servers 0:3 and 3:6 serving a PEFT LoRA
+adapter, and a second 3:6 without it).
 
-Gradients of the inputs and of deep prompts equal transformers' own autograd; prompt tuning lowers the
-loss with a standard optimizer; trained prompts save and load; a server killed in the middle of a
-backward is routed around and the loss curve stays the same. Every family's gradients are checked at
-the server's level in tests/unit/test_training_backend.py (one swarm per family would cost minutes).
+Gradients of the inputs and of deep prompts equal transformers' own autograd; an adapter served remotely
+gives PEFT's local logits, greedy tokens and gradients, and routes avoid the server without it; prompt
+tuning lowers the loss with a standard optimizer; trained prompts save and load; a server killed in the
+middle of a backward is routed around and the loss curve stays the same. Every family's gradients are
+checked at the server's level in tests/unit/test_training_backend.py (one swarm per family would cost
+minutes). The tests run in file order: the kill comes after the adapter tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from swarm_helpers import client, hf_model, random_ids, running_swarm
+from swarm_helpers import client, hf_model, random_ids, running_swarm, track
 
-from corolla.engine import DistributedModelForCausalLM, DistributedModelForSequenceClassification
+from corolla.engine import DistributedModelForCausalLM, DistributedModelForSequenceClassification, MissingBlocksError
 from corolla.engine.client.route_autograd import remote_blocks
 from corolla.engine.client.training import training_blocks
 from corolla.engine.testing import Swarm, make_tiny_checkpoint
@@ -24,7 +28,8 @@ from corolla.engine.testing_grads import reference_block_grads
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]
 
 RTOL = 1e-4
-SPANS = ["0:3", "3:6", "3:6"]
+SPANS = ["0:3", "3:6", "3:6"]  # the first two serve the adapter
+ADAPTER = "tiny-lora"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,26 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def swarm(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    with running_swarm(checkpoint, SPANS, tmp_path_factory) as s:
+def adapter(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A PEFT LoRA adapter with random (non-zero) weights on attention and MLP layers, and its local model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(11)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(hf_model(checkpoint), config).eval()
+    folder = tmp_path_factory.mktemp("adapters") / ADAPTER
+    peft_model.save_pretrained(folder)
+    return folder, peft_model
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint: Path, adapter: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    with running_swarm(checkpoint, [], tmp_path_factory) as s:
+        lora = ["--adapters", str(adapter[0])]
+        for span, extra in zip(SPANS, [lora, lora, []], strict=True):
+            s.add_server(span, wait=False, extra_args=extra)
+        s.wait_ready()
+        track(*s.servers)
         yield s
 
 
@@ -64,6 +87,45 @@ def test_input_and_deep_prompt_gradients_equal_local_autograd(
     assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None
     assert rel_diff(hidden.grad, grad_ref) <= RTOL
     assert rel_diff(prompts.grad, prompts_ref) <= RTOL
+
+
+def test_adapter_served_remotely_equals_peft_locally(checkpoint: Path, swarm: Swarm, adapter: tuple[Path, Any]) -> None:
+    peft_model = adapter[1]
+    ids = random_ids(2, 6, seed=3)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    assert float((expected - base).abs().max()) > 1e-2  # the adapter changes the answer
+    with client(checkpoint, swarm, active_adapter=ADAPTER) as model:
+        for _ in range(3):  # several routes: none may go through the server without the adapter
+            assert rel_diff(model(ids).logits, expected) <= RTOL
+        assert {span.peer_id for span in model.manager.spans.values()} == {
+            swarm.servers[0].peer_id,
+            swarm.servers[1].peer_id,
+        }
+        prompt = ids[:1]
+        want = peft_model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=None,
+            min_new_tokens=5,
+            pad_token_id=0,
+        )
+        assert torch.equal(model.generate(prompt, max_new_tokens=5, eos_token_id=[]), want)  # sessions use it too
+        # Gradients through the adapter's blocks equal PEFT's.
+        gen = torch.Generator().manual_seed(4)
+        hidden = torch.randn(1, 5, 64, generator=gen).requires_grad_(True)
+        grad_out = torch.randn(1, 5, 64, generator=gen)
+        (remote_blocks(hidden, None, training_blocks(model)) * grad_out).sum().backward()
+        _, grad_ref, _ = reference_block_grads(peft_model, hidden, grad_out, None)
+        assert hidden.grad is not None and rel_diff(hidden.grad, grad_ref) <= RTOL
+    with client(checkpoint, swarm) as plain:
+        assert rel_diff(plain(ids).logits, base) <= RTOL  # without an adapter: the base model
+    with client(checkpoint, swarm, active_adapter="not-served") as nowhere, pytest.raises(MissingBlocksError):
+        nowhere(ids)
 
 
 def train(model: DistributedModelForCausalLM, steps: int, kill: Swarm | None = None) -> list[float]:
