@@ -181,14 +181,20 @@ class DistributedModelForCausalLM(nn.Module):
         self.close()
 
     # ---- sessions and raw forward -----------------------------------------------------------
-    def inference_session(self, max_length: int | None = None) -> InferenceSession:
+    def inference_session(self, max_length: int | None = None, active_adapter: str | None = None) -> InferenceSession:
         """Open a session whose servers keep the attention cache of up to ``max_length`` tokens.
+
+        ``active_adapter`` picks a LoRA adapter for this session (default: the model's ``active_adapter``);
+        its route goes only through servers that announce it.
 
         Inside ``with model.inference_session(...):`` it is this thread's :attr:`active_session`:
         :meth:`generate` without ``session=`` continues it (as in Petals).
         """
         max_length = max_length or min(int(getattr(self.config, "max_position_embeddings", 2048)), 2048)
-        return _ModelSession(self._active, self.manager, self.p2p, self.loop, self.client_config, max_length)
+        cfg = self.client_config
+        if active_adapter is not None:
+            cfg = dataclasses.replace(cfg, active_adapter=active_adapter)
+        return _ModelSession(self._active, self.manager, self.p2p, self.loop, cfg, max_length)
 
     @property
     def active_session(self) -> InferenceSession | None:

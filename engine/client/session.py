@@ -245,7 +245,14 @@ class InferenceSession:
         for _ in range(self.config.max_retries + 1):
             try:
                 route = await loop.run_in_executor(
-                    None, self.manager.plan_inference, start, end, self.max_length, frozenset(exclude), last_chance
+                    None,
+                    self.manager.plan_inference,
+                    start,
+                    end,
+                    self.max_length,
+                    frozenset(exclude),
+                    last_chance,
+                    self.config.active_adapter,
                 )
             except MissingBlocksError as e:
                 if cache_full is not None:

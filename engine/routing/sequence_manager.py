@@ -31,6 +31,13 @@ def describe_route(route: list[RouteHop]) -> str:
     return " → ".join(f"{h.start}:{h.end} via {short_peer(h.peer_id)}" for h in route)
 
 
+def with_adapter(spans: dict[str, RemoteSpan], adapter: str | None) -> dict[str, RemoteSpan]:
+    """The spans of servers that announce LoRA ``adapter`` (all of them for None)."""
+    if adapter is None:
+        return dict(spans)
+    return {peer: span for peer, span in spans.items() if adapter in span.record.adapters}
+
+
 class SequenceManager:
     """Knows which servers host which blocks of one model, and which of them to avoid for now."""
 
@@ -52,9 +59,6 @@ class SequenceManager:
         """Re-read every block's server records from the peers storing them (never a cached copy)."""
         records = read_records(self.dht, self.model, range(self.num_blocks), timeout=self.config.request_timeout)
         spans = spans_from_records(records, num_blocks=self.num_blocks, states=(ServerState.ONLINE,))
-        adapter = self.config.active_adapter
-        if adapter is not None:  # only servers that apply the chosen LoRA adapter
-            spans = {peer: span for peer, span in spans.items() if adapter in span.record.adapters}
         with self._lock:
             self.spans = spans
             self._updated = time.monotonic()
@@ -99,17 +103,18 @@ class SequenceManager:
         cache_tokens_needed: int = 0,
         exclude: Collection[str] = (),
         ignore_bans: bool = False,
+        adapter: str | None = None,
     ) -> list[RouteHop]:
         """Fastest route over blocks ``start..end-1`` avoiding banned servers.
 
-        Before reporting blocks as missing (MissingBlocksError) or served only by banned servers
+        With ``adapter``, only servers announcing that LoRA adapter count. Before reporting blocks as missing (MissingBlocksError) or served only by banned servers
         (NoRouteError), it re-reads the swarm once, so servers that joined since are found.
         """
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
         for attempt in range(2):
             with self._lock:
-                spans = dict(self.spans)
+                spans = with_adapter(self.spans, adapter)
                 rtt = dict(self.rtt)
             try:
                 return plan_inference_route(
@@ -128,12 +133,12 @@ class SequenceManager:
         raise AssertionError("unreachable")
 
     def plan_forward(self, start: int = 0, end: int | None = None) -> list[RouteHop]:
-        """A load-spreading route for a stateless forward."""
+        """A load-spreading route for a stateless forward (via servers with the configured adapter, if any)."""
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
         for attempt in range(2):
             with self._lock:
-                spans = dict(self.spans)
+                spans = with_adapter(self.spans, self.config.active_adapter)
             try:
                 return plan_forward_route(spans, start, end, rng=self._rng, model=self.model, banned=self.banned())
             except MissingBlocksError as e:

@@ -22,6 +22,7 @@ from swarm_helpers import client, hf_model, random_ids, running_swarm, track
 from corolla.engine import DistributedModelForCausalLM, DistributedModelForSequenceClassification, MissingBlocksError
 from corolla.engine.client.route_autograd import remote_blocks
 from corolla.engine.client.training import training_blocks
+from corolla.engine.routing.sequence_manager import with_adapter
 from corolla.engine.testing import Swarm, make_tiny_checkpoint
 from corolla.engine.testing_grads import reference_block_grads
 
@@ -100,10 +101,9 @@ def test_adapter_served_remotely_equals_peft_locally(checkpoint: Path, swarm: Sw
     with client(checkpoint, swarm, active_adapter=ADAPTER) as model:
         for _ in range(3):  # several routes: none may go through the server without the adapter
             assert rel_diff(model(ids).logits, expected) <= RTOL
-        assert {span.peer_id for span in model.manager.spans.values()} == {
-            swarm.servers[0].peer_id,
-            swarm.servers[1].peer_id,
-        }
+        with_lora = {swarm.servers[0].peer_id, swarm.servers[1].peer_id}
+        assert set(model.manager.spans) == {*with_lora, swarm.servers[2].peer_id}  # it sees all three
+        assert set(with_adapter(model.manager.spans, ADAPTER)) == with_lora  # and plans over two
         prompt = ids[:1]
         want = peft_model.generate(
             input_ids=prompt,
@@ -122,8 +122,11 @@ def test_adapter_served_remotely_equals_peft_locally(checkpoint: Path, swarm: Sw
         (remote_blocks(hidden, None, training_blocks(model)) * grad_out).sum().backward()
         _, grad_ref, _ = reference_block_grads(peft_model, hidden, grad_out, None)
         assert hidden.grad is not None and rel_diff(hidden.grad, grad_ref) <= RTOL
+        assert {step.hop.peer_id for step in training_blocks(model).last_trace} == with_lora
     with client(checkpoint, swarm) as plain:
         assert rel_diff(plain(ids).logits, base) <= RTOL  # without an adapter: the base model
+        with plain.inference_session(max_length=16, active_adapter=ADAPTER) as session:  # one session picks it
+            assert torch.equal(plain.generate(prompt, max_new_tokens=5, eos_token_id=[], session=session), want)
     with client(checkpoint, swarm, active_adapter="not-served") as nowhere, pytest.raises(MissingBlocksError):
         nowhere(ids)
 
