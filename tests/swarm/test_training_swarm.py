@@ -19,12 +19,19 @@ import pytest
 import torch
 from swarm_helpers import client, hf_model, random_ids, running_swarm, track
 
-from corolla.engine import DistributedModelForCausalLM, DistributedModelForSequenceClassification, MissingBlocksError
+from corolla.engine import (
+    DistributedModelForCausalLM,
+    DistributedModelForSequenceClassification,
+    MissingBlocksError,
+    ProtocolError,
+)
+from corolla.engine.client.remote_training import remote_train_call
 from corolla.engine.client.route_autograd import remote_blocks
 from corolla.engine.client.training import training_blocks
 from corolla.engine.routing.sequence_manager import with_adapter
 from corolla.engine.testing import Swarm, make_tiny_checkpoint
 from corolla.engine.testing_grads import reference_block_grads
+from corolla.engine.wire.training import TrainRequest
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]
 
@@ -88,6 +95,29 @@ def test_input_and_deep_prompt_gradients_equal_local_autograd(
     assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None
     assert rel_diff(hidden.grad, grad_ref) <= RTOL
     assert rel_diff(prompts.grad, prompts_ref) <= RTOL
+
+
+def test_malformed_training_calls_get_errors_and_the_server_keeps_serving(
+    model: DistributedModelForCausalLM, swarm: Swarm
+) -> None:
+    first = swarm.servers[0].peer_id
+    assert first is not None
+    x = torch.randn(1, 4, 64)
+
+    def call(req: TrainRequest, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return model.loop.run(remote_train_call(model.p2p, first, req, tensors, 1 << 20, 20.0))
+
+    forward = TrainRequest(kind="forward", start=0, end=3, batch=1, length=4)
+    with pytest.raises(ProtocolError, match="more than"):
+        call(forward, [torch.randn(1, 5, 64)])  # more values than the header announced
+    with pytest.raises(ProtocolError, match="not hosted"):
+        call(TrainRequest(kind="backward", start=0, end=6, batch=1, length=4), [x, x])
+    with pytest.raises(ProtocolError, match="NaN"):
+        call(TrainRequest(kind="backward", start=0, end=3, batch=1, length=4), [x, torch.full_like(x, float("nan"))])
+    with pytest.raises(ProtocolError, match="adapter"):
+        call(TrainRequest(kind="forward", start=0, end=3, batch=1, length=4, adapter="not-served"), [x])
+    (out,) = call(forward, [x])  # and then it serves a good call
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
 
 
 def test_adapter_served_remotely_equals_peft_locally(checkpoint: Path, swarm: Swarm, adapter: tuple[Path, Any]) -> None:
@@ -194,6 +224,25 @@ def test_sequence_classification_matches_local_and_trains(checkpoint: Path, swar
         losses = []
         for _ in range(3):
             loss = model(ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < losses[0], losses
+
+
+def test_peft_lora_on_the_local_head_trains(checkpoint: Path, swarm: Swarm) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    with client(checkpoint, swarm) as model:
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), model.head)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert len(trainable) == 2  # lora_A and lora_B of the head
+        ids = random_ids(2, 6, seed=6)
+        optimizer = torch.optim.Adam(trainable, lr=0.05)
+        losses = []
+        for _ in range(3):
+            loss = model(ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
