@@ -1,7 +1,7 @@
 """Training RPCs: a forward with deep prompts, and a backward through frozen blocks.
 
 The server keeps no state between the two: a backward carries the span's inputs again, the server
-recomputes the forward block by block with autograd on and returns the gradients of the inputs (and of the deep
+recomputes the forward with autograd on and returns the gradients of the inputs (and of the deep
 prompts, when given). Every size follows from the header and is checked against the same limits as a
 stateless forward (batch, tokens per call, tokens in flight per peer and in total, parts, time) before
 any tensor is read.
@@ -79,56 +79,25 @@ def train_forward(
     return run
 
 
-async def run_backward(
-    backend: SpanBackend,
-    req: TrainRequest,
-    hidden: torch.Tensor,
-    grad: torch.Tensor,
-    prompts: torch.Tensor | None,
-    peer: str = "",
-) -> list[torch.Tensor]:
-    """Gradients of a span's inputs (and deep prompts) given its inputs and its outputs' gradients.
-
-    Memory stays at one block's activations: a first job keeps only each block's inputs (no graph),
-    then one job per block, last first, recomputes that block with autograd and takes its gradients.
-    Inference steps of other peers run between these jobs.
-    """
+def train_backward(
+    backend: SpanBackend, req: TrainRequest, hidden: torch.Tensor, grad: torch.Tensor, prompts: torch.Tensor | None
+) -> Callable[[], list[torch.Tensor]]:
+    """The compute job of a backward: recompute the forward, return d(inputs) and d(deep prompts)."""
     wire = hidden.dtype
     x = backend.check_hidden(hidden, req.batch)
     g = _checked(backend, grad, "output gradients")
     p = _checked(backend, prompts, "deep prompts") if prompts is not None else None
-    blocks = list(range(req.start, req.end))
 
-    def block(i: int, h: torch.Tensor, ps: torch.Tensor | None) -> torch.Tensor:
-        out: torch.Tensor = backend.span(h, None, 0, start=blocks[i], end=blocks[i] + 1, prompts=ps)
-        return out
+    def run() -> list[torch.Tensor]:
+        with torch.enable_grad(), using(req.adapter):
+            xs = x.detach().requires_grad_(True)
+            ps = p.detach().requires_grad_(True) if p is not None else None
+            out = backend.span(xs, None, 0, start=req.start, end=req.end, prompts=ps)
+            wrt = [xs] if ps is None else [xs, ps]
+            grads = torch.autograd.grad(out, wrt, grad_outputs=g)
+        return [t.to("cpu", wire) for t in grads]
 
-    def block_inputs() -> list[torch.Tensor]:
-        inputs = [x]  # each [batch, length, hidden]
-        with torch.no_grad(), using(req.adapter):
-            for i in range(len(blocks) - 1):
-                inputs.append(block(i, inputs[-1], p[i : i + 1] if p is not None else None))
-        return inputs
-
-    inputs = await backend.compute(block_inputs, peer)
-    grad_prompts = torch.zeros_like(p) if p is not None else None
-    for i in reversed(range(len(blocks))):
-
-        def job(i: int = i, g: torch.Tensor = g) -> tuple[torch.Tensor, ...]:
-            with torch.enable_grad(), using(req.adapter):
-                xs = inputs[i].detach().requires_grad_(True)
-                ps = p[i : i + 1].detach().requires_grad_(True) if p is not None else None
-                out = block(i, xs, ps)
-                return torch.autograd.grad(out, [xs] if ps is None else [xs, ps], grad_outputs=g)
-
-        grads = await backend.compute(job, peer)
-        g = grads[0]
-        if grad_prompts is not None:
-            grad_prompts[i : i + 1] = grads[1]
-    answer = [g.to("cpu", wire)]
-    if grad_prompts is not None:
-        answer.append(grad_prompts.to("cpu", wire))
-    return answer
+    return run
 
 
 class TrainingRPCs:
@@ -217,7 +186,8 @@ class TrainingRPCs:
             out = await backend.compute(train_forward(backend, req, tensors[0], prompts), peer)
             backend.tokens_processed += req.batch * req.length
             return [out]
-        return await run_backward(backend, req, tensors[0], tensors[1], prompts, peer)
+        grads = await backend.compute(train_backward(backend, req, tensors[0], tensors[1], prompts), peer)
+        return grads
 
 
-__all__ = ["TrainingRPCs", "answer_shapes", "check_request", "run_backward", "train_forward"]
+__all__ = ["TrainingRPCs", "answer_shapes", "check_request", "train_backward", "train_forward"]

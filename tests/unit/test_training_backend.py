@@ -3,7 +3,6 @@ spans (0:3 and 3:6, as on two servers) equal transformers' own autograd; bad hea
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from corolla.engine.config import ServerConfig
 from corolla.engine.errors import ProtocolError
 from corolla.engine.models.checkpoint import Checkpoint, load_span
 from corolla.engine.server.backend import SpanBackend
-from corolla.engine.server.training import check_request, run_backward, train_forward
+from corolla.engine.server.training import check_request, train_backward, train_forward
 from corolla.engine.testing import FAMILY_TEST_OVERRIDES
 from corolla.engine.testing_grads import reference_block_grads
 from corolla.engine.wire.training import Assembler, TrainRequest, answer_shapes, pieces, request_shapes
@@ -91,7 +90,7 @@ def test_two_span_gradients_match_transformers(
                 pre=PRE if deep is not None else 0,
             )
             part = deep[backend.start : backend.end] if deep is not None else None
-            answer = asyncio.run(run_backward(backend, req, x_in, g, part))
+            answer = train_backward(backend, req, x_in, g, part)()
             assert len(answer) == len(answer_shapes(req, hidden_size))
             g = answer[0]
             if deep is not None:
@@ -129,7 +128,7 @@ def test_headers_are_checked_before_any_tensor(
         check_request(first, TrainRequest(kind="forward", start=0, end=3, batch=1, length=4, adapter="nope"))
     with pytest.raises(ProtocolError, match="NaN"):
         req = header(pre=0)
-        asyncio.run(run_backward(first, req, torch.full((2, 8, 64), float("nan")), torch.zeros(2, 8, 64), None))
+        train_backward(first, req, torch.full((2, 8, 64), float("nan")), torch.zeros(2, 8, 64), None)
 
 
 def test_pieces_reassemble_and_extra_values_are_refused() -> None:
