@@ -1,5 +1,6 @@
 """Corolla engine: the distributed block model, DHT records, routing, sessions and servers."""
 
+from corolla.engine.client.classification import DistributedModelForSequenceClassification
 from corolla.engine.client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from corolla.engine.client.sampling import SamplingParams
 from corolla.engine.client.session import InferenceSession
@@ -23,6 +24,7 @@ __all__ = [
     "ClientConfig",
     "CorollaError",
     "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
     "GenerationResult",
     "InferenceSession",
     "MissingBlocksError",

@@ -66,7 +66,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
         if "bool" in kind:
             parser.add_argument(*flags, action="store_true", default=None, help=help_text)
         elif "tuple" in kind:
-            parser.add_argument(*flags, nargs="*", default=None, metavar="MADDR", help=help_text)
+            metavar = "PATH" if f.name == "adapters" else "MADDR"
+            parser.add_argument(*flags, nargs="*", default=None, metavar=metavar, help=help_text)
         elif is_size_field(f.name):
             parser.add_argument(*flags, type=_size, default=None, metavar="SIZE", help=help_text + "; e.g. 1GB, 512MiB")
         elif "int" in kind and "float" not in kind:

@@ -125,6 +125,7 @@ class ClientConfig:
     verify_first_steps: int = 2  # steps of each new server always recomputed before it is trusted at verify_rate
     liar_ban: float = 3600.0  # seconds this client avoids a server it caught lying
     report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
+    active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class ServerConfig:
     status_file: str | None = None  # path of a JSON file the server keeps updated (used by the tray agent)
     swarm_key_file: str | None = None  # key file of a private swarm (`corolla swarm-key new`); None: public swarm
     identity_file: str | None = None  # file keeping this server's key (made if missing): a stable peer id
+    adapters: tuple[str, ...] = ()  # PEFT LoRA adapter folders to serve with the blocks (clients pick one by name)
     parent_pid: int | None = None  # leave the swarm and exit when the process with this id ends (the tray agent's)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

@@ -10,7 +10,7 @@ import os
 import threading
 import weakref
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -19,10 +19,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.engine.client.credentials import credentials_for
 from corolla.engine.client.loop import LoopThread
+from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.client.sampling import SamplingParams, next_tokens
 from corolla.engine.client.session import InferenceSession
 from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
+from corolla.engine.client.training import causal_lm_loss, greedy_generate, needs_autograd, tuned_hidden
 from corolla.engine.config import ClientConfig, as_tuple, from_env
 from corolla.engine.dht.announce import make_dht
 from corolla.engine.errors import CorollaError, PeerUnavailableError
@@ -64,6 +66,7 @@ class DistributedModelForCausalLM(nn.Module):
         self.config = config
         self._tokenizer = tokenizer
         self.head = head  # a registered submodule: .to(), .parameters() and state_dict() reach it
+        self.ptune: PromptTuning | None = None  # trainable soft prompts (see enable_prompt_tuning)
         self.client_config = client_config
         self.dht = dht
         self.loop = loop
@@ -105,8 +108,10 @@ class DistributedModelForCausalLM(nn.Module):
         revision: str | None = None,
         config: ClientConfig | None = None,
         swarm_key: str | os.PathLike[str] | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 16,
         **client_config_overrides: Any,
-    ) -> DistributedModelForCausalLM:
+    ) -> Self:
         """Load embeddings, head and tokenizer locally and join the swarm that serves the blocks.
 
         Args:
@@ -118,6 +123,9 @@ class DistributedModelForCausalLM(nn.Module):
             config: a full ClientConfig; ``client_config_overrides`` set single fields instead.
             swarm_key: the key file of a private swarm (``corolla swarm-key new``; default:
                 ``COROLLA_SWARM_KEY_FILE``, or none for a public swarm).
+            tuning_mode: ``"ptune"`` or ``"deep_ptune"`` adds ``pre_seq_len`` trainable prompts (see
+                :meth:`enable_prompt_tuning`); the local embeddings and head stay frozen either way.
+            pre_seq_len: number of prompt positions.
         """
         from corolla.engine.hub import check_model_access, resolve_token
 
@@ -136,6 +144,7 @@ class DistributedModelForCausalLM(nn.Module):
         hf_config = ckpt.config()
         tokenizer = _load_tokenizer(ckpt, model_name_or_path, token, revision)
         head = load_client_head(ckpt, hf_config, torch.float32)
+        head.requires_grad_(False)  # the client trains prompts (or what the user unfreezes), never by default
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         swarm_keys = credentials_for(config).keys  # read the key files before any process starts
@@ -155,7 +164,25 @@ class DistributedModelForCausalLM(nn.Module):
             loop.stop()
             dht.shutdown()
             raise
-        return cls(model_name, hf_config, tokenizer, head, config, dht, loop, p2p, manager)
+        model = cls(model_name, hf_config, tokenizer, head, config, dht, loop, p2p, manager)
+        if tuning_mode is not None:
+            model.enable_prompt_tuning(tuning_mode, pre_seq_len)
+        return model
+
+    def enable_prompt_tuning(self, tuning_mode: str, pre_seq_len: int = 16) -> PromptTuning:
+        """Add trainable prompts: ``ptune`` (before the input) or ``deep_ptune`` (also one set per block).
+
+        The input prompts start as the embeddings of ``pre_seq_len`` random vocabulary tokens; deep prompts
+        start at zero. ``model.ptune.save(path)`` / ``.load(path)`` keep trained prompts.
+        """
+        vocab = int(self.config.vocab_size)
+        picks = torch.randint(0, vocab, (pre_seq_len,), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            init = self.head.embed(picks[None].to(self.device))[0]
+        self.ptune = PromptTuning(
+            tuning_mode, pre_seq_len, int(self.config.num_hidden_layers), int(self.config.hidden_size), init
+        ).to(self.device)
+        return self.ptune
 
     def close(self) -> None:
         """Leave the swarm (idempotent)."""
@@ -168,14 +195,20 @@ class DistributedModelForCausalLM(nn.Module):
         self.close()
 
     # ---- sessions and raw forward -----------------------------------------------------------
-    def inference_session(self, max_length: int | None = None) -> InferenceSession:
+    def inference_session(self, max_length: int | None = None, active_adapter: str | None = None) -> InferenceSession:
         """Open a session whose servers keep the attention cache of up to ``max_length`` tokens.
+
+        ``active_adapter`` picks a LoRA adapter for this session (default: the model's ``active_adapter``);
+        its route goes only through servers that announce it.
 
         Inside ``with model.inference_session(...):`` it is this thread's :attr:`active_session`:
         :meth:`generate` without ``session=`` continues it (as in Petals).
         """
         max_length = max_length or min(int(getattr(self.config, "max_position_embeddings", 2048)), 2048)
-        return _ModelSession(self._active, self.manager, self.p2p, self.loop, self.client_config, max_length)
+        cfg = self.client_config
+        if active_adapter is not None:
+            cfg = dataclasses.replace(cfg, active_adapter=active_adapter)
+        return _ModelSession(self._active, self.manager, self.p2p, self.loop, cfg, max_length)
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -183,20 +216,32 @@ class DistributedModelForCausalLM(nn.Module):
         stack: list[InferenceSession] = getattr(self._active, "stack", [])
         return stack[-1] if stack else None
 
-    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         **unused: Any,
     ) -> CausalLMOutputWithPast:
         """Stateless full forward, as ``model(input_ids)``: [batch, length] ids → ``.logits`` [batch, length, vocab].
 
         Returns a transformers ``CausalLMOutputWithPast`` (float32 logits on the device of ``input_ids``;
-        no cache: use :meth:`inference_session` or :meth:`generate` for incremental decoding).
+        no cache: use :meth:`inference_session` or :meth:`generate` for incremental decoding). With
+        ``labels`` [batch, length] it also has ``.loss`` (next-token cross-entropy, -100 skipped). With
+        trainable prompts (or local parameters made trainable) under grad mode the forward is
+        differentiable: ``loss.backward()`` runs backward through the remote blocks.
         """
         _check_unsupported(unused)
         _check_ids(input_ids, attention_mask)
+        if labels is not None or self.ptune is not None or needs_autograd(self):
+            logits = self.head.logits(tuned_hidden(self, input_ids))
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
+            return CausalLMOutputWithPast(loss=loss, logits=logits.to(input_ids.device))
+        with torch.no_grad():
+            return self._plain_forward(input_ids)
+
+    def _plain_forward(self, input_ids: torch.Tensor) -> CausalLMOutputWithPast:
+        """The inference forward: stateless, chunked by the servers, no gradients."""
         hidden = _to_wire(self.head.embed(input_ids.to(self.device)), self.client_config.wire_dtype)
         cfg = self.client_config
         for attempt in range(cfg.max_retries + 1):
@@ -214,6 +259,7 @@ class DistributedModelForCausalLM(nn.Module):
                             cfg.max_chunk_bytes,
                             cfg.request_timeout,
                             proof=credentials_for(cfg).proof(self.p2p.peer_id.to_base58(), hop.peer_id),
+                            adapter=cfg.active_adapter,
                         )
                     )
                     self.manager.mark_ok(hop.peer_id)  # it answered well: forget its past failures
@@ -302,6 +348,14 @@ class DistributedModelForCausalLM(nn.Module):
         """
         if input_ids is None:
             input_ids = unused.pop("inputs", None)  # transformers' name of the first argument
+        if self.ptune is not None:
+            if input_ids is None or do_sample or session is not None or self.active_session is not None:
+                raise CorollaError(
+                    "a prompt-tuned model generates greedily from input_ids without sessions (its prompts go with "
+                    "every forward); call generate(input_ids, max_new_tokens=...) with do_sample=False"
+                )
+            _check_ids(input_ids, attention_mask)
+            return greedy_generate(self, input_ids, max_new_tokens)
         if unused:
             logger.debug("generate() ignores %s", ", ".join(unused))
         if session is None:
@@ -460,7 +514,7 @@ def _check_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
         raise ValueError("padded batches are not supported yet: use sequences of equal length")
 
 
-_UNSUPPORTED = ("labels", "past_key_values", "inputs_embeds")
+_UNSUPPORTED = ("past_key_values", "inputs_embeds")
 
 
 def _check_unsupported(kwargs: dict[str, Any]) -> None:
@@ -468,8 +522,8 @@ def _check_unsupported(kwargs: dict[str, Any]) -> None:
     given = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
     if given:
         raise ValueError(
-            f"{', '.join(given)} not supported by the distributed model: pass input_ids; compute losses from "
-            ".logits; keep a cache with model.inference_session()"
+            f"{', '.join(given)} not supported by the distributed model: pass input_ids; "
+            "keep a cache with model.inference_session()"
         )
     if kwargs:
         logger.debug("ignoring %s", ", ".join(kwargs))

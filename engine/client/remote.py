@@ -138,6 +138,7 @@ class HopStream:
         *,
         proof: str | None = None,
         contributor: str | None = None,
+        adapter: str | None = None,
     ) -> None:
         """Open the stream and reserve the session's cache on the server.
 
@@ -159,6 +160,7 @@ class HopStream:
             batch_size=batch_size,
             proof=proof,
             contributor=contributor,
+            adapter=adapter,
         )
         response = await self._exchange(runtime_pb2.ExpertRequest(metadata=msg.encode()), step_timeout)
         with _blaming(self.peer_id):
@@ -231,11 +233,12 @@ async def remote_forward(
     max_chunk_bytes: int,
     timeout: float,
     proof: str | None = None,
+    adapter: str | None = None,
 ) -> torch.Tensor:
     """Stateless forward of [batch, length, hidden] through blocks ``start..end-1`` of one server."""
     per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
     step = max(1, max_chunk_bytes // per_token)
-    meta = ForwardRequest(start=start, end=end, proof=proof).encode()
+    meta = ForwardRequest(start=start, end=end, proof=proof, adapter=adapter).encode()
 
     async def parts() -> AsyncIterator[runtime_pb2.ExpertRequest]:
         for i in range(0, hidden.shape[1], step):

@@ -377,7 +377,14 @@ class InferenceSession:
         while True:  # each round leaves out at least one more server, so it ends
             try:
                 route = await loop.run_in_executor(
-                    None, self.manager.plan_inference, start, end, self.max_length, frozenset(exclude), last_chance
+                    None,
+                    self.manager.plan_inference,
+                    start,
+                    end,
+                    self.max_length,
+                    frozenset(exclude),
+                    last_chance,
+                    self.config.active_adapter,
                 )
             except MissingBlocksError as e:
                 if cache_full is not None:
@@ -406,6 +413,7 @@ class InferenceSession:
                             self._timeout(hop.stream.peer_id, 0, 0),
                             proof=credentials.proof(me, hop.stream.peer_id),
                             contributor=credentials.claim(me, hop.stream.peer_id),
+                            adapter=self.config.active_adapter,
                         )
                         for hop in hops
                     ),

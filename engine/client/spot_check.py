@@ -47,6 +47,7 @@ async def recompute(
             config.max_chunk_bytes,
             timeout,
             proof=proof,
+            adapter=config.active_adapter,
         )
         problem = output_problem(out, x.shape, x.dtype)
         if problem is not None:
@@ -84,7 +85,9 @@ async def spot_check(
     used = {server, *avoid}
     dtypes = {_dtype(manager, server)}
     while not settled(opinions) and len(opinions) < MAX_OPINIONS:
-        route = manager.plan_replica(start, end, exclude=used)
+        route = manager.plan_replica(
+            start, end, exclude=used, adapter=config.active_adapter, quant=_quant(manager, server)
+        )
         if route is None:
             break
         peers = tuple(h.peer_id for h in route)
@@ -113,3 +116,8 @@ async def spot_check(
 def _dtype(manager: SequenceManager, peer: str) -> str:
     span = manager.spans.get(peer)
     return span.record.dtype if span is not None else "unknown"
+
+
+def _quant(manager: SequenceManager, peer: str) -> str:
+    span = manager.spans.get(peer)
+    return span.record.quant if span is not None else "none"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -42,6 +42,7 @@ class ServerRecord(BaseModel):
     dtype: str = Field(default="", max_length=16)
     quant: str = Field(default="none", max_length=16, description="weight quantization: none, int8 or nf4")
     tokens_served: int = Field(default=0, ge=0, description="tokens this server's machine processed for clients")
+    adapters: tuple[Annotated[str, Field(max_length=128)], ...] = Field(default=(), max_length=32)
 
     @model_validator(mode="after")
     def _span_is_ordered(self) -> ServerRecord:
@@ -58,6 +59,7 @@ class ServerRecord(BaseModel):
         """Encode for the DHT (plain types only)."""
         data = self.model_dump(mode="python")
         data["state"] = int(self.state)
+        data["adapters"] = list(self.adapters)  # msgpack reads sequences back as lists
         return data
 
     @classmethod

@@ -173,6 +173,7 @@ def load_span(
         del block
     if span.rotary_emb is not None:
         span.rotary_emb.to(device)
+    span.requires_grad_(False)  # frozen: backward passes reach only the inputs and deep prompts
     return span.eval()
 
 

@@ -152,6 +152,7 @@ class BlockSpan(nn.Module):
         self.rotary_emb = family.positional(config)  # None for families without one (Bloom)
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
         self.cache_kwarg = cache_keyword(layer_cls)  # how the blocks take their cache
+        self.adapters: tuple[str, ...] = ()  # LoRA adapters attached to these blocks (models/lora.py)
 
     def forward(
         self,
@@ -160,6 +161,7 @@ class BlockSpan(nn.Module):
         offset: int = 0,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks ``start..end-1`` (default: all of the span).
 
@@ -168,6 +170,8 @@ class BlockSpan(nn.Module):
             cache: the session's cache for exactly these blocks; ``offset`` is then its length.
             offset: position of the first new token when running without a cache.
             start: first block to run (global index); end: one past the last.
+            prompts: [end - start, batch, pre, hidden] deep prompts: block ``start + i`` first adds
+                ``prompts[i]`` to the hidden states of the first ``pre`` positions (deep prompt tuning).
         """
         start = self.start if start is None else start
         end = self.end if end is None else end
@@ -177,7 +181,10 @@ class BlockSpan(nn.Module):
             cache.begin_step(new)
         blocks = range(start, end)
         inputs = self.family.layer_inputs(self.config, self.rotary_emb, hidden_states, offset, blocks)
-        for block, kwargs in zip(blocks, inputs, strict=True):
+        for i, (block, kwargs) in enumerate(zip(blocks, inputs, strict=True)):
+            if prompts is not None:
+                pre = prompts.shape[2]
+                hidden_states = torch.cat([hidden_states[:, :pre] + prompts[i], hidden_states[:, pre:]], dim=1)
             output = self.layers[block - self.start](
                 hidden_states, **kwargs, **{self.cache_kwarg: cache}, use_cache=cache is not None
             )

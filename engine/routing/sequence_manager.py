@@ -40,6 +40,13 @@ def describe_route(route: list[RouteHop]) -> str:
     return " → ".join(f"{h.start}:{h.end} via {short_peer(h.peer_id)}" for h in route)
 
 
+def with_adapter(spans: dict[str, RemoteSpan], adapter: str | None) -> dict[str, RemoteSpan]:
+    """The spans of servers that announce LoRA ``adapter`` (all of them for None)."""
+    if adapter is None:
+        return dict(spans)
+    return {peer: span for peer, span in spans.items() if adapter in span.record.adapters}
+
+
 class SequenceManager:
     """Knows which servers host which blocks of one model, and which of them to avoid for now."""
 
@@ -169,17 +176,18 @@ class SequenceManager:
         cache_tokens_needed: int = 0,
         exclude: Collection[str] = (),
         ignore_bans: bool = False,
+        adapter: str | None = None,
     ) -> list[RouteHop]:
         """Fastest route over blocks ``start..end-1`` avoiding banned servers.
 
-        Before reporting blocks as missing (MissingBlocksError) or served only by banned servers
+        With ``adapter``, only servers announcing that LoRA adapter count. Before reporting blocks as missing (MissingBlocksError) or served only by banned servers
         (NoRouteError), it re-reads the swarm once, so servers that joined since are found.
         """
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
         for attempt in range(2):
             with self._lock:
-                spans = dict(self.spans)
+                spans = with_adapter(self.spans, adapter)
                 rtt = dict(self.rtt)
             try:
                 return plan_inference_route(
@@ -198,11 +206,18 @@ class SequenceManager:
                 self.refresh()
         raise AssertionError("unreachable")
 
-    def plan_replica(self, start: int, end: int, exclude: Collection[str]) -> list[RouteHop] | None:
+    def plan_replica(
+        self, start: int, end: int, exclude: Collection[str], *, adapter: str | None = None, quant: str = "none"
+    ) -> list[RouteHop] | None:
         """The fastest route over ``[start, end)`` avoiding ``exclude`` and bans, from the swarm as last read;
-        None if there is none (no DHT read: spot checks of a hop with a single server must stay cheap)."""
+        None if there is none (no DHT read: spot checks of a hop with a single server must stay cheap).
+
+        Only servers that compute the same function count as replicas: the same LoRA ``adapter`` and the same
+        weight quantization ``quant`` (a quantized server's honest output differs from an exact one's by more
+        than any dtype tolerance, and the other way round).
+        """
         with self._lock:
-            spans = dict(self.spans)
+            spans = {p: s for p, s in with_adapter(self.spans, adapter).items() if s.record.quant == quant}
             rtt = dict(self.rtt)
             measured = dict(self.block_s)
         try:
@@ -219,12 +234,13 @@ class SequenceManager:
             return None
 
     def plan_forward(self, start: int = 0, end: int | None = None, exclude: Collection[str] = ()) -> list[RouteHop]:
-        """A load-spreading route for a stateless forward (avoiding banned servers and ``exclude``)."""
+        """A load-spreading route for a stateless forward (avoiding banned servers and ``exclude``; via servers
+        with the configured adapter, if any)."""
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
         for attempt in range(2):
             with self._lock:
-                spans = dict(self.spans)
+                spans = with_adapter(self.spans, self.config.active_adapter)
             try:
                 banned = self.banned() | set(exclude)
                 return plan_forward_route(spans, start, end, rng=self._rng, model=self.model, banned=banned)

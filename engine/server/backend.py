@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from transformers import PretrainedConfig
@@ -13,6 +15,7 @@ from transformers import PretrainedConfig
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
 from corolla.engine.models.batched import run_rows
+from corolla.engine.models.lora import using
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
@@ -22,6 +25,7 @@ from corolla.engine.server.limits import PeerBudget
 logger = logging.getLogger(__name__)
 
 BATCH_LENGTH_BUCKET = 512  # decode steps batch together when their sessions hold the same multiple of this many tokens
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +44,7 @@ class ServerSession:
     last_used: float = field(default_factory=time.monotonic)
     closed_because: str | None = None  # why the server closed it (reclaimed, lifetime over), if it did
     favored: bool = False  # its client proved it also serves (server/contributors.py): its steps go first
+    adapter: str | None = None  # the LoRA adapter its steps run with
 
 
 class SpanBackend:
@@ -94,9 +99,24 @@ class SpanBackend:
             raise ProtocolError("hidden states contain NaN or infinity")
         return hidden.to(self.device, self.dtype)
 
+    def check_adapter(self, adapter: str | None) -> None:
+        """The requested LoRA adapter must be one this server serves (None: the base model)."""
+        if adapter is not None and adapter not in self.span.adapters:
+            served = ", ".join(self.span.adapters) or "none"
+            raise ProtocolError(
+                f"adapter {adapter!r} is not served here (served: {served}); pick a server announcing it"
+            )
+
     # ---- sessions ---------------------------------------------------------------------------
     def open_session(
-        self, session_id: str, start: int, end: int, max_length: int, batch_size: int, peer: str = ""
+        self,
+        session_id: str,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        peer: str = "",
+        adapter: str | None = None,
     ) -> ServerSession:
         """Reserve cache for a new session of ``peer`` or raise CacheFullError / ProtocolError.
 
@@ -104,6 +124,7 @@ class SpanBackend:
         ``session_max_lifetime`` give their slot and cache to the new one (longest idle first).
         """
         self.check_span(start, end)
+        self.check_adapter(adapter)
         if max_length > self.cfg.max_length:
             raise ProtocolError(f"max_length {max_length} exceeds this server's limit of {self.cfg.max_length}")
         if batch_size > self.cfg.max_batch_size:
@@ -140,6 +161,7 @@ class SpanBackend:
                 nbytes,
                 SpanCache(start, end - start, max_length),
                 peer=peer,
+                adapter=adapter,
             )
             self.sessions[session_id] = session
             return session
@@ -211,7 +233,8 @@ class SpanBackend:
                 # A decode step: it may run in one forward with other sessions' steps over the same blocks.
                 # Sessions of similar lengths only, so that padding every row to the longest one (one block's
                 # keys at a time) costs at most a bucket's worth of extra keys per row.
-                key = (session.start, session.end, position // BATCH_LENGTH_BUCKET)
+                # One adapter per batch: the LoRA weights are switched per compute job.
+                key = (session.start, session.end, session.adapter, position // BATCH_LENGTH_BUCKET)
                 step = (session, position, x)
                 batch = Batchable(key, step, self._decode_many, x.shape[0], self.cfg.batch_rows)
                 out = await self._compute.run(
@@ -226,7 +249,7 @@ class SpanBackend:
 
                     def run(part: torch.Tensor = part, at: int = position + i) -> torch.Tensor:
                         self._check_not_reclaimed(session)
-                        with torch.inference_mode():
+                        with torch.inference_mode(), using(session.adapter):
                             session.cache.truncate(at)
                             return self.span(part, session.cache, start=session.start, end=session.end)
 
@@ -251,8 +274,8 @@ class SpanBackend:
         """One token of each session (all over the same blocks) in one forward (runs on the compute thread)."""
         for s, _, _ in steps:
             self._check_not_reclaimed(s)
-        session = steps[0][0]
-        with torch.inference_mode():
+        session = steps[0][0]  # every step of a batch has its blocks and adapter (the batch key)
+        with torch.inference_mode(), using(session.adapter):
             for s, position, _ in steps:
                 s.cache.truncate(position)
             if len(steps) == 1:
@@ -263,13 +286,16 @@ class SpanBackend:
         self.rows_batched += sum(x.shape[0] for _, _, x in steps)
         return outs
 
-    async def forward(self, start: int, end: int, hidden: torch.Tensor, peer: str = "") -> torch.Tensor:
+    async def forward(
+        self, start: int, end: int, hidden: torch.Tensor, peer: str = "", adapter: str | None = None
+    ) -> torch.Tensor:
         """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens).
 
         Long inputs run as several compute jobs of at most ``compute_chunk_tokens`` tokens over a temporary
         cache, so an inference step never waits for more than one chunk of someone's forward.
         """
         self.check_span(start, end)
+        self.check_adapter(adapter)
         wire_dtype = hidden.dtype
         x = self.check_hidden(hidden, None)
         batch, length = x.shape[0], x.shape[1]
@@ -280,7 +306,7 @@ class SpanBackend:
             part = x[:, i : i + chunk]
 
             def run(part: torch.Tensor = part) -> torch.Tensor:
-                with torch.inference_mode():
+                with torch.inference_mode(), using(adapter):
                     out = self.span(part, cache, 0, start=start, end=end)
                 return out.to("cpu", wire_dtype)
 
@@ -289,6 +315,10 @@ class SpanBackend:
         if self.ledger is not None:
             self.ledger.add(peer, batch * length)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    async def compute(self, fn: Callable[[], T], peer: str = "") -> T:
+        """Run ``fn`` on the compute thread as a forward-priority job of ``peer`` (training calls use it)."""
+        return await self._compute.run(fn, Priority.FORWARD, peer)
 
     def queued(self) -> int:
         """Requests waiting for the compute thread."""

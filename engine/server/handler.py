@@ -26,6 +26,7 @@ from corolla.engine.errors import (
 from corolla.engine.server.backend import ServerSession, SpanBackend
 from corolla.engine.server.contributors import ContributorBook
 from corolla.engine.server.frames import BoundedStreams, FrameLimits
+from corolla.engine.server.training import TrainingRPCs
 from corolla.engine.wire.membership import MembershipGate
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
@@ -38,6 +39,7 @@ from corolla.engine.wire.messages import (
     decode_inference_message,
 )
 from corolla.engine.wire.tensors import deserialize, serialize
+from corolla.engine.wire.training import RPC_BACKWARD, RPC_TRAIN_FORWARD
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,11 @@ class Handler:
         """Add the handlers to the P2P daemon (the streams with Corolla's size-checked frame reader)."""
         await self.streams.register(p2p, RPC_INFERENCE, self.rpc_inference)
         await self.streams.register(p2p, RPC_FORWARD, self.rpc_forward)
+        training = TrainingRPCs(
+            self._serving, self.cfg, error_answer, lambda proof, client, server: self.gate.admit(proof, client, server)
+        )  # forward with deep prompts, backward
+        await self.streams.register(p2p, RPC_TRAIN_FORWARD, training.rpc_train_forward)
+        await self.streams.register(p2p, RPC_BACKWARD, training.rpc_backward)
         # Unary calls travel over the daemon's persistent connection, which caps them at 4 MiB itself.
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
 
@@ -143,7 +150,7 @@ class Handler:
                         if backend is None:
                             backend = self._serving()
                         session = backend.open_session(
-                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, peer
+                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, peer, msg.adapter
                         )
                         if self.contributors is not None:
                             session.favored = await self.contributors.is_contributor(
@@ -246,4 +253,4 @@ class Handler:
             raise ProtocolError("forward parts must be [batch, length, hidden] with one batch size")
         hidden = torch.cat(parts, dim=1)
         del parts
-        return await backend.forward(meta.start, meta.end, hidden, peer)
+        return await backend.forward(meta.start, meta.end, hidden, peer, meta.adapter)

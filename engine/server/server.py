@@ -38,6 +38,7 @@ from corolla.engine.errors import CorollaError
 from corolla.engine.hub import check_model_access, resolve_token
 from corolla.engine.models.checkpoint import Checkpoint, load_span, parse_dtype
 from corolla.engine.models.gguf import cache_root
+from corolla.engine.models.lora import attach_adapters, read_adapter
 from corolla.engine.models.quant import check_quant, tensor_bytes
 from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 from corolla.engine.server.backend import SpanBackend
@@ -77,6 +78,8 @@ class Server:
         self.memory = server_memory_plan(self.model_config, cfg, self.dtype, self.quant)
         self.cfg = cfg = dataclasses.replace(cfg, cache_bytes=self.memory.cache_bytes)
         logger.info("memory: %s", self.memory.describe())
+        self.dtype = parse_dtype(cfg.dtype, cfg.device)
+        self.adapters = [read_adapter(path) for path in cfg.adapters]  # bad folders fail here, before joining
         self.speed = Speed(0.0, 0.0)
         self.num_blocks = 0
         # The peer id, and the key that signs this server's records (kept in --identity-file if given).
@@ -158,6 +161,7 @@ class Server:
             dtype=str(self.dtype).removeprefix("torch."),
             quant=self.quant,
             tokens_served=self.ledger.totals()["total"],
+            adapters=tuple(adapter.name for adapter in self.adapters),
         )
 
     # ---- main loop --------------------------------------------------------------------------
@@ -204,6 +208,7 @@ class Server:
             span = await self._run_io(
                 load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device, self.quant
             )
+            attach_adapters(span, self.adapters)
             backend = SpanBackend(span, self.model_config, self.cfg, self.dtype)
             backend.ledger = self.ledger
             handler.backend = backend

@@ -58,6 +58,7 @@ class OpenSession(_Message):
     batch_size: int = Field(gt=0)
     proof: str | None = Field(default=None, max_length=256)  # membership of a private swarm (wire/membership.py)
     contributor: str | None = Field(default=None, max_length=512)  # claim of a client that also serves
+    adapter: str | None = Field(default=None, max_length=128)  # LoRA adapter to apply (None: the base model)
 
 
 class Step(_Message):
@@ -98,6 +99,7 @@ class ForwardRequest(_Message):
     start: int = Field(ge=0)
     end: int = Field(gt=0)
     proof: str | None = Field(default=None, max_length=256)  # membership of a private swarm (wire/membership.py)
+    adapter: str | None = Field(default=None, max_length=128)  # LoRA adapter to apply (None: the base model)
 
 
 def decode_inference_message(raw: bytes) -> OpenSession | Step | Close:

@@ -1,0 +1,250 @@
+"""Training and LoRA adapters through one real swarm (tiny Llama; servers 0:3 and 3:6 serving a PEFT LoRA
+adapter, and a second 3:6 without it).
+
+Gradients of the inputs and of deep prompts equal transformers' own autograd; an adapter served remotely
+gives PEFT's local logits, greedy tokens and gradients, and routes avoid the server without it; prompt
+tuning lowers the loss with a standard optimizer; trained prompts save and load; a server killed in the
+middle of a backward is routed around and the loss curve stays the same. Every family's gradients are
+checked at the server's level in tests/unit/test_training_backend.py (one swarm per family would cost
+minutes). The tests run in file order: the kill comes after the adapter tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from swarm_helpers import client, hf_model, random_ids, running_swarm, track
+
+from corolla.engine import (
+    DistributedModelForCausalLM,
+    DistributedModelForSequenceClassification,
+    MissingBlocksError,
+    ProtocolError,
+)
+from corolla.engine.client.remote_training import remote_train_call
+from corolla.engine.client.route_autograd import remote_blocks
+from corolla.engine.client.training import training_blocks
+from corolla.engine.routing.sequence_manager import with_adapter
+from corolla.engine.testing import Swarm, make_tiny_checkpoint
+from corolla.engine.testing_grads import reference_block_grads
+from corolla.engine.wire.training import TrainRequest
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]
+
+RTOL = 1e-4
+SPANS = ["0:3", "3:6", "3:6"]  # the first two serve the adapter
+ADAPTER = "tiny-lora"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("training") / "tiny-llama", "llama", seed=5)
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A PEFT LoRA adapter with random (non-zero) weights on attention and MLP layers, and its local model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(11)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(hf_model(checkpoint), config).eval()
+    folder = tmp_path_factory.mktemp("adapters") / ADAPTER
+    peft_model.save_pretrained(folder)
+    return folder, peft_model
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint: Path, adapter: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    with running_swarm(checkpoint, [], tmp_path_factory) as s:
+        lora = ["--adapters", str(adapter[0])]
+        for span, extra in zip(SPANS, [lora, lora, []], strict=True):
+            s.add_server(span, wait=False, extra_args=extra)
+        s.wait_ready()
+        track(*s.servers)
+        yield s
+
+
+@pytest.fixture
+def model(checkpoint: Path, swarm: Swarm) -> Iterator[DistributedModelForCausalLM]:
+    with client(checkpoint, swarm, tuning_mode="deep_ptune", pre_seq_len=3, min_backoff=30.0) as m:
+        yield m
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_input_and_deep_prompt_gradients_equal_local_autograd(
+    checkpoint: Path, model: DistributedModelForCausalLM
+) -> None:
+    hf = hf_model(checkpoint)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 6, 64, generator=gen).requires_grad_(True)
+    prompts = (torch.randn(6, 2, 3, 64, generator=gen) * 0.5).requires_grad_(True)
+    grad_out = torch.randn(2, 6, 64, generator=gen)
+    out = remote_blocks(hidden, prompts, training_blocks(model))
+    (out * grad_out).sum().backward()
+    assert len(training_blocks(model).last_trace) == 2  # two servers: 0:3 and 3:6
+    out_ref, grad_ref, prompts_ref = reference_block_grads(hf, hidden, grad_out, prompts)
+    assert rel_diff(out.detach(), out_ref) <= RTOL
+    assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None
+    assert rel_diff(hidden.grad, grad_ref) <= RTOL
+    assert rel_diff(prompts.grad, prompts_ref) <= RTOL
+
+
+def test_malformed_training_calls_get_errors_and_the_server_keeps_serving(
+    model: DistributedModelForCausalLM, swarm: Swarm
+) -> None:
+    first = swarm.servers[0].peer_id
+    assert first is not None
+    x = torch.randn(1, 4, 64)
+
+    def call(req: TrainRequest, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return model.loop.run(remote_train_call(model.p2p, first, req, tensors, 1 << 20, 20.0))
+
+    forward = TrainRequest(kind="forward", start=0, end=3, batch=1, length=4)
+    with pytest.raises(ProtocolError, match="more than"):
+        call(forward, [torch.randn(1, 5, 64)])  # more values than the header announced
+    with pytest.raises(ProtocolError, match="not hosted"):
+        call(TrainRequest(kind="backward", start=0, end=6, batch=1, length=4), [x, x])
+    with pytest.raises(ProtocolError, match="NaN"):
+        call(TrainRequest(kind="backward", start=0, end=3, batch=1, length=4), [x, torch.full_like(x, float("nan"))])
+    with pytest.raises(ProtocolError, match="adapter"):
+        call(TrainRequest(kind="forward", start=0, end=3, batch=1, length=4, adapter="not-served"), [x])
+    (out,) = call(forward, [x])  # and then it serves a good call
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+def test_adapter_served_remotely_equals_peft_locally(checkpoint: Path, swarm: Swarm, adapter: tuple[Path, Any]) -> None:
+    peft_model = adapter[1]
+    ids = random_ids(2, 6, seed=3)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    assert float((expected - base).abs().max()) > 1e-2  # the adapter changes the answer
+    with client(checkpoint, swarm, active_adapter=ADAPTER) as model:
+        for _ in range(3):  # several routes: none may go through the server without the adapter
+            assert rel_diff(model(ids).logits, expected) <= RTOL
+        with_lora = {swarm.servers[0].peer_id, swarm.servers[1].peer_id}
+        assert set(model.manager.spans) == {*with_lora, swarm.servers[2].peer_id}  # it sees all three
+        assert set(with_adapter(model.manager.spans, ADAPTER)) == with_lora  # and plans over two
+        prompt = ids[:1]
+        want = peft_model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=None,
+            min_new_tokens=5,
+            pad_token_id=0,
+        )
+        assert torch.equal(model.generate(prompt, max_new_tokens=5, eos_token_id=[]), want)  # sessions use it too
+        # Gradients through the adapter's blocks equal PEFT's.
+        gen = torch.Generator().manual_seed(4)
+        hidden = torch.randn(1, 5, 64, generator=gen).requires_grad_(True)
+        grad_out = torch.randn(1, 5, 64, generator=gen)
+        (remote_blocks(hidden, None, training_blocks(model)) * grad_out).sum().backward()
+        _, grad_ref, _ = reference_block_grads(peft_model, hidden, grad_out, None)
+        assert hidden.grad is not None and rel_diff(hidden.grad, grad_ref) <= RTOL
+        assert {step.hop.peer_id for step in training_blocks(model).last_trace} == with_lora
+    with client(checkpoint, swarm) as plain:
+        assert rel_diff(plain(ids).logits, base) <= RTOL  # without an adapter: the base model
+        with plain.inference_session(max_length=16, active_adapter=ADAPTER) as session:  # one session picks it
+            assert torch.equal(plain.generate(prompt, max_new_tokens=5, eos_token_id=[], session=session), want)
+    with client(checkpoint, swarm, active_adapter="not-served") as nowhere, pytest.raises(MissingBlocksError):
+        nowhere(ids)
+
+
+def train(model: DistributedModelForCausalLM, steps: int, kill: Swarm | None = None) -> list[float]:
+    """A few Adam steps of deep prompt tuning on one fixed batch, from the same start every time.
+
+    With ``kill``, the server of the last hop is killed at the start of step 1's backward; the client
+    must have avoided it (banned) to finish.
+    """
+    assert model.ptune is not None
+    model.enable_prompt_tuning("deep_ptune", 3)  # same seed: the same starting prompts
+    assert model.ptune is not None
+    optimizer = torch.optim.Adam(model.ptune.parameters(), lr=0.05)
+    ids = random_ids(2, 8, seed=9)
+    losses = []
+    for step in range(steps):
+        loss = model(ids, labels=ids).loss
+        if kill is not None and step == 1:
+            # Kill the server of the last hop just before the backward needs it.
+            victim = training_blocks(model).last_trace[-1].hop.peer_id
+            server = next(s for s in kill.servers if s.alive() and s.peer_id == victim)
+            loss.register_hook(lambda g, server=server: (server.kill(), g)[1])
+        loss.backward()
+        if kill is not None and step == 1:
+            assert victim in model.manager.banned()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_prompt_tuning_lowers_the_loss_and_survives_a_killed_server(
+    model: DistributedModelForCausalLM, swarm: Swarm, tmp_path: Path
+) -> None:
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"ptune.prompts", "ptune.deep"}
+    clean = train(model, 4)
+    assert clean[-1] < clean[0] - 0.05, clean
+    assert model.ptune is not None
+    model.ptune.save(tmp_path / "prompts.safetensors")
+    trained = [p.detach().clone() for p in model.ptune.parameters()]
+    interrupted = train(model, 4, kill=swarm)
+    assert sum(s.alive() for s in swarm.servers) == 2  # one of the 3:6 servers is gone
+    assert max(abs(a - b) for a, b in zip(clean, interrupted, strict=True)) <= 1e-5, (clean, interrupted)
+    model.ptune.load(tmp_path / "prompts.safetensors")
+    for a, b in zip(model.ptune.parameters(), trained, strict=True):
+        assert torch.equal(a.detach(), b)
+
+
+def test_sequence_classification_matches_local_and_trains(checkpoint: Path, swarm: Swarm) -> None:
+    alive = [s for s in swarm.servers if s.alive()]
+    assert alive, "the swarm lost every server"
+    with DistributedModelForSequenceClassification.from_pretrained(
+        str(checkpoint), initial_peers=swarm.initial_peers, num_labels=3, step_timeout=20.0, connect_timeout=10.0
+    ) as model:
+        ids = random_ids(3, 5, seed=2)
+        labels = torch.tensor([0, 2, 1])
+        hf = hf_model(checkpoint)
+        with torch.no_grad():
+            last = hf(ids, output_hidden_states=True).hidden_states[-1][:, -1]  # after the final norm
+            expected = model.score(last)
+        out = model(ids, labels=labels)
+        assert out.logits.shape == (3, 3) and rel_diff(out.logits.detach(), expected) <= RTOL
+        optimizer = torch.optim.Adam(model.score.parameters(), lr=0.1)
+        losses = []
+        for _ in range(3):
+            loss = model(ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < losses[0], losses
+
+
+def test_peft_lora_on_the_local_head_trains(checkpoint: Path, swarm: Swarm) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    with client(checkpoint, swarm) as model:
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), model.head)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert len(trainable) == 2  # lora_A and lora_B of the head
+        ids = random_ids(2, 6, seed=6)
+        optimizer = torch.optim.Adam(trainable, lr=0.05)
+        losses = []
+        for _ in range(3):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < losses[0], losses
