@@ -26,6 +26,7 @@ from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, trac
 from corolla.engine import PrivateSwarmError
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import HopStream, remote_forward
+from corolla.engine.client.remote_training import remote_train_call
 from corolla.engine.dht.announce import announce_span, make_dht, read_records
 from corolla.engine.dht.contribution import load_identity, make_claim
 from corolla.engine.dht.records import ServerRecord, ServerState
@@ -33,6 +34,7 @@ from corolla.engine.dht.signing import PeerIdentity
 from corolla.engine.dht.swarm_key import SwarmKeys, new_key, parse_keys
 from corolla.engine.testing import ServerProcess, Swarm
 from corolla.engine.wire.membership import make_proof
+from corolla.engine.wire.training import TrainRequest
 
 logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.timeout(240)
@@ -183,6 +185,13 @@ def test_streams_need_a_fresh_proof_for_this_pair_of_peers(private: Private, pee
         outsider.open(a, proof=None)
     with pytest.raises(PrivateSwarmError, match="this swarm is private"):
         outsider.loop.run(remote_forward(outsider.p2p, a, 0, 3, hidden, 2**20, 30))
+    # Training calls (a forward that keeps what backward needs) are guarded the same way.
+    train = TrainRequest(kind="forward", start=0, end=3, batch=1, length=2)
+    with pytest.raises(PrivateSwarmError, match="this swarm is private"):
+        outsider.loop.run(remote_train_call(outsider.p2p, a, train, [hidden], 2**20, 30))
+    member_train = train.model_copy(update={"proof": make_proof(private.keys, member.id, a)})
+    (trained,) = member.loop.run(remote_train_call(member.p2p, a, member_train, [hidden], 2**20, 30))
+    assert trained.shape == hidden.shape
     stolen = make_proof(private.keys, member.id, a)
     with pytest.raises(PrivateSwarmError, match="none of your swarm keys"):
         outsider.open(a, proof=stolen)  # bound to the member's peer id: worthless on the outsider's connection
