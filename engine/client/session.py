@@ -366,7 +366,8 @@ class InferenceSession:
         it reports blocks as missing, so a server that joined since the last read is found here. When
         only servers we already failed announce some blocks (NoRouteError: their records outlive them
         for the record TTL), they get one last try after a short pause; if that fails too, the blocks
-        are missing and MissingBlocksError says so, instead of retrying dead servers for minutes.
+        are unreachable and NoRouteError (a MissingBlocksError) says so, with the last failure as its cause,
+        instead of retrying dead servers for minutes.
         Peers this session caught lying are never tried again.
         """
         loop = asyncio.get_running_loop()
@@ -431,8 +432,11 @@ class InferenceSession:
                 if isinstance(error, CacheFullError):
                     cache_full = error
             if last_chance and cache_full is None:
+                # Servers announce these blocks but none of them works: NoRouteError (a MissingBlocksError)
+                # with the last failure chained, so a caller can tell a hung server from a missing one.
                 hop, error = failed[0]
-                raise MissingBlocksError(self.manager.model, range(hop.start, hop.end), self.manager.source) from error
+                blocks = range(hop.start, hop.end)
+                raise NoRouteError(self.manager.model, blocks, sorted(tried), self.manager.source) from error
 
     async def _build(self, start: int, end: int) -> None:
         self.hops = await self._plan_and_open(start, end, exclude=set())
