@@ -365,15 +365,17 @@ class InferenceSession:
         not the whole generation. The sequence manager re-reads the swarm (fresh from the DHT) before
         it reports blocks as missing, so a server that joined since the last read is found here. When
         only servers we already failed announce some blocks (NoRouteError: their records outlive them
-        for the record TTL), they get one last try after a short pause; if that fails too, the blocks
-        are unreachable and NoRouteError (a MissingBlocksError) says so, with the last failure as its cause,
-        instead of retrying dead servers for minutes.
+        for the record TTL, and a busy server may have missed one deadline), every one of them gets one
+        last try after a short pause, bans aside; if those fail too, the blocks are unreachable and
+        NoRouteError (a MissingBlocksError) says so, with the last failure as its cause, instead of
+        retrying dead servers for minutes.
         Peers this session caught lying are never tried again.
         """
         loop = asyncio.get_running_loop()
         last_chance = False
         cache_full: CacheFullError | None = None  # servers that answered but had no room are not "missing"
         tried: set[str] = set()
+        last_error: BaseException | None = None  # the last failure of a tried server: the cause we report
         exclude = {*exclude, *self.avoid}
         while True:  # each round leaves out at least one more server, so it ends
             try:
@@ -392,8 +394,12 @@ class InferenceSession:
                     raise CacheFullError(
                         f"no server of blocks {start}:{end} has room: {cache_full}", peer_id=cache_full.peer_id
                     ) from e
-                if last_chance or not isinstance(e, NoRouteError):
+                if not isinstance(e, NoRouteError):
                     raise
+                if last_chance:  # every candidate failed twice, bans aside
+                    if last_error is None:
+                        raise
+                    raise NoRouteError(self.manager.model, e.blocks, sorted(tried), self.manager.source) from last_error
                 last_chance, exclude = True, set(self.avoid)
                 await asyncio.sleep(self.config.min_backoff)
                 continue
@@ -429,14 +435,9 @@ class InferenceSession:
                     raise error
                 self.manager.ban(hop.stream.peer_id, str(error))
                 exclude.add(hop.stream.peer_id)
+                last_error = error
                 if isinstance(error, CacheFullError):
                     cache_full = error
-            if last_chance and cache_full is None:
-                # Servers announce these blocks but none of them works: NoRouteError (a MissingBlocksError)
-                # with the last failure chained, so a caller can tell a hung server from a missing one.
-                hop, error = failed[0]
-                blocks = range(hop.start, hop.end)
-                raise NoRouteError(self.manager.model, blocks, sorted(tried), self.manager.source) from error
 
     async def _build(self, start: int, end: int) -> None:
         self.hops = await self._plan_and_open(start, end, exclude=set())
