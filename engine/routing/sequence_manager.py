@@ -13,7 +13,7 @@ from typing import Any
 from corolla.engine.config import ClientConfig
 from corolla.engine.dht.announce import read_records
 from corolla.engine.dht.records import ServerState
-from corolla.engine.errors import MissingBlocksError, short_peer
+from corolla.engine.errors import MissingBlocksError, NoRouteError, short_peer
 from corolla.engine.routing.exact import exact_spans
 from corolla.engine.routing.planner import (
     UNKNOWN_BLOCK_S,
@@ -196,7 +196,7 @@ class SequenceManager:
                     end,
                     model=self.model,
                     rtt=rtt,
-                    banned=(set() if ignore_bans else self.banned()) | set(exclude),
+                    banned=(set(self.convicted) if ignore_bans else self.banned()) | set(exclude),  # liars never
                     cache_tokens_needed=cache_tokens_needed,
                     measured_block_s=dict(self.block_s),
                 )
@@ -220,32 +220,34 @@ class SequenceManager:
             spans = {p: s for p, s in with_adapter(self.spans, adapter).items() if s.record.quant == quant}
             rtt = dict(self.rtt)
             measured = dict(self.block_s)
-        try:
-            return plan_inference_route(
-                spans,
-                start,
-                end,
-                model=self.model,
-                rtt=rtt,
-                banned=self.banned() | set(exclude),
-                measured_block_s=measured,
-            )
-        except MissingBlocksError:
-            return None
+            # Servers in good standing first; then, bans aside (one that missed a deadline under load still
+            # gives an opinion, and one that fails again is simply no opinion), never a convicted liar.
+            avoid = [self.banned() | set(exclude), set(self.convicted) | set(exclude)]
+        for banned in avoid:
+            try:
+                return plan_inference_route(
+                    spans, start, end, model=self.model, rtt=rtt, banned=banned, measured_block_s=measured
+                )
+            except MissingBlocksError:
+                continue
+        return None
 
     def plan_forward(self, start: int = 0, end: int | None = None, exclude: Collection[str] = ()) -> list[RouteHop]:
         """A load-spreading route for a stateless forward (avoiding banned servers and ``exclude``; via servers
         with the configured adapter, if any)."""
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
-        for attempt in range(2):
+        for attempt in range(3):
             with self._lock:
                 spans = with_adapter(self.spans, self.config.active_adapter)
+                # The last attempt puts bans aside (a busy server may have missed one deadline), never liars.
+                banned = (set(self.convicted) if attempt == 2 else self.banned()) | set(exclude)
             try:
-                banned = self.banned() | set(exclude)
                 return plan_forward_route(spans, start, end, rng=self._rng, model=self.model, banned=banned)
             except MissingBlocksError as e:
-                if attempt == 1:
+                if attempt == 0:
+                    self.refresh()  # servers that joined since the last read
+                elif attempt == 2 or not isinstance(e, NoRouteError):
                     raise e.with_source(self.source).with_traceback(e.__traceback__) from None
                 self.refresh()
         raise AssertionError("unreachable")
