@@ -28,8 +28,15 @@ class ServerHealth:
     cache_tokens_left: int
     version: str
     dtype: str
+    quant: str = "none"  # weight quantization the server announced: none, int8 or nf4
+    adapters: tuple[str, ...] = ()  # LoRA adapters it serves
     tokens_served: int = 0  # tokens the server's machine processed for clients (its contribution ledger)
     reported: str | None = None  # why this machine's clients caught it lying (the latest report), if they did
+
+
+def weights_label(dtype: str, quant: str) -> str:
+    """How a server holds its weights, e.g. ``float32`` or ``bfloat16+int8`` (quantized servers are not exact)."""
+    return (dtype or "?") + ("" if quant in ("", "none") else f"+{quant}")
 
 
 @dataclass
@@ -81,6 +88,8 @@ def model_health(dht: Any, model: str, num_blocks: int) -> ModelHealth:
                     cache_tokens_left=r.cache_tokens_left,
                     version=r.corolla_version,
                     dtype=r.dtype,
+                    quant=r.quant,
+                    adapters=tuple(r.adapters),
                     tokens_served=r.tokens_served,
                     reported=reported.get(peer_id),
                 ),
@@ -109,12 +118,13 @@ def format_table(reports: Sequence[ModelHealth]) -> str:
         if r.num_blocks:
             lines.append("  servers per block: " + " ".join(str(n) for n in r.servers_per_block))
         lines.append(
-            f"  {'peer':<10} {'name':<16} {'span':<9} {'state':<8} {'tok/s/blk':>9} {'cache tok':>10} {'served':>9} version"
+            f"  {'peer':<10} {'name':<16} {'span':<9} {'state':<8} {'tok/s/blk':>9} {'cache tok':>10} {'served':>9} {'weights':<14} version"
         )
         for s in r.servers:
             lines.append(
                 f"  …{s.peer_id[-8:]:<9} {(s.public_name or '-')[:16]:<16} {f'{s.start}:{s.end}':<9} {s.state:<8} "
-                f"{s.throughput:>9.1f} {s.cache_tokens_left:>10} {s.tokens_served:>9} {s.version}"
+                f"{s.throughput:>9.1f} {s.cache_tokens_left:>10} {s.tokens_served:>9} {weights_label(s.dtype, s.quant):<14} {s.version}"
+                + (f"  adapters: {', '.join(s.adapters)}" if s.adapters else "")
                 + ("  REPORTED" if s.reported else "")
             )
         for s in r.servers:

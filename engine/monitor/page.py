@@ -95,7 +95,7 @@ function drawModel(m) {
   const table = el("table", { "class": "servers" });
   const head = el("tr");
   [["Name", ""], ["Peer", ""], ["Span", ""], ["State", ""], ["Throughput (tok/s)", "num"],
-   ["Free cache (tokens)", "num"], ["Version", ""], ["Tokens served", "num"]].forEach(([h, c]) => {
+   ["Free cache (tokens)", "num"], ["Weights", ""], ["Version", ""], ["Tokens served", "num"]].forEach(([h, c]) => {
     head.appendChild(el("th", c ? { "class": c } : {}, h));
   });
   table.appendChild(el("thead")).appendChild(head);
@@ -109,6 +109,7 @@ function drawModel(m) {
     row.appendChild(el("td", { "class": "state-" + s.state }, s.state));
     row.appendChild(el("td", { "class": "num" }, Number(s.throughput).toFixed(1)));
     row.appendChild(el("td", { "class": "num" }, fmt(s.cache_tokens_left)));
+    row.appendChild(el("td", { "class": "weights", "title": (s.adapters || []).join(", ") }, s.weights || "\\u2014"));
     row.appendChild(el("td", {}, s.version || "\\u2014"));
     row.appendChild(el("td", { "class": "num" }, fmt(s.tokens_served)));
     body.appendChild(row);

@@ -12,6 +12,7 @@ from typing import Any
 
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.errors import format_blocks
+from corolla.engine.health import weights_label
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ def server_entry(peer_id: str, record: ServerRecord) -> dict[str, Any]:
         "cache_tokens_left": record.cache_tokens_left,
         "version": record.corolla_version,
         "dtype": record.dtype,
+        "quant": record.quant,
+        "weights": weights_label(record.dtype, record.quant),
+        "adapters": list(record.adapters),
         "tokens_served": tokens if isinstance(tokens, int) else None,
     }
 

@@ -92,6 +92,7 @@ def test_state_json_and_metrics(live: LiveMonitor) -> None:
         assert row["state"] == "online" and row["version"] == __version__
         assert row["throughput"] > 0 and row["cache_tokens_left"] > 0
         assert row["tokens_served"] == 0  # records carry the ledger's total; nobody asked for tokens yet
+        assert row["weights"] == "float32" and row["quant"] == "none" and row["adapters"] == []
     text = httpx.get(live.monitor.url + "/metrics", timeout=10).text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -166,7 +167,8 @@ def test_page_shows_bar_and_table_and_turns_red_when_a_server_stops(
         ("bob-gpu", "2:6", "online"),
         ("carol-desktop", "3:6", "online"),
     ]
-    assert all(c[6] == __version__ and c[7] == "0" for c in cells)  # version; tokens served (none yet)
+    assert all(c[6] == "float32" for c in cells)  # weights: full precision, not quantized
+    assert all(c[7] == __version__ and c[8] == "0" for c in cells)  # version; tokens served (none yet)
     assert all(float(c[4]) > 0 and int(c[5].replace(",", "")) > 0 for c in cells)  # throughput, free cache
     assert page["colour"] == "rgb(47, 158, 68)"  # green
     DOCS.mkdir(exist_ok=True)

@@ -15,6 +15,8 @@ from transformers import PreTrainedModel
 from corolla.engine.config import ServerConfig
 from corolla.engine.dht.announce import read_records
 from corolla.engine.errors import MissingBlocksError
+from corolla.engine.health import format_table, swarm_health
+from corolla.engine.monitor.state import model_state
 from corolla.engine.server.memory import block_weight_bytes, estimate_activation_bytes
 from corolla.engine.testing import ServerProcess, Swarm
 
@@ -78,6 +80,19 @@ def test_records_name_quantization_and_dtype(quant_swarm: QuantSwarm) -> None:
     assert seen[peer_id(quant_swarm.nf4)] == ("nf4", "float32")
     assert seen[peer_id(quant_swarm.bf16)] == ("none", "bfloat16")
     assert seen[peer_id(quant_swarm.capped)] == ("int8", "float32")
+    # `corolla health` and the monitor page say it too, so a user sees which servers are not exact.
+    (health,) = swarm_health(quant_swarm.swarm.dht, quant_swarm.swarm.dht_prefix, 6)
+    table = format_table([health])
+    for server, label in (
+        (quant_swarm.nf4, "float32+nf4"),
+        (quant_swarm.bf16, "bfloat16"),
+        (quant_swarm.capped, "float32+int8"),
+    ):
+        (line,) = [row for row in table.splitlines() if peer_id(server)[-8:] in row and "…" in row]
+        assert f" {label} " in line
+    rows = {row["peer_id"]: row for row in model_state("m", 6, records)["servers"]}
+    assert rows[peer_id(quant_swarm.nf4)]["weights"] == "float32+nf4"
+    assert rows[peer_id(quant_swarm.bf16)]["quant"] == "none"
 
 
 @pytest.mark.timeout(120)
