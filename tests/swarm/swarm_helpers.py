@@ -7,6 +7,7 @@ server processes these tests started from any others on the machine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -146,3 +147,30 @@ def leftover_processes(base: Path) -> list[psutil.Process]:
             if ours or os.getpgid(proc.pid) in STARTED_GROUPS:
                 found.append(proc)
     return found
+
+
+async def forward_answer(p2p: Any, peer: str, parts: Sequence[Any]) -> Any:
+    """Send ``parts`` (ExpertRequests) on a stateless-forward stream to ``peer`` and keep the stream open:
+    return the server's first answer (a StepResult), which must come before the client ends its stream."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+
+    from corolla.engine.wire.messages import RPC_FORWARD, StepResult
+
+    done = asyncio.Event()
+
+    async def requests() -> Any:
+        for part in parts:
+            yield part
+        await done.wait()
+
+    responses = await p2p.iterate_protobuf_handler(
+        PeerID.from_base58(peer), RPC_FORWARD, requests(), runtime_pb2.ExpertResponse
+    )
+    try:
+        async for response in responses:
+            return StepResult.decode(response.metadata)
+        raise AssertionError("the server ended the stream without an answer")
+    finally:
+        done.set()
+        await responses.aclose()

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
-from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
+from swarm_helpers import client, forward_answer, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
 from corolla.engine import CacheFullError, CorollaError, DistributedModelForCausalLM
@@ -169,23 +169,8 @@ def test_oversized_frames_are_refused_from_the_header(attack: Attack) -> None:
 # ---- part floods ----------------------------------------------------------------------------
 async def forward_parts(p2p: P2P, peer: str, parts: int) -> StepResult:
     meta = ForwardRequest(start=0, end=6).encode()
-    done = asyncio.Event()
-
-    async def requests() -> Any:
-        for _ in range(parts):
-            yield runtime_pb2.ExpertRequest(metadata=meta)  # empty parts
-        await done.wait()  # the server answers before the end of the stream
-
-    responses = await p2p.iterate_protobuf_handler(
-        PeerID.from_base58(peer), RPC_FORWARD, requests(), runtime_pb2.ExpertResponse
-    )
-    try:
-        async for response in responses:
-            return StepResult.decode(response.metadata)
-        raise AssertionError("no answer")
-    finally:
-        done.set()
-        await responses.aclose()  # type: ignore[attr-defined]
+    result: StepResult = await forward_answer(p2p, peer, [runtime_pb2.ExpertRequest(metadata=meta)] * parts)
+    return result
 
 
 @pytest.mark.timeout(300)

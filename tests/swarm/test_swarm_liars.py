@@ -22,10 +22,10 @@ from typing import Any
 import msgpack
 import pytest
 import torch
-from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
-from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
+from swarm_helpers import client, forward_answer, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
@@ -38,7 +38,7 @@ from corolla.engine.dht.signing import PeerIdentity
 from corolla.engine.health import format_table, swarm_health
 from corolla.engine.routing.reports import read_reports
 from corolla.engine.testing import LYING_SERVER, Swarm, make_tiny_checkpoint
-from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, ForwardRequest, StepResult
+from corolla.engine.wire.messages import RPC_INFERENCE, RPC_INFO, ForwardRequest, StepResult
 from corolla.engine.wire.tensors import serialize
 
 pytestmark = pytest.mark.swarm
@@ -212,23 +212,10 @@ def test_silent_peer_fails_within_a_bound_tied_to_its_rtt(liars: Liars, caplog: 
 
 async def stalled_forward(p2p: P2P, peer: str) -> StepResult:
     """Send one part of a forward and never end the stream; return the server's answer."""
-    done = asyncio.Event()
     meta = ForwardRequest(start=0, end=6).encode()
-
-    async def requests() -> Any:
-        yield runtime_pb2.ExpertRequest(tensors=[serialize(torch.zeros(1, 2, HIDDEN))], metadata=meta)
-        await done.wait()
-
-    responses = await p2p.iterate_protobuf_handler(
-        PeerID.from_base58(peer), RPC_FORWARD, requests(), runtime_pb2.ExpertResponse
-    )
-    try:
-        async for response in responses:
-            return StepResult.decode(response.metadata)
-        raise AssertionError("no answer")
-    finally:
-        done.set()
-        await responses.aclose()  # type: ignore[attr-defined]
+    part = runtime_pb2.ExpertRequest(tensors=[serialize(torch.zeros(1, 2, HIDDEN))], metadata=meta)
+    result: StepResult = await forward_answer(p2p, peer, [part])
+    return result
 
 
 @pytest.mark.timeout(120)
