@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,11 +63,11 @@ def test_sigkilled_server_leaves_no_dht_process_or_daemon(swarm: Swarm) -> None:
     assert swarm.servers[0].alive(), "the other server must keep running"
 
 
-@pytest.mark.timeout(120)
-def test_sigkilled_client_leaves_no_dht_process_or_daemon(swarm: Swarm, tiny_checkpoint: Callable[..., Path]) -> None:
-    path = tiny_checkpoint("llama")
+@contextlib.contextmanager
+def ready_script(script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """Run ``script`` in a fresh interpreter until it prints "ready"; killed (by its pid) on exit."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CLIENT_SCRIPT, str(path), *swarm.initial_peers],
+        [sys.executable, "-c", script, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -76,38 +77,30 @@ def test_sigkilled_client_leaves_no_dht_process_or_daemon(swarm: Swarm, tiny_che
         assert proc.stdout is not None
         line = proc.stdout.readline()  # bounded by the test timeout
         assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
-        watched = _dht_and_daemon(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        left = wait_gone(watched, GONE_WITHIN)
-        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
 
 
+@pytest.mark.timeout(120)
+def test_sigkilled_client_leaves_no_dht_process_or_daemon(swarm: Swarm, tiny_checkpoint: Callable[..., Path]) -> None:
+    with ready_script(CLIENT_SCRIPT, str(tiny_checkpoint("llama")), *swarm.initial_peers) as proc:
+        watched = _dht_and_daemon(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        left = wait_gone(watched, GONE_WITHIN)
+        assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
+
+
 @pytest.mark.timeout(180)
 def test_sigkilled_swarm_owner_leaves_no_server(tiny_checkpoint: Callable[..., Path]) -> None:
     """A test run, benchmark or demo killed before it could stop its swarm: the servers follow it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SWARM_SCRIPT, str(tiny_checkpoint("llama"))],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=server_env(),
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # bounded by the test timeout
-        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    with ready_script(SWARM_SCRIPT, str(tiny_checkpoint("llama"))) as proc:
         watched = descendants(proc.pid)
         assert any("server" in p.cmdline() for p in watched), [p.cmdline()[:4] for p in watched]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         left = wait_gone(watched, 60.0)  # the server leaves the swarm (SIGTERM grace), then its helpers exit
         assert not left, f"left running: {[(p.pid, p.name()) for p in left]}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
