@@ -126,6 +126,7 @@ class ClientConfig:
     liar_ban: float = 3600.0  # seconds this client avoids a server it caught lying
     report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
     active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it
+    micro_batch_size: int = 8  # sequences per training call: larger batches are split, each part retried on its own
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from corolla.engine.client.model import DistributedModelForCausalLM, _check_ids, _check_unsupported
+from corolla.engine.client.inputs import check_ids, check_unsupported
+from corolla.engine.client.model import DistributedModelForCausalLM
 from corolla.engine.client.training import tuned_hidden
 
 
@@ -46,8 +47,8 @@ class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
         **unused: Any,
     ) -> SequenceClassifierOutput:
         """[batch, length] ids → ``.logits`` [batch, num_labels] (and ``.loss`` with ``labels`` [batch])."""
-        _check_unsupported(unused)
-        _check_ids(input_ids, attention_mask)
+        check_unsupported(unused)
+        check_ids(input_ids, attention_mask)
         last = tuned_hidden(self, input_ids)[:, -1]  # [batch, hidden]
         logits = self.score(self.head.norm(last.to(self.score.weight.dtype))).float()  # [batch, num_labels]
         loss = None

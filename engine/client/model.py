@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import threading
@@ -14,23 +12,29 @@ from typing import Any, Self
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corolla.engine.client.credentials import credentials_for
+from corolla.engine.client.inputs import check_ids, check_unsupported, reuse_prefix, to_wire
+from corolla.engine.client.joining import join_swarm, load_tokenizer, release
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.client.sampling import SamplingParams, next_tokens
 from corolla.engine.client.session import InferenceSession
 from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
-from corolla.engine.client.training import causal_lm_loss, greedy_generate, needs_autograd, tuned_hidden
+from corolla.engine.client.training import (
+    check_tuned_generate,
+    greedy_generate,
+    make_prompt_tuning,
+    takes_training_path,
+    training_forward,
+)
 from corolla.engine.config import ClientConfig, as_tuple, from_env
-from corolla.engine.dht.announce import make_dht
 from corolla.engine.errors import CorollaError, PeerUnavailableError
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head
 from corolla.engine.routing.sequence_manager import SequenceManager
-from corolla.engine.wire.tensors import WIRE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class DistributedModelForCausalLM(nn.Module):
         self._active = threading.local()  # per thread: the sessions entered with `with`, innermost last
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
         # finalizers would complain about a missing event loop).
-        self._finalizer = weakref.finalize(self, _release, loop, p2p, dht)
+        self._finalizer = weakref.finalize(self, release, loop, p2p, dht)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -142,28 +146,13 @@ class DistributedModelForCausalLM(nn.Module):
         if not ckpt.is_local:
             check_model_access(model_name_or_path, token)
         hf_config = ckpt.config()
-        tokenizer = _load_tokenizer(ckpt, model_name_or_path, token, revision)
+        tokenizer = load_tokenizer(ckpt, model_name_or_path, token, revision)
         head = load_client_head(ckpt, hf_config, torch.float32)
         head.requires_grad_(False)  # the client trains prompts (or what the user unfreezes), never by default
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
-        swarm_keys = credentials_for(config).keys  # read the key files before any process starts
-        dht = make_dht(
-            config.initial_peers,
-            config.host,
-            client_mode=True,
-            nat_port_map=config.nat_port_map,
-            swarm_keys=swarm_keys,
-        )
-        loop = LoopThread()
-        try:
-            p2p = loop.run(dht.replicate_p2p(), timeout=config.connect_timeout)
-            model_name = config.dht_prefix or ckpt.default_dht_prefix
-            manager = SequenceManager(dht, model_name, int(hf_config.num_hidden_layers), config, model_name_or_path)
-        except BaseException:
-            loop.stop()
-            dht.shutdown()
-            raise
+        model_name = config.dht_prefix or ckpt.default_dht_prefix
+        dht, loop, p2p, manager = join_swarm(config, model_name, int(hf_config.num_hidden_layers), model_name_or_path)
         model = cls(model_name, hf_config, tokenizer, head, config, dht, loop, p2p, manager)
         if tuning_mode is not None:
             model.enable_prompt_tuning(tuning_mode, pre_seq_len)
@@ -175,13 +164,7 @@ class DistributedModelForCausalLM(nn.Module):
         The input prompts start as the embeddings of ``pre_seq_len`` random vocabulary tokens; deep prompts
         start at zero. ``model.ptune.save(path)`` / ``.load(path)`` keep trained prompts.
         """
-        vocab = int(self.config.vocab_size)
-        picks = torch.randint(0, vocab, (pre_seq_len,), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            init = self.head.embed(picks[None].to(self.device))[0]
-        self.ptune = PromptTuning(
-            tuning_mode, pre_seq_len, int(self.config.num_hidden_layers), int(self.config.hidden_size), init
-        ).to(self.device)
+        self.ptune = make_prompt_tuning(self, tuning_mode, pre_seq_len)
         return self.ptune
 
     def close(self) -> None:
@@ -231,18 +214,16 @@ class DistributedModelForCausalLM(nn.Module):
         trainable prompts (or local parameters made trainable) under grad mode the forward is
         differentiable: ``loss.backward()`` runs backward through the remote blocks.
         """
-        _check_unsupported(unused)
-        _check_ids(input_ids, attention_mask)
-        if labels is not None or self.ptune is not None or needs_autograd(self):
-            logits = self.head.logits(tuned_hidden(self, input_ids))
-            loss = causal_lm_loss(logits, labels) if labels is not None else None
-            return CausalLMOutputWithPast(loss=loss, logits=logits.to(input_ids.device))
+        check_unsupported(unused)
+        check_ids(input_ids, attention_mask)
+        if takes_training_path(self, labels):
+            return training_forward(self, input_ids, labels)
         with torch.no_grad():
             return self._plain_forward(input_ids)
 
     def _plain_forward(self, input_ids: torch.Tensor) -> CausalLMOutputWithPast:
         """The inference forward: stateless, chunked by the servers, no gradients."""
-        hidden = _to_wire(self.head.embed(input_ids.to(self.device)), self.client_config.wire_dtype)
+        hidden = to_wire(self.head.embed(input_ids.to(self.device)), self.client_config.wire_dtype)
         cfg = self.client_config
         for attempt in range(cfg.max_retries + 1):
             route = self.manager.plan_forward()
@@ -306,7 +287,7 @@ class DistributedModelForCausalLM(nn.Module):
         for _ in range(max_new_tokens):
             if feed.shape[1] == 0:
                 raise ValueError("nothing to generate from: give at least one input token")
-            hidden = session.step(_to_wire(self.head.embed(feed.to(device)), self.client_config.wire_dtype))
+            hidden = session.step(to_wire(self.head.embed(feed.to(device)), self.client_config.wire_dtype))
             session.token_ids, session.pending_ids = seen, None
             logits = self.head.logits(hidden[:, -1:].to(device))[:, -1]
             token = next_tokens(logits, seen.to(device), params, generator).cpu()
@@ -349,12 +330,9 @@ class DistributedModelForCausalLM(nn.Module):
         if input_ids is None:
             input_ids = unused.pop("inputs", None)  # transformers' name of the first argument
         if self.ptune is not None:
-            if input_ids is None or do_sample or session is not None or self.active_session is not None:
-                raise CorollaError(
-                    "a prompt-tuned model generates greedily from input_ids without sessions (its prompts go with "
-                    "every forward); call generate(input_ids, max_new_tokens=...) with do_sample=False"
-                )
-            _check_ids(input_ids, attention_mask)
+            in_session = session is not None or self.active_session is not None
+            input_ids = check_tuned_generate(input_ids, do_sample, in_session)
+            check_ids(input_ids, attention_mask)
             return greedy_generate(self, input_ids, max_new_tokens)
         if unused:
             logger.debug("generate() ignores %s", ", ".join(unused))
@@ -364,7 +342,7 @@ class DistributedModelForCausalLM(nn.Module):
             if session is None or session.pending_ids is None:
                 raise ValueError("give input_ids (or a session with a pending token)")
             input_ids = torch.zeros((session.pending_ids.shape[0], 0), dtype=torch.long, device=self.device)
-        _check_ids(input_ids, attention_mask)
+        check_ids(input_ids, attention_mask)
         out_device = input_ids.device
         input_ids = input_ids.cpu()
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
@@ -427,7 +405,7 @@ class DistributedModelForCausalLM(nn.Module):
         own = session is None
         if session is None:
             session = self.inference_session(ids.shape[1] + max_new_tokens)
-        new_ids = _reuse_prefix(session, ids)
+        new_ids = reuse_prefix(session, ids)
         loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None))
         eos = self._eos_ids(None)
 
@@ -488,47 +466,6 @@ class _ModelSession(InferenceSession):
         super().__exit__(*exc)
 
 
-def _to_wire(hidden: torch.Tensor, wire_dtype: str = "auto") -> torch.Tensor:
-    """Hidden states as the servers take them: in CPU memory, in the wire dtype (``ClientConfig.wire_dtype``).
-
-    ``auto`` keeps the model's dtype (float32 if it has no wire form); a 16-bit one compresses float32
-    activations to half the bytes (servers compute in their own dtype and answer in the one they were sent).
-    """
-    if wire_dtype != "auto":
-        if wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire_dtype {wire_dtype!r} is not one of auto, {', '.join(WIRE_DTYPES)}")
-        return hidden.to("cpu", WIRE_DTYPES[wire_dtype])
-    dtype = hidden.dtype if hidden.dtype in WIRE_DTYPES.values() else torch.float32
-    return hidden.to("cpu", dtype)
-
-
-def _check_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-    """Raise a clear error for token ids the model cannot take (shape, dtype, padding)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
-        shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(
-            f"input_ids must be an integer tensor [batch, length] (got {shape}); "
-            'use tokenizer(text, return_tensors="pt")["input_ids"]'
-        )
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("padded batches are not supported yet: use sequences of equal length")
-
-
-_UNSUPPORTED = ("past_key_values", "inputs_embeds")
-
-
-def _check_unsupported(kwargs: dict[str, Any]) -> None:
-    """Refuse transformers arguments whose silent omission would give wrong results; ignore the rest."""
-    given = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} not supported by the distributed model: pass input_ids; "
-            "keep a cache with model.inference_session()"
-        )
-    if kwargs:
-        logger.debug("ignoring %s", ", ".join(kwargs))
-
-
 def client_config(
     initial_peers: Sequence[str] | str | None = None, config: ClientConfig | None = None, **overrides: Any
 ) -> ClientConfig:
@@ -541,55 +478,6 @@ def client_config(
     config = from_env(ClientConfig, **overrides) if config is None else dataclasses.replace(config, **overrides)
     peers = as_tuple(initial_peers)
     return dataclasses.replace(config, initial_peers=peers) if peers else config
-
-
-def _release(loop: LoopThread, p2p: Any, dht: Any) -> None:
-    """Shut the client's P2P replica down on its own loop, then the loop and the DHT process."""
-
-    async def shutdown() -> None:
-        await p2p.shutdown()
-        # hivemind's P2P finalizers need a running loop: drop the last references here, on it.
-        p2p._client = None
-        dht._p2p_replica = None
-        gc.collect()
-
-    with contextlib.suppress(Exception):
-        loop.run(shutdown(), timeout=5)
-    loop.stop()
-    dht.shutdown()
-
-
-def _load_tokenizer(
-    ckpt: Checkpoint, name: str, token: str | None, revision: str | None
-) -> PreTrainedTokenizerBase | None:
-    """The checkpoint's tokenizer, or None if it ships none (token-level generation still works)."""
-    try:
-        if ckpt.local_dir is not None:
-            return AutoTokenizer.from_pretrained(str(ckpt.local_dir))
-        return AutoTokenizer.from_pretrained(name, token=token, revision=revision)
-    except (OSError, ValueError) as e:
-        logger.warning("no tokenizer for %s (%s): only token-id generation is available", name, e)
-        return None
-
-
-def _reuse_prefix(session: InferenceSession, ids: torch.Tensor) -> torch.Tensor:
-    """Tokens of ``ids`` [1, n] the session does not hold yet; rewinds the session where they diverge."""
-    if session.token_ids is None:
-        return ids
-    held = session.token_ids
-    if session.pending_ids is not None:
-        held = torch.cat([held, session.pending_ids], dim=1)
-    n = min(held.shape[1], ids.shape[1] - 1)  # always feed at least one token to get logits
-    same = int((held[0, :n] == ids[0, :n]).long().cumprod(0).sum()) if n > 0 else 0
-    fed = session.token_ids.shape[1]
-    if same < fed:
-        session.rewind(same)
-        session.token_ids = session.token_ids[:, :same]
-        session.pending_ids = None
-        return ids[:, same:]
-    # Everything fed is reused; the pending token (if it matches) is fed along with the rest.
-    session.pending_ids = None
-    return ids[:, fed:]
 
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM

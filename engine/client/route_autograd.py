@@ -6,6 +6,11 @@ blocks' forward and answers with the gradients of the inputs (and of the deep pr
 its server is avoided for a while and the rest is re-planned: in the forward, from the failed hop's first
 block on; in the backward, the failed hop's blocks are run forward again on a new route (same inputs, same
 frozen weights, so the same result) and its backward goes through that route.
+
+A batch larger than ``ClientConfig.micro_batch_size`` travels as micro-batches of at most that many
+sequences: each has its own route, trace and retry budget, so a failure re-sends one micro-batch, not
+the whole batch, and no call exceeds the servers' batch limits. Rows of a batch do not interact, so the
+result is that of the whole batch at once.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ class HopTrace:
     inputs: torch.Tensor  # [batch, length, hidden], CPU, wire dtype
 
 
+def micro_batches(batch: int, size: int) -> list[slice]:
+    """Consecutive row ranges of at most ``size`` rows covering ``batch`` rows."""
+    if size < 1:
+        raise ValueError(f"micro_batch_size must be at least 1, got {size}")
+    if batch < 1:
+        raise ValueError("nothing to run through the blocks: the batch has no sequences")
+    return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+
 class RemoteBlocks:
     """Runs training forwards and backwards of blocks ``start..end-1`` through the swarm, with re-planning."""
 
@@ -48,7 +62,7 @@ class RemoteBlocks:
         self.loop = loop
         self.cfg = cfg
         self.adapter = adapter
-        self.last_trace: list[HopTrace] = []  # the hops of the latest forward (which server ran which blocks)
+        self.last_trace: list[HopTrace] = []  # hops of the latest (micro-batch) forward: which server ran which blocks
 
     def _call(self, hop: RouteHop, kind: str, tensors: list[torch.Tensor], pre: int) -> list[torch.Tensor]:
         x = tensors[0]
@@ -152,23 +166,35 @@ class _RemoteBlocksFunction(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, blocks: RemoteBlocks
     ) -> torch.Tensor:
         wire = hidden.dtype if hidden.dtype in WIRE_DTYPES.values() else torch.float32
-        x = hidden.detach().to("cpu", wire)
-        p = prompts.detach().to("cpu", wire) if prompts is not None else None
-        out, trace = blocks.forward(x, p)
-        ctx.blocks, ctx.trace, ctx.prompts = blocks, trace, p
+        x = hidden.detach().to("cpu", wire)  # [batch, length, hidden]
+        p = prompts.detach().to("cpu", wire) if prompts is not None else None  # [blocks, batch, pre, hidden]
+        parts = micro_batches(x.shape[0], blocks.cfg.micro_batch_size)
+        outs, traces = [], []
+        for rows in parts:
+            out, trace = blocks.forward(x[rows], p[:, rows] if p is not None else None)
+            outs.append(out)
+            traces.append(trace)
+        ctx.blocks, ctx.parts, ctx.traces, ctx.prompts = blocks, parts, traces, p
         ctx.hidden_meta = (hidden.device, hidden.dtype)
         ctx.prompt_meta = (prompts.device, prompts.dtype) if prompts is not None else None
-        return out.to(hidden.device, hidden.dtype)
+        return torch.cat(outs).to(hidden.device, hidden.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
-        wire = ctx.trace[0].inputs.dtype if ctx.trace else torch.float32
-        grad_in, grad_prompts = ctx.blocks.backward(ctx.trace, grad_out.detach().to("cpu", wire), ctx.prompts)
+        first = ctx.traces[0]
+        wire = first[0].inputs.dtype if first else torch.float32
+        g = grad_out.detach().to("cpu", wire)  # [batch, length, hidden]
+        p = ctx.prompts
+        grads_in, grads_prompts = [], []
+        for rows, trace in zip(ctx.parts, ctx.traces, strict=True):
+            grad_in, grad_prompts = ctx.blocks.backward(trace, g[rows], p[:, rows] if p is not None else None)
+            grads_in.append(grad_in)
+            grads_prompts.append(grad_prompts)
         device, dtype = ctx.hidden_meta
         gp = None
-        if grad_prompts is not None and ctx.prompt_meta is not None:
-            gp = grad_prompts.to(*ctx.prompt_meta)
-        return grad_in.to(device, dtype), gp, None
+        if p is not None and ctx.prompt_meta is not None:
+            gp = torch.cat(grads_prompts, dim=1).to(*ctx.prompt_meta)  # [blocks, batch, pre, hidden]
+        return torch.cat(grads_in).to(device, dtype), gp, None
 
 
 def remote_blocks(hidden: torch.Tensor, prompts: torch.Tensor | None, blocks: RemoteBlocks) -> torch.Tensor:

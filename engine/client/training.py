@@ -1,7 +1,8 @@
-"""The differentiable forward of a distributed model: soft prompts, remote blocks with autograd, a loss.
+"""The training paths of a distributed model: soft prompts, remote blocks with autograd, a loss.
 
 :meth:`DistributedModelForCausalLM.forward` comes here when something needs gradients (trainable prompts,
 local parameters left trainable) or a loss is asked for; plain inference keeps the stateless forward.
+A prompt-tuned model also generates from here (its prompts go with every full forward).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.route_autograd import RemoteBlocks, remote_blocks
+from corolla.engine.errors import CorollaError
 
 if TYPE_CHECKING:
     from corolla.engine.client.model import DistributedModelForCausalLM
@@ -22,6 +26,22 @@ IGNORE_INDEX = -100  # label value that counts for nothing in the loss (transfor
 def needs_autograd(model: DistributedModelForCausalLM) -> bool:
     """Whether a forward must be differentiable: grad mode on and some local parameter trainable."""
     return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+
+
+def takes_training_path(model: DistributedModelForCausalLM, labels: torch.Tensor | None) -> bool:
+    """Whether ``model(ids, labels=labels)`` runs here: a loss asked for, prompts, or gradients needed."""
+    return labels is not None or model.ptune is not None or needs_autograd(model)
+
+
+def make_prompt_tuning(model: DistributedModelForCausalLM, tuning_mode: str, pre_seq_len: int) -> PromptTuning:
+    """New trainable prompts for ``model``: input prompts start as the embeddings of ``pre_seq_len`` random
+    vocabulary tokens (always the same ones), deep prompts at zero."""
+    vocab = int(model.config.vocab_size)
+    picks = torch.randint(0, vocab, (pre_seq_len,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        init = model.head.embed(picks[None].to(model.device))[0]  # [pre, hidden]
+    blocks, hidden_size = int(model.config.num_hidden_layers), int(model.config.hidden_size)
+    return PromptTuning(tuning_mode, pre_seq_len, blocks, hidden_size, init).to(model.device)
 
 
 def training_blocks(model: DistributedModelForCausalLM) -> RemoteBlocks:
@@ -58,6 +78,26 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # [batch * (length - 1), vocab]
     targets = labels[:, 1:].reshape(-1).to(logits.device)
     return F.cross_entropy(shifted.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+def training_forward(
+    model: DistributedModelForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor | None
+) -> CausalLMOutputWithPast:
+    """The differentiable forward: logits [batch, length, vocab] on the inputs' device, and the loss if
+    ``labels`` [batch, length] are given."""
+    logits = model.head.logits(tuned_hidden(model, input_ids))
+    loss = causal_lm_loss(logits, labels) if labels is not None else None
+    return CausalLMOutputWithPast(loss=loss, logits=logits.to(input_ids.device))
+
+
+def check_tuned_generate(input_ids: torch.Tensor | None, do_sample: bool, in_session: bool) -> torch.Tensor:
+    """The ids a prompt-tuned model generates from, or a clear error for what it cannot do."""
+    if input_ids is None or do_sample or in_session:
+        raise CorollaError(
+            "a prompt-tuned model generates greedily from input_ids without sessions (its prompts go with "
+            "every forward); call generate(input_ids, max_new_tokens=...) with do_sample=False"
+        )
+    return input_ids
 
 
 @torch.no_grad()

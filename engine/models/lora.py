@@ -4,12 +4,15 @@ A PEFT LoRA adapter folder holds ``adapter_config.json`` and ``adapter_model.saf
 named like ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``. For every block of the
 span, each targeted ``nn.Linear`` becomes a :class:`LoraLinear` that adds ``scale * B(A(x))`` of the
 adapter active in the current compute job (:func:`using`); with none active it is the plain layer.
-Servers need no PEFT: only the files. The adapter's name is its folder's name.
+On a quantized server (``--quant int8`` / ``nf4``) the frozen layer is the quantized one and the update
+runs in float32 next to it, as QLoRA trains and serves. Servers need no PEFT: only the files. The
+adapter's name is its folder's name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -23,9 +26,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from corolla.engine.errors import CorollaError
+from corolla.engine.models.quant import Int8Linear, NF4Linear
 from corolla.engine.models.span import BlockSpan
 
 MAX_ADAPTER_NAME = 128
+ADAPTABLE = (nn.Linear, Int8Linear, NF4Linear)  # frozen layers a LoRA update can sit next to
 _active = threading.local()  # the adapter of the job running on this thread (the compute thread)
 
 
@@ -41,17 +46,22 @@ def using(adapter: str | None) -> Iterator[None]:
 
 
 class LoraLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the low-rank updates of every served adapter that targets it."""
+    """A frozen linear layer (plain or quantized) plus the low-rank updates of every served adapter that
+    targets it."""
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Linear | Int8Linear | NF4Linear) -> None:
         super().__init__()
         self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # name -> (A [r, in], B [out, r], scale)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base layer's weight (some blocks read it directly, e.g. for its dtype)."""
-        return self.base.weight
+        """The base layer's weight (some blocks read it directly, e.g. for its dtype); plain layers only."""
+        weight = self.base.weight
+        if not isinstance(weight, torch.Tensor):
+            raise AttributeError(f"a quantized {type(self.base).__name__} has no float weight")
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
@@ -127,18 +137,17 @@ def attach_adapters(span: BlockSpan, adapters: Sequence[LoraAdapter]) -> list[st
                 module = getattr(parent, attr)
             except AttributeError as e:
                 raise CorollaError(f"adapter {adapter.name}: block {block} has no layer {path}") from e
-            if isinstance(module, nn.Linear):
+            if isinstance(module, ADAPTABLE):
                 module = LoraLinear(module)
                 setattr(parent, attr, module)
             if not isinstance(module, LoraLinear):
                 raise CorollaError(f"adapter {adapter.name}: {path} is a {type(module).__name__}, not a linear layer")
-            base = module.base
-            if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
+            if a.shape[1] != module.in_features or b.shape[0] != module.out_features or a.shape[0] != b.shape[1]:
                 raise CorollaError(
                     f"adapter {adapter.name}: {path} of block {block} has shapes {list(a.shape)} x {list(b.shape)}, "
-                    f"which do not fit a {base.in_features}->{base.out_features} layer (another model's adapter?)"
+                    f"which do not fit a {module.in_features}->{module.out_features} layer (another model's adapter?)"
                 )
-            device = base.weight.device
+            device = next(itertools.chain(module.base.parameters(), module.base.buffers())).device
             module.updates[adapter.name] = (a.to(device), b.to(device), adapter.scale)
         names.append(adapter.name)
     span.adapters = tuple(names)

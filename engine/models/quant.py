@@ -71,9 +71,11 @@ class Int8Linear(nn.Module):
         qweight = self.qweight
         scale = self.scale.to(x.dtype)
         # torch's CPU int8 kernel wins for a few rows (decode steps); long prompts are faster dequantized once.
-        # (It crashes on bfloat16 rows not a multiple of 8 long, so odd shapes always dequantize.)
+        # (It crashes on bfloat16 rows not a multiple of 8 long, so odd shapes always dequantize; and it has
+        # no derivative, so a training backward, which needs d(inputs), dequantizes too.)
         rows = x.numel() // self.in_features
         kernel = _HAS_INT8_KERNEL and x.device.type == "cpu" and x.dtype in _INT8_KERNEL_DTYPES
+        kernel = kernel and not (x.requires_grad and torch.is_grad_enabled())
         if kernel and self.in_features % 32 == 0 and rows <= 32:
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), qweight, scale)
             out = out.reshape(*x.shape[:-1], self.out_features)

@@ -41,18 +41,21 @@ def check_request(backend: SpanBackend, req: TrainRequest) -> None:
     backend.check_span(req.start, req.end)
     cfg = backend.cfg
     if req.batch > cfg.max_batch_size:
-        raise ProtocolError(f"batch of {req.batch} exceeds this server's {cfg.max_batch_size}")
+        raise ProtocolError(
+            f"batch of {req.batch} exceeds this server's {cfg.max_batch_size}; "
+            "set the client's micro_batch_size to at most that"
+        )
     if req.batch * req.length > cfg.max_chunk_tokens:
         raise ProtocolError(
             f"{req.batch * req.length} tokens in one training call exceed {cfg.max_chunk_tokens}; "
-            "use smaller micro-batches"
+            "use smaller micro-batches (the client's micro_batch_size) or shorter sequences"
         )
     if req.pre > req.length:
         raise ProtocolError(f"{req.pre} deep prompt positions exceed the sequence length {req.length}")
     if (req.end - req.start) * req.batch * req.pre > cfg.max_chunk_tokens:
         raise ProtocolError(
             f"deep prompts of {req.end - req.start} blocks x {req.batch} x {req.pre} exceed "
-            f"{cfg.max_chunk_tokens} positions; use fewer prompt tokens or smaller micro-batches"
+            f"{cfg.max_chunk_tokens} positions; use fewer prompt tokens or a smaller micro_batch_size"
         )
     backend.check_adapter(req.adapter)
 

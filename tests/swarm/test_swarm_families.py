@@ -1,4 +1,5 @@
-"""Every family through a real two-server swarm reproduces the local transformers model exactly."""
+"""Every family through a real two-server swarm reproduces the local transformers model exactly: logits,
+cached decoding, greedy generation, and the gradients of the inputs and of deep prompts."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from swarm_helpers import ATOL, FAMILY_OVERRIDES, client, hf_greedy, hf_model, m
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.client.route_autograd import remote_blocks
+from corolla.engine.client.training import training_blocks
+from corolla.engine.testing_grads import reference_block_grads
 
 pytestmark = pytest.mark.swarm
 
 DECODE_STEPS = 10
+RTOL = 1e-4  # gradients: relative to the largest magnitude of the reference
 
 
 @dataclass
@@ -77,3 +82,31 @@ def test_greedy_generate_matches_transformers(family_swarm: FamilySwarm, batch: 
     assert torch.equal(out, hf_greedy(hf, ids, 12, eos=False))
     # Default EOS handling (stop early, pad finished rows) agrees with transformers as well.
     assert torch.equal(model.generate(ids, max_new_tokens=12), hf_greedy(hf, ids, 12))
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``b``."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.timeout(60)
+def test_input_and_deep_prompt_gradients_match_autograd(family_swarm: FamilySwarm) -> None:
+    """Backward through both servers equals transformers' own autograd on the same weights (fp32)."""
+    model, hf = family_swarm.model, family_swarm.hf
+    hidden_size, num_blocks = int(hf.config.hidden_size), int(hf.config.num_hidden_layers)
+    gen = torch.Generator().manual_seed(7)
+    # 7 positions: longer than the sliding windows (4 or 5) of the families that have one.
+    hidden = torch.randn(2, 7, hidden_size, generator=gen).requires_grad_(True)
+    prompts = (torch.randn(num_blocks, 2, 3, hidden_size, generator=gen) * 0.5).requires_grad_(True)
+    grad_out = torch.randn(2, 7, hidden_size, generator=gen)
+    out = remote_blocks(hidden, prompts, training_blocks(model))
+    out.backward(grad_out)
+    trace = training_blocks(model).last_trace
+    assert [(step.hop.start, step.hop.end) for step in trace] == [(0, 3), (3, 6)]  # both servers took part
+    out_ref, grad_ref, prompts_ref = reference_block_grads(hf, hidden, grad_out, prompts)
+    assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None
+    assert rel_diff(out.detach(), out_ref) <= RTOL
+    assert rel_diff(hidden.grad, grad_ref) <= RTOL
+    assert rel_diff(prompts.grad, prompts_ref) <= RTOL
+    assert float(prompts_ref[:3].abs().max()) > 0 and float(prompts_ref[3:].abs().max()) > 0  # both spans count

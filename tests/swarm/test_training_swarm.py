@@ -3,15 +3,17 @@ adapter, and a second 3:6 without it).
 
 Gradients of the inputs and of deep prompts equal transformers' own autograd; an adapter served remotely
 gives PEFT's local logits, greedy tokens and gradients, and routes avoid the server without it; prompt
-tuning lowers the loss with a standard optimizer; trained prompts save and load; a server killed in the
-middle of a backward is routed around and the loss curve stays the same. Every family's gradients are
-checked at the server's level in tests/unit/test_training_backend.py (one swarm per family would cost
-minutes). The tests run in file order: the kill comes after the adapter tests.
+tuning lowers the loss with a standard optimizer; trained prompts save and load; a batch split into
+micro-batches gives the whole batch's results; a server killed in the middle of a backward is routed around
+and the loss curve stays the same. Every family's gradients through a swarm are checked in
+tests/swarm/test_swarm_families.py (on its swarms), and at the server's level in
+tests/unit/test_training_backend.py. The tests run in file order: the kill comes after the adapter tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from corolla.engine import (
     ProtocolError,
 )
 from corolla.engine.client.remote_training import remote_train_call
-from corolla.engine.client.route_autograd import remote_blocks
+from corolla.engine.client.route_autograd import RemoteBlocks, remote_blocks
 from corolla.engine.client.training import training_blocks
 from corolla.engine.routing.sequence_manager import with_adapter
 from corolla.engine.testing import Swarm, make_tiny_checkpoint
@@ -95,6 +97,16 @@ def test_input_and_deep_prompt_gradients_equal_local_autograd(
     assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None
     assert rel_diff(hidden.grad, grad_ref) <= RTOL
     assert rel_diff(prompts.grad, prompts_ref) <= RTOL
+    # The same batch as micro-batches of one sequence (each its own route and calls): the same results.
+    cfg = dataclasses.replace(model.client_config, micro_batch_size=1)
+    split = RemoteBlocks(model.manager, model.p2p, model.loop, cfg)
+    x, p = hidden.detach().requires_grad_(True), prompts.detach().requires_grad_(True)
+    out_split = remote_blocks(x, p, split)
+    (out_split * grad_out).sum().backward()
+    assert x.grad is not None and p.grad is not None
+    assert rel_diff(out_split.detach(), out.detach()) <= 1e-6
+    assert rel_diff(x.grad, hidden.grad) <= 1e-6
+    assert rel_diff(p.grad, prompts.grad) <= 1e-6
 
 
 def test_malformed_training_calls_get_errors_and_the_server_keeps_serving(
@@ -161,36 +173,57 @@ def test_adapter_served_remotely_equals_peft_locally(checkpoint: Path, swarm: Sw
         nowhere(ids)
 
 
-def train(model: DistributedModelForCausalLM, steps: int, kill: Swarm | None = None) -> list[float]:
-    """A few Adam steps of deep prompt tuning on one fixed batch, from the same start every time.
+def adam_losses(
+    model: torch.nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    lr: float,
+    on_loss: Callable[[int, torch.Tensor], None] = lambda step, loss: None,
+) -> list[float]:
+    """``steps`` Adam steps of ``model(ids, labels=labels).loss`` on one fixed batch; the losses seen.
 
-    With ``kill``, the server of the last hop is killed at the start of step 1's backward; the client
-    must have avoided it (banned) to finish.
+    ``on_loss(step, loss)`` runs before each backward (to interfere with it).
     """
-    assert model.ptune is not None
-    model.enable_prompt_tuning("deep_ptune", 3)  # same seed: the same starting prompts
-    assert model.ptune is not None
-    optimizer = torch.optim.Adam(model.ptune.parameters(), lr=0.05)
-    ids = random_ids(2, 8, seed=9)
+    optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     for step in range(steps):
-        loss = model(ids, labels=ids).loss
-        if kill is not None and step == 1:
-            # Kill the server of the last hop just before the backward needs it.
-            victim = training_blocks(model).last_trace[-1].hop.peer_id
-            server = next(s for s in kill.servers if s.alive() and s.peer_id == victim)
-            loss.register_hook(lambda g, server=server: (server.kill(), g)[1])
+        loss = model(ids, labels=labels).loss
+        on_loss(step, loss)
         loss.backward()
-        if kill is not None and step == 1:
-            assert victim in model.manager.banned()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
     return losses
 
 
+def train(model: DistributedModelForCausalLM, steps: int, kill: Swarm | None = None) -> list[float]:
+    """A few Adam steps of deep prompt tuning on one fixed batch, from the same start every time.
+
+    With ``kill``, the server of the last hop is killed at the start of step 1's backward; the client
+    must have avoided it (banned) to finish.
+    """
+    ptune = model.enable_prompt_tuning("deep_ptune", 3)  # same seed: the same starting prompts
+    victims: list[str] = []
+
+    def kill_last_hop(step: int, loss: torch.Tensor) -> None:
+        if kill is None or step != 1:
+            return
+        # Kill the server of the last hop just before the backward needs it.
+        victim = training_blocks(model).last_trace[-1].hop.peer_id
+        server = next(s for s in kill.servers if s.alive() and s.peer_id == victim)
+        loss.register_hook(lambda g: (server.kill(), g)[1])
+        victims.append(victim)
+
+    ids = random_ids(2, 8, seed=9)
+    losses = adam_losses(model, ptune.parameters(), ids, ids, steps, lr=0.05, on_loss=kill_last_hop)
+    assert all(victim in model.manager.banned() for victim in victims)
+    return losses
+
+
 def test_prompt_tuning_lowers_the_loss_and_survives_a_killed_server(
-    model: DistributedModelForCausalLM, swarm: Swarm, tmp_path: Path
+    checkpoint: Path, model: DistributedModelForCausalLM, swarm: Swarm, tmp_path: Path
 ) -> None:
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"ptune.prompts", "ptune.deep"}
     clean = train(model, 4)
@@ -198,7 +231,9 @@ def test_prompt_tuning_lowers_the_loss_and_survives_a_killed_server(
     assert model.ptune is not None
     model.ptune.save(tmp_path / "prompts.safetensors")
     trained = [p.detach().clone() for p in model.ptune.parameters()]
-    interrupted = train(model, 4, kill=swarm)
+    # Again in micro-batches of one sequence (each retried on its own), with a server killed mid-backward.
+    with client(checkpoint, swarm, tuning_mode="deep_ptune", pre_seq_len=3, min_backoff=30.0, micro_batch_size=1) as m:
+        interrupted = train(m, 4, kill=swarm)
     assert sum(s.alive() for s in swarm.servers) == 2  # one of the 3:6 servers is gone
     assert max(abs(a - b) for a, b in zip(clean, interrupted, strict=True)) <= 1e-5, (clean, interrupted)
     model.ptune.load(tmp_path / "prompts.safetensors")
@@ -220,14 +255,7 @@ def test_sequence_classification_matches_local_and_trains(checkpoint: Path, swar
             expected = model.score(last)
         out = model(ids, labels=labels)
         assert out.logits.shape == (3, 3) and rel_diff(out.logits.detach(), expected) <= RTOL
-        optimizer = torch.optim.Adam(model.score.parameters(), lr=0.1)
-        losses = []
-        for _ in range(3):
-            loss = model(ids, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(float(loss.detach()))
+        losses = adam_losses(model, model.score.parameters(), ids, labels, 3, lr=0.1)
         assert losses[-1] < losses[0], losses
 
 
@@ -239,12 +267,5 @@ def test_peft_lora_on_the_local_head_trains(checkpoint: Path, swarm: Swarm) -> N
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert len(trainable) == 2  # lora_A and lora_B of the head
         ids = random_ids(2, 6, seed=6)
-        optimizer = torch.optim.Adam(trainable, lr=0.05)
-        losses = []
-        for _ in range(3):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(float(loss.detach()))
+        losses = adam_losses(model, trainable, ids, ids, 3, lr=0.05)
         assert losses[-1] < losses[0], losses

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from corolla.engine.client.route_autograd import micro_batches
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import ProtocolError
 from corolla.engine.models.checkpoint import Checkpoint, load_span
@@ -147,3 +148,14 @@ def test_pieces_reassemble_and_extra_values_are_refused() -> None:
     with pytest.raises(ProtocolError, match="more than"):
         for piece in pieces([torch.zeros(5)], max_bytes=1024):
             over.add(piece)
+
+
+def test_micro_batches_cover_the_batch_in_order() -> None:
+    assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert micro_batches(3, 8) == [slice(0, 3)]
+    rows = torch.arange(7)
+    assert torch.equal(torch.cat([rows[s] for s in micro_batches(7, 3)]), rows)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        micro_batches(4, 0)
+    with pytest.raises(ValueError, match="no sequences"):
+        micro_batches(0, 4)

@@ -231,12 +231,12 @@ def test_decode_inference_message_rejects_bad_kinds_and_fields(data: dict[str, o
 
 
 def test_client_wire_dtype_compresses_float32_and_refuses_unknown_names() -> None:
-    from corolla.engine.client.model import _to_wire
+    from corolla.engine.client.inputs import to_wire
 
     hidden = torch.randn(1, 3, 8)
-    assert _to_wire(hidden).dtype == torch.float32
-    light = _to_wire(hidden, "bfloat16")
+    assert to_wire(hidden).dtype == torch.float32
+    light = to_wire(hidden, "bfloat16")
     assert light.dtype == torch.bfloat16
     assert len(serialize(light).buffer) * 2 == len(serialize(hidden).buffer)
     with pytest.raises(ValueError, match="wire_dtype 'int8'"):
-        _to_wire(hidden, "int8")
+        to_wire(hidden, "int8")
