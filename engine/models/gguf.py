@@ -51,8 +51,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     logger.info("converting %s to safetensors (once; 15-40 s)…", name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # Each read of the GGUF parses its whole vocabulary again (seconds): the config is read once and
+    # handed to the model.
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), strict=True)

@@ -57,7 +57,8 @@ def test_servers_started_one_by_one_converge_to_full_coverage(swarm: Swarm) -> N
 
 
 def test_server_moves_to_blocks_nobody_serves(swarm: Swarm) -> None:
-    fixed = [swarm.add_server("0:3", extra_args=["--throughput", "10"]) for _ in range(2)]
+    fixed = [swarm.add_server("0:3", wait=False, extra_args=["--throughput", "10"]) for _ in range(2)]
+    swarm.wait_ready()  # both start at once (fixed blocks: neither depends on the other)
     movers = [
         swarm.add_server(None, extra_args=["--num-blocks", "3", "--throughput", "10", "--rebalance-period", "1"])
         for _ in range(2)
