@@ -106,6 +106,7 @@ class Server:
                 self.cfg.port,
                 nat_port_map=self.cfg.nat_port_map,
                 announce_host=self.cfg.announce_host,
+                announce_port=self.cfg.announce_port,
                 identity_path=identity_path,
                 swarm_keys=self.swarm_keys,
             )
