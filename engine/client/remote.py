@@ -190,11 +190,13 @@ class HopStream:
         from_peer: str | None,
         wait: float,
         next_peer: str | None,
+        push_within: float = 5.0,
     ) -> tuple[torch.Tensor, StepResult]:
         """A step of a forwarded route (see client/forwarding.py): the hop's outputs and its answer's metadata.
 
         ``hidden`` is None when the previous hop ``from_peer`` pushes the input (the server waits ``wait`` s
-        for it); ``next_peer`` gets the output pushed as the input of its step ``step_id + 1``.
+        for it); ``next_peer`` gets the output pushed as the input of its step ``step_id + 1`` (the server spends
+        at most ``push_within`` s on the push before it answers, reporting a failed push).
         """
         meta = Step(
             session_id=session_id,
@@ -203,6 +205,7 @@ class HopStream:
             from_peer=from_peer,
             wait=wait,
             next_peer=next_peer,
+            push_within=push_within,
         )
         tensors = [serialize(hidden)] if hidden is not None else []
         response = await self._exchange(runtime_pb2.ExpertRequest(tensors=tensors, metadata=meta.encode()), timeout)

@@ -276,11 +276,12 @@ class InferenceSession:
                     x.shape,
                     self.position,
                     base + k,
-                    # waits for its predecessors, then may take a push's time to answer
-                    sum(timeouts[: k + 1]) + (self.config.connect_timeout if k + 1 < len(hops) else 0.0),
+                    # waits for its predecessors, computes, then may take as long again to push
+                    sum(timeouts[: k + 1]) + (timeouts[k] if k + 1 < len(hops) else 0.0),
                     from_peer=peers[k - 1] if k > 0 else None,
                     wait=sum(timeouts[:k]),
                     next_peer=peers[k + 1] if k + 1 < len(hops) else None,
+                    push_within=timeouts[k] / 2,
                 )
                 for k, hop in enumerate(hops)
             ),

@@ -124,10 +124,11 @@ class Forwarder:
         self.me = p2p.peer_id.to_base58()
         self._links: OrderedDict[str, _Link] = OrderedDict()
 
-    async def push(self, next_peer: str, msg: Push, hidden: Any) -> str | None:
-        """Send ``hidden`` as the input of ``next_peer``'s step; None, or why it could not be sent."""
+    async def push(self, next_peer: str, msg: Push, hidden: Any, within: float | None = None) -> str | None:
+        """Send ``hidden`` as the input of ``next_peer``'s step (within ``within`` s at most, and the server's
+        push timeout); None, or why it could not be sent."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(min(self.timeout, within if within is not None else self.timeout)):
                 link = await self._link(next_peer)
                 async with link.lock:
                     if link.first and self.gate.keys is not None:

@@ -203,7 +203,7 @@ class Handler:
         forward_error = None
         if msg.next_peer is not None and self.forwarder is not None:
             push = Push(session_id=session.session_id, position=msg.position, step_id=msg.step_id + 1)
-            forward_error = await self.forwarder.push(msg.next_peer, push, out)
+            forward_error = await self.forwarder.push(msg.next_peer, push, out, msg.push_within)
         meta = StepResult(
             step_id=msg.step_id,
             position=session.cache.length,

@@ -80,6 +80,7 @@ class Step(_Message):
     wait: float = Field(default=0.0, ge=0.0, le=3600.0)  # ...within this many seconds
     # ...and its output goes to this peer too, as the input of its step ``step_id + 1``.
     next_peer: str | None = Field(default=None, min_length=1, max_length=PEER_ID_CHARS)
+    push_within: float = Field(default=5.0, ge=0.0, le=600.0)  # seconds the push may take before the answer
 
 
 class Close(_Message):

@@ -33,8 +33,8 @@ import sys, torch
 from corolla.engine.cli import main
 from corolla.engine.server.forwarding import Forwarder
 honest = Forwarder.push
-async def garbage_push(self, next_peer, msg, hidden):
-    return await honest(self, next_peer, msg, torch.randn_like(hidden))
+async def garbage_push(self, next_peer, msg, hidden, within=None):
+    return await honest(self, next_peer, msg, torch.randn_like(hidden), within)
 Forwarder.push = garbage_push
 sys.exit(main())
 """
