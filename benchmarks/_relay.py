@@ -60,7 +60,8 @@ async def serve(listen: int, target: int, delay: float) -> asyncio.Server:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(pipe(reader, up_writer, delay, listen), pipe(up_reader, writer, delay, listen))
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled when the relay stops
+            await asyncio.gather(pipe(reader, up_writer, delay, listen), pipe(up_reader, writer, delay, listen))
 
     return await asyncio.start_server(on_client, "127.0.0.1", listen)
 

@@ -218,7 +218,11 @@ class InferenceSession:
         if not self.hops:
             await self._build(0, self.manager.num_blocks)
         i = 0
-        if self.forwarding and len(self.hops) > 1:
+        if (
+            self.forwarding
+            and len(self.hops) > 1
+            and all(h.stream.peer_id in self.manager.forwarders for h in self.hops)
+        ):
             i, x = await self._forwarded(x)
         failed: set[str] = set()  # peers that failed this step: each failure of a new one is free
         attempts = 0  # failures of peers that had failed before (the retry budget)
@@ -420,6 +424,8 @@ class InferenceSession:
             if problem is not None:
                 raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
             self.manager.record_probe(peer, time.perf_counter() - began)
+            if info.get("forwarding") is True:  # servers of older versions relay through the client only
+                self.manager.forwarders.add(peer)
 
         results = await asyncio.gather(*(probe(hop) for hop in candidates), return_exceptions=True)
         failed = []

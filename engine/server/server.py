@@ -277,6 +277,7 @@ class Server:
             "public_name": self.cfg.public_name,
             "throughput": self.throughput,
             "inference_rps": self.speed.inference_rps,
+            "forwarding": True,  # takes pushed inputs and pushes outputs to next hops (Step.from_peer, next_peer)
         }
 
     def _write_status(
