@@ -5,7 +5,8 @@ relay's port instead of its own) adds the same one-way delay to every link that 
 
     python benchmarks/_relay.py --delay-ms 25 LISTEN_PORT:TARGET_PORT [...]
 
-Prints ``ready`` once every listener is up; on SIGTERM prints the bytes relayed per listener as JSON.
+Prints ``ready`` once every listener is up; SIGUSR1 turns the delay off and SIGUSR2 back on (for chunks read
+from then on); on SIGTERM prints the bytes relayed per listener as JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 
 relayed: dict[int, int] = {}
+delaying = [True]  # SIGUSR1 clears it, SIGUSR2 sets it
 
 
 async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, port: int) -> None:
@@ -27,7 +29,7 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
 
     async def read() -> None:
         while chunk := await reader.read(65536):
-            await queue.put((time.monotonic() + delay, chunk))
+            await queue.put((time.monotonic() + (delay if delaying[0] else 0.0), chunk))
         await queue.put((time.monotonic() + delay, b""))
 
     async def write() -> None:
@@ -79,6 +81,8 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: delaying.__setitem__(0, False))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: delaying.__setitem__(0, True))
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     await stop.wait()

@@ -6,7 +6,8 @@ a server, from the client or from another server, crosses one relay. Without for
 every hop: 3 round trips, 6 one-way delays per token. With forwarding the client sends the step to the first
 server, each server pushes its output to the next, and the last one answers: 4 one-way delays per token.
 So for pure latency the best ratio is 6/4 = 1.5x; compute and client work shrink it. Prints figures from one
-run (median of ``--repeats`` sessions per mode, the modes interleaved); asserts nothing.
+run (median of ``--repeats`` sessions per mode, the modes interleaved), then the same with the delay off (what a
+token costs besides the link delays: compute, serialization, the client); asserts nothing.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/multihop.py [--model small|llama-250m] [--delay-ms 25]
                                                          [--new-tokens 32] [--repeats 3] [--threads 1]
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -120,6 +122,11 @@ def main() -> None:
                 for _ in range(args.repeats):
                     for forwarding in (False, True):
                         speeds[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
+                relay.send_signal(signal.SIGUSR1)  # the same swarm with no added delay
+                undelayed: dict[bool, list[float]] = {False: [], True: []}
+                for _ in range(args.repeats):
+                    for forwarding in (False, True):
+                        undelayed[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
             finally:
                 model.close()
     finally:
@@ -127,20 +134,22 @@ def main() -> None:
         out, _ = relay.communicate(timeout=10)
     relayed = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     classic, forwarded = (statistics.median(speeds[f]) for f in (False, True))
+    base_classic, base_forwarded = (statistics.median(undelayed[f]) for f in (False, True))
     d = args.delay_ms / 1000
-    step_fwd = 1 / forwarded
-    work = max(0.0, step_fwd - 4 * d)  # what a forwarded step spends besides the 4 link delays
+    work = 1 / base_forwarded  # what a forwarded step costs besides the link delays
     print(
         f"model: {args.model} ({total} blocks, 3 servers: {' '.join(spans)}), {args.threads} thread(s) per server, "
         f"{args.delay_ms:g} ms one way on every link, greedy decode of {args.new_tokens} tokens, "
         f"median of {args.repeats}"
     )
-    print(f"  classic (client relays every hop): {classic:6.2f} tokens/s  ({1000 / classic:6.1f} ms/token)")
-    print(f"  forwarding (server to server):     {forwarded:6.2f} tokens/s  ({1000 / forwarded:6.1f} ms/token)")
-    print(f"  ratio forwarding/classic:          {forwarded / classic:6.2f}x")
+    for name, c, f in (("with the delay", classic, forwarded), ("no added delay", base_classic, base_forwarded)):
+        print(
+            f"  {name}: classic {c:6.2f} tokens/s ({1000 / c:6.1f} ms/token), "
+            f"forwarding {f:6.2f} tokens/s ({1000 / f:6.1f} ms/token), ratio {f / c:.2f}x"
+        )
     print(
-        f"  bound for pure latency: 6/4 = 1.50x; with the {1000 * work:.0f} ms/token spent besides the delays "
-        f"(compute, serialization, client): {(work + 6 * d) / (work + 4 * d):.2f}x"
+        f"  bound for pure latency: 6/4 = 1.50x; with the {1000 * work:.0f} ms/token a forwarded step costs without "
+        f"added delay (compute, serialization, client): {(work + 6 * d) / (work + 4 * d):.2f}x"
     )
     print(f"  bytes relayed per relay port: {relayed}")
 

@@ -83,7 +83,7 @@ class Inbox:
 
 
 class _Link:
-    """One push stream to a next hop; its answers are read in the background (errors only logged)."""
+    """One push stream to a next hop; its answers (refusals only) are read in the background and logged."""
 
     def __init__(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.peer = peer

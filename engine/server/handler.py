@@ -215,7 +215,10 @@ class Handler:
     async def rpc_push(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Inputs another server pushes for the sessions it precedes (one stream per pushing server)."""
+        """Inputs another server pushes for the sessions it precedes (one stream per pushing server).
+
+        Only refused pushes get an answer (the pusher logs it; the client learns of it from the step that waits).
+        """
         peer = str(context.remote_id)
         admitted = False
         iterator = aiter(requests)
@@ -244,8 +247,7 @@ class Handler:
                 if backend is None or msg.session_id not in backend.sessions:
                     raise SessionClosedError(f"no open session {msg.session_id!r} here to push to")
                 pushed = Pushed(peer, msg.position, msg.step_id, _one_tensor(request))
-                self.inbox.offer(msg.session_id, pushed)
-                yield runtime_pb2.ExpertResponse(metadata=StepResult(step_id=step_id).encode())
+                self.inbox.offer(msg.session_id, pushed)  # taken pushes are not acknowledged: one message less
             except CorollaError as e:
                 logger.info("refused a push from %s: %s", peer[-6:], e)
                 yield error_answer(e, step_id)
