@@ -319,10 +319,11 @@ class InferenceSession:
             return verdict.done, x
         if verdict.mismatch:
             done = verdict.done
+            source = f"{short_peer(peers[done - 1])} returned" if done else "the client sent"
             logger.warning(
-                "forwarding off for this session: %s computed on another input than %s returned",
+                "forwarding off for this session: %s computed on another input than %s",
                 short_peer(peers[done]),
-                short_peer(peers[done - 1]) if done else "the client sent",
+                source,
             )
             self.forwarding = False
         elif isinstance(verdict.blame, _RETRYABLE):
