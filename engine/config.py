@@ -127,6 +127,7 @@ class ClientConfig:
     report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
     active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it
     micro_batch_size: int = 8  # sequences per training call: larger batches are split, each part retried on its own
+    forwarding: bool = True  # servers send each hop's output straight to the next hop: one round trip per step
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0 for volunteers reachable from outside)
     port: int = 0  # TCP port to listen on (0: any free port)
     announce_host: str | None = None  # public address to announce, if different from --host
+    announce_port: int | None = None  # TCP port to announce with --announce-host, if not --port (a forwarded port)
     device: str = "cpu"  # torch device for the blocks: cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # float32, float16, bfloat16, or auto (bfloat16/float16 on GPU, float32 on CPU)
     quant: str = "none"  # none, int8 or nf4: store block weights quantized (about 1/4 or 1/7 of float32's memory)
@@ -167,6 +169,7 @@ class ServerConfig:
     announce_period: float = 30.0  # seconds between re-announcements on the DHT
     record_ttl: float = 90.0  # seconds an announcement stays valid if not refreshed
     session_idle_timeout: float = 600.0  # seconds a session may stay idle before its cache is freed
+    push_timeout: float = 5.0  # seconds to open a stream to a session's next hop and send it one output
     public_name: str | None = None  # a name shown in `corolla health` (e.g. your nickname)
     throughput: float | None = None  # tokens/s to announce instead of measuring this machine's speed
     rebalance_period: float = 150.0  # seconds between checks whether moving to other blocks helps the swarm

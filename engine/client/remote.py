@@ -24,6 +24,7 @@ from corolla.engine.errors import (
     SessionClosedError,
 )
 from corolla.engine.errors import short_peer as _short
+from corolla.engine.wire.forwarding import PushMissingError
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _SERVER_ERRORS: dict[str, type[PeerError]] = {
     "CacheFullError": CacheFullError,
+    "PushMissingError": PushMissingError,
     "PrivateSwarmError": PrivateSwarmError,
     "ProtocolError": ProtocolError,
     "SessionClosedError": SessionClosedError,
@@ -174,17 +176,51 @@ class HopStream:
         request = runtime_pb2.ExpertRequest(tensors=[serialize(hidden)], metadata=meta.encode())
         response = await self._exchange(request, timeout)
         with _blaming(self.peer_id):
-            return self._output(response, hidden, position, step_id)
+            return self._output(response, hidden.shape, position, step_id)[0]
+
+    async def forwarded_step(
+        self,
+        session_id: str,
+        hidden: torch.Tensor | None,
+        shape: torch.Size,
+        position: int,
+        step_id: int,
+        timeout: float,
+        *,
+        from_peer: str | None,
+        wait: float,
+        next_peer: str | None,
+        push_within: float = 5.0,
+    ) -> tuple[torch.Tensor, StepResult]:
+        """A step of a forwarded route (see client/forwarding.py): the hop's outputs and its answer's metadata.
+
+        ``hidden`` is None when the previous hop ``from_peer`` pushes the input (the server waits ``wait`` s
+        for it); ``next_peer`` gets the output pushed as the input of its step ``step_id + 1`` (the server spends
+        at most ``push_within`` s on the push before it answers, reporting a failed push).
+        """
+        meta = Step(
+            session_id=session_id,
+            position=position,
+            step_id=step_id,
+            from_peer=from_peer,
+            wait=wait,
+            next_peer=next_peer,
+            push_within=push_within,
+        )
+        tensors = [serialize(hidden)] if hidden is not None else []
+        response = await self._exchange(runtime_pb2.ExpertRequest(tensors=tensors, metadata=meta.encode()), timeout)
+        with _blaming(self.peer_id):
+            return self._output(response, shape, position, step_id)
 
     def _output(
-        self, response: runtime_pb2.ExpertResponse, hidden: torch.Tensor, position: int, step_id: int
-    ) -> torch.Tensor:
+        self, response: runtime_pb2.ExpertResponse, shape: torch.Size, position: int, step_id: int
+    ) -> tuple[torch.Tensor, StepResult]:
         result = StepResult.decode(response.metadata)
         _check(self.peer_id, result)
-        if result.step_id != step_id or result.position != position + hidden.shape[1]:
+        if result.step_id != step_id or result.position != position + shape[1]:
             raise ProtocolError(
                 f"server {_short(self.peer_id)} answered step {result.step_id} at {result.position}, "
-                f"expected step {step_id} at {position + hidden.shape[1]}",
+                f"expected step {step_id} at {position + shape[1]}",
                 peer_id=self.peer_id,
             )
         if len(response.tensors) != 1:
@@ -192,12 +228,12 @@ class HopStream:
                 f"server {_short(self.peer_id)} sent {len(response.tensors)} tensors, expected 1", peer_id=self.peer_id
             )
         out = deserialize(response.tensors[0])
-        if out.shape != hidden.shape:
+        if out.shape != shape:
             raise ProtocolError(
-                f"server {_short(self.peer_id)} sent shape {list(out.shape)}, expected {list(hidden.shape)}",
+                f"server {_short(self.peer_id)} sent shape {list(out.shape)}, expected {list(shape)}",
                 peer_id=self.peer_id,
             )
-        return out
+        return out, result
 
     async def close(self, session_id: str) -> None:
         """Ask the server to free the session, then end the stream (never raises, never waits)."""

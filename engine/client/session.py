@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from corolla.engine.client.credentials import credentials_for
+from corolla.engine.client.forwarding import HopAnswer, judge
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import HopStream, remote_info
 from corolla.engine.client.spot_check import spot_check
@@ -95,6 +96,8 @@ class InferenceSession:
         self.liars: set[str] = set()  # peers this session convicted
         self.unverified: dict[tuple[int, int], str] = {}  # (start, end) of hops whose output no replica could check
         self.checks = 0  # spot checks run
+        self.forwarding = config.forwarding  # servers push each hop's output to the next (off after a mismatch)
+        self.forwarded_steps = 0  # steps whose every hop ran forwarded
         self._rng = random.Random()
 
     # ---- public API -------------------------------------------------------------------------
@@ -214,9 +217,15 @@ class InferenceSession:
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hops:
             await self._build(0, self.manager.num_blocks)
+        i = 0
+        if (
+            self.forwarding
+            and len(self.hops) > 1
+            and all(h.stream.peer_id in self.manager.forwarders for h in self.hops)
+        ):
+            i, x = await self._forwarded(x)
         failed: set[str] = set()  # peers that failed this step: each failure of a new one is free
         attempts = 0  # failures of peers that had failed before (the retry budget)
-        i = 0
         while i < len(self.hops):
             hop = self.hops[i]
             peer = hop.stream.peer_id
@@ -249,6 +258,79 @@ class InferenceSession:
             i += 1
         self.position += x.shape[1]
         return x
+
+    async def _forwarded(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Run a step with server-to-server forwarding; (hops done, input of the next hop).
+
+        The client sends ``x`` to the first hop and asks every other hop to take its input from its
+        predecessor's push; every hop still answers the client, so the client holds each hop's input for
+        replay and spot checks. What cannot be kept (see :func:`judge`) is redone the classic way.
+        """
+        hops = list(self.hops)
+        peers = [hop.stream.peer_id for hop in hops]
+        tokens = x.shape[0] * x.shape[1]
+        timeouts = [self._timeout(hop.stream.peer_id, tokens, hop.end - hop.start) for hop in hops]
+        base = self._step_id + 1
+        self._step_id += len(hops)
+        results = await asyncio.gather(
+            *(
+                hop.stream.forwarded_step(
+                    self.session_id,
+                    x if k == 0 else None,
+                    x.shape,
+                    self.position,
+                    base + k,
+                    # waits for its predecessors, computes, then may take as long again to push
+                    sum(timeouts[: k + 1]) + (timeouts[k] if k + 1 < len(hops) else 0.0),
+                    from_peer=peers[k - 1] if k > 0 else None,
+                    wait=sum(timeouts[:k]),
+                    next_peer=peers[k + 1] if k + 1 < len(hops) else None,
+                    push_within=timeouts[k] / 2,
+                )
+                for k, hop in enumerate(hops)
+            ),
+            return_exceptions=True,
+        )
+        answers: list[HopAnswer | BaseException] = []
+        for peer, result in zip(peers, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, PeerError):
+                    raise result
+                answers.append(result)
+                continue
+            out, meta = result
+            problem = output_problem(out, x.shape, x.dtype)
+            if problem is not None:
+                answers.append(ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer))
+            else:
+                answers.append(HopAnswer(out, meta.input_digest, meta.forward_error))
+        verdict = judge(x, answers, peers)
+        for k in range(verdict.done):
+            answer = answers[k]
+            assert isinstance(answer, HopAnswer)
+            if not await self._verify(hops[k], x, answer.out):
+                await self._repair(k)  # the liar's answer is dropped; its replacement recomputes the step
+                return k, x
+            self.manager.mark_ok(peers[k])
+            hops[k].inputs.append(x)
+            x = answer.out
+        if verdict.done == len(hops):
+            self.forwarded_steps += 1
+            return verdict.done, x
+        if verdict.mismatch:
+            done = verdict.done
+            source = f"{short_peer(peers[done - 1])} returned" if done else "the client sent"
+            logger.warning(
+                "forwarding off for this session: %s computed on another input than %s",
+                short_peer(peers[done]),
+                source,
+            )
+            self.forwarding = False
+        elif isinstance(verdict.blame, _RETRYABLE):
+            peer = verdict.blame.peer_id or peers[verdict.done]
+            self.manager.ban(peer, str(verdict.blame))
+            await self._repair(verdict.done)
+        return verdict.done, x
 
     async def _repair(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over the same blocks and replay its history into it."""
@@ -343,6 +425,8 @@ class InferenceSession:
             if problem is not None:
                 raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
             self.manager.record_probe(peer, time.perf_counter() - began)
+            if info.get("forwarding") is True:  # servers of older versions relay through the client only
+                self.manager.forwarders.add(peer)
 
         results = await asyncio.gather(*(probe(hop) for hop in candidates), return_exceptions=True)
         failed = []

@@ -61,6 +61,7 @@ class SequenceManager:
         self.ping: dict[str, float] = {}  # seconds of an info round trip (network only), from probes
         self.block_s: dict[str, float] = {}  # measured seconds per token per block of one-token steps
         self.probed: set[str] = set()  # servers whose info answer matched their record
+        self.forwarders: set[str] = set()  # probed servers that said they push to next hops (forwarding)
         self.checked: dict[str, int] = {}  # spot checks each server passed
         self.convicted: set[str] = set()  # servers this client caught lying
         self._bans: dict[str, _Ban] = {}

@@ -25,16 +25,21 @@ from corolla.engine.errors import (
 )
 from corolla.engine.server.backend import ServerSession, SpanBackend
 from corolla.engine.server.contributors import ContributorBook
+from corolla.engine.server.forwarding import Forwarder, Inbox
 from corolla.engine.server.frames import BoundedStreams, FrameLimits
 from corolla.engine.server.training import TrainingRPCs
+from corolla.engine.wire.forwarding import Pushed, tensor_digest
 from corolla.engine.wire.membership import MembershipGate
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PUSH,
     Close,
     ForwardRequest,
     OpenSession,
+    Push,
+    Step,
     StepResult,
     decode_inference_message,
 )
@@ -77,6 +82,8 @@ class Handler:
         self.streams = BoundedStreams(limits, error_answer)
         self.gate = MembershipGate(None)  # a private swarm's server replaces it with one holding the swarm key
         self.contributors: ContributorBook | None = None  # who serves too (their steps go first), if set
+        self.inbox = Inbox()  # inputs pushed by sessions' previous hops (forwarding)
+        self.forwarder: Forwarder | None = None  # pushes to next hops (set in register)
 
     def _serving(self) -> SpanBackend:
         backend = self.backend
@@ -93,6 +100,8 @@ class Handler:
         """Add the handlers to the P2P daemon (the streams with Corolla's size-checked frame reader)."""
         await self.streams.register(p2p, RPC_INFERENCE, self.rpc_inference)
         await self.streams.register(p2p, RPC_FORWARD, self.rpc_forward)
+        await self.streams.register(p2p, RPC_PUSH, self.rpc_push)
+        self.forwarder = Forwarder(p2p, self.gate, self.cfg.push_timeout)
         training = TrainingRPCs(
             self._serving, self.cfg, error_answer, lambda proof, client, server: self.gate.admit(proof, client, server)
         )  # forward with deep prompts, backward
@@ -163,10 +172,7 @@ class Handler:
                         raise SessionClosedError(
                             f"unknown session id {msg.session_id!r}: open a session on this stream first"
                         )
-                    hidden = _one_tensor(request)
-                    out = await self._serving_same(backend).inference_step(session, msg.position, hidden)
-                    meta = StepResult(step_id=step_id, position=session.cache.length)
-                    yield runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
+                    yield await self._step(self._serving_same(backend), session, msg, request)
                 except CorollaError as e:
                     logger.info("rejected a request from %s: %s", str(context.remote_id)[-6:], e)
                     # Keep the stream open (until the client closes it or goes idle) so a client that is
@@ -176,8 +182,78 @@ class Handler:
                     logger.exception("inference step failed")
                     yield error_answer(e, step_id)
         finally:
+            if session is not None:
+                self.inbox.forget(session.session_id)
             if session is not None and backend is not None:
                 backend.close_session(session)
+
+    async def _step(
+        self, backend: SpanBackend, session: ServerSession, msg: Step, request: runtime_pb2.ExpertRequest
+    ) -> runtime_pb2.ExpertResponse:
+        """Run one step: its input from the message or pushed by the previous hop; push its output on if asked."""
+        if msg.from_peer is None:
+            hidden = _one_tensor(request)
+        else:
+            if request.tensors:
+                raise ProtocolError("a step whose input is pushed by the previous hop carries no tensor")
+            wait = min(msg.wait, self.idle_timeout)
+            hidden = await self.inbox.take(session.session_id, msg.from_peer, msg.position, msg.step_id, wait)
+        out = await backend.inference_step(session, msg.position, hidden)
+        forwarding = msg.from_peer is not None or msg.next_peer is not None
+        forward_error = None
+        if msg.next_peer is not None and self.forwarder is not None:
+            push = Push(session_id=session.session_id, position=msg.position, step_id=msg.step_id + 1)
+            forward_error = await self.forwarder.push(msg.next_peer, push, out, msg.push_within)
+        meta = StepResult(
+            step_id=msg.step_id,
+            position=session.cache.length,
+            input_digest=tensor_digest(hidden) if forwarding else None,
+            forward_error=forward_error,
+        )
+        return runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
+
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Inputs another server pushes for the sessions it precedes (one stream per pushing server).
+
+        Only refused pushes get an answer (the pusher logs it; the client learns of it from the step that waits).
+        """
+        peer = str(context.remote_id)
+        admitted = False
+        iterator = aiter(requests)
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(iterator), self.idle_timeout)
+            except (StopAsyncIteration, TimeoutError):
+                return
+            except Exception as e:  # undecodable bytes from the peer: drop this stream only
+                logger.info("dropped a push stream from %s: %s", peer[-6:], e)
+                return
+            step_id = -1
+            try:
+                msg = Push.decode(request.metadata)
+                step_id = msg.step_id
+                _check_version(msg.version)
+                if not admitted:
+                    try:
+                        self.gate.admit(msg.proof, peer, str(context.local_id))
+                    except PrivateSwarmError as e:
+                        logger.info("refused a push stream from %s: %s", peer[-6:], e)
+                        yield error_answer(e)
+                        return
+                    admitted = True
+                backend = self.backend
+                if backend is None or msg.session_id not in backend.sessions:
+                    raise SessionClosedError(f"no open session {msg.session_id!r} here to push to")
+                pushed = Pushed(peer, msg.position, msg.step_id, _one_tensor(request))
+                self.inbox.offer(msg.session_id, pushed)  # taken pushes are not acknowledged: one message less
+            except CorollaError as e:
+                logger.info("refused a push from %s: %s", peer[-6:], e)
+                yield error_answer(e, step_id)
+            except Exception as e:
+                logger.exception("push failed")
+                yield error_answer(e, step_id)
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext

@@ -106,6 +106,7 @@ class Server:
                 self.cfg.port,
                 nat_port_map=self.cfg.nat_port_map,
                 announce_host=self.cfg.announce_host,
+                announce_port=self.cfg.announce_port,
                 identity_path=identity_path,
                 swarm_keys=self.swarm_keys,
             )
@@ -276,6 +277,7 @@ class Server:
             "public_name": self.cfg.public_name,
             "throughput": self.throughput,
             "inference_rps": self.speed.inference_rps,
+            "forwarding": True,  # takes pushed inputs and pushes outputs to next hops (Step.from_peer, next_peer)
         }
 
     def _write_status(

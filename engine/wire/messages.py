@@ -19,6 +19,8 @@ MAX_METADATA_BYTES = 64 * 1024
 RPC_INFERENCE = "CorollaServer.rpc_inference"
 RPC_FORWARD = "CorollaServer.rpc_forward"
 RPC_INFO = "CorollaServer.rpc_info"
+RPC_PUSH = "CorollaServer.rpc_push"  # server to server: a hop's output pushed to the next hop (forwarding)
+PEER_ID_CHARS = 128  # longest base58 peer id accepted in a message
 
 
 class _Message(BaseModel):
@@ -73,6 +75,12 @@ class Step(_Message):
     session_id: str = Field(min_length=1, max_length=64)
     position: int = Field(ge=0)
     step_id: int = Field(ge=0)
+    # Forwarding (client/forwarding.py): the step's input comes from this peer's push instead of the message...
+    from_peer: str | None = Field(default=None, min_length=1, max_length=PEER_ID_CHARS)
+    wait: float = Field(default=0.0, ge=0.0, le=3600.0)  # ...within this many seconds
+    # ...and its output goes to this peer too, as the input of its step ``step_id + 1``.
+    next_peer: str | None = Field(default=None, min_length=1, max_length=PEER_ID_CHARS)
+    push_within: float = Field(default=5.0, ge=0.0, le=600.0)  # seconds the push may take before the answer
 
 
 class Close(_Message):
@@ -90,6 +98,8 @@ class StepResult(_Message):
     position: int = 0  # tokens the server holds after the step
     error: str | None = None
     error_type: str | None = None
+    input_digest: str | None = Field(default=None, max_length=64)  # of the input the step ran on (forwarding)
+    forward_error: str | None = Field(default=None, max_length=2048)  # why the push to the next peer failed
 
 
 class ForwardRequest(_Message):
@@ -100,6 +110,16 @@ class ForwardRequest(_Message):
     end: int = Field(gt=0)
     proof: str | None = Field(default=None, max_length=256)  # membership of a private swarm (wire/membership.py)
     adapter: str | None = Field(default=None, max_length=128)  # LoRA adapter to apply (None: the base model)
+
+
+class Push(_Message):
+    """A hop's output pushed to the next hop of a session: the input of that hop's step ``step_id``."""
+
+    version: int = PROTOCOL_VERSION
+    session_id: str = Field(min_length=1, max_length=64)
+    position: int = Field(ge=0)
+    step_id: int = Field(ge=0)
+    proof: str | None = Field(default=None, max_length=256)  # membership of a private swarm (wire/membership.py)
 
 
 def decode_inference_message(raw: bytes) -> OpenSession | Step | Close:

@@ -1,0 +1,158 @@
+"""Multi-hop latency: decode speed of a 3-server swarm with 25 ms added on every link, with and without forwarding.
+
+Each server sits behind a userspace TCP relay (benchmarks/_relay.py) that delays every chunk by ``--delay-ms``
+in each direction, and announces the relay's port instead of its own (``--announce-port``), so every link to
+a server, from the client or from another server, crosses one relay. Without forwarding the client relays
+every hop: 3 round trips, 6 one-way delays per token. With forwarding the client sends the step to the first
+server, each server pushes its output to the next, and the last one answers: 4 one-way delays per token.
+So for pure latency the best ratio is 6/4 = 1.5x; compute and client work shrink it. Prints figures from one
+run (median of ``--repeats`` sessions per mode, the modes interleaved), then the same with the delay off (what a
+token costs besides the link delays: compute, serialization, the client); asserts nothing.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/multihop.py [--model small|llama-250m] [--delay-ms 25]
+                                                         [--new-tokens 32] [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
+
+import torch
+
+from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.demo import split_blocks
+from corolla.engine.testing import Swarm, make_tiny_checkpoint
+
+HERE = Path(__file__).resolve().parent
+# A small random Llama (12 blocks of hidden 512): compute stays small next to the link delays.
+SMALL = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+
+
+def checkpoint(name: str) -> Path:
+    """The benchmark's random checkpoint, saved once under the temp folder."""
+    if name == "llama-250m":
+        sys.path.insert(0, str(HERE))
+        from swarm_vs_local import llama_250m
+
+        return llama_250m()
+    path = Path(tempfile.gettempdir()) / "corolla-bench-llama-small"
+    if not (path / "config.json").exists():
+        make_tiny_checkpoint(path, "llama", seed=0, **SMALL)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def decode_speed(model: DistributedModelForCausalLM, forwarding: bool, prompt: torch.Tensor, new: int) -> float:
+    """Greedy decode tokens/s (after the prompt) in a fresh session, with or without forwarding."""
+    with model.inference_session(max_length=prompt.shape[1] + new + 1) as session, torch.inference_mode():
+        session.forwarding = forwarding
+        hidden = session.step(model.head.embed(prompt))
+        token = model.head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
+        began = time.perf_counter()
+        for _ in range(new):
+            hidden = session.step(model.head.embed(token))
+            token = model.head.logits(hidden)[:, -1].argmax(-1, keepdim=True)
+        elapsed = time.perf_counter() - began
+        if forwarding and session.forwarded_steps < new:
+            print(f"  note: only {session.forwarded_steps} of {new + 1} steps ran forwarded", flush=True)
+        return new / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", choices=["small", "llama-250m"])
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay added on every link")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    path = checkpoint(args.model)
+    total = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+    spans = split_blocks(total, 3)
+    ports = [(free_port(), free_port()) for _ in spans]  # (server, relay)
+    relay = subprocess.Popen(
+        [sys.executable, str(HERE / "_relay.py"), "--delay-ms", str(args.delay_ms), *(f"{r}:{s}" for s, r in ports)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        if relay.stdout.readline().strip() != "ready":
+            raise SystemExit("the relay did not start")
+        with Swarm(path, spans=[], threads=args.threads) as swarm:
+            for span, (server_port, relay_port) in zip(spans, ports, strict=True):
+                announce = ["--port", str(server_port), "--announce-host", "127.0.0.1"]
+                swarm.add_server(span, wait=False, extra_args=[*announce, "--announce-port", str(relay_port)])
+            swarm.wait_ready()
+            model = DistributedModelForCausalLM.from_pretrained(
+                str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, step_timeout=60.0
+            )
+            try:
+                prompt = torch.randint(7, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+                for forwarding in (False, True):  # warm up both paths (streams, push streams, spot checks)
+                    decode_speed(model, forwarding, prompt, 4)
+                speeds: dict[bool, list[float]] = {False: [], True: []}
+                for _ in range(args.repeats):
+                    for forwarding in (False, True):
+                        speeds[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
+                relay.send_signal(signal.SIGUSR1)  # the same swarm with no added delay
+                undelayed: dict[bool, list[float]] = {False: [], True: []}
+                for _ in range(args.repeats):
+                    for forwarding in (False, True):
+                        undelayed[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
+            finally:
+                model.close()
+    finally:
+        relay.terminate()
+        out, _ = relay.communicate(timeout=10)
+    relayed = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    classic, forwarded = (statistics.median(speeds[f]) for f in (False, True))
+    base_classic, base_forwarded = (statistics.median(undelayed[f]) for f in (False, True))
+    d = args.delay_ms / 1000
+    work = 1 / base_forwarded  # what a forwarded step costs besides the link delays
+    print(
+        f"model: {args.model} ({total} blocks, 3 servers: {' '.join(spans)}), {args.threads} thread(s) per server, "
+        f"{args.delay_ms:g} ms one way on every link, greedy decode of {args.new_tokens} tokens, "
+        f"median of {args.repeats}"
+    )
+    for name, c, f in (("with the delay", classic, forwarded), ("no added delay", base_classic, base_forwarded)):
+        print(
+            f"  {name}: classic {c:6.2f} tokens/s ({1000 / c:6.1f} ms/token), "
+            f"forwarding {f:6.2f} tokens/s ({1000 / f:6.1f} ms/token), ratio {f / c:.2f}x"
+        )
+    print(
+        f"  bound for pure latency: 6/4 = 1.50x; with the {1000 * work:.0f} ms/token a forwarded step costs without "
+        f"added delay (compute, serialization, client): {(work + 6 * d) / (work + 4 * d):.2f}x"
+    )
+    print(f"  bytes relayed per relay port: {relayed}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Judging a forwarded step: which hops' answers the client keeps, and whom a failure blames.
+
+In a forwarded step the client sends its input to the first hop only; each hop pushes its output to the
+next one and also returns it to the client, with the digest of the input it computed on. The client keeps
+the answers of the first hops whose inputs were exactly the outputs it got from their predecessors; it
+redoes the rest the classic way (sending each hop its input itself), from the first hop it cannot keep.
+Pure: no sockets, no clocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from corolla.engine.errors import PeerUnavailableError
+from corolla.engine.wire.forwarding import PushMissingError, tensor_digest
+
+
+@dataclass(frozen=True)
+class HopAnswer:
+    """A hop's answer to a forwarded step."""
+
+    out: torch.Tensor  # its outputs, [batch, new, hidden]
+    input_digest: str | None  # digest of the input it says it computed on
+    forward_error: str | None  # why it could not push its output to the next hop, if it could not
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the client does with a forwarded step's answers."""
+
+    done: int  # answers of hops 0..done-1 are kept; the step goes on the classic way from hop ``done``
+    blame: BaseException | None = None  # hop ``done``'s failure, to ban and repair it as in a classic step
+    mismatch: bool = False  # hop ``done`` computed on another input than the client knows: stop forwarding
+
+
+def judge(first_input: torch.Tensor, answers: Sequence[HopAnswer | BaseException], peers: Sequence[str]) -> Judgement:
+    """Judge the answers of every hop of a forwarded step (``peers``: their peer ids, in route order).
+
+    A hop whose input digest differs from the digest of its predecessor's output (or of the client's input,
+    for the first hop) is redone the classic way and forwarding stops for the session: either its
+    predecessor pushed something else than it answered, or the hop lies about what it got; nobody can tell
+    which, and the classic way gives each server its input straight from the client. A hop that got no push
+    blames nobody, unless its predecessor said the push failed: then the hop is unreachable from there.
+    """
+    expected = tensor_digest(first_input)
+    for k, answer in enumerate(answers):
+        if isinstance(answer, BaseException):
+            if isinstance(answer, PushMissingError):
+                previous = answers[k - 1] if k > 0 else None
+                if isinstance(previous, HopAnswer) and previous.forward_error:
+                    return Judgement(k, PeerUnavailableError(peers[k], previous.forward_error))
+                return Judgement(k)
+            return Judgement(k, answer)
+        if answer.input_digest != expected:
+            return Judgement(k, mismatch=True)
+        expected = tensor_digest(answer.out)
+    return Judgement(len(answers))
