@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+import _common  # noqa: F401 - first: the thread environment before torch
 import torch
+from _common import TokenClock, quantile, stop_on_sigterm
 from transformers import AutoConfig
 
 from corolla.engine import DistributedModelForCausalLM
@@ -33,33 +30,10 @@ from corolla.engine.testing import Swarm, smollm2_checkpoint
 logger = logging.getLogger("concurrency")
 
 
-class Stamps:
-    """A transformers-style streamer that timestamps every generated token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, ids: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Nearest-rank quantile."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
-
-
 def run_sessions(model: DistributedModelForCausalLM, n: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
     """``n`` sessions at once; (aggregate tokens/s, p50 and p95 step latency in s)."""
     prompts = [torch.randint(10, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(i)) for i in range(n)]
-    stamps = [Stamps() for _ in range(n)]
+    stamps = [TokenClock() for _ in range(n)]
     errors: list[BaseException] = []
     barrier = threading.Barrier(n + 1)
 
@@ -80,7 +54,7 @@ def run_sessions(model: DistributedModelForCausalLM, n: int, prompt_len: int, ne
     wall = time.perf_counter() - began
     if errors:
         raise errors[0]
-    steps = [b - a for s in stamps for a, b in zip(s.times, s.times[1:], strict=False)]
+    steps = [step for s in stamps for step in s.steps()]
     tokens = sum(len(s.times) for s in stamps)
     return {"tps": tokens / wall, "p50": quantile(steps, 0.5), "p95": quantile(steps, 0.95)}
 
@@ -130,6 +104,7 @@ def main() -> None:
     parser.add_argument("--unbatched", action="store_true", help="also run with servers that do not batch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    stop_on_sigterm()
     logging.getLogger("corolla").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # the client: embeddings and the LM head of every session
     path = args.model or smollm2_checkpoint()
