@@ -7,6 +7,7 @@ when torch loads (no busy-waiting threads on a shared CPU; no progress bars). Ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -103,6 +104,19 @@ def quantile(values: Sequence[float], q: float) -> float:
     """Nearest-rank quantile."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its living children (a server's DHT process and daemon)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def load_average() -> str:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 import _common  # noqa: F401 - first: the thread environment before torch
 import torch
-from _common import TokenClock, quantile, stop_on_sigterm
+from _common import TokenClock, cpu_seconds, load_average, quantile, stop_on_sigterm
 from transformers import AutoConfig
 
 from corolla.engine import DistributedModelForCausalLM
@@ -56,7 +57,7 @@ def run_sessions(model: DistributedModelForCausalLM, n: int, prompt_len: int, ne
         raise errors[0]
     steps = [step for s in stamps for step in s.steps()]
     tokens = sum(len(s.times) for s in stamps)
-    return {"tps": tokens / wall, "p50": quantile(steps, 0.5), "p95": quantile(steps, 0.95)}
+    return {"tps": tokens / wall, "p50": quantile(steps, 0.5), "p95": quantile(steps, 0.95), "tokens": tokens}
 
 
 def measure(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[int, dict]:
@@ -75,7 +76,13 @@ def measure(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[int,
             run_sessions(model, 2, args.prompt_tokens, 4, int(config.vocab_size))  # warm-up
             figures = {}
             for n in args.sessions:
+                # Where the CPU goes: this process (every session's client, the bootstrap DHT) and the servers.
+                before = [cpu_seconds(os.getpid()), *(cpu_seconds(s.pid) for s in swarm.servers)]
                 figures[n] = run_sessions(model, n, args.prompt_tokens, args.new_tokens, int(config.vocab_size))
+                after = [cpu_seconds(os.getpid()), *(cpu_seconds(s.pid) for s in swarm.servers)]
+                used = [b - a for a, b in zip(before, after, strict=True)]
+                figures[n]["client_cpu"] = used[0] / figures[n]["tokens"]
+                figures[n]["server_cpu"] = sum(used[1:]) / figures[n]["tokens"]
                 logger.info("%d sessions: %s", n, figures[n])
             return figures
         finally:
@@ -85,11 +92,14 @@ def measure(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[int,
 def report(title: str, figures: dict[int, dict]) -> None:
     base = figures[min(figures)]
     print(title)
-    print(f"{'sessions':>8}{'tokens/s':>10}{'x one':>8}{'p50 ms':>9}{'x one':>8}{'p95 ms':>9}{'x one':>8}")
+    print(
+        f"{'sessions':>8}{'tokens/s':>10}{'x one':>8}{'p50 ms':>9}{'x one':>8}{'p95 ms':>9}{'x one':>8}"
+        f"{'CPU ms/token: client':>22}{'servers':>9}"
+    )
     for n, f in figures.items():
         print(
             f"{n:>8}{f['tps']:>10.1f}{f['tps'] / base['tps']:>8.2f}{f['p50'] * 1e3:>9.1f}{f['p50'] / base['p50']:>8.2f}"
-            f"{f['p95'] * 1e3:>9.1f}{f['p95'] / base['p95']:>8.2f}"
+            f"{f['p95'] * 1e3:>9.1f}{f['p95'] / base['p95']:>8.2f}{f['client_cpu'] * 1e3:>22.1f}{f['server_cpu'] * 1e3:>9.1f}"
         )
 
 
@@ -109,9 +119,11 @@ def main() -> None:
     torch.set_num_threads(1)  # the client: embeddings and the LM head of every session
     path = args.model or smollm2_checkpoint()
     name = path.name
+    print(f"start: {load_average()}")
     batched = measure(path, args, [])
     print(
-        f"model: {name}, 2 servers x {args.threads} thread(s), prompt {args.prompt_tokens}, {args.new_tokens} new tokens"
+        f"model: {name}, 2 servers x {args.threads} thread(s), prompt {args.prompt_tokens}, {args.new_tokens} new tokens; "
+        f"end: {load_average()}"
     )
     report("batching across sessions (default):", batched)
     if args.unbatched:
@@ -124,6 +136,10 @@ def main() -> None:
     top = 8 if 8 in batched else max(batched)
     ratio = batched[top]["tps"] / batched[min(batched)]["tps"]
     print(f"target: {top} sessions reach >= 4x the aggregate of one; measured {ratio:.2f}x")
+    print(
+        "CPU ms/token: CPU seconds used per generated token; client = this process (every session's embeddings, "
+        "LM head, sampling and RPCs, plus the bootstrap DHT), servers = both server process trees"
+    )
 
 
 if __name__ == "__main__":

