@@ -106,13 +106,20 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its living children (a server's DHT process and daemon)."""
+def cpu_seconds(pid: int, skip: Sequence[int] = ()) -> float:
+    """User + system CPU seconds of a process and its living children (a server's DHT process and daemon),
+    leaving out the process trees rooted at ``skip`` (this process's servers, counted on their own)."""
     import psutil
 
     proc = psutil.Process(pid)
+    skipped: set[int] = set()
+    for root in skip:
+        with contextlib.suppress(psutil.Error):
+            skipped |= {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
     total = 0.0
     for p in [proc, *proc.children(recursive=True)]:
+        if p.pid in skipped:
+            continue
         with contextlib.suppress(psutil.Error):
             times = p.cpu_times()
             total += times.user + times.system

@@ -75,11 +75,12 @@ def measure(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[int,
         try:
             run_sessions(model, 2, args.prompt_tokens, 4, int(config.vocab_size))  # warm-up
             figures = {}
+            servers = [s.pid for s in swarm.servers]  # children of this process: counted apart from the client
             for n in args.sessions:
                 # Where the CPU goes: this process (every session's client, the bootstrap DHT) and the servers.
-                before = [cpu_seconds(os.getpid()), *(cpu_seconds(s.pid) for s in swarm.servers)]
+                before = [cpu_seconds(os.getpid(), servers), *(cpu_seconds(pid) for pid in servers)]
                 figures[n] = run_sessions(model, n, args.prompt_tokens, args.new_tokens, int(config.vocab_size))
-                after = [cpu_seconds(os.getpid()), *(cpu_seconds(s.pid) for s in swarm.servers)]
+                after = [cpu_seconds(os.getpid(), servers), *(cpu_seconds(pid) for pid in servers)]
                 used = [b - a for a, b in zip(before, after, strict=True)]
                 figures[n]["client_cpu"] = used[0] / figures[n]["tokens"]
                 figures[n]["server_cpu"] = sum(used[1:]) / figures[n]["tokens"]

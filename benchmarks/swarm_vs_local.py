@@ -40,12 +40,20 @@ MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
 Generate = Callable[[torch.Tensor, TokenClock, int], None]
 
 
-def timed(generate: Generate, ids: torch.Tensor, n: int, pids: list[int]) -> tuple[float, float, float]:
-    """One generation: (time to first token in s, decode tokens/s, CPU seconds of ``pids`` per token)."""
-    before = sum(cpu_seconds(pid) for pid in pids)
+def timed(
+    generate: Generate, ids: torch.Tensor, n: int, servers: list[int], with_servers: bool
+) -> tuple[float, float, float]:
+    """One generation: (time to first token in s, decode tokens/s, CPU seconds per token of this process, and
+    of the ``servers``' process trees if ``with_servers``; the servers are children of this process)."""
+
+    def used() -> float:
+        own = cpu_seconds(os.getpid(), skip=servers)
+        return own + sum(cpu_seconds(pid) for pid in servers) if with_servers else own
+
+    before = used()
     clock = TokenClock()
     generate(ids, clock, n)
-    return clock.ttft, clock.decode_tps, (sum(cpu_seconds(pid) for pid in pids) - before) / n
+    return clock.ttft, clock.decode_tps, (used() - before) / n
 
 
 def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -68,11 +76,11 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
                 model.generate(x, max_new_tokens=n, streamer=clock, eos_token_id=[])
 
             # CPU of the local run: this process; of the swarm run: this process (client) and the server trees.
-            everyone = [os.getpid(), *(s.pid for s in swarm.servers)]
+            servers = [s.pid for s in swarm.servers]
             local_runs, swarm_runs = [], []
             for i in range(args.repeats + 1):  # the first round warms both up
-                local_runs.append(timed(local_generate, ids, args.new_tokens, [os.getpid()]))
-                swarm_runs.append(timed(swarm_generate, ids, args.new_tokens, everyone))
+                local_runs.append(timed(local_generate, ids, args.new_tokens, servers, False))
+                swarm_runs.append(timed(swarm_generate, ids, args.new_tokens, servers, True))
                 if i == 0:
                     local_runs, swarm_runs = [], []
         finally:
