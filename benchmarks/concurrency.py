@@ -19,11 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+import _common  # noqa: F401 - first: the thread environment before torch
 import torch
+from _common import TokenClock, cpu_seconds, load_average, quantile, stop_on_sigterm
 from transformers import AutoConfig
 
 from corolla.engine import DistributedModelForCausalLM
@@ -33,33 +31,10 @@ from corolla.engine.testing import Swarm, smollm2_checkpoint
 logger = logging.getLogger("concurrency")
 
 
-class Stamps:
-    """A transformers-style streamer that timestamps every generated token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, ids: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Nearest-rank quantile."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
-
-
 def run_sessions(model: DistributedModelForCausalLM, n: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
     """``n`` sessions at once; (aggregate tokens/s, p50 and p95 step latency in s)."""
     prompts = [torch.randint(10, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(i)) for i in range(n)]
-    stamps = [Stamps() for _ in range(n)]
+    stamps = [TokenClock() for _ in range(n)]
     errors: list[BaseException] = []
     barrier = threading.Barrier(n + 1)
 
@@ -80,9 +55,9 @@ def run_sessions(model: DistributedModelForCausalLM, n: int, prompt_len: int, ne
     wall = time.perf_counter() - began
     if errors:
         raise errors[0]
-    steps = [b - a for s in stamps for a, b in zip(s.times, s.times[1:], strict=False)]
+    steps = [step for s in stamps for step in s.steps()]
     tokens = sum(len(s.times) for s in stamps)
-    return {"tps": tokens / wall, "p50": quantile(steps, 0.5), "p95": quantile(steps, 0.95)}
+    return {"tps": tokens / wall, "p50": quantile(steps, 0.5), "p95": quantile(steps, 0.95), "tokens": tokens}
 
 
 def measure(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[int, dict]:
@@ -100,8 +75,15 @@ def measure(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[int,
         try:
             run_sessions(model, 2, args.prompt_tokens, 4, int(config.vocab_size))  # warm-up
             figures = {}
+            servers = [s.pid for s in swarm.servers]  # children of this process: counted apart from the client
             for n in args.sessions:
+                # Where the CPU goes: this process (every session's client, the bootstrap DHT) and the servers.
+                before = [cpu_seconds(os.getpid(), servers), *(cpu_seconds(pid) for pid in servers)]
                 figures[n] = run_sessions(model, n, args.prompt_tokens, args.new_tokens, int(config.vocab_size))
+                after = [cpu_seconds(os.getpid(), servers), *(cpu_seconds(pid) for pid in servers)]
+                used = [b - a for a, b in zip(before, after, strict=True)]
+                figures[n]["client_cpu"] = used[0] / figures[n]["tokens"]
+                figures[n]["server_cpu"] = sum(used[1:]) / figures[n]["tokens"]
                 logger.info("%d sessions: %s", n, figures[n])
             return figures
         finally:
@@ -111,11 +93,14 @@ def measure(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[int,
 def report(title: str, figures: dict[int, dict]) -> None:
     base = figures[min(figures)]
     print(title)
-    print(f"{'sessions':>8}{'tokens/s':>10}{'x one':>8}{'p50 ms':>9}{'x one':>8}{'p95 ms':>9}{'x one':>8}")
+    print(
+        f"{'sessions':>8}{'tokens/s':>10}{'x one':>8}{'p50 ms':>9}{'x one':>8}{'p95 ms':>9}{'x one':>8}"
+        f"{'CPU ms/token: client':>22}{'servers':>9}"
+    )
     for n, f in figures.items():
         print(
             f"{n:>8}{f['tps']:>10.1f}{f['tps'] / base['tps']:>8.2f}{f['p50'] * 1e3:>9.1f}{f['p50'] / base['p50']:>8.2f}"
-            f"{f['p95'] * 1e3:>9.1f}{f['p95'] / base['p95']:>8.2f}"
+            f"{f['p95'] * 1e3:>9.1f}{f['p95'] / base['p95']:>8.2f}{f['client_cpu'] * 1e3:>22.1f}{f['server_cpu'] * 1e3:>9.1f}"
         )
 
 
@@ -130,13 +115,16 @@ def main() -> None:
     parser.add_argument("--unbatched", action="store_true", help="also run with servers that do not batch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    stop_on_sigterm()
     logging.getLogger("corolla").setLevel(logging.WARNING)
     torch.set_num_threads(1)  # the client: embeddings and the LM head of every session
     path = args.model or smollm2_checkpoint()
     name = path.name
+    print(f"start: {load_average()}")
     batched = measure(path, args, [])
     print(
-        f"model: {name}, 2 servers x {args.threads} thread(s), prompt {args.prompt_tokens}, {args.new_tokens} new tokens"
+        f"model: {name}, 2 servers x {args.threads} thread(s), prompt {args.prompt_tokens}, {args.new_tokens} new tokens; "
+        f"end: {load_average()}"
     )
     report("batching across sessions (default):", batched)
     if args.unbatched:
@@ -149,6 +137,10 @@ def main() -> None:
     top = 8 if 8 in batched else max(batched)
     ratio = batched[top]["tps"] / batched[min(batched)]["tps"]
     print(f"target: {top} sessions reach >= 4x the aggregate of one; measured {ratio:.2f}x")
+    print(
+        "CPU ms/token: CPU seconds used per generated token; client = this process (every session's embeddings, "
+        "LM head, sampling and RPCs, plus the bootstrap DHT), servers = both server process trees"
+    )
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def swarm_benchmark(device: str, dtype: str, seconds_left: float) -> str:
         return f"skipped: {e}"
     script = Path(__file__).with_name("swarm_vs_local.py")
     args = [sys.executable, str(script), "--device", device, "--dtype", dtype, "--threads", "4"]
-    args += ["--new-tokens", "64", "--repeats", "2"]
+    args += ["--model", "smollm2", "--new-tokens", "64", "--repeats", "2"]
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=seconds_left)
     except subprocess.TimeoutExpired:

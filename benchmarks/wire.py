@@ -11,22 +11,16 @@ bytes per token on the wire, the largest logit difference, and how many greedy t
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+import _common  # noqa: F401 - first: the thread environment before torch
 import torch
-from transformers import AutoTokenizer
+from _common import prompt_ids
 
 from corolla.engine.demo import split_blocks
 from corolla.engine.models.checkpoint import Checkpoint, load_client_head, load_span
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.testing import smollm2_checkpoint
 from corolla.engine.wire.tensors import WIRE_DTYPES, serialize
-
-PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
 
 @torch.inference_mode()
@@ -59,10 +53,7 @@ def main() -> None:
     for text in split_blocks(int(config.num_hidden_layers), args.hops):
         start, end = (int(v) for v in text.split(":"))
         spans.append(load_span(ckpt, config, start, end, torch.float32, "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
-        "input_ids"
-    ]
+    ids = prompt_ids(path)
     wire = WIRE_DTYPES[args.wire_dtype]
     exact, exact_logits = greedy(head, spans, ids, args.new_tokens, torch.float32)
     lossy, lossy_logits = greedy(head, spans, ids, args.new_tokens, wire)

@@ -1,0 +1,141 @@
+"""What the benchmarks share: the thread environment, the prompt, the llama-250m checkpoint, a token clock.
+
+Import it first, as ``import _common``, before torch: importing it sets the environment that OpenMP reads
+when torch loads (no busy-waiting threads on a shared CPU; no progress bars). Ruff's import order keeps
+``import _common`` ahead of ``import torch`` (a bare import of a third-party-looking name sorts first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if "torch" in sys.modules:  # pragma: no cover - a mistake in a script's imports
+    print("benchmarks/_common.py imported after torch: OMP_WAIT_POLICY may not apply", file=sys.stderr)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
+
+# A 16-block Llama of about 250M parameters, 1.08 GB in float32 (random weights; the character tokenizer of
+# the test models).
+LLAMA_250M: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+
+
+def llama_250m() -> Path:
+    """The random llama-250m checkpoint, saved once under the temp folder."""
+    from corolla.engine.testing import make_tiny_checkpoint
+
+    path = Path(tempfile.gettempdir()) / "corolla-bench-llama-250m"
+    if not (path / "model.safetensors").exists():
+        make_tiny_checkpoint(path, "llama", seed=0, **LLAMA_250M)
+    return path
+
+
+def prompt_ids(path: str | Path) -> Any:
+    """The benchmark prompt, chat-templated by the checkpoint's tokenizer: a [1, length] tensor of ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer: Any = AutoTokenizer.from_pretrained(path)
+    encoded = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return encoded["input_ids"]
+
+
+class TokenClock:
+    """A transformers-style streamer that timestamps (and keeps) every generated token.
+
+    ``on_token`` runs after each token is stamped (the offloading benchmark evicts files from the page
+    cache there); its time counts towards the next token.
+    """
+
+    def __init__(self, on_token: Callable[[], None] | None = None) -> None:
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._prompt_seen = False
+        self._on_token = on_token
+
+    def put(self, ids: Any) -> None:
+        if not self._prompt_seen:  # generate() streams the prompt first
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        self.tokens.extend(int(t) for t in ids.reshape(-1).tolist())
+        if self._on_token is not None:
+            self._on_token()
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def ttft(self) -> float:
+        """Seconds from the start to the first token."""
+        return self.times[0] - self.start
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens per second after the first."""
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+    def steps(self) -> list[float]:
+        """Seconds between consecutive tokens."""
+        return [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+def cpu_seconds(pid: int, skip: Sequence[int] = ()) -> float:
+    """User + system CPU seconds of a process and its living children (a server's DHT process and daemon),
+    leaving out the process trees rooted at ``skip`` (this process's servers, counted on their own)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    skipped: set[int] = set()
+    for root in skip:
+        with contextlib.suppress(psutil.Error):
+            skipped |= {root, *(p.pid for p in psutil.Process(root).children(recursive=True))}
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        if p.pid in skipped:
+            continue
+        with contextlib.suppress(psutil.Error):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages and its core count, for the report."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so ``with`` blocks stop the servers they started on either."""
+
+    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
