@@ -81,7 +81,9 @@ def check_family(
     path = root / case
     if not path.exists():
         make_tiny_checkpoint(path, family, seed=0, **overrides)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    torch.nn.Module.to(hf, device)  # (PreTrainedModel.to is typed for a model argument, not a device)
+    hf.eval()
     ckpt = Checkpoint(str(path))
     config = ckpt.config()
     head = load_client_head(ckpt, config, dtype).to(device)
