@@ -26,6 +26,7 @@ from corolla.engine.client.session import InferenceSession
 from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
 from corolla.engine.client.training import (
     check_tuned_generate,
+    check_tuned_session,
     greedy_generate,
     make_prompt_tuning,
     takes_training_path,
@@ -270,8 +271,12 @@ class DistributedModelForCausalLM(nn.Module):
         params: SamplingParams,
         max_new_tokens: int,
         eos_ids: set[int],
+        prefix: torch.Tensor | None = None,
     ) -> Generator[torch.Tensor, None, FinishReason]:
         """Feed ``new_ids`` [batch, n] (CPU), then yield one sampled token per row per step ([batch], CPU).
+
+        ``prefix`` ([batch, pre, hidden], e.g. trained soft prompts) goes to the servers before the first
+        fed token, in the same step.
 
         Embeddings, logits and sampling run on the model's device; hidden states go to the servers from
         CPU memory; the session's token bookkeeping stays on the CPU.
@@ -287,7 +292,11 @@ class DistributedModelForCausalLM(nn.Module):
         for _ in range(max_new_tokens):
             if feed.shape[1] == 0:
                 raise ValueError("nothing to generate from: give at least one input token")
-            hidden = session.step(to_wire(self.head.embed(feed.to(device)), self.client_config.wire_dtype))
+            embeds = self.head.embed(feed.to(device))
+            if prefix is not None:
+                embeds = torch.cat([prefix.detach().to(embeds.device, embeds.dtype), embeds], dim=1)
+                prefix = None
+            hidden = session.step(to_wire(embeds, self.client_config.wire_dtype))
             session.token_ids, session.pending_ids = seen, None
             logits = self.head.logits(hidden[:, -1:].to(device))[:, -1]
             token = next_tokens(logits, seen.to(device), params, generator).cpu()
@@ -329,11 +338,15 @@ class DistributedModelForCausalLM(nn.Module):
         """
         if input_ids is None:
             input_ids = unused.pop("inputs", None)  # transformers' name of the first argument
+        prefix = None
         if self.ptune is not None:
             in_session = session is not None or self.active_session is not None
-            input_ids = check_tuned_generate(input_ids, do_sample, in_session)
-            check_ids(input_ids, attention_mask)
-            return greedy_generate(self, input_ids, max_new_tokens)
+            if self.ptune.deep is not None:  # deep prompts go with every forward: no cached sessions
+                input_ids = check_tuned_generate(input_ids, do_sample, in_session)
+                check_ids(input_ids, attention_mask)
+                return greedy_generate(self, input_ids, max_new_tokens)
+            input_ids = check_tuned_session(input_ids, in_session)
+            prefix = self.ptune.input_prompts(input_ids.shape[0])  # the prompts open the model's own session
         if unused:
             logger.debug("generate() ignores %s", ", ".join(unused))
         if session is None:
@@ -348,12 +361,14 @@ class DistributedModelForCausalLM(nn.Module):
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         own = session is None
         if session is None:
-            session = self.inference_session(max_length or input_ids.shape[1] + max_new_tokens)
+            pre = 0 if prefix is None else prefix.shape[1]
+            session = self.inference_session(pre + (max_length or input_ids.shape[1] + max_new_tokens))
         tokens: list[torch.Tensor] = []
+        eos_ids = self._eos_ids(eos_token_id)
         try:
             if streamer is not None:
                 streamer.put(input_ids)
-            for token in self._token_loop(session, input_ids, params, max_new_tokens, self._eos_ids(eos_token_id)):
+            for token in self._token_loop(session, input_ids, params, max_new_tokens, eos_ids, prefix):
                 tokens.append(token)
                 if streamer is not None:
                     streamer.put(token)
@@ -402,11 +417,21 @@ class DistributedModelForCausalLM(nn.Module):
         """
         params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         ids = self._encode(prompt)
+        prefix = None
+        if self.ptune is not None:
+            if self.ptune.deep is not None:
+                raise CorollaError(
+                    "a deep_ptune model generates with generate(input_ids, max_new_tokens=...) only: its "
+                    "per-block prompts go with every forward, which text streaming's cached sessions cannot carry"
+                )
+            ids = check_tuned_session(ids, session is not None)
+            prefix = self.ptune.input_prompts(ids.shape[0])
         own = session is None
         if session is None:
-            session = self.inference_session(ids.shape[1] + max_new_tokens)
+            pre = 0 if prefix is None else prefix.shape[1]
+            session = self.inference_session(pre + ids.shape[1] + max_new_tokens)
         new_ids = reuse_prefix(session, ids)
-        loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None))
+        loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None), prefix)
         eos = self._eos_ids(None)
 
         def tokens() -> Generator[int, None, FinishReason]:

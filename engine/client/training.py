@@ -91,11 +91,21 @@ def training_forward(
 
 
 def check_tuned_generate(input_ids: torch.Tensor | None, do_sample: bool, in_session: bool) -> torch.Tensor:
-    """The ids a prompt-tuned model generates from, or a clear error for what it cannot do."""
+    """The ids a deep_ptune model generates from, or a clear error for what it cannot do."""
     if input_ids is None or do_sample or in_session:
         raise CorollaError(
-            "a prompt-tuned model generates greedily from input_ids without sessions (its prompts go with "
-            "every forward); call generate(input_ids, max_new_tokens=...) with do_sample=False"
+            "a deep_ptune model generates greedily from input_ids without sessions (its per-block prompts go "
+            "with every forward); call generate(input_ids, max_new_tokens=...) with do_sample=False"
+        )
+    return input_ids
+
+
+def check_tuned_session(input_ids: torch.Tensor | None, in_session: bool) -> torch.Tensor:
+    """The ids a ``ptune`` model generates from in its own session, or a clear error for what it cannot do."""
+    if input_ids is None or in_session:
+        raise CorollaError(
+            "a prompt-tuned model opens its own session (its prompts go first, before the input): call "
+            "generate(input_ids, ...) without session= and outside inference_session()"
         )
     return input_ids
 

@@ -22,6 +22,7 @@ import torch
 from swarm_helpers import client, hf_model, random_ids, running_swarm, track
 
 from corolla.engine import (
+    CorollaError,
     DistributedModelForCausalLM,
     DistributedModelForSequenceClassification,
     MissingBlocksError,
@@ -269,3 +270,25 @@ def test_peft_lora_on_the_local_head_trains(checkpoint: Path, swarm: Swarm) -> N
         ids = random_ids(2, 6, seed=6)
         losses = adam_losses(model, trainable, ids, ids, 3, lr=0.05)
         assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.timeout(180)
+@torch.no_grad()
+def test_prompt_tuned_generation_runs_in_a_session_with_the_prompts_first(checkpoint: Path, swarm: Swarm) -> None:
+    """A ``ptune`` model generates in one cached session whose first step carries its prompts: the tokens
+    equal transformers' greedy decoding from the same prompts + embeddings, and sampling works too."""
+    hf = hf_model(checkpoint)
+    ids = random_ids(2, 5, seed=8)
+    with client(checkpoint, swarm, tuning_mode="ptune", pre_seq_len=3) as model:
+        assert model.ptune is not None
+        model.ptune.prompts.normal_(generator=torch.Generator().manual_seed(5))  # prompts that change answers
+        prompts = model.ptune.input_prompts(2).detach()
+        want = ids
+        for _ in range(4):  # transformers, no cache: the whole sequence each time
+            embeds = torch.cat([prompts, hf.get_input_embeddings()(want)], dim=1)
+            want = torch.cat([want, hf(inputs_embeds=embeds).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(model.generate(ids, max_new_tokens=4, eos_token_id=[]), want)
+        sampled = model.generate(ids, max_new_tokens=4, do_sample=True, seed=3, eos_token_id=[])
+        assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], ids)
+        with model.inference_session(max_length=16) as session, pytest.raises(CorollaError, match="own session"):
+            model.generate(ids, max_new_tokens=2, session=session)
