@@ -40,14 +40,20 @@ LLAMA_250M: dict[str, Any] = dict(
 )
 
 
-def llama_250m() -> Path:
-    """The random llama-250m checkpoint, saved once under the temp folder."""
+def random_checkpoint(name: str, **config: Any) -> Path:
+    """A random Llama checkpoint of ``config`` (the test models' character tokenizer), saved once under the
+    temp folder as ``corolla-bench-NAME``."""
     from corolla.engine.testing import make_tiny_checkpoint
 
-    path = Path(tempfile.gettempdir()) / "corolla-bench-llama-250m"
+    path = Path(tempfile.gettempdir()) / f"corolla-bench-{name}"
     if not (path / "model.safetensors").exists():
-        make_tiny_checkpoint(path, "llama", seed=0, **LLAMA_250M)
+        make_tiny_checkpoint(path, "llama", seed=0, **config)
     return path
+
+
+def llama_250m() -> Path:
+    """The random llama-250m checkpoint, saved once under the temp folder."""
+    return random_checkpoint("llama-250m", **LLAMA_250M)
 
 
 def prompt_ids(path: str | Path) -> Any:

@@ -17,24 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
-
+import _common
 import torch
 
 from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.demo import split_blocks
-from corolla.engine.testing import Swarm, make_tiny_checkpoint
+from corolla.engine.testing import Swarm
 
 HERE = Path(__file__).resolve().parent
 # A small random Llama (12 blocks of hidden 512): compute stays small next to the link delays.
@@ -51,15 +47,7 @@ SMALL = dict(
 
 def checkpoint(name: str) -> Path:
     """The benchmark's random checkpoint, saved once under the temp folder."""
-    if name == "llama-250m":
-        sys.path.insert(0, str(HERE))
-        from swarm_vs_local import llama_250m
-
-        return llama_250m()
-    path = Path(tempfile.gettempdir()) / "corolla-bench-llama-small"
-    if not (path / "config.json").exists():
-        make_tiny_checkpoint(path, "llama", seed=0, **SMALL)
-    return path
+    return _common.llama_250m() if name == "llama-250m" else _common.random_checkpoint("llama-small", **SMALL)
 
 
 def free_port() -> int:
