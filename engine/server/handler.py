@@ -124,6 +124,19 @@ class Handler:
             )
         return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(info, use_bin_type=True))
 
+    async def _next_request(
+        self, iterator: AsyncIterator[runtime_pb2.ExpertRequest], kind: str, peer: str
+    ) -> runtime_pb2.ExpertRequest | None:
+        """The stream's next message; None when it ends, idles past the timeout, or sends undecodable bytes
+        (then only this stream is dropped)."""
+        try:
+            return await asyncio.wait_for(anext(iterator), self.idle_timeout)
+        except (StopAsyncIteration, TimeoutError):
+            return None
+        except Exception as e:
+            logger.info("dropped %s stream from %s: %s", kind, peer[-6:], e)
+            return None
+
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -134,12 +147,8 @@ class Handler:
         peer = str(context.remote_id)
         try:
             while True:
-                try:
-                    request = await asyncio.wait_for(anext(iterator), self.idle_timeout)
-                except (StopAsyncIteration, TimeoutError):
-                    return
-                except Exception as e:  # undecodable bytes from the peer: drop this stream only
-                    logger.info("dropped an inference stream from %s: %s", str(context.remote_id)[-6:], e)
+                request = await self._next_request(iterator, "an inference", peer)
+                if request is None:
                     return
                 step_id = -1
                 try:
@@ -223,12 +232,8 @@ class Handler:
         admitted = False
         iterator = aiter(requests)
         while True:
-            try:
-                request = await asyncio.wait_for(anext(iterator), self.idle_timeout)
-            except (StopAsyncIteration, TimeoutError):
-                return
-            except Exception as e:  # undecodable bytes from the peer: drop this stream only
-                logger.info("dropped a push stream from %s: %s", peer[-6:], e)
+            request = await self._next_request(iterator, "a push", peer)
+            if request is None:
                 return
             step_id = -1
             try:
