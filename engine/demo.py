@@ -91,8 +91,16 @@ def _answer(
     stream = model.stream_chat(messages, max_new_tokens=max_new_tokens, session=session)
     for piece in stream:
         _write(piece)
-    _write("\n")
+    _write(cut_note(stream.finish_reason, max_new_tokens, dim=sys.stdout.isatty()))
     return stream.text
+
+
+def cut_note(finish_reason: str | None, max_new_tokens: int, dim: bool = False) -> str:
+    """What ends a printed answer: a newline, or for one cut at the token limit "…" and a note on its own line."""
+    if finish_reason != "length":
+        return "\n"
+    note = f"[cut at {max_new_tokens} tokens: --max-new-tokens]"
+    return f"…\n\x1b[2m{note}\x1b[0m\n" if dim else f"…\n{note}\n"
 
 
 def _chat_loop(model: DistributedModelForCausalLM, max_new_tokens: int) -> int:

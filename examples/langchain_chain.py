@@ -42,10 +42,16 @@ def main() -> None:
     )
     chain = prompt | chat | StrOutputParser()
 
-    print(f"Q: {args.question}\nA: ", end="", flush=True)
-    for piece in chain.stream({"question": args.question}):  # tokens arrive as the swarm generates them
-        print(piece, end="", flush=True)
-    print()
+    # Tokens arrive as the swarm generates them; the last chunk says why the answer ended. The "A:" label
+    # waits for the first token, so what happens before it (joining the swarm, loading) stays off its line.
+    print(f"Q: {args.question}", flush=True)
+    label, finish_reason = "A: ", None
+    for chunk in (prompt | chat).stream({"question": args.question}):
+        if chunk.content:
+            print(f"{label}{chunk.content}", end="", flush=True)
+            label = ""
+        finish_reason = chunk.response_metadata.get("finish_reason", finish_reason)
+    print(label + (f"…\n[cut at {args.max_tokens} tokens: --max-tokens]" if finish_reason == "length" else ""))
 
     # The same chain, async and batched; usage comes back on the message.
     async def ask_many() -> None:

@@ -59,10 +59,15 @@ def main() -> None:
     index = VectorStoreIndex.from_documents([Document(text=t) for t in DOCUMENTS], embed_model=MiniLMEmbedding())
     engine = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=True)
 
-    print(f"Q: {args.question}\nA: ", end="", flush=True)
+    print(f"Q: {args.question}", flush=True)
     response = engine.query(args.question)
-    response.print_response_stream()  # type: ignore[union-attr]
-    print("\nsources:", [node.node.get_content()[:40] for node in response.source_nodes])
+    label = "A: "  # printed with the first token, so loading and joining the swarm stay off the answer's line
+    for piece in response.response_gen:  # type: ignore[union-attr]
+        if piece:
+            print(f"{label}{piece}", end="", flush=True)
+            label = ""
+    print(label)
+    print("sources:", [node.node.get_content()[:40] for node in response.source_nodes])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,13 +34,25 @@ from corolla.engine.errors import (
 )
 from corolla.engine.routing.planner import RouteHop
 from corolla.engine.routing.sequence_manager import SequenceManager, describe_route
-from corolla.engine.routing.trust import Verdict, probe_problem, should_verify, silent_bound
+from corolla.engine.routing.trust import (
+    Verdict,
+    on_this_machine,
+    probe_problem,
+    should_verify,
+    silent_bound,
+    warn_unverified,
+)
 
 logger = logging.getLogger(__name__)
 
 _RETRYABLE = (PeerUnavailableError, CacheFullError, SessionClosedError, ProtocolError)
 PROBE_BATCH = 16
 """Servers probed at once when a route needs a new one (the route's own, then other candidates)."""
+PEERS_TIMEOUT_S = 2.0
+"""Seconds to ask the p2p daemon where a server's connections come from (else it counts as a stranger)."""
+
+_warned_unverified: set[tuple[str, int, int]] = set()  # (model, start, end) warned about in this process
+_warned_lock = threading.Lock()
 
 
 @dataclass
@@ -203,8 +216,8 @@ class InferenceSession:
             self.manager.passed_check(peer)
         elif judgement.verdict is Verdict.UNVERIFIED and (hop.start, hop.end) not in self.unverified:
             why = f"only {short_peer(peer)} serves blocks {hop.start}:{hop.end}"
-            logger.warning("output is unverified: %s", why)
             self.unverified[(hop.start, hop.end)] = why
+            await self._warn_unverified(peer, hop.start, hop.end, why)
         elif judgement.verdict is Verdict.DISPUTED:
             logger.warning(
                 "replicas of blocks %d:%d disagree with %s and none settles it: moving off it",
@@ -213,6 +226,26 @@ class InferenceSession:
                 short_peer(peer),
             )
         return judgement.verdict in (Verdict.AGREE, Verdict.UNVERIFIED)
+
+    async def _warn_unverified(self, peer: str, start: int, end: int, why: str) -> None:
+        """Log, once per process and span, that a stranger's hop could not be checked (results keep every one)."""
+        span = (self.manager.model, start, end)
+        own = self.config.swarm_key_file is not None or on_this_machine(await self._observed_addrs(peer))
+        with _warned_lock:
+            if not warn_unverified(span, own_servers=own, warned=_warned_unverified):
+                logger.debug("output is unverified: %s (the swarm's servers are your own)", why)
+                return
+            _warned_unverified.add(span)
+        logger.warning("output is unverified: %s (no other server holds these blocks to check it)", why)
+
+    async def _observed_addrs(self, peer: str) -> list[str]:
+        """Addresses this client's open connections to ``peer`` come from (empty if unknown)."""
+        try:
+            peers = await asyncio.wait_for(self.p2p.list_peers(), PEERS_TIMEOUT_S)
+        except Exception as e:  # unknown origin: the server counts as a stranger's
+            logger.debug("listing connected peers: %s", e)
+            return []
+        return [str(a) for info in peers if str(info.peer_id) == peer for a in info.addrs]
 
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hops:

@@ -122,7 +122,8 @@ class Checkpoint:
             if name in weight_map:
                 by_file.setdefault(weight_map[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
-        disable = os.environ.get("COROLLA_NO_PROGRESS") == "1"
+        # None: tqdm shows the bar only when stderr is a terminal, so logs and piped output never hold its text.
+        disable = True if os.environ.get("COROLLA_NO_PROGRESS") == "1" else None
         with tqdm(total=len(wanted), desc=desc, unit="tensor", disable=disable, leave=False) as bar:
             for filename, file_names in sorted(by_file.items()):
                 with safe_open(str(self.file(filename)), framework="pt", device="cpu") as f:

@@ -10,12 +10,13 @@ the swarm simulator (``benchmarks/swarm_simulation.py``), so both route, verify 
 * :func:`should_verify`: which steps get their output recomputed on an independent replica.
 * :func:`judge`: who lied, from the outputs of independent replicas (two that agree settle it).
 * :func:`silent_bound`: how long to wait for a step before a server counts as silent.
+* :func:`on_this_machine`, :func:`warn_unverified`: whether a hop nobody could check is worth a warning.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -29,10 +30,12 @@ __all__ = [
     "ban_seconds",
     "believed_block_seconds",
     "judge",
+    "on_this_machine",
     "probe_problem",
     "settled",
     "should_verify",
     "silent_bound",
+    "warn_unverified",
 ]
 
 FASTEST_BLOCK_S = 1e-4
@@ -172,3 +175,28 @@ def silent_bound(
     rtt = rtt_s if rtt_s is not None and math.isfinite(rtt_s) and rtt_s >= 0 else 0.0
     compute = SILENT_COMPUTE_FACTOR * tokens * blocks * block_s
     return min(ceiling_s, max(floor_s, SILENT_RTT_FACTOR * rtt) + compute)
+
+
+_LOOPBACK = ("/ip4/127.", "/ip6/::1/", "/dns/localhost/", "/dns4/localhost/", "/dns6/localhost/")
+
+
+def on_this_machine(addrs: Sequence[str]) -> bool:
+    """Whether a peer runs on this machine, from the addresses this client's connections to it were observed on.
+
+    Observed connection addresses (not what the peer announces about itself) are all loopback, and none goes
+    through a relay (``/p2p-circuit``: the relay, not the peer, is what is local). No address: unknown, False.
+    """
+    return bool(addrs) and all(a.startswith(_LOOPBACK) and "/p2p-circuit" not in a for a in addrs)
+
+
+def warn_unverified(span: tuple[str, int, int], *, own_servers: bool, warned: Collection[tuple[str, int, int]]) -> bool:
+    """Whether to warn that a hop's output could not be checked on an independent replica.
+
+    Args:
+        span: ``(model, start, end)`` of the hop.
+        own_servers: The servers are the user's own (a private swarm, or a server on this machine, as in
+            ``corolla demo``): there is nobody to distrust, so no warning.
+        warned: Spans already warned about in this process: a user of a public swarm needs to know once
+            that a span rests on one stranger's server, not at every session and hop.
+    """
+    return not own_servers and span not in warned

@@ -23,6 +23,7 @@ def test_demo_converts_once_and_answers_paris(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Paris" in result.stdout
+    assert "unverified" not in result.stderr  # the demo's servers are the user's own: nothing to distrust
     assert "converting SmolLM2-135M-Instruct" in result.stderr  # first run: converted into the cache dir
     checkpoint = tmp_path / "cache" / "SmolLM2-135M-Instruct"
     assert (checkpoint / "model.safetensors").exists() and (checkpoint / "tokenizer.json").exists()
@@ -43,6 +44,23 @@ def test_demo_converts_once_and_answers_paris(tmp_path: Path) -> None:
         if p.pid not in before and ours(" ".join(p.info["cmdline"] or []))
     ]
     assert leftovers == []
+
+
+def test_a_cut_answer_is_marked_and_shares_its_lines_with_no_warning_or_progress_bar() -> None:
+    """stdout and stderr in one stream, as in a terminal; progress bars allowed (COROLLA_NO_PROGRESS unset)."""
+    env = {k: v for k, v in server_env().items() if k != "COROLLA_NO_PROGRESS"}
+    cmd = [sys.executable, "-m", "corolla.engine.cli", "demo", "--prompt", "What is the capital of France?"]
+    cmd += ["--max-new-tokens", "5"]
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=360, env=env)
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:]
+    lines = out.splitlines()
+    assert "[cut at 5 tokens: --max-new-tokens]" in lines, out[-3000:]  # on its own line
+    answer = lines[lines.index("[cut at 5 tokens: --max-new-tokens]") - 1]
+    assert answer.endswith("…") and "France" in answer, out[-3000:]
+    for noise in ("\r", "%|", "embeddings and head", "WARN", "INFO"):
+        assert noise not in answer, out[-3000:]
+    assert "unverified" not in out and "embeddings and head" not in out, out[-3000:]
 
 
 def test_ctrl_c_of_the_serving_demo_prints_no_error_and_leaves_nothing(tmp_path: Path) -> None:
