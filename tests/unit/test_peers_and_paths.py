@@ -97,3 +97,17 @@ def test_missing_blocks_hint_serves_the_source_the_user_gave() -> None:
         [3, 4, 5],
         "/data/models/tiny-llama",
     )
+
+
+def test_from_pretrained_refuses_an_empty_folder_before_joining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hivemind
+
+    from corolla.engine import DistributedModelForCausalLM
+
+    started: list[object] = []
+    monkeypatch.setattr(hivemind.DHT, "run_in_background", lambda *a, **k: started.append(a))
+    with pytest.raises(CorollaError, match=r"the folder has no config\.json"):
+        DistributedModelForCausalLM.from_pretrained(str(tmp_path), initial_peers=[GOOD])
+    assert not started, "the DHT process was started"
