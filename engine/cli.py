@@ -7,10 +7,19 @@ import dataclasses
 import inspect
 import re
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
-from corolla.engine.config import ClientConfig, ServerConfig, as_tuple, format_size, from_env, is_size_field, parse_size
+from corolla.engine.config import (
+    LIMITS,
+    ClientConfig,
+    ServerConfig,
+    as_tuple,
+    format_size,
+    from_env,
+    is_size_field,
+    parse_size,
+)
 from corolla.engine.errors import CorollaError
 from corolla.engine.logs import configure_logging
 from corolla.engine.version import __version__
@@ -18,6 +27,7 @@ from corolla.engine.version import __version__
 _SKIP = {"model", "extra", "token"}
 _ALIASES = {"swarm_key_file": ("--swarm-key",)}  # shorter spellings of generated options
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+T = TypeVar("T")
 
 
 def _log_level(text: str) -> str:
@@ -27,11 +37,40 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line that says what to do (exit 2, as argparse)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(convert: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """An argparse type: ``convert`` the text, then check it against the bounds of option ``name`` (LIMITS)."""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError as e:
+            kind = "a size" if convert is parse_size else "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(
+                str(e) if convert is parse_size else f"expected {kind}, got {text!r}"
+            ) from e
+        limit = LIMITS.get(name)
+        problem = limit.problem(value) if limit is not None else None  # type: ignore[arg-type]
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def _not_blank(what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"is empty: {what}")
+        return text
+
+    return parse
 
 
 def _default_text(f: dataclasses.Field[Any]) -> str:
@@ -69,11 +108,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[s
             metavar = "PATH" if f.name == "adapters" else "MADDR"
             parser.add_argument(*flags, nargs="*", default=None, metavar=metavar, help=help_text)
         elif is_size_field(f.name):
-            parser.add_argument(*flags, type=_size, default=None, metavar="SIZE", help=help_text + "; e.g. 1GB, 512MiB")
+            size = _number(parse_size, f.name)
+            parser.add_argument(*flags, type=size, default=None, metavar="SIZE", help=help_text + "; e.g. 1GB, 512MiB")
         elif "int" in kind and "float" not in kind:
-            parser.add_argument(*flags, type=int, default=None, help=help_text)
+            parser.add_argument(*flags, type=_number(int, f.name), default=None, help=help_text)
         elif "float" in kind:
-            parser.add_argument(*flags, type=float, default=None, help=help_text)
+            parser.add_argument(*flags, type=_number(float, f.name), default=None, help=help_text)
         else:
             parser.add_argument(*flags, type=str, default=None, help=help_text)
 
@@ -97,6 +137,17 @@ def _token_file(path: str) -> str:
         return read_token_file(path)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _model_source(text: str) -> str:
+    """The model argument, checked (a checkpoint folder with config.json, or a repo id) before anything starts."""
+    from corolla.engine.models.source import check_model_source
+
+    try:
+        check_model_source(text)
+    except CorollaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -149,9 +200,9 @@ def _cmd_swarm_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common_options(top_level: bool) -> argparse.ArgumentParser:
+def _common_options(top_level: bool) -> _Parser:
     """Options accepted before and after the subcommand (a subcommand's copy keeps the value given before it)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--log-level",
         type=_log_level,
@@ -164,7 +215,7 @@ def _common_options(top_level: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``corolla`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="corolla",
         description="Run large language models across many machines.",
         parents=[_common_options(top_level=True)],
@@ -176,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_common_options(top_level=False)]
 
     server = sub.add_parser("server", help="host a span of a model's blocks for the swarm", parents=common)
-    server.add_argument("model", help="local checkpoint folder or Hugging Face repo id")
+    server.add_argument("model", type=_model_source, help="local checkpoint folder or Hugging Face repo id")
     server.add_argument("--token", type=_refuse_token, default=None, help=argparse.SUPPRESS)  # refused: shows in ps
     server.add_argument(
         "--token-file",
@@ -189,9 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     server.set_defaults(func=_cmd_server)
 
     demo = sub.add_parser("demo", help="start a local swarm on SmolLM2-135M-Instruct and chat with it", parents=common)
-    demo.add_argument("--prompt", default=None, help="answer this prompt and exit (default: interactive chat)")
-    demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
-    demo.add_argument("--servers", type=int, default=2, help="server processes to split the blocks over")
+    prompt = _not_blank("give a question, or leave --prompt out to chat")
+    demo.add_argument(
+        "--prompt", type=prompt, default=None, help="answer this prompt and exit (default: interactive chat)"
+    )
+    demo.add_argument(
+        "--max-new-tokens", type=_number(int, "max_new_tokens"), default=64, help="tokens to generate per answer"
+    )
+    demo.add_argument(
+        "--servers", type=_number(int, "servers"), default=2, help="server processes to split the blocks over"
+    )
     demo.add_argument("--serve", action="store_true", help="keep the swarm running for other programs (Ctrl-C stops)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -200,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--initial-peers", nargs="+", default=None, metavar="MADDR", help="swarm peers (default: COROLLA_INITIAL_PEERS)"
     )
-    health.add_argument("--num-blocks", type=int, default=None, help="blocks of the model (default: from records)")
+    health.add_argument(
+        "--num-blocks",
+        type=_number(int, "num_blocks"),
+        default=None,
+        help="blocks of the model (default: from records)",
+    )
     health.add_argument("--json", action="store_true", help="print JSON instead of a table")
     health.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
     health.set_defaults(func=_cmd_health)
@@ -215,17 +278,37 @@ def build_parser() -> argparse.ArgumentParser:
 def add_web_commands(sub: Any) -> None:
     """``corolla api`` and ``corolla monitor``: web faces whose dependencies come with the ``api`` extra."""
     api = sub.add_parser("api", help="serve a swarm model over an OpenAI-compatible HTTP API")
-    api.add_argument("model", help="local checkpoint folder or Hugging Face repo id (as the servers use it)")
+    api.add_argument(
+        "model", type=_model_source, help="local checkpoint folder or Hugging Face repo id (as the servers use it)"
+    )
     peers_help = "swarm peers (default: COROLLA_INITIAL_PEERS)"
     api.add_argument("--initial-peers", nargs="+", default=(), metavar="MADDR", help=peers_help)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    api.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    api.add_argument("--port", type=_number(int, "web_port"), default=8000, help="TCP port (default 8000)")
     api.add_argument("--api-key", default=None, help="key clients must send (default: COROLLA_API_KEY, or none)")
-    api.add_argument("--model-name", default=None, help="model id clients ask for (default: MODEL as given)")
-    api.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request before 504")
-    api.add_argument("--default-max-tokens", type=int, default=512, help="tokens when a request sets no max")
     api.add_argument(
-        "--max-sessions", type=int, default=8, help="generations at once; more wait their turn (default 8)"
+        "--model-name",
+        type=_not_blank("give the model id clients should ask for, or leave --model-name out"),
+        default=None,
+        help="model id clients ask for (default: the repo id, or the folder's name; the path works too)",
+    )
+    api.add_argument(
+        "--request-timeout",
+        type=_number(float, "request_timeout"),
+        default=600.0,
+        help="seconds per request before 504",
+    )
+    api.add_argument(
+        "--default-max-tokens",
+        type=_number(int, "default_max_tokens"),
+        default=512,
+        help="tokens when a request sets no max",
+    )
+    api.add_argument(
+        "--max-sessions",
+        type=_number(int, "max_sessions"),
+        default=8,
+        help="generations at once; more wait their turn (default 8)",
     )
     api.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
 
@@ -250,8 +333,10 @@ def add_web_commands(sub: Any) -> None:
     monitor = sub.add_parser("monitor", help="serve a live web page of the swarm's blocks and servers")
     monitor.add_argument("--initial-peers", nargs="+", default=(), metavar="MADDR", help=peers_help)
     monitor.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    monitor.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
-    monitor.add_argument("--refresh", type=float, default=5.0, help="seconds between DHT reads (default 5)")
+    monitor.add_argument("--port", type=_number(int, "web_port"), default=8080, help="TCP port (default 8080)")
+    monitor.add_argument(
+        "--refresh", type=_number(float, "refresh"), default=5.0, help="seconds between DHT reads (default 5)"
+    )
     monitor.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
 
     def run_monitor(args: argparse.Namespace) -> int:

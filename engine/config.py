@@ -60,6 +60,107 @@ def format_size(num_bytes: int) -> str:
     return str(num_bytes)
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The range a numeric option may take: ``low`` (included unless ``open_low``) up to ``high``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """``must be at least 1 (got -5)`` if ``value`` is outside the range, else None."""
+        too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        too_high = self.high is not None and value > self.high
+        return f"must be {self.describe()} (got {value:g})" if too_low or too_high else None
+
+    def describe(self) -> str:
+        """``at least 1``, ``more than 0`` or ``from 1 to 65535``."""
+        if self.low is not None and self.high is not None:
+            return f"from {self.low:g} to {self.high:g}"
+        if self.low is not None:
+            return f"{'more than' if self.open_low else 'at least'} {self.low:g}"
+        return f"at most {self.high:g}"
+
+
+_COUNT = Limit(1)  # a positive count (tokens, sessions, messages)
+_SECONDS = Limit(0, open_low=True)  # a positive duration
+_NON_NEGATIVE = Limit(0)
+_PORT = Limit(0, 65535)  # 0: any free port
+# Every bound of a numeric option, by name: config fields of ClientConfig and ServerConfig, the API's
+# settings and the options of `corolla demo`, `api` and `monitor` (the CLI checks values against these).
+LIMITS: dict[str, Limit] = {
+    # ClientConfig
+    "connect_timeout": _SECONDS,
+    "step_timeout": _SECONDS,
+    "stall_timeout": _SECONDS,
+    "request_timeout": _SECONDS,
+    "max_retries": _NON_NEGATIVE,
+    "min_backoff": _NON_NEGATIVE,
+    "max_backoff": _NON_NEGATIVE,
+    "update_period": _SECONDS,
+    "max_chunk_bytes": _COUNT,
+    "num_threads": _NON_NEGATIVE,
+    "verify_rate": Limit(0, 1),
+    "verify_first_steps": _NON_NEGATIVE,
+    "liar_ban": _NON_NEGATIVE,
+    "micro_batch_size": _COUNT,
+    # ServerConfig
+    "num_blocks": _COUNT,
+    "port": _PORT,
+    "announce_port": Limit(1, 65535),
+    "max_memory": _COUNT,
+    "cache_bytes": _NON_NEGATIVE,
+    "max_length": _COUNT,
+    "max_batch_size": _COUNT,
+    "max_sessions": _COUNT,
+    "max_chunk_tokens": _COUNT,
+    "max_message_bytes": _COUNT,
+    "max_forward_parts": _COUNT,
+    "forward_timeout": _SECONDS,
+    "max_sessions_per_peer": _COUNT,
+    "session_max_lifetime": _SECONDS,
+    "session_reclaim_idle": _NON_NEGATIVE,
+    "max_streams_per_peer": _COUNT,
+    "max_streams": _COUNT,
+    "max_tokens_in_flight": _COUNT,
+    "max_tokens_in_flight_per_peer": _COUNT,
+    "compute_chunk_tokens": _COUNT,
+    "batch_rows": _COUNT,
+    "announce_period": _SECONDS,
+    "record_ttl": _SECONDS,
+    "session_idle_timeout": _SECONDS,
+    "push_timeout": _SECONDS,
+    "throughput": Limit(0, open_low=True),
+    "rebalance_period": _SECONDS,
+    "balance_quality": Limit(0, 1, open_low=True),
+    "parent_pid": _COUNT,
+    # `corolla api` (ApiSettings), `corolla monitor` and `corolla demo`
+    "default_max_tokens": _COUNT,
+    "max_workers": _COUNT,
+    "web_port": Limit(1, 65535),
+    "refresh": _SECONDS,
+    "max_new_tokens": _COUNT,
+    "servers": _COUNT,
+}
+
+
+def check_limit(name: str, value: float | None) -> None:
+    """ValueError if ``value`` is outside the bounds of option ``name`` (None and unbounded names pass)."""
+    limit = LIMITS.get(name)
+    if limit is None or value is None or isinstance(value, bool):
+        return
+    problem = limit.problem(value)
+    if problem:
+        raise ValueError(f"{name} {problem}")
+
+
+def check_limits(config: Any) -> None:
+    """Check every bounded numeric field of a config dataclass (its ``__post_init__`` calls this)."""
+    for f in fields(config):
+        check_limit(f.name, getattr(config, f.name))
+
+
 def _coerce(value: str, annotation: Any, name: str = "") -> Any:
     if is_size_field(name):
         return parse_size(value)
@@ -129,6 +230,9 @@ class ClientConfig:
     micro_batch_size: int = 8  # sequences per training call: larger batches are split, each part retried on its own
     forwarding: bool = True  # servers send each hop's output straight to the next hop: one round trip per step
 
+    def __post_init__(self) -> None:
+        check_limits(self)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -182,6 +286,9 @@ class ServerConfig:
     adapters: tuple[str, ...] = ()  # PEFT LoRA adapter folders to serve with the blocks (clients pick one by name)
     parent_pid: int | None = None  # leave the swarm and exit when the process with this id ends (the tray agent's)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_limits(self)
 
 
 def parse_span(text: str, total: int | None = None) -> tuple[int, int]:

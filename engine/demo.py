@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from corolla.engine.errors import CorollaError
+from corolla.engine.errors import CorollaError, install_hint
 
 if TYPE_CHECKING:
     from corolla.engine.client.model import DistributedModelForCausalLM
@@ -72,6 +72,7 @@ def _serve_forever(path: str, initial_peers: list[str]) -> int:
         "The demo swarm is up. In another shell:\n"
         f"  export COROLLA_MODEL={path}\n"
         f"  export COROLLA_INITIAL_PEERS={' '.join(initial_peers)}\n"
+        f"  {install_hint('examples')}   # once: what the examples need\n"
         "  python examples/langchain_chain.py   # or examples/llama_index_query.py\n"
         "Ctrl-C stops every process of the swarm.\n"
     )

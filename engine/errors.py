@@ -9,6 +9,17 @@ class CorollaError(Exception):
     """Base class of every error Corolla raises on purpose."""
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs one of Corolla's extras, as the README installs them."""
+    return f'pip install -c constraints.txt -e ".[{extra}]"'
+
+
+def missing_extra(what: str, extra: str, missing: str | None) -> str:
+    """One line for a missing optional dependency: ``WHAT needs the EXTRA extra: pip install ... (X is missing)``."""
+    package = missing.split(".")[0] if missing else "a dependency"  # langchain_core, not langchain_core.prompts
+    return f"{what} needs the {extra} extra: {install_hint(extra)} ({package} is missing)"
+
+
 def format_blocks(blocks: Sequence[int]) -> str:
     """Render block indices as compact ranges: ``[0, 1, 2, 5]`` → ``"0:3, 5"`` (end-exclusive)."""
     spans: list[str] = []

@@ -1,5 +1,6 @@
 """A LangChain chain (prompt | model | parser) whose model runs on a Corolla swarm.
 
+    pip install -c constraints.txt -e ".[examples]"
     python examples/langchain_chain.py --initial-peers /ip4/.../p2p/... [--model NAME] [--question ...]
 
 For a gated model (e.g. a Llama), pass --token, set HF_TOKEN or run `hf auth login` first.
@@ -10,11 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
-from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import ChatPromptTemplate
+from corolla.engine.errors import missing_extra
 
-from corolla.integrations.langchain import ChatCorolla, DistributedLLM
+try:
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+
+    from corolla.integrations.langchain import ChatCorolla, DistributedLLM
+except ModuleNotFoundError as e:  # one line saying what to install, not a traceback
+    sys.exit(missing_extra("examples/langchain_chain.py", "examples", e.name))
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
-from llama_index.core import Document, VectorStoreIndex
-from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.bridge.pydantic import PrivateAttr
+from corolla.engine.errors import missing_extra
 
-from corolla.integrations.llama_index import DistributedLLM
+try:
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.core.bridge.pydantic import PrivateAttr
+
+    from corolla.integrations.llama_index import DistributedLLM
+except ModuleNotFoundError as e:  # one line saying what to install, not a traceback
+    sys.exit(missing_extra("examples/llama_index_query.py", "examples", e.name))
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DOCUMENTS = [

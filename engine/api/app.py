@@ -25,6 +25,7 @@ from starlette.types import Send
 from corolla.engine.api import protocol
 from corolla.engine.api.errors import APIError, bad_request, error_for
 from corolla.engine.api.metrics import ApiMetrics
+from corolla.engine.config import check_limits
 from corolla.engine.version import __version__
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class ApiSettings:
     """Settings of one ``corolla api`` app."""
 
     model_id: str  # the name clients pass as ``model`` (and /v1/models lists)
+    aliases: tuple[str, ...] = ()  # other names a request may give (the path the server was started with)
     api_key: str | None = None  # clients must send ``Authorization: Bearer KEY`` (None: no key needed)
     request_timeout: float = 600.0  # seconds one request may take before it fails with 504
     default_max_tokens: int = 512  # tokens to generate when a chat request gives no max_tokens
@@ -46,6 +48,9 @@ class ApiSettings:
     # Generations running at once; more requests wait their turn (within request_timeout). Servers
     # let one peer hold 8 sessions by default, and this app is one peer however many users it has.
     max_sessions: int = 8
+
+    def __post_init__(self) -> None:
+        check_limits(self)
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -104,11 +109,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(where) or None
-        message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
-        return answer_error(bad_request(f"Invalid request: {message}", param=param), request.url.path)
+        return answer_error(protocol.invalid_request(exc.errors()), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -129,7 +130,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
             )
 
     def check_model(name: str) -> None:
-        if name != settings.model_id:
+        if name != settings.model_id and name not in settings.aliases:
             raise APIError(
                 404,
                 f"The model {name!r} does not exist here; this server serves {settings.model_id!r} (see /v1/models).",

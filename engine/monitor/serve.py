@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from corolla.engine.api.serve import initial_peers_or_env, require_web_extra
+from corolla.engine.api.serve import check_port_free, initial_peers_or_env, require_web_extra, serve
+from corolla.engine.config import check_limit
 from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerRecord
 from corolla.engine.dht.swarm_key import SwarmKeys
@@ -23,15 +24,16 @@ def run_monitor(
     swarm_keys: SwarmKeys | None = None,
 ) -> int:
     """Serve the swarm's health page at ``http://host:port/`` until SIGINT/SIGTERM. Returns an exit code."""
-    require_web_extra()
-    import uvicorn
-
+    require_web_extra("monitor")
     from corolla.engine.monitor.app import create_monitor_app
     from corolla.engine.monitor.state import SwarmReader
 
     initial_peers = initial_peers_or_env(initial_peers, "monitor")
-    if refresh <= 0:
-        raise CorollaError(f"--refresh must be > 0 seconds, got {refresh}")
+    try:
+        check_limit("refresh", refresh)
+    except ValueError as e:
+        raise CorollaError(str(e)) from e
+    check_port_free(host, port)
     dht = make_dht(initial_peers, "127.0.0.1", client_mode=True, swarm_keys=swarm_keys)
     timeout = max(10.0, 2 * refresh)
 
@@ -41,8 +43,11 @@ def run_monitor(
     reader = SwarmReader(lambda: read_models(dht, timeout=timeout), records, refresh)
     reader.start()
     try:
-        logger.info("swarm monitor at http://%s:%d/ (reads the DHT every %.0f s)", host, port, refresh)
-        uvicorn.run(create_monitor_app(reader), host=host, port=port, log_level="warning", access_log=False)
+
+        def listening() -> None:
+            logger.info("swarm monitor at http://%s:%d/ (reads the DHT every %.0f s)", host, port, refresh)
+
+        serve(create_monitor_app(reader), host, port, listening)
     finally:
         reader.stop()
         dht.shutdown()

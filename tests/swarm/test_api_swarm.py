@@ -44,7 +44,7 @@ class ApiSwarm:
 
     def __init__(self, path: Path, swarm: Swarm, ref: DistributedModelForCausalLM, api: WebProcess) -> None:
         self.path = path
-        self.model_id = str(path)
+        self.model_id = path.name  # what /v1/models lists: the folder's name, as a person types it
         self.swarm = swarm
         self.ref = ref
         self.api = api
@@ -92,9 +92,29 @@ def live(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPath
 
 def test_models_and_health(live: ApiSwarm) -> None:
     models = live.openai().models.list()
-    assert [m.id for m in models.data] == [live.model_id]
+    assert [m.id for m in models.data] == [live.model_id] and "/" not in live.model_id
     health = httpx.get(live.api.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["model"] == live.model_id
+    assert f"serving {live.model_id} at {live.base_url}" in live.api.log_path.read_text()  # logged once listening
+
+
+def test_the_model_path_still_names_the_model(live: ApiSwarm) -> None:
+    reply = live.openai().chat.completions.create(
+        model=str(live.path), messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert reply.choices[0].message.content == live.expected.text and reply.model == live.model_id
+
+
+def test_a_body_that_is_not_json_is_a_400_saying_so(live: ApiSwarm) -> None:
+    answer = httpx.post(
+        live.base_url + "/chat/completions",
+        content=b'{"model": "m", "messages": [}',
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] is None and error["code"] == "invalid_json"
+    assert error["message"].startswith("The request body is not valid JSON: Expecting value at character 28")
 
 
 def test_openai_sdk_sync_chat_and_text_completion(live: ApiSwarm) -> None:
@@ -333,7 +353,7 @@ def test_a_hung_server_gives_504(live: ApiSwarm, tmp_path: Path) -> None:
     """A second API whose client waits 3 s per step: a paused (SIGSTOP) server is a timeout."""
     env = {"COROLLA_STEP_TIMEOUT": "3", "COROLLA_CONNECT_TIMEOUT": "3", "COROLLA_MAX_RETRIES": "0"}
     strict = WebProcess(
-        ["api", live.model_id, "--initial-peers", *live.swarm.initial_peers], tmp_path / "api.log", env=env
+        ["api", str(live.path), "--initial-peers", *live.swarm.initial_peers], tmp_path / "api.log", env=env
     )
     paused = live.swarm.servers[1]
     try:

@@ -137,21 +137,19 @@ def test_missing_local_folder_says_no_such_folder_in_a_real_process() -> None:
 
 
 @pytest.mark.parametrize("path", ["./no-such-folder", "~/no-such-folder-corolla"])
-def test_missing_local_folder_says_no_such_folder(
-    path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(cli, "configure_logging", lambda level=None: None)
-    assert cli.main(["server", path, "--new-swarm"]) == 2
+def test_missing_local_folder_says_no_such_folder(path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["server", path, "--new-swarm"])
+    assert info.value.code == 2
     assert f"{path}: no such folder" in capsys.readouterr().err
 
 
-def test_a_file_is_not_a_checkpoint_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(cli, "configure_logging", lambda level=None: None)
+def test_a_file_is_not_a_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     file = tmp_path / "model.bin"
     file.write_bytes(b"x")
-    assert cli.main(["server", str(file), "--new-swarm"]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["server", str(file), "--new-swarm"])
+    assert info.value.code == 2
     assert "is a file, not a checkpoint folder" in capsys.readouterr().err
 
 
@@ -190,3 +188,81 @@ def test_health_without_any_peers_says_how_to_give_them(capsys: pytest.CaptureFi
     assert cli.main(["health"]) == 2
     err = capsys.readouterr().err
     assert "--initial-peers" in err and "COROLLA_INITIAL_PEERS" in err
+
+
+PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWHLv39SijqzvDRYcyWSj8Bs31gYevLimkDLtRi9wi7Bmb"
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *advice: str) -> None:
+    """Refused at its arguments: exit 2, one line of stderr with the advice, nothing started, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in advice:
+        assert text in lines[0], lines[0]
+    assert not result.stdout
+
+
+def run_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    """A command that must stop at its arguments: it gets 30 s, far less than starting anything takes."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("COROLLA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "corolla.engine.cli", *args], capture_output=True, text=True, timeout=30, env=full_env
+    )
+
+
+@pytest.mark.parametrize("command", [["server", "{}", "--new-swarm"], ["api", "{}", "--initial-peers", PEER]])
+def test_a_folder_without_config_json_is_refused_before_anything_starts(command: list[str], tmp_path: Path) -> None:
+    result = run_refused(*(arg.format(tmp_path) for arg in command))
+    assert_refused(result, f"{tmp_path}: the folder has no config.json", "Give a folder holding config.json")
+
+
+@pytest.mark.parametrize("name", ["not a model", "a/b/c", "bad..name"])
+def test_a_name_that_is_neither_a_folder_nor_a_repo_id_is_refused(name: str) -> None:
+    assert_refused(run_refused("server", name, "--new-swarm"), "neither a folder here nor a Hugging Face repo id")
+
+
+@pytest.mark.parametrize(
+    ("args", "advice"),
+    [
+        (["demo", "--prompt", ""], "--prompt: is empty: give a question"),
+        (["demo", "--prompt", "  \t"], "--prompt: is empty"),
+        (["demo", "--max-new-tokens", "-5"], "--max-new-tokens: must be at least 1 (got -5)"),
+        (["demo", "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1 (got 0)"),
+        (["demo", "--servers", "0"], "--servers: must be at least 1 (got 0)"),
+        (["demo", "--max-new-tokens", "many"], "--max-new-tokens: expected an integer, got 'many'"),
+        (["api", "m", "--default-max-tokens", "-5"], "--default-max-tokens: must be at least 1 (got -5)"),
+        (["api", "m", "--max-sessions", "0"], "--max-sessions: must be at least 1"),
+        (["api", "m", "--request-timeout", "0"], "--request-timeout: must be more than 0"),
+        (["api", "m", "--port", "70000"], "--port: must be from 1 to 65535"),
+        (["api", "m", "--model-name", " "], "--model-name: is empty"),
+        (["monitor", "--refresh", "-1"], "--refresh: must be more than 0"),
+        (["server", "m", "--new-swarm", "--max-length", "0"], "--max-length: must be at least 1"),
+        (["server", "m", "--new-swarm", "--balance-quality", "2"], "--balance-quality: must be from 0 to 1"),
+        (["health", "--num-blocks", "0"], "--num-blocks: must be at least 1"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line(args: list[str], advice: str) -> None:
+    assert_refused(run_refused(*args), advice, f"see `corolla {args[0]} --help`")
+
+
+def test_a_bad_config_value_from_the_environment_is_one_line(
+    captured: list[ServerConfig], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COROLLA_MAX_LENGTH", "0")
+    assert cli.main(["server", "m", "--new-swarm"]) == 2
+    assert "max_length must be at least 1 (got 0)" in capsys.readouterr().err
+    assert not captured
+
+
+@pytest.mark.parametrize("command", [["api", "m", "--initial-peers", PEER], ["monitor", "--initial-peers", PEER]])
+def test_a_port_in_use_is_refused_before_anything_starts(command: list[str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_refused(*command, "--port", str(port))
+    assert_refused(result, f"port {port} on 127.0.0.1 is in use: pick another with --port")

@@ -9,7 +9,8 @@ import pytest
 from corolla.engine import CorollaError
 from corolla.engine.dht.peers import check_initial_peers, tcp_endpoint
 from corolla.engine.errors import InitialPeerError, MissingBlocksError
-from corolla.engine.models.checkpoint import Checkpoint, looks_local
+from corolla.engine.models.checkpoint import Checkpoint
+from corolla.engine.models.source import check_model_source, is_repo_id, looks_local, model_id
 
 GOOD = "/ip4/1.2.3.4/tcp/31337/p2p/12D3KooWHLv39SijqzvDRYcyWSj8Bs31gYevLimkDLtRi9wi7Bmb"
 
@@ -59,7 +60,30 @@ def test_missing_folder_is_a_clear_error_at_once() -> None:
 def test_home_folder_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
     assert Checkpoint("~/ckpt").local_dir == tmp_path / "ckpt"
+
+
+def test_a_folder_without_config_json_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(
+        CorollaError, match=r"the folder has no config\.json, so it is not a checkpoint\. Give a folder"
+    ):
+        Checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["not a model", "owner/name/extra", "bad..name", "-x", "a" * 97])
+def test_a_name_that_is_no_repo_id_is_refused(name: str) -> None:
+    assert not is_repo_id(name)
+    with pytest.raises(CorollaError, match="neither a folder here nor a Hugging Face repo id"):
+        check_model_source(name)
+
+
+def test_model_ids_people_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert model_id("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
+    assert model_id(str(tmp_path / "SmolLM2-135M-Instruct")) == "SmolLM2-135M-Instruct"
+    monkeypatch.chdir(tmp_path / "SmolLM2-135M-Instruct")
+    assert model_id(".") == "SmolLM2-135M-Instruct"
 
 
 def test_missing_blocks_hint_serves_the_source_the_user_gave() -> None:
@@ -73,3 +97,17 @@ def test_missing_blocks_hint_serves_the_source_the_user_gave() -> None:
         [3, 4, 5],
         "/data/models/tiny-llama",
     )
+
+
+def test_from_pretrained_refuses_an_empty_folder_before_joining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hivemind
+
+    from corolla.engine import DistributedModelForCausalLM
+
+    started: list[object] = []
+    monkeypatch.setattr(hivemind.DHT, "run_in_background", lambda *a, **k: started.append(a))
+    with pytest.raises(CorollaError, match=r"the folder has no config\.json"):
+        DistributedModelForCausalLM.from_pretrained(str(tmp_path), initial_peers=[GOOD])
+    assert not started, "the DHT process was started"
