@@ -30,7 +30,7 @@ class ServerHealth:
     dtype: str
     quant: str = "none"  # weight quantization the server announced: none, int8 or nf4
     adapters: tuple[str, ...] = ()  # LoRA adapters it serves
-    tokens_served: int = 0  # tokens the server's machine processed for clients (its contribution ledger)
+    tokens_served: int = 0  # tokens this server processed for clients since it started (its record's own count)
     reported: str | None = None  # why this machine's clients caught it lying (the latest report), if they did
 
 

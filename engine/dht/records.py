@@ -41,7 +41,11 @@ class ServerRecord(BaseModel):
     corolla_version: str = Field(default="", max_length=32)
     dtype: str = Field(default="", max_length=16)
     quant: str = Field(default="none", max_length=16, description="weight quantization: none, int8 or nf4")
-    tokens_served: int = Field(default=0, ge=0, description="tokens this server's machine processed for clients")
+    tokens_served: int = Field(
+        default=0,
+        ge=0,
+        description="tokens this server processed for clients since it started (not its machine's total)",
+    )
     adapters: tuple[Annotated[str, Field(max_length=128)], ...] = Field(default=(), max_length=32)
 
     @model_validator(mode="after")

@@ -95,8 +95,9 @@ function drawModel(m) {
   const table = el("table", { "class": "servers" });
   const head = el("tr");
   [["Name", ""], ["Peer", ""], ["Span", ""], ["State", ""], ["Throughput (tok/s)", "num"],
-   ["Free cache (tokens)", "num"], ["Weights", ""], ["Version", ""], ["Tokens served", "num"]].forEach(([h, c]) => {
-    head.appendChild(el("th", c ? { "class": c } : {}, h));
+   ["Free cache (tokens)", "num"], ["Weights", ""], ["Version", ""],
+   ["Tokens served", "num", "tokens this server processed for clients since it started"]].forEach(([h, c, t]) => {
+    head.appendChild(el("th", { ...(c ? { "class": c } : {}), ...(t ? { "title": t } : {}) }, h));
   });
   table.appendChild(el("thead")).appendChild(head);
   const body = table.appendChild(el("tbody"));

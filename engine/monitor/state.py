@@ -20,7 +20,8 @@ STATE_VERSION = 1
 
 
 def server_entry(peer_id: str, record: ServerRecord) -> dict[str, Any]:
-    """One row of the servers table. ``tokens_served`` is shown when records carry it (None otherwise)."""
+    """One row of the servers table. ``tokens_served`` is this server's own count since it started, shown when
+    records carry it (None otherwise)."""
     tokens = getattr(record, "tokens_served", None)
     return {
         "peer_id": peer_id,

@@ -4,7 +4,10 @@ Each server counts in memory (:meth:`Ledger.add`, called by the backend after ev
 folds what it counted into a JSON file in the user's data folder (:meth:`Ledger.save`, on each
 announcement and on exit). Folding adds the tokens counted since the last save to what the file holds,
 under an exclusive file lock, so several servers on one machine share one ledger without losing counts.
-The totals go into the server's signed record (``tokens_served``) and its status file (for the tray).
+Two figures come out of it: :attr:`Ledger.served`, this server's own count since it started, goes into
+its signed record (``tokens_served``, one figure per server in ``corolla health`` and the monitor), and
+:meth:`Ledger.totals`, the whole machine's (every server sharing the file), goes into its status file
+(for the tray's "you served N tokens").
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class Ledger:
         self.path = Path(path) if path else default_ledger_path()
         self._lock = threading.Lock()
         self._pending: Counter[str] = Counter()  # tokens per peer not yet in the file
-        self.served = 0  # tokens this server processed since it started
+        self.served = 0  # tokens this server (this Ledger object) processed since it started; not in the file
         self._file = parse(self._read())  # what the file held at the last save
 
     def add(self, peer: str, tokens: int) -> None:
@@ -92,7 +95,9 @@ class Ledger:
             self.served += tokens
 
     def totals(self) -> dict[str, int]:
-        """``{"total": …, "today": …}``: tokens this machine served, including what is not saved yet."""
+        """``{"total": …, "today": …}``: tokens this machine's servers served, as of this server's last save
+        plus what it counted since (other servers' counts show up once they saved and this one saved again).
+        For this server's own count, see :attr:`served`."""
         with self._lock:
             pending = sum(self._pending.values())
             return {"total": self._file["total"] + pending, "today": self._file["days"].get(today(), 0) + pending}

@@ -161,7 +161,7 @@ class Server:
             corolla_version=__version__,
             dtype=str(self.dtype).removeprefix("torch."),
             quant=self.quant,
-            tokens_served=self.ledger.totals()["total"],
+            tokens_served=self.ledger.served,  # this server's own count; the machine's totals go to the status file
             adapters=tuple(adapter.name for adapter in self.adapters),
         )
 

@@ -129,7 +129,7 @@ def test_monitor_state_counts_online_servers_per_block_and_names_missing_ones() 
     assert state["missing_blocks"] == [3, 4] and state["missing"] == "3:5" and not state["healthy"]
     rows = {s["peer_id"]: s for s in state["servers"]}
     assert rows["pa"]["public_name"] == "alice" and rows["pa"]["state"] == "online"
-    assert rows["pc"]["state"] == "offline" and rows["pa"]["tokens_served"] == 0  # records carry the ledger total
+    assert rows["pc"]["state"] == "offline" and rows["pa"]["tokens_served"] == 0  # each record's own count
     doc = swarm_state({"m": state}, 1.0, 5.0, None)
     assert doc["healthy"] is False and doc["models"][0]["name"] == "m"
     healthy = model_state("m", 2, {0: {"pb": b}, 1: {"pb": b}})

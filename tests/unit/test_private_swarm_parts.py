@@ -170,6 +170,20 @@ def test_ledger_folds_counts_of_several_servers(tmp_path: Path) -> None:
     Ledger(path).save()  # a damaged file is started afresh, never a crash
 
 
+def test_servers_sharing_a_ledger_count_their_own_tokens_and_share_the_machine_total(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    one, two = Ledger(path), Ledger(path)  # two servers of one machine
+    one.add("alice", 7)
+    two.add("bob", 3)
+    one.save()
+    two.save()
+    one.save()  # each sees the other's counts once both saved
+    assert (one.served, two.served) == (7, 3)  # what each server's record announces
+    assert one.totals() == two.totals() == {"total": 10, "today": 10}  # what each status file (the tray) shows
+    three = Ledger(path)  # a server started later: the machine's history, none of its own yet
+    assert three.served == 0 and three.totals()["total"] == 10
+
+
 def test_ledger_fold_is_bounded() -> None:
     big = fold({}, Counter({f"peer{i}": i + 1 for i in range(1500)}), "2026-01-01")
     assert len(big["peers"]) == 1000 and big["total"] == sum(range(1, 1501))
