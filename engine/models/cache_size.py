@@ -4,7 +4,8 @@ The cache budget must count what the decoder layers really write into a :class:`
 config suggests: transformers changes which heads a layer keeps between releases (Falcon's new decoder
 architecture stored one key head per attention head up to 5.24 and its ``num_kv_heads`` from 5.25 on).
 So each block of the model is built on the ``meta`` device (no memory, no compute) and runs one token
-through the family's own cache path; the bytes its cache layer then holds are one token's. A block that
+through the family's own cache path (its block inputs, its layer, a :class:`SpanCache`, as ``BlockSpan``
+runs them); the bytes its cache layer then holds are one token's. A block that
 stores nothing (no attention cache) counts zero. Results are kept per config and dtype.
 """
 
@@ -64,15 +65,28 @@ def token_cache_bytes(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int
 @torch.inference_mode()
 def _measure(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int, ...]:
     blocks = int(config.num_hidden_layers)
-    with torch.device("meta"):
-        span = BlockSpan(config, 0, blocks, empty=True).to(dtype)
-        hidden = torch.empty(1, 1, int(config.hidden_size), dtype=dtype)  # [batch 1, 1 token, hidden]
+    span = BlockSpan(config, 0, blocks, empty=True).to(dtype)  # blocks on meta; the positions module (small) not
+    # The family's inputs for one token at position 0, computed where the positions module is (transformers
+    # 5.0's rotary modules cannot run on meta), then moved to meta for the blocks.
+    hidden = torch.zeros(1, 1, int(config.hidden_size), dtype=dtype)  # [batch 1, 1 token, hidden]
+    inputs = span.family.layer_inputs(span.config, span.rotary_emb, hidden, 0, range(blocks))
     out = []
-    for block in range(blocks):
+    for block, kwargs in enumerate(inputs):
         cache = _ProbeCache(block, 1, max_length=1)  # storage for exactly one token of one sequence
+        cache.begin_step(1)
         with contextlib.suppress(_Stored):  # a block that stores nothing runs to its end
-            span(hidden, cache, start=block, end=block + 1)
+            layer_kwargs = {name: _on_meta(value) for name, value in kwargs.items()}
+            span.layers[block](hidden.to("meta"), **layer_kwargs, **{span.cache_kwarg: cache}, use_cache=True)
         layer = cache.span_layers[0]
         stored = [t for t in (layer.keys, layer.values) if t is not None]
         out.append(sum(t.numel() * t.element_size() for t in stored))
     return tuple(out)
+
+
+def _on_meta(value: Any) -> Any:
+    """A block input (a tensor, a tuple of them such as rotary cos/sin, or anything else) with its tensors on meta."""
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, tuple):
+        return tuple(_on_meta(v) for v in value)
+    return value
