@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The supported range, proven: upgrade the main step's .venv to the newest releases the registry
 # serves (not the tested set), run the family logit tests, swarm generations and the demo; then the
-# same with the oldest transformers pyproject.toml allows. A failure names every package whose
+# same with the oldest transformers pyproject.toml allows, among the tested set. A failure names every package whose
 # version differs from constraints.txt, so a breaking release is named with its version.
 # It reuses .venv (it runs after the main step) instead of installing everything a second time, and
 # puts the tested set back on the way out, so .venv stays what constraints.txt says.
@@ -60,20 +60,25 @@ run_checks() {
     done
 }
 
-# On the way out, pass or fail: the tested set again (changed versions back to their pins, packages
-# the upgrade or the floor brought in removed). Not in CI (CI=true), whose clone is thrown away.
-restore() {
-    local status=$? names extra
+# The tested set again: changed versions back to their pins, packages the upgrade or the floor brought in
+# removed (transformers 5.25 brings `kernels`, whose release then cannot be imported by transformers 5.0).
+tested=$(installed)
+back_to_tested() {
+    local names extra
     names=$(changed | awk '{print $1}')
     # shellcheck disable=SC2086  # one package name a word
     [ -z "$names" ] || "${pip[@]}" -c constraints.txt $names
     extra=$(comm -13 <(echo "$tested") <(installed))
     # shellcheck disable=SC2086
     [ -z "$extra" ] || "$py" -m pip uninstall -q -y $extra
+}
+# On the way out, pass or fail. Not in CI (CI=true), whose clone is thrown away.
+restore() {
+    local status=$?
+    back_to_tested
     exit "$status"
 }
 if [ "${CI:-}" != true ]; then
-    tested=$(installed)
     trap restore EXIT
 fi
 
@@ -89,5 +94,7 @@ if [ -n "$newer" ]; then
 else
     echo "-- the newest releases are the tested set (constraints.txt): proven by the main step"
 fi
+# The floor among the tested set (not among the newest releases, which may need a newer transformers).
+back_to_tested
 "${pip[@]}" "transformers==$floor"
 run_checks "transformers $floor (the floor in pyproject.toml)"

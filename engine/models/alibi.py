@@ -42,11 +42,6 @@ class BloomFamily(Family):
         alibi = alibi_biases(self, config, hidden, masks[0].shape[-1])  # [batch * heads, 1, keys]
         return [{"alibi": alibi, "attention_mask": mask} for mask in masks]
 
-    def kv_shape(self, config: PretrainedConfig) -> tuple[int, int]:
-        """Every head keeps its own keys (no grouped or multi-query attention)."""
-        heads = int(config.num_attention_heads)
-        return heads, int(config.hidden_size) // heads
-
 
 @dataclass(frozen=True)
 class FalconFamily(Family):
@@ -79,11 +74,3 @@ class FalconFamily(Family):
                 made[id(mask)] = scaled.masked_fill(mask < -1, torch.finfo(hidden.dtype).min)
             out.append({"alibi": alibi, "attention_mask": made[id(mask)], "position_embeddings": None})
         return out
-
-    def kv_shape(self, config: PretrainedConfig) -> tuple[int, int]:
-        """New architecture: keys broadcast to every head; else multi-query (one) or ``num_kv_heads``."""
-        heads = int(config.num_attention_heads)
-        head_dim = int(config.hidden_size) // heads
-        if config.new_decoder_architecture:
-            return heads, head_dim
-        return (1 if config.multi_query else int(config.num_kv_heads)), head_dim

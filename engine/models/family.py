@@ -65,7 +65,6 @@ class Family:
     norm_eps: str = "rms_norm_eps"  # config field holding the final norm's epsilon
     embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
     experts: ExpertNames | None = None
-    grouped_kv: bool = True  # keys/values have ``num_key_value_heads`` heads (else one per attention head)
     # Block tensors older checkpoints carry that today's modules compute instead (names end with these).
     stale: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
@@ -146,13 +145,6 @@ class Family:
         """The hidden states a block returned (some blocks return a tuple with attention weights)."""
         hidden: torch.Tensor = output[0] if isinstance(output, tuple) else output
         return hidden
-
-    def kv_shape(self, config: PretrainedConfig) -> tuple[int, int]:
-        """(kv heads, head dim) of one block's cached keys: what the server's cache budget counts."""
-        heads = int(config.num_attention_heads)
-        kv_heads = (getattr(config, "num_key_value_heads", None) if self.grouped_kv else None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return int(kv_heads), int(head_dim)
 
     # ---- checkpoint layout ------------------------------------------------------------------
     def base_prefix(self, weight_map: dict[str, str]) -> str:

@@ -41,7 +41,6 @@ FAMILIES: dict[str, Family] = {
             names=TensorNames(base="gpt_neox", embed="embed_in", norm="final_layer_norm", lm_head="embed_out"),
             layer_norm=True,
             norm_eps="layer_norm_eps",
-            grouped_kv=False,
             stale=("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias"),  # Pythia's causal-mask buffers
         ),
         BloomFamily(
@@ -52,7 +51,6 @@ FAMILIES: dict[str, Family] = {
             names=_BLOOM_NAMES,
             layer_norm=True,
             norm_eps="layer_norm_epsilon",
-            grouped_kv=False,
         ),
         FalconFamily(
             "falcon",

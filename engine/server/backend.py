@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
 from corolla.engine.models.batched import run_rows
+from corolla.engine.models.cache_size import token_cache_bytes
 from corolla.engine.models.lora import using
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
@@ -58,7 +59,7 @@ class SpanBackend:
         self.device = next(span.layers.parameters()).device
         self.start, self.end = span.start, span.end
         self.hidden_size = int(config.hidden_size)
-        self.kv_heads, self.head_dim = span.family.kv_shape(config)  # what one block caches per token
+        self.token_bytes = token_cache_bytes(config, dtype)  # per block of the model: what one token takes in its cache
         self.budget = CacheBudget(cfg.cache_bytes)
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
@@ -129,7 +130,7 @@ class SpanBackend:
             raise ProtocolError(f"max_length {max_length} exceeds this server's limit of {self.cfg.max_length}")
         if batch_size > self.cfg.max_batch_size:
             raise ProtocolError(f"batch size {batch_size} exceeds this server's limit of {self.cfg.max_batch_size}")
-        per_token = cache_bytes_per_token(end - start, self.kv_heads, self.head_dim, self.dtype.itemsize)
+        per_token = cache_bytes_per_token(self.token_bytes[start:end])
         nbytes = per_token * max_length * batch_size
         with self._lock:
             if session_id in self.sessions:
@@ -199,7 +200,7 @@ class SpanBackend:
 
     def cache_tokens_left(self) -> int:
         """How many more tokens (one sequence over the whole span) the cache budget could hold."""
-        per_token = cache_bytes_per_token(self.end - self.start, self.kv_heads, self.head_dim, self.dtype.itemsize)
+        per_token = cache_bytes_per_token(self.token_bytes[self.start : self.end])
         return max(0, self.budget.free // max(1, per_token))
 
     # ---- compute ----------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from corolla.engine.errors import CacheFullError
 
 
-def cache_bytes_per_token(num_blocks: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    """Bytes of keys + values that one token of one sequence takes over ``num_blocks`` blocks."""
-    return 2 * num_blocks * kv_heads * head_dim * dtype_bytes
+def cache_bytes_per_token(block_token_bytes: Sequence[int]) -> int:
+    """Bytes that one token of one sequence takes over some blocks, given each block's (as measured by
+    ``corolla.engine.models.cache_size.token_cache_bytes``: what the block's layer really stores)."""
+    return sum(block_token_bytes)
 
 
 @dataclass

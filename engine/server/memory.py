@@ -4,7 +4,8 @@ With ``--max-memory`` the three together stay within the cap: the server takes a
 next to the activations of its largest job and at least ``--cache-bytes`` of cache, and the cache gets
 everything the blocks leave. Without a cap, the count comes from the device's free memory as before and
 the cache budget is ``--cache-bytes``. :func:`plan_memory` is pure; :func:`server_memory_plan` reads the
-model's shapes and the device's free memory (``torch.cuda.mem_get_info`` on CUDA) and calls it.
+model's shapes, what each block's layer stores per cached token (``models/cache_size.py``) and the device's
+free memory (``torch.cuda.mem_get_info`` on CUDA) and calls it.
 
 Activations are estimated, not measured: the hidden states of the largest message a peer may send
 (``--max-chunk-tokens``) through one block, with attention computed by SDPA's fused kernels (no
@@ -26,6 +27,7 @@ from transformers import PretrainedConfig
 
 from corolla.engine.config import ServerConfig, format_size
 from corolla.engine.errors import CorollaError
+from corolla.engine.models.cache_size import token_cache_bytes
 from corolla.engine.models.quant import quantized_weight_bytes
 from corolla.engine.models.span import BlockSpan
 
@@ -43,13 +45,19 @@ class MemoryPlan:
     cache_bytes: int  # attention-cache budget all sessions share
     activation_bytes: int  # kept free for the largest job and the requests in flight
     limit: int | None  # bytes the three may take together (None: no cap)
+    token_bytes: int  # cache bytes one token of one sequence takes over its blocks
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens of one sequence over all its blocks that the cache budget holds."""
+        return self.cache_bytes // max(1, self.token_bytes)
 
     def describe(self) -> str:
         """One line for the log."""
         cap = f" of {format_size(self.limit)} ({self.limit} bytes)" if self.limit is not None else ""
         return (
-            f"{self.num_blocks} blocks: weights {_mib(self.weight_bytes)}, cache {_mib(self.cache_bytes)}, "
-            f"activations {_mib(self.activation_bytes)}{cap}"
+            f"{self.num_blocks} blocks: weights {_mib(self.weight_bytes)}, cache {_mib(self.cache_bytes)} "
+            f"({self.cache_tokens} tokens), activations {_mib(self.activation_bytes)}{cap}"
         )
 
 
@@ -64,6 +72,7 @@ def _at_least(n: int) -> str:
 
 def plan_memory(
     block_bytes: Sequence[int],
+    block_token_bytes: Sequence[int],
     activation_bytes: int,
     min_cache_bytes: int,
     limit: int | None,
@@ -76,6 +85,7 @@ def plan_memory(
 
     Args:
         block_bytes: weight bytes of each block of the model (as it will be loaded and quantized).
+        block_token_bytes: cache bytes one token of one sequence takes in each block of the model.
         activation_bytes: bytes kept for activations (see the module docstring).
         min_cache_bytes: with a cap, the least cache room to keep when counting blocks (``--cache-bytes``);
             without one, the cache budget itself.
@@ -92,12 +102,18 @@ def plan_memory(
     fixed = span[1] - span[0] if span is not None else num_blocks
     if fixed is not None:
         fixed = min(fixed, total)
+
+    def per_token(blocks: int) -> int:  # the chosen span's blocks, else any ``blocks`` counted at the largest
+        if span is not None:
+            return sum(block_token_bytes[span[0] : span[1]])
+        return blocks * max(block_token_bytes)
+
     if limit is None:
         if fixed is None:
             usable = int((device_free or 0) * DEVICE_RESERVE) - min_cache_bytes
             fixed = max(1, min(total, usable // widest)) if device_free is not None else total
         weights = sum(block_bytes[span[0] : span[1]]) if span is not None else fixed * widest
-        return MemoryPlan(fixed, weights, min_cache_bytes, activation_bytes, None)
+        return MemoryPlan(fixed, weights, min_cache_bytes, activation_bytes, None, per_token(fixed))
     if fixed is not None:
         weights = sum(block_bytes[span[0] : span[1]]) if span is not None else fixed * widest
         left = limit - weights - activation_bytes
@@ -110,7 +126,7 @@ def plan_memory(
             )
         if left < min_cache_bytes:
             logger.warning("only %s of attention cache fit next to %d blocks under --max-memory", _mib(left), fixed)
-        return MemoryPlan(fixed, weights, left, activation_bytes, limit)
+        return MemoryPlan(fixed, weights, left, activation_bytes, limit, per_token(fixed))
     count = min(total, (limit - activation_bytes - min_cache_bytes) // widest)
     if count < 1:
         need = widest + activation_bytes + min_cache_bytes
@@ -121,7 +137,7 @@ def plan_memory(
             "or use --quant int8 or nf4"
         )
     weights = count * widest
-    return MemoryPlan(count, weights, limit - weights - activation_bytes, activation_bytes, limit)
+    return MemoryPlan(count, weights, limit - weights - activation_bytes, activation_bytes, limit, per_token(count))
 
 
 def block_weight_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str) -> list[int]:
@@ -178,6 +194,7 @@ def server_memory_plan(config: PretrainedConfig, cfg: ServerConfig, dtype: torch
     span = parse_span(cfg.blocks, int(config.num_hidden_layers)) if cfg.blocks else None
     return plan_memory(
         block_weight_bytes(config, dtype, quant),
+        token_cache_bytes(config, dtype),
         estimate_activation_bytes(config, cfg, dtype, quant),
         cfg.cache_bytes,
         limit,

@@ -12,6 +12,7 @@ from transformers import LlamaConfig
 
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, CorollaError, ProtocolError
+from corolla.engine.models.cache_size import token_cache_bytes
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
@@ -21,6 +22,7 @@ MiB = 2**20
 HIDDEN = TINY_DEFAULTS["hidden_size"]
 KV_HEADS = TINY_DEFAULTS["num_key_value_heads"]
 HEAD_DIM = HIDDEN // TINY_DEFAULTS["num_attention_heads"]
+BLOCK_BYTES = 2 * KV_HEADS * HEAD_DIM * 4  # keys and values of one token in one Llama block, float32
 SPAN = (1, 4)  # the backend hosts blocks 1..3
 
 
@@ -76,11 +78,15 @@ def test_concurrent_reservations_never_overcommit() -> None:
     assert len(refused) == 8 * 1000 - 5000
 
 
-def test_cache_bytes_per_token_formula() -> None:
-    # keys and values, per block, per kv head, per head dimension, per byte
-    assert cache_bytes_per_token(num_blocks=3, kv_heads=2, head_dim=16, dtype_bytes=4) == 2 * 3 * 2 * 16 * 4
-    assert cache_bytes_per_token(1, 1, 1, 2) == 4
-    assert cache_bytes_per_token(10, 8, 128, 2) == 10 * cache_bytes_per_token(1, 8, 128, 2)
+def test_cache_bytes_per_token_adds_the_blocks() -> None:
+    assert cache_bytes_per_token([256, 256, 512]) == 1024  # blocks may store different amounts
+    assert cache_bytes_per_token([]) == 0
+
+
+def test_a_llama_block_stores_keys_and_values_of_its_kv_heads() -> None:
+    config = LlamaConfig(**TINY_DEFAULTS)
+    assert token_cache_bytes(config, torch.float32) == (BLOCK_BYTES,) * config.num_hidden_layers
+    assert token_cache_bytes(config, torch.bfloat16) == (BLOCK_BYTES // 2,) * config.num_hidden_layers
 
 
 @torch.inference_mode()
@@ -93,14 +99,14 @@ def test_cache_bytes_per_token_matches_what_a_full_span_cache_holds() -> None:
     held = sum(
         t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
     )
-    assert held == cache_bytes_per_token(3, KV_HEADS, HEAD_DIM, 4) * max_length * batch
+    assert held == cache_bytes_per_token(token_cache_bytes(config, torch.float32)[0:3]) * max_length * batch
 
 
 # ---- SpanBackend --------------------------------------------------------------------------------
 
 
 def per_token_bytes() -> int:
-    return cache_bytes_per_token(SPAN[1] - SPAN[0], KV_HEADS, HEAD_DIM, torch.float32.itemsize)
+    return (SPAN[1] - SPAN[0]) * BLOCK_BYTES
 
 
 def make_backend(**cfg: int) -> SpanBackend:
@@ -135,7 +141,7 @@ def test_open_session_refuses_past_the_budget_and_accepts_after_close(backend: S
 
 def test_reservation_scales_with_blocks_batch_and_length(backend: SpanBackend) -> None:
     s = backend.open_session("s", 2, 3, max_length=30, batch_size=3)  # one block of the three
-    assert s.reserved_bytes == cache_bytes_per_token(1, KV_HEADS, HEAD_DIM, 4) * 30 * 3
+    assert s.reserved_bytes == BLOCK_BYTES * 30 * 3
     assert backend.budget.used == s.reserved_bytes
     assert backend.cache_tokens_left() == backend.budget.free // per_token_bytes()
 

@@ -11,10 +11,12 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 from corolla.engine.errors import CorollaError
+from corolla.engine.models.cache_size import token_cache_bytes
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
 from corolla.engine.models.family import ExpertNames, fuse_experts
 from corolla.engine.models.registry import FAMILIES, get_family, sliding_window_of
 from corolla.engine.models.span import BlockSpan, SpanCache, build_attention_mask
+from corolla.engine.server.kv_cache import cache_bytes_per_token
 from corolla.engine.testing import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
 
 ATOL = 1e-4
@@ -169,17 +171,25 @@ def test_registry_lists_exactly_the_tested_families() -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 @torch.inference_mode()
 def test_cache_accounting_matches_the_cached_keys(case: str) -> None:
-    """The server reserves cache by the family's (kv heads, head dim): it must be what the blocks really store."""
+    """The server reserves cache by the measured bytes per token: exactly what a SpanCache holds after N tokens."""
     family, overrides = CASES[case]
     config = tiny_config(family, **overrides)
-    span = BlockSpan(config, 0, 2)
-    cache = SpanCache(0, 2, 8)
-    span(torch.randn(2, 3, config.hidden_size), cache)
-    kv_heads, head_dim = get_family(config).kv_shape(config)
-    for layer in cache.span_layers:
-        assert layer.keys is not None and layer.values is not None
-        assert layer.keys.shape[0] == 2 and layer.keys.shape[1] == kv_heads and layer.keys.shape[3] == head_dim
-        assert layer.values.shape == layer.keys.shape
+    batch, prompt, steps = 2, 3, 2
+    tokens = prompt + steps
+    span = BlockSpan(config, 1, 3)
+    cache = SpanCache(1, 2, max_length=tokens)  # storage for exactly ``tokens`` tokens
+    span(torch.randn(batch, prompt, config.hidden_size), cache)
+    for _ in range(steps):
+        span(torch.randn(batch, 1, config.hidden_size), cache)
+    per_block = token_cache_bytes(config, torch.float32)
+    assert len(per_block) == config.num_hidden_layers
+    for block, layer in zip(range(1, 3), cache.span_layers, strict=True):
+        held = [t for t in (layer.keys, layer.values) if t is not None]
+        assert held and all(t.shape[0] == batch and t.shape[2] == tokens for t in held)
+        assert sum(t.numel() * t.element_size() for t in held) == per_block[block] * batch * tokens
+    assert cache_bytes_per_token(per_block[1:3]) * batch * tokens == sum(
+        t.numel() * t.element_size() for layer in cache.span_layers for t in (layer.keys, layer.values) if t is not None
+    )
 
 
 def test_span_bounds_are_checked() -> None:

@@ -28,53 +28,73 @@ from corolla.engine.server.memory import (
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 2**20
+KiB = 2**10
+
+
+def tokens(blocks: list[int]) -> list[int]:
+    """Cache bytes per token of each block: 1 KiB, the same for all."""
+    return [KiB] * len(blocks)
 
 
 def test_a_limit_that_fits_exactly_n_blocks_gets_n() -> None:
     blocks, act, cache = [10 * MiB] * 8, 3 * MiB, 2 * MiB
     for n in (1, 3, 8):
         limit = n * 10 * MiB + act + cache
-        plan = plan_memory(blocks, act, cache, limit)
+        plan = plan_memory(blocks, tokens(blocks), act, cache, limit)
         assert plan.num_blocks == n and plan.cache_bytes == cache
         assert plan.weight_bytes + plan.cache_bytes + plan.activation_bytes == limit
         if n > 1:
-            one_less = plan_memory(blocks, act, cache, limit - 1)
+            one_less = plan_memory(blocks, tokens(blocks), act, cache, limit - 1)
             assert one_less.num_blocks == n - 1
             assert one_less.cache_bytes == cache + 10 * MiB - 1  # the cache takes what the blocks leave
             assert one_less.weight_bytes + one_less.cache_bytes + one_less.activation_bytes == limit - 1
-    huge = plan_memory(blocks, act, cache, 10**12)
+    huge = plan_memory(blocks, tokens(blocks), act, cache, 10**12)
     assert huge.num_blocks == 8 and huge.cache_bytes == 10**12 - 80 * MiB - act  # never more blocks than exist
 
 
 def test_not_even_one_block_is_a_clear_error_that_names_a_size_that_works() -> None:
     blocks, act, cache = [10 * MiB] * 4, 3 * MiB, 2 * MiB
     with pytest.raises(CorollaError, match="not even one block") as info:
-        plan_memory(blocks, act, cache, 15 * MiB - 1)
+        plan_memory(blocks, tokens(blocks), act, cache, 15 * MiB - 1)
     message = str(info.value)
     assert "--quant" in message and "--cache-bytes" in message
     suggested = re.search(r"give --max-memory (\S+) or more", message)
     assert suggested is not None
-    assert plan_memory(blocks, act, cache, parse_size(suggested.group(1))).num_blocks == 1
+    assert plan_memory(blocks, tokens(blocks), act, cache, parse_size(suggested.group(1))).num_blocks == 1
 
 
 def test_given_blocks_must_fit_and_the_cache_gets_the_rest() -> None:
     blocks = [4 * MiB, 4 * MiB, 9 * MiB, 4 * MiB]  # block 2 is bigger (e.g. a dense block among experts)
-    plan = plan_memory(blocks, MiB, MiB, 30 * MiB, span=(1, 3))
+    plan = plan_memory(blocks, tokens(blocks), MiB, MiB, 30 * MiB, span=(1, 3))
     assert plan.num_blocks == 2 and plan.weight_bytes == 13 * MiB and plan.cache_bytes == 16 * MiB
     with pytest.raises(CorollaError, match="cannot hold 2 blocks"):
-        plan_memory(blocks, MiB, MiB, 14 * MiB, span=(1, 3))
-    counted = plan_memory(blocks, MiB, MiB, 30 * MiB, num_blocks=3)  # any 3 blocks: counted at the widest
+        plan_memory(blocks, tokens(blocks), MiB, MiB, 14 * MiB, span=(1, 3))
+    counted = plan_memory(
+        blocks, tokens(blocks), MiB, MiB, 30 * MiB, num_blocks=3
+    )  # any 3 blocks: counted at the widest
     assert counted.weight_bytes == 27 * MiB and counted.cache_bytes == 2 * MiB
-    auto = plan_memory(blocks, MiB, MiB, 30 * MiB)
+    auto = plan_memory(blocks, tokens(blocks), MiB, MiB, 30 * MiB)
     assert auto.num_blocks == 3  # (30 - 1 - 1) // 9
+
+
+def test_the_plan_counts_the_tokens_its_cache_holds_over_its_blocks() -> None:
+    blocks = [4 * MiB] * 4
+    token_bytes = [KiB, KiB, 3 * KiB, KiB]  # block 2 stores more per token (e.g. more key heads)
+    given = plan_memory(blocks, token_bytes, MiB, MiB, 30 * MiB, span=(1, 3))
+    assert given.token_bytes == 4 * KiB and given.cache_tokens == given.cache_bytes // (4 * KiB)
+    counted = plan_memory(blocks, token_bytes, MiB, MiB, 30 * MiB, num_blocks=2)  # any 2: counted at the largest
+    assert counted.token_bytes == 6 * KiB
+    assert f"({counted.cache_tokens} tokens)" in counted.describe()
 
 
 def test_without_a_limit_the_device_free_memory_decides_and_the_cache_is_as_given() -> None:
     blocks = [10 * MiB] * 8
-    plan = plan_memory(blocks, MiB, 5 * MiB, None, device_free=50 * MiB)
+    plan = plan_memory(blocks, tokens(blocks), MiB, 5 * MiB, None, device_free=50 * MiB)
     assert plan.num_blocks == (45 * MiB - 5 * MiB) // (10 * MiB) and plan.cache_bytes == 5 * MiB
-    assert plan_memory(blocks, MiB, 5 * MiB, None, device_free=MiB).num_blocks == 1  # as before: at least one
-    assert plan_memory(blocks, MiB, 5 * MiB, None, num_blocks=3).num_blocks == 3
+    assert (
+        plan_memory(blocks, tokens(blocks), MiB, 5 * MiB, None, device_free=MiB).num_blocks == 1
+    )  # as before: at least one
+    assert plan_memory(blocks, tokens(blocks), MiB, 5 * MiB, None, num_blocks=3).num_blocks == 3
 
 
 @torch.inference_mode()
@@ -96,6 +116,7 @@ def test_server_plan_on_a_tiny_model_holds_in_loaded_bytes(tiny_checkpoint: Call
             held = tensor_bytes(span.layers) + backend.budget.capacity + plan.activation_bytes
             assert tensor_bytes(span.layers) == plan.weight_bytes
             assert held <= given
+            assert backend.cache_tokens_left() == plan.cache_tokens  # the plan and the server count alike
         finally:
             backend.shutdown()
 
