@@ -15,7 +15,6 @@ from transformers import PretrainedConfig
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
 from corolla.engine.models.batched import run_rows
-from corolla.engine.models.lora import using
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
@@ -249,9 +248,11 @@ class SpanBackend:
 
                     def run(part: torch.Tensor = part, at: int = position + i) -> torch.Tensor:
                         self._check_not_reclaimed(session)
-                        with torch.inference_mode(), using(session.adapter):
+                        with torch.inference_mode():
                             session.cache.truncate(at)
-                            return self.span(part, session.cache, start=session.start, end=session.end)
+                            return self.span(
+                                part, session.cache, start=session.start, end=session.end, adapter=session.adapter
+                            )
 
                     parts.append(await self._compute.run(run, *self._turn(session), favored=session.favored))
                 out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -275,14 +276,14 @@ class SpanBackend:
         for s, _, _ in steps:
             self._check_not_reclaimed(s)
         session = steps[0][0]  # every step of a batch has its blocks and adapter (the batch key)
-        with torch.inference_mode(), using(session.adapter):
+        with torch.inference_mode():
             for s, position, _ in steps:
                 s.cache.truncate(position)
             if len(steps) == 1:
-                return [self.span(steps[0][2], session.cache, start=session.start, end=session.end)]
-            outs = run_rows(
-                self.span, [x for _, _, x in steps], [s.cache for s, _, _ in steps], session.start, session.end
-            )
+                x = steps[0][2]
+                return [self.span(x, session.cache, start=session.start, end=session.end, adapter=session.adapter)]
+            inputs, caches = [x for _, _, x in steps], [s.cache for s, _, _ in steps]
+            outs = run_rows(self.span, inputs, caches, session.start, session.end, session.adapter)
         self.rows_batched += sum(x.shape[0] for _, _, x in steps)
         return outs
 
@@ -306,8 +307,8 @@ class SpanBackend:
             part = x[:, i : i + chunk]
 
             def run(part: torch.Tensor = part) -> torch.Tensor:
-                with torch.inference_mode(), using(adapter):
-                    out = self.span(part, cache, 0, start=start, end=end)
+                with torch.inference_mode():
+                    out = self.span(part, cache, 0, start=start, end=end, adapter=adapter)
                 return out.to("cpu", wire_dtype)
 
             outputs.append(await self._compute.run(run, Priority.FORWARD, peer))

@@ -19,7 +19,6 @@ from hivemind.proto import runtime_pb2
 
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
 from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError
-from corolla.engine.models.lora import using
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.wire.messages import StepResult
 from corolla.engine.wire.training import Assembler, TrainRequest, answer_shapes, pieces, request_shapes
@@ -75,8 +74,8 @@ def train_forward(
     p = _checked(backend, prompts, "deep prompts") if prompts is not None else None
 
     def run() -> torch.Tensor:
-        with torch.no_grad(), using(req.adapter):
-            out = backend.span(x, None, 0, start=req.start, end=req.end, prompts=p)
+        with torch.no_grad():
+            out = backend.span(x, None, 0, start=req.start, end=req.end, prompts=p, adapter=req.adapter)
         return out.to("cpu", wire)
 
     return run
@@ -92,10 +91,10 @@ def train_backward(
     p = _checked(backend, prompts, "deep prompts") if prompts is not None else None
 
     def run() -> list[torch.Tensor]:
-        with torch.enable_grad(), using(req.adapter):
+        with torch.enable_grad():
             xs = x.detach().requires_grad_(True)
             ps = p.detach().requires_grad_(True) if p is not None else None
-            out = backend.span(xs, None, 0, start=req.start, end=req.end, prompts=ps)
+            out = backend.span(xs, None, 0, start=req.start, end=req.end, prompts=ps, adapter=req.adapter)
             wrt = [xs] if ps is None else [xs, ps]
             grads = torch.autograd.grad(out, wrt, grad_outputs=g)
         return [t.to("cpu", wire) for t in grads]
