@@ -49,7 +49,16 @@ class ServerSession:
 class SpanBackend:
     """Blocks ``start..end-1`` loaded on a device, with the checks every peer request goes through."""
 
-    def __init__(self, span: BlockSpan, config: PretrainedConfig, cfg: ServerConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        span: BlockSpan,
+        config: PretrainedConfig,
+        cfg: ServerConfig,
+        dtype: torch.dtype,
+        *,
+        ledger: Ledger | None = None,
+    ) -> None:
+        """Serve ``span``; ``ledger`` (server/ledger.py), if given, counts the tokens served per client peer."""
         self.span = span
         self.config = config
         self.cfg = cfg
@@ -62,9 +71,7 @@ class SpanBackend:
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
         self.rows_batched = 0  # decode rows that ran in one forward with another session's
-        self.ledger: Ledger | None = (
-            None  # a Ledger (server/ledger.py) counting tokens per client peer, if the server set one
-        )
+        self.ledger = ledger
         # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
         self.tokens_in_flight = PeerBudget(
             "tokens in flight", cfg.max_tokens_in_flight_per_peer, cfg.max_tokens_in_flight

@@ -111,8 +111,11 @@ class TrainingRPCs:
         cfg: ServerConfig,
         error_answer: ErrorAnswer,
         admit: Callable[[str | None, str, str], None] = lambda proof, client, server: None,
+        *,
+        peer_id: str,
     ) -> None:
         self.serving = serving
+        self.peer_id = peer_id  # this server's (named in the errors it answers about itself)
         self.cfg = cfg
         self.error_answer = error_answer
         self.admit = admit  # a private swarm's membership check: (proof, client id, server id); raises if refused
@@ -145,7 +148,7 @@ class TrainingRPCs:
                 )
             except TimeoutError as e:
                 raise PeerUnavailableError(
-                    "this server", f"the {kind} did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere"
+                    self.peer_id, f"the {kind} did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere"
                 ) from e
             for piece in pieces(outs, ANSWER_PIECE_BYTES):
                 yield runtime_pb2.ExpertResponse(tensors=[piece], metadata=StepResult().encode())
