@@ -15,7 +15,7 @@ import msgpack
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
+from corolla.engine.config import ServerConfig
 from corolla.engine.errors import (
     CorollaError,
     PeerUnavailableError,
@@ -41,9 +41,10 @@ from corolla.engine.wire.messages import (
     Push,
     Step,
     StepResult,
+    check_version,
     decode_inference_message,
 )
-from corolla.engine.wire.tensors import deserialize, serialize
+from corolla.engine.wire.tensors import ANSWER_PART_BYTES, deserialize, length_parts, serialize
 from corolla.engine.wire.training import RPC_BACKWARD, RPC_TRAIN_FORWARD
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,6 @@ def error_answer(e: Exception, step_id: int = -1) -> runtime_pb2.ExpertResponse:
         text = str(e) if isinstance(e, CorollaError) else f"internal error: {type(e).__name__}: {e}"
     meta = StepResult(ok=False, step_id=step_id, error=text, error_type=kind)
     return runtime_pb2.ExpertResponse(metadata=meta.encode())
-
-
-def _check_version(version: int) -> None:
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version} is not supported (server speaks {PROTOCOL_VERSION}); upgrade the older side"
-        )
 
 
 def _one_tensor(request: runtime_pb2.ExpertRequest) -> Any:
@@ -209,7 +203,7 @@ class Handler:
                     if isinstance(msg, OpenSession):
                         if session is not None:
                             raise ProtocolError("this stream already has an open session")
-                        _check_version(msg.version)
+                        check_version(msg.version)
                         try:
                             self.gate.admit(msg.proof, peer, str(context.local_id))
                         except PrivateSwarmError as e:
@@ -290,7 +284,7 @@ class Handler:
             try:
                 msg = Push.decode(request.metadata)
                 step_id = msg.step_id
-                _check_version(msg.version)
+                check_version(msg.version)
                 if not admitted:
                     try:
                         self.gate.admit(msg.proof, peer, str(context.local_id))
@@ -329,12 +323,8 @@ class Handler:
                     self.peer_id,
                     f"the forward did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere",
                 ) from e
-            # Answer in parts of at most 2 MiB (peers cap messages at max_message_bytes).
-            step = max(1, (2 * 1024 * 1024) // max(1, out.shape[0] * out.shape[2] * out.element_size()))
-            for i in range(0, out.shape[1], step):
-                yield runtime_pb2.ExpertResponse(
-                    tensors=[serialize(out[:, i : i + step])], metadata=StepResult().encode()
-                )
+            for part in length_parts(out, ANSWER_PART_BYTES):
+                yield runtime_pb2.ExpertResponse(tensors=[serialize(part)], metadata=StepResult().encode())
         except CorollaError as e:
             logger.info("rejected a forward from %s: %s", peer[-6:], e)
             yield error_answer(e)
@@ -368,7 +358,7 @@ class Handler:
                 )
             if meta is None:
                 meta = ForwardRequest.decode(request.metadata)
-                _check_version(meta.version)
+                check_version(meta.version)
                 self.gate.admit(meta.proof, peer, server_id)
             for proto in request.tensors:
                 t = deserialize(proto)

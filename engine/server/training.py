@@ -17,26 +17,21 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
-from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
+from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError
 from corolla.engine.server.backend import SpanBackend
-from corolla.engine.wire.messages import StepResult
+from corolla.engine.wire.messages import StepResult, check_version
+from corolla.engine.wire.tensors import ANSWER_PART_BYTES
 from corolla.engine.wire.training import Assembler, TrainRequest, answer_shapes, pieces, request_shapes
 
 logger = logging.getLogger(__name__)
-
-ANSWER_PIECE_BYTES = 2 * 1024 * 1024  # peers cap messages at max_message_bytes (4 MiB by default)
 
 ErrorAnswer = Callable[[Exception], runtime_pb2.ExpertResponse]
 
 
 def check_request(backend: SpanBackend, req: TrainRequest) -> None:
     """Refuse a training call this server may not run, from its header alone."""
-    if req.version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {req.version} is not supported (server speaks {PROTOCOL_VERSION}); "
-            "upgrade the older side"
-        )
+    check_version(req.version)
     backend.check_span(req.start, req.end)
     cfg = backend.cfg
     if req.batch > cfg.max_batch_size:
@@ -150,7 +145,7 @@ class TrainingRPCs:
                 raise PeerUnavailableError(
                     self.peer_id, f"the {kind} did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere"
                 ) from e
-            for piece in pieces(outs, ANSWER_PIECE_BYTES):
+            for piece in pieces(outs, ANSWER_PART_BYTES):
                 yield runtime_pb2.ExpertResponse(tensors=[piece], metadata=StepResult().encode())
         except CorollaError as e:
             logger.info("rejected a %s from %s: %s", kind, peer[-6:], e)
