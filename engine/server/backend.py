@@ -328,6 +328,10 @@ class SpanBackend:
         """Run ``fn`` on the compute thread as a forward-priority job of ``peer`` (training calls use it)."""
         return await self._compute.run(fn, Priority.FORWARD, peer)
 
+    def count_processed(self, tokens: int) -> None:
+        """Count ``tokens`` a job run through :meth:`compute` processed (training forwards)."""
+        self.tokens_processed += tokens
+
     def queued(self) -> int:
         """Requests waiting for the compute thread."""
         return len(self._compute)

@@ -195,7 +195,7 @@ class TrainingRPCs:
         prompts = tensors[-1] if req.pre else None
         if kind == "forward":
             out = await backend.compute(train_forward(backend, req, tensors[0], prompts), peer)
-            backend.tokens_processed += req.batch * req.length
+            backend.count_processed(req.batch * req.length)
             return [out]
         grads = await backend.compute(train_backward(backend, req, tensors[0], tensors[1], prompts), peer)
         return grads
