@@ -100,6 +100,35 @@ def get_client(
     return client
 
 
+class AdapterFields(Protocol):
+    """The fields of an adapter object (LangChain's or LlamaIndex's) that say which client it uses."""
+
+    model_name: str
+    initial_peers: list[str]
+    token: SecretStr | None
+    timeout: float | None
+    max_retries: int | None
+    client_config: dict[str, Any]
+    swarm_key: str | None
+    client: Any
+
+
+def adapter_client(fields: AdapterFields, model: str | None = None) -> ClientLike:
+    """The client an adapter object uses for ``model`` (default: its own model), connecting on first use.
+
+    That is the ``client`` it was given, if any, for its own model; else the shared client of the
+    model, swarm, token and client settings (:func:`get_client`).
+    """
+    if model is None or model == fields.model_name:
+        if fields.client is not None:
+            return fields.client  # type: ignore[no-any-return]
+        model = fields.model_name
+    overrides = client_overrides(
+        fields.client_config, timeout=fields.timeout, max_retries=fields.max_retries, swarm_key=fields.swarm_key
+    )
+    return get_client(model, fields.initial_peers, fields.token, overrides)
+
+
 def close_clients() -> None:
     """Close every shared client (for tests and for apps that want to leave the swarm)."""
     with _clients_lock:

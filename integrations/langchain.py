@@ -41,14 +41,13 @@ from langchain_core.outputs import (
     LLMResult,
 )
 from langchain_core.utils import secret_from_env
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from corolla.integrations._shared import (
     PROVIDER,
     ClientLike,
     SamplingParams,
-    client_overrides,
-    get_client,
+    adapter_client,
     merge_consecutive_roles,
     merge_stops,
     usage_dict,
@@ -102,8 +101,6 @@ class _CorollaFields(BaseModel):
     client: Any = Field(default=None, exclude=True)
     """An existing ``DistributedModelForCausalLM`` to use instead of the shared one."""
 
-    _client: ClientLike | None = PrivateAttr(default=None)
-
     @model_validator(mode="after")
     def _connect_if_asked(self) -> Self:
         if self.connect_on_init:
@@ -135,19 +132,7 @@ class _CorollaFields(BaseModel):
 
     def _get_client(self, model: str | None = None) -> ClientLike:
         """The client for ``model`` (default: this object's), connecting on first use."""
-        if model is not None and model != self.model_name:
-            overrides = client_overrides(
-                self.client_config, timeout=self.timeout, max_retries=self.max_retries, swarm_key=self.swarm_key
-            )
-            return get_client(model, self.initial_peers, self.token, overrides)
-        if self.client is not None:
-            return self.client  # type: ignore[no-any-return]
-        if self._client is None:
-            overrides = client_overrides(
-                self.client_config, timeout=self.timeout, max_retries=self.max_retries, swarm_key=self.swarm_key
-            )
-            self._client = get_client(self.model_name, self.initial_peers, self.token, overrides)
-        return self._client
+        return adapter_client(self, model)
 
     def _ls_params(
         self, model_type: Literal["chat", "llm"], stop: list[str] | None, kwargs: dict[str, Any]

@@ -29,7 +29,7 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, SecretStr
+from llama_index.core.bridge.pydantic import Field, SecretStr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
@@ -38,9 +38,8 @@ from corolla.integrations._shared import (
     PROVIDER,
     ClientLike,
     SamplingParams,
+    adapter_client,
     aiter_in_executor,
-    client_overrides,
-    get_client,
     merge_consecutive_roles,
     merge_stops,
     usage_dict,
@@ -95,8 +94,6 @@ class DistributedLLM(CustomLLM):
     swarm_key: str | None = Field(default=None, description="Key file of a private swarm (default: public).")
     client: Any = Field(default=None, exclude=True, description="An existing DistributedModelForCausalLM.")
 
-    _client: ClientLike | None = PrivateAttr(default=None)
-
     @classmethod
     def class_name(cls) -> str:
         return "CorollaDistributedLLM"
@@ -116,14 +113,7 @@ class DistributedLLM(CustomLLM):
         )
 
     def _get_client(self) -> ClientLike:
-        if self.client is not None:
-            return self.client  # type: ignore[no-any-return]
-        if self._client is None:
-            overrides = client_overrides(
-                self.client_config, timeout=self.timeout, max_retries=self.max_retries, swarm_key=self.swarm_key
-            )
-            self._client = get_client(self.model_name, self.initial_peers, self.token, overrides)
-        return self._client
+        return adapter_client(self)
 
     def _engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The one place where fields and per-call kwargs become generation settings."""

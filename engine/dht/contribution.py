@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from corolla.engine.dht.signing import PeerIdentity, peer_public_key
+from corolla.engine.dht.signing import PeerIdentity, peer_pair_bytes, peer_public_key
 from corolla.engine.errors import CorollaError
 
 CLAIM_WINDOW = 300.0  # seconds a claim stays valid either side of the server's clock
@@ -27,11 +27,7 @@ _PRIVATE_PREFIX = b"\x08\x01\x12\x40"  # libp2p protobuf of an Ed25519 private k
 
 
 def _payload(client_id: str, server_id: str, stamp: float) -> bytes:
-    parts = [_DOMAIN]
-    for text in (client_id, server_id):
-        raw = text.encode()
-        parts += [struct.pack(">H", len(raw)), raw]
-    return b"".join([*parts, struct.pack(">d", stamp)])
+    return peer_pair_bytes(_DOMAIN, client_id, server_id) + struct.pack(">d", stamp)
 
 
 def make_claim(identity: PeerIdentity, client_id: str, server_id: str, now: float | None = None) -> str:

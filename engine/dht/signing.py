@@ -87,6 +87,16 @@ def key_id(key: str) -> bytes:
     return DHTID.generate(source=key).to_bytes()
 
 
+def peer_pair_bytes(domain: bytes, client_id: str, server_id: str) -> bytes:
+    """``domain`` then both peer ids, each length-prefixed: the start of what a proof between two peers covers
+    (a contributor claim's signature, a private swarm's stream proof), so no two pairs share bytes."""
+    parts = [domain]
+    for text in (client_id, server_id):
+        raw = text.encode()
+        parts += [struct.pack(">H", len(raw)), raw]
+    return b"".join(parts)
+
+
 def signed_payload(key_id_bytes: bytes, subkey: str, expiration: float, body: bytes) -> bytes:
     """The exact bytes a record signature covers (length-prefixed, so no two inputs share them)."""
     sub = subkey.encode()

@@ -56,7 +56,12 @@ class RowsCache(Cache):
 
 
 def run_rows(
-    span: BlockSpan, inputs: list[torch.Tensor], caches: list[SpanCache], start: int, end: int
+    span: BlockSpan,
+    inputs: list[torch.Tensor],
+    caches: list[SpanCache],
+    start: int,
+    end: int,
+    adapter: str | None = None,
 ) -> list[torch.Tensor]:
     """Decode one token for each session in one forward of blocks ``start..end-1``.
 
@@ -64,6 +69,7 @@ def run_rows(
         span: the blocks.
         inputs: per session, [batch_i, 1, hidden] hidden states of its next token.
         caches: per session, its cache over exactly blocks ``start..end-1``, holding at least one token.
+        adapter: the span's LoRA adapter every row runs with (None: the base model).
 
     Returns:
         Per session, [batch_i, 1, hidden] outputs, as ``span(inputs[i], caches[i])`` would give.
@@ -87,9 +93,10 @@ def run_rows(
     for cache in caches:
         cache.begin_step(1)
     try:
-        for block, kwargs in zip(blocks, kwargs_per_block, strict=True):
-            output = span.layers[block - span.start](hidden, **kwargs, **{span.cache_kwarg: rows}, use_cache=True)
-            hidden = span.family.layer_output(output)
+        with span.adapter_choice.selecting(adapter):
+            for block, kwargs in zip(blocks, kwargs_per_block, strict=True):
+                output = span.layers[block - span.start](hidden, **kwargs, **{span.cache_kwarg: rows}, use_cache=True)
+                hidden = span.family.layer_output(output)
     except BaseException:
         for cache in caches:
             cache.abort_step()

@@ -255,12 +255,18 @@ def build_attention_mask(
     """Additive causal mask [1, 1, new, offset + new] for queries at positions offset..offset+new-1."""
     q_pos = torch.arange(offset, offset + new, device=device)[:, None]
     k_pos = torch.arange(offset + new, device=device)[None, :]
+    return _additive_mask(q_pos, k_pos, window, dtype)[None, None]
+
+
+def _additive_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """0 where query position ``q_pos`` may see key position ``k_pos`` (causal, within ``window``), the minimum
+    elsewhere; the shape is ``q_pos``'s and ``k_pos``'s broadcast together."""
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= (q_pos - k_pos) < window
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return mask
 
 
 def causal_masks(
@@ -291,12 +297,7 @@ def row_masks(
     for block in blocks:
         window = sliding_window_of(config, block)
         if window not in made:
-            allowed = k_pos <= q_pos
-            if window is not None:
-                allowed &= (q_pos - k_pos) < window
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-            made[window] = mask[:, None, None, :]
+            made[window] = _additive_mask(q_pos, k_pos, window, dtype)[:, None, None, :]
         out.append(made[window])
     return out
 

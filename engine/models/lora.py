@@ -3,7 +3,8 @@
 A PEFT LoRA adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with tensors
 named like ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``. For every block of the
 span, each targeted ``nn.Linear`` becomes a :class:`LoraLinear` that adds ``scale * B(A(x))`` of the
-adapter active in the current compute job (:func:`using`); with none active it is the plain layer.
+adapter the span's running forward was given (``span(..., adapter=name)``, kept in the span's
+:class:`~corolla.engine.models.span.AdapterChoice`); with none given it is the plain layer.
 On a quantized server (``--quant int8`` / ``nf4``) the frozen layer is the quantized one and the update
 runs in float32 next to it, as QLoRA trains and serves. Servers need no PEFT: only the files. The
 adapter's name is its folder's name.
@@ -11,13 +12,11 @@ adapter's name is its folder's name.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import re
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,31 +26,20 @@ from torch import nn
 
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.quant import Int8Linear, NF4Linear
-from corolla.engine.models.span import BlockSpan
+from corolla.engine.models.span import AdapterChoice, BlockSpan
 
 MAX_ADAPTER_NAME = 128
 ADAPTABLE = (nn.Linear, Int8Linear, NF4Linear)  # frozen layers a LoRA update can sit next to
-_active = threading.local()  # the adapter of the job running on this thread (the compute thread)
-
-
-@contextlib.contextmanager
-def using(adapter: str | None) -> Iterator[None]:
-    """Run the spans' LoRA layers with ``adapter`` (None: the base model) inside this block."""
-    previous = getattr(_active, "name", None)
-    _active.name = adapter
-    try:
-        yield
-    finally:
-        _active.name = previous
 
 
 class LoraLinear(nn.Module):
     """A frozen linear layer (plain or quantized) plus the low-rank updates of every served adapter that
     targets it."""
 
-    def __init__(self, base: nn.Linear | Int8Linear | NF4Linear) -> None:
+    def __init__(self, base: nn.Linear | Int8Linear | NF4Linear, choice: AdapterChoice) -> None:
         super().__init__()
         self.base = base
+        self.choice = choice  # the span's: which adapter its running forward applies
         self.in_features, self.out_features = base.in_features, base.out_features
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # name -> (A [r, in], B [out, r], scale)
 
@@ -65,7 +53,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
-        update = self.updates.get(getattr(_active, "name", None) or "")
+        update = self.updates.get(self.choice.name or "")
         if update is None:
             return out
         a, b, scale = update
@@ -138,7 +126,7 @@ def attach_adapters(span: BlockSpan, adapters: Sequence[LoraAdapter]) -> list[st
             except AttributeError as e:
                 raise CorollaError(f"adapter {adapter.name}: block {block} has no layer {path}") from e
             if isinstance(module, ADAPTABLE):
-                module = LoraLinear(module)
+                module = LoraLinear(module, span.adapter_choice)
                 setattr(parent, attr, module)
             if not isinstance(module, LoraLinear):
                 raise CorollaError(f"adapter {adapter.name}: {path} is a {type(module).__name__}, not a linear layer")

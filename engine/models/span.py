@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,7 +14,28 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from corolla.engine.models.family import Family, build_attention_mask, cache_keyword, sliding_window_of
 from corolla.engine.models.registry import get_family
 
-__all__ = ["BlockSpan", "SpanCache", "SpanLayerCache", "build_attention_mask", "cache_keyword"]
+__all__ = ["AdapterChoice", "BlockSpan", "SpanCache", "SpanLayerCache", "build_attention_mask", "cache_keyword"]
+
+
+class AdapterChoice:
+    """The LoRA adapter a span's LoRA layers (models/lora.py) add in the forward now running (None: none).
+
+    One per span, set by the span's forward (its ``adapter`` argument) for the forward's duration. A span's
+    forwards run one at a time (a server runs them all on its compute thread), so one field is enough.
+    """
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    @contextlib.contextmanager
+    def selecting(self, name: str | None) -> Iterator[None]:
+        """Run the span's LoRA layers with adapter ``name`` (None: the base model) inside this block."""
+        previous = self.name
+        self.name = name
+        try:
+            yield
+        finally:
+            self.name = previous
 
 
 class SpanLayerCache(CacheLayerMixin):
@@ -153,6 +175,7 @@ class BlockSpan(nn.Module):
         self.windows = [sliding_window_of(config, i) for i in range(start, end)]
         self.cache_kwarg = cache_keyword(layer_cls)  # how the blocks take their cache
         self.adapters: tuple[str, ...] = ()  # LoRA adapters attached to these blocks (models/lora.py)
+        self.adapter_choice = AdapterChoice()  # which of them the running forward applies
 
     def forward(
         self,
@@ -162,6 +185,7 @@ class BlockSpan(nn.Module):
         start: int | None = None,
         end: int | None = None,
         prompts: torch.Tensor | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         """Run blocks ``start..end-1`` (default: all of the span).
 
@@ -172,6 +196,7 @@ class BlockSpan(nn.Module):
             start: first block to run (global index); end: one past the last.
             prompts: [end - start, batch, pre, hidden] deep prompts: block ``start + i`` first adds
                 ``prompts[i]`` to the hidden states of the first ``pre`` positions (deep prompt tuning).
+            adapter: the attached LoRA adapter to apply (None: the base model).
         """
         start = self.start if start is None else start
         end = self.end if end is None else end
@@ -181,14 +206,15 @@ class BlockSpan(nn.Module):
             cache.begin_step(new)
         blocks = range(start, end)
         inputs = self.family.layer_inputs(self.config, self.rotary_emb, hidden_states, offset, blocks)
-        for i, (block, kwargs) in enumerate(zip(blocks, inputs, strict=True)):
-            if prompts is not None:
-                pre = prompts.shape[2]
-                hidden_states = torch.cat([hidden_states[:, :pre] + prompts[i], hidden_states[:, pre:]], dim=1)
-            output = self.layers[block - self.start](
-                hidden_states, **kwargs, **{self.cache_kwarg: cache}, use_cache=cache is not None
-            )
-            hidden_states = self.family.layer_output(output)
+        with self.adapter_choice.selecting(adapter):
+            for i, (block, kwargs) in enumerate(zip(blocks, inputs, strict=True)):
+                if prompts is not None:
+                    pre = prompts.shape[2]
+                    hidden_states = torch.cat([hidden_states[:, :pre] + prompts[i], hidden_states[:, pre:]], dim=1)
+                output = self.layers[block - self.start](
+                    hidden_states, **kwargs, **{self.cache_kwarg: cache}, use_cache=cache is not None
+                )
+                hidden_states = self.family.layer_output(output)
         if cache is not None:
             cache.end_step()
         return hidden_states

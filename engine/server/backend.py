@@ -16,7 +16,6 @@ from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
 from corolla.engine.models.batched import run_rows
 from corolla.engine.models.cache_size import token_cache_bytes
-from corolla.engine.models.lora import using
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
@@ -51,7 +50,16 @@ class ServerSession:
 class SpanBackend:
     """Blocks ``start..end-1`` loaded on a device, with the checks every peer request goes through."""
 
-    def __init__(self, span: BlockSpan, config: PretrainedConfig, cfg: ServerConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        span: BlockSpan,
+        config: PretrainedConfig,
+        cfg: ServerConfig,
+        dtype: torch.dtype,
+        *,
+        ledger: Ledger | None = None,
+    ) -> None:
+        """Serve ``span``; ``ledger`` (server/ledger.py), if given, counts the tokens served per client peer."""
         self.span = span
         self.config = config
         self.cfg = cfg
@@ -64,9 +72,7 @@ class SpanBackend:
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
         self.rows_batched = 0  # decode rows that ran in one forward with another session's
-        self.ledger: Ledger | None = (
-            None  # a Ledger (server/ledger.py) counting tokens per client peer, if the server set one
-        )
+        self.ledger = ledger
         # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
         self.tokens_in_flight = PeerBudget(
             "tokens in flight", cfg.max_tokens_in_flight_per_peer, cfg.max_tokens_in_flight
@@ -250,9 +256,11 @@ class SpanBackend:
 
                     def run(part: torch.Tensor = part, at: int = position + i) -> torch.Tensor:
                         self._check_not_reclaimed(session)
-                        with torch.inference_mode(), using(session.adapter):
+                        with torch.inference_mode():
                             session.cache.truncate(at)
-                            return self.span(part, session.cache, start=session.start, end=session.end)
+                            return self.span(
+                                part, session.cache, start=session.start, end=session.end, adapter=session.adapter
+                            )
 
                     parts.append(await self._compute.run(run, *self._turn(session), favored=session.favored))
                 out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -276,14 +284,14 @@ class SpanBackend:
         for s, _, _ in steps:
             self._check_not_reclaimed(s)
         session = steps[0][0]  # every step of a batch has its blocks and adapter (the batch key)
-        with torch.inference_mode(), using(session.adapter):
+        with torch.inference_mode():
             for s, position, _ in steps:
                 s.cache.truncate(position)
             if len(steps) == 1:
-                return [self.span(steps[0][2], session.cache, start=session.start, end=session.end)]
-            outs = run_rows(
-                self.span, [x for _, _, x in steps], [s.cache for s, _, _ in steps], session.start, session.end
-            )
+                x = steps[0][2]
+                return [self.span(x, session.cache, start=session.start, end=session.end, adapter=session.adapter)]
+            inputs, caches = [x for _, _, x in steps], [s.cache for s, _, _ in steps]
+            outs = run_rows(self.span, inputs, caches, session.start, session.end, session.adapter)
         self.rows_batched += sum(x.shape[0] for _, _, x in steps)
         return outs
 
@@ -307,8 +315,8 @@ class SpanBackend:
             part = x[:, i : i + chunk]
 
             def run(part: torch.Tensor = part) -> torch.Tensor:
-                with torch.inference_mode(), using(adapter):
-                    out = self.span(part, cache, 0, start=start, end=end)
+                with torch.inference_mode():
+                    out = self.span(part, cache, 0, start=start, end=end, adapter=adapter)
                 return out.to("cpu", wire_dtype)
 
             outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
@@ -320,6 +328,10 @@ class SpanBackend:
     async def compute(self, fn: Callable[[], T], peer: str = "") -> T:
         """Run ``fn`` on the compute thread as a forward-priority job of ``peer`` (training calls use it)."""
         return await self._compute.run(fn, Priority.FORWARD, peer)
+
+    def count_processed(self, tokens: int) -> None:
+        """Count ``tokens`` a job run through :meth:`compute` processed (training forwards)."""
+        self.tokens_processed += tokens
 
     def queued(self) -> int:
         """Requests waiting for the compute thread."""

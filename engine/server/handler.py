@@ -15,7 +15,7 @@ import msgpack
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
+from corolla.engine.config import ServerConfig
 from corolla.engine.errors import (
     CorollaError,
     PeerUnavailableError,
@@ -41,27 +41,27 @@ from corolla.engine.wire.messages import (
     Push,
     Step,
     StepResult,
+    check_version,
     decode_inference_message,
 )
-from corolla.engine.wire.tensors import deserialize, serialize
+from corolla.engine.wire.tensors import ANSWER_PART_BYTES, deserialize, length_parts, serialize
 from corolla.engine.wire.training import RPC_BACKWARD, RPC_TRAIN_FORWARD
 
 logger = logging.getLogger(__name__)
 
 
 def error_answer(e: Exception, step_id: int = -1) -> runtime_pb2.ExpertResponse:
-    """The answer that reports ``e`` to the peer (CorollaErrors by type and message, others as ServerError)."""
+    """The answer that reports ``e`` to the peer (CorollaErrors by type and message, others as ServerError).
+
+    An unavailable server sends only the reason: the peer names the server itself.
+    """
     kind = type(e).__name__ if isinstance(e, CorollaError) else "ServerError"
-    text = str(e) if isinstance(e, CorollaError) else f"internal error: {type(e).__name__}: {e}"
+    if isinstance(e, PeerUnavailableError):
+        text = e.reason
+    else:
+        text = str(e) if isinstance(e, CorollaError) else f"internal error: {type(e).__name__}: {e}"
     meta = StepResult(ok=False, step_id=step_id, error=text, error_type=kind)
     return runtime_pb2.ExpertResponse(metadata=meta.encode())
-
-
-def _check_version(version: int) -> None:
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version} is not supported (server speaks {PROTOCOL_VERSION}); upgrade the older side"
-        )
 
 
 def _one_tensor(request: runtime_pb2.ExpertRequest) -> Any:
@@ -71,39 +71,84 @@ def _one_tensor(request: runtime_pb2.ExpertRequest) -> Any:
 
 
 class Handler:
-    """Registers and serves the three RPCs of a server over a hivemind P2P instance."""
+    """Registers and serves the RPCs of a server over a hivemind P2P instance (built by :meth:`create`)."""
 
-    def __init__(self, backend: SpanBackend | None, info: dict[str, Any], cfg: ServerConfig) -> None:
-        self.backend = backend  # None while loading or moving to another span
-        self.info = info
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        *,
+        peer_id: str,
+        gate: MembershipGate,
+        forwarder: Forwarder,
+        contributors: ContributorBook | None = None,
+    ) -> None:
+        """A handler with every collaborator; :meth:`create` builds one and registers its RPCs.
+
+        Args:
+            cfg: the server's config (limits, timeouts).
+            peer_id: this server's full peer id (named in the errors it answers about itself).
+            gate: who may use this server (a private swarm's holds its key; ``MembershipGate(None)``: anyone).
+            forwarder: pushes sessions' outputs to their next hops.
+            contributors: who serves too (their steps go first), if known.
+        """
         self.cfg = cfg
+        self.peer_id = peer_id
+        self.gate = gate
+        self.forwarder = forwarder
+        self.contributors = contributors
+        self._backend: SpanBackend | None = None  # None while loading or moving to another span
+        self._info: dict[str, Any] = {}
         self.idle_timeout = cfg.session_idle_timeout
         limits = FrameLimits(cfg.max_message_bytes, cfg.max_streams_per_peer, cfg.max_streams)
         self.streams = BoundedStreams(limits, error_answer)
-        self.gate = MembershipGate(None)  # a private swarm's server replaces it with one holding the swarm key
-        self.contributors: ContributorBook | None = None  # who serves too (their steps go first), if set
         self.inbox = Inbox()  # inputs pushed by sessions' previous hops (forwarding)
-        self.forwarder: Forwarder | None = None  # pushes to next hops (set in register)
+
+    @classmethod
+    async def create(
+        cls, p2p: P2P, cfg: ServerConfig, *, gate: MembershipGate, contributors: ContributorBook | None = None
+    ) -> Handler:
+        """A handler whose RPCs are registered on ``p2p`` (it serves nothing until :meth:`serve`)."""
+        handler = cls(
+            cfg,
+            peer_id=p2p.peer_id.to_base58(),
+            gate=gate,
+            forwarder=Forwarder(p2p, gate, cfg.push_timeout),
+            contributors=contributors,
+        )
+        await handler._register(p2p)
+        return handler
+
+    def serve(self, backend: SpanBackend, info: dict[str, Any]) -> None:
+        """Serve ``backend`` from now on, described to peers by ``info``."""
+        self._backend = backend
+        self._info = info
+
+    def stop_serving(self) -> None:
+        """Serve no span (while loading or moving); streams already open keep their backend."""
+        self._backend = None
 
     def _serving(self) -> SpanBackend:
-        backend = self.backend
+        backend = self._backend
         if backend is None:
-            raise PeerUnavailableError("this server", "it is loading or moving to other blocks; use another server")
+            raise PeerUnavailableError(self.peer_id, "it is loading or moving to other blocks; use another server")
         return backend
 
     def _serving_same(self, backend: SpanBackend | None) -> SpanBackend:
-        if backend is None or backend is not self.backend:
-            raise PeerUnavailableError("this server", "it moved to other blocks; continue on another server")
+        if backend is None or backend is not self._backend:
+            raise PeerUnavailableError(self.peer_id, "it moved to other blocks; continue on another server")
         return backend
 
-    async def register(self, p2p: P2P) -> None:
+    async def _register(self, p2p: P2P) -> None:
         """Add the handlers to the P2P daemon (the streams with Corolla's size-checked frame reader)."""
         await self.streams.register(p2p, RPC_INFERENCE, self.rpc_inference)
         await self.streams.register(p2p, RPC_FORWARD, self.rpc_forward)
         await self.streams.register(p2p, RPC_PUSH, self.rpc_push)
-        self.forwarder = Forwarder(p2p, self.gate, self.cfg.push_timeout)
         training = TrainingRPCs(
-            self._serving, self.cfg, error_answer, lambda proof, client, server: self.gate.admit(proof, client, server)
+            self._serving,
+            self.cfg,
+            error_answer,
+            lambda proof, client, server: self.gate.admit(proof, client, server),
+            peer_id=self.peer_id,
         )  # forward with deep prompts, backward
         await self.streams.register(p2p, RPC_TRAIN_FORWARD, training.rpc_train_forward)
         await self.streams.register(p2p, RPC_BACKWARD, training.rpc_backward)
@@ -113,8 +158,8 @@ class Handler:
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         """Describe this server: model, span, dtype, free cache, counters (a private swarm's: to members only)."""
         self.gate.admit(request.uid or None, str(context.remote_id), str(context.local_id))
-        info = dict(self.info)
-        backend = self.backend
+        info = dict(self._info)
+        backend = self._backend
         if backend is not None:
             info.update(
                 cache_tokens_left=backend.cache_tokens_left(),
@@ -142,7 +187,7 @@ class Handler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One stream per session: ``open``, then ``step``s, then ``close`` (or the stream ends)."""
         session: ServerSession | None = None
-        backend = self.backend  # a stream stays on the backend it started with, even if the server moves
+        backend = self._backend  # a stream stays on the backend it started with, even if the server moves
         iterator = aiter(requests)
         peer = str(context.remote_id)
         try:
@@ -158,7 +203,7 @@ class Handler:
                     if isinstance(msg, OpenSession):
                         if session is not None:
                             raise ProtocolError("this stream already has an open session")
-                        _check_version(msg.version)
+                        check_version(msg.version)
                         try:
                             self.gate.admit(msg.proof, peer, str(context.local_id))
                         except PrivateSwarmError as e:
@@ -210,7 +255,7 @@ class Handler:
         out = await backend.inference_step(session, msg.position, hidden)
         forwarding = msg.from_peer is not None or msg.next_peer is not None
         forward_error = None
-        if msg.next_peer is not None and self.forwarder is not None:
+        if msg.next_peer is not None:
             push = Push(session_id=session.session_id, position=msg.position, step_id=msg.step_id + 1)
             forward_error = await self.forwarder.push(msg.next_peer, push, out, msg.push_within)
         meta = StepResult(
@@ -239,7 +284,7 @@ class Handler:
             try:
                 msg = Push.decode(request.metadata)
                 step_id = msg.step_id
-                _check_version(msg.version)
+                check_version(msg.version)
                 if not admitted:
                     try:
                         self.gate.admit(msg.proof, peer, str(context.local_id))
@@ -248,7 +293,7 @@ class Handler:
                         yield error_answer(e)
                         return
                     admitted = True
-                backend = self.backend
+                backend = self._backend
                 if backend is None or msg.session_id not in backend.sessions:
                     raise SessionClosedError(f"no open session {msg.session_id!r} here to push to")
                 pushed = Pushed(peer, msg.position, msg.step_id, _one_tensor(request))
@@ -275,15 +320,11 @@ class Handler:
                 )
             except TimeoutError as e:
                 raise PeerUnavailableError(
-                    "this server",
+                    self.peer_id,
                     f"the forward did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere",
                 ) from e
-            # Answer in parts of at most 2 MiB (peers cap messages at max_message_bytes).
-            step = max(1, (2 * 1024 * 1024) // max(1, out.shape[0] * out.shape[2] * out.element_size()))
-            for i in range(0, out.shape[1], step):
-                yield runtime_pb2.ExpertResponse(
-                    tensors=[serialize(out[:, i : i + step])], metadata=StepResult().encode()
-                )
+            for part in length_parts(out, ANSWER_PART_BYTES):
+                yield runtime_pb2.ExpertResponse(tensors=[serialize(part)], metadata=StepResult().encode())
         except CorollaError as e:
             logger.info("rejected a forward from %s: %s", peer[-6:], e)
             yield error_answer(e)
@@ -317,7 +358,7 @@ class Handler:
                 )
             if meta is None:
                 meta = ForwardRequest.decode(request.metadata)
-                _check_version(meta.version)
+                check_version(meta.version)
                 self.gate.admit(meta.proof, peer, server_id)
             for proto in request.tensors:
                 t = deserialize(proto)

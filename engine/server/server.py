@@ -184,11 +184,13 @@ class Server:
                 block_speed, self.model_config, self.cfg.device, self.dtype, cache_root() / "throughput", self.quant
             )
         self.num_blocks = self.memory.num_blocks
-        handler = Handler(None, {}, self.cfg)
-        handler.gate = MembershipGate(self.swarm_keys)
-        handler.contributors = ContributorBook(lambda: read_online_servers(dht))
         p2p = await dht.replicate_p2p()
-        await handler.register(p2p)
+        handler = await Handler.create(
+            p2p,
+            self.cfg,
+            gate=MembershipGate(self.swarm_keys),
+            contributors=ContributorBook(lambda: read_online_servers(dht)),
+        )
         start, end = await self._run_io(self._choose_span, dht, peer_id)
         self.num_blocks = end - start
         while True:
@@ -210,10 +212,8 @@ class Server:
                 load_span, self.ckpt, self.model_config, start, end, self.dtype, self.cfg.device, self.quant
             )
             attach_adapters(span, self.adapters)
-            backend = SpanBackend(span, self.model_config, self.cfg, self.dtype)
-            backend.ledger = self.ledger
-            handler.backend = backend
-            handler.info = self._info(start, end, backend)
+            backend = SpanBackend(span, self.model_config, self.cfg, self.dtype, ledger=self.ledger)
+            handler.serve(backend, self._info(start, end, backend))
             logger.info(
                 "serving blocks %d:%d of %s as %s at %s", start, end, self.dht_prefix, peer_id, " ".join(maddrs)
             )
@@ -239,7 +239,7 @@ class Server:
                             return tuple(new)  # type: ignore[return-value]
             return None
         finally:
-            handler.backend = None
+            handler.stop_serving()
             offline = self._record(None, ServerState.OFFLINE, start, end)
             logger.info("withdrawing blocks %d:%d", start, end)
             try:

@@ -17,27 +17,21 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
-from corolla.engine.config import PROTOCOL_VERSION, ServerConfig
+from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError
-from corolla.engine.models.lora import using
 from corolla.engine.server.backend import SpanBackend
-from corolla.engine.wire.messages import StepResult
+from corolla.engine.wire.messages import StepResult, check_version
+from corolla.engine.wire.tensors import ANSWER_PART_BYTES
 from corolla.engine.wire.training import Assembler, TrainRequest, answer_shapes, pieces, request_shapes
 
 logger = logging.getLogger(__name__)
-
-ANSWER_PIECE_BYTES = 2 * 1024 * 1024  # peers cap messages at max_message_bytes (4 MiB by default)
 
 ErrorAnswer = Callable[[Exception], runtime_pb2.ExpertResponse]
 
 
 def check_request(backend: SpanBackend, req: TrainRequest) -> None:
     """Refuse a training call this server may not run, from its header alone."""
-    if req.version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {req.version} is not supported (server speaks {PROTOCOL_VERSION}); "
-            "upgrade the older side"
-        )
+    check_version(req.version)
     backend.check_span(req.start, req.end)
     cfg = backend.cfg
     if req.batch > cfg.max_batch_size:
@@ -75,8 +69,8 @@ def train_forward(
     p = _checked(backend, prompts, "deep prompts") if prompts is not None else None
 
     def run() -> torch.Tensor:
-        with torch.no_grad(), using(req.adapter):
-            out = backend.span(x, None, 0, start=req.start, end=req.end, prompts=p)
+        with torch.no_grad():
+            out = backend.span(x, None, 0, start=req.start, end=req.end, prompts=p, adapter=req.adapter)
         return out.to("cpu", wire)
 
     return run
@@ -92,10 +86,10 @@ def train_backward(
     p = _checked(backend, prompts, "deep prompts") if prompts is not None else None
 
     def run() -> list[torch.Tensor]:
-        with torch.enable_grad(), using(req.adapter):
+        with torch.enable_grad():
             xs = x.detach().requires_grad_(True)
             ps = p.detach().requires_grad_(True) if p is not None else None
-            out = backend.span(xs, None, 0, start=req.start, end=req.end, prompts=ps)
+            out = backend.span(xs, None, 0, start=req.start, end=req.end, prompts=ps, adapter=req.adapter)
             wrt = [xs] if ps is None else [xs, ps]
             grads = torch.autograd.grad(out, wrt, grad_outputs=g)
         return [t.to("cpu", wire) for t in grads]
@@ -112,8 +106,11 @@ class TrainingRPCs:
         cfg: ServerConfig,
         error_answer: ErrorAnswer,
         admit: Callable[[str | None, str, str], None] = lambda proof, client, server: None,
+        *,
+        peer_id: str,
     ) -> None:
         self.serving = serving
+        self.peer_id = peer_id  # this server's (named in the errors it answers about itself)
         self.cfg = cfg
         self.error_answer = error_answer
         self.admit = admit  # a private swarm's membership check: (proof, client id, server id); raises if refused
@@ -146,9 +143,9 @@ class TrainingRPCs:
                 )
             except TimeoutError as e:
                 raise PeerUnavailableError(
-                    "this server", f"the {kind} did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere"
+                    self.peer_id, f"the {kind} did not finish within {self.cfg.forward_timeout:.0f} s; retry elsewhere"
                 ) from e
-            for piece in pieces(outs, ANSWER_PIECE_BYTES):
+            for piece in pieces(outs, ANSWER_PART_BYTES):
                 yield runtime_pb2.ExpertResponse(tensors=[piece], metadata=StepResult().encode())
         except CorollaError as e:
             logger.info("rejected a %s from %s: %s", kind, peer[-6:], e)
@@ -198,7 +195,7 @@ class TrainingRPCs:
         prompts = tensors[-1] if req.pre else None
         if kind == "forward":
             out = await backend.compute(train_forward(backend, req, tensors[0], prompts), peer)
-            backend.tokens_processed += req.batch * req.length
+            backend.count_processed(req.batch * req.length)
             return [out]
         grads = await backend.compute(train_backward(backend, req, tensors[0], tensors[1], prompts), peer)
         return grads

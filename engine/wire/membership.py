@@ -16,6 +16,7 @@ import struct
 import time
 from collections import OrderedDict
 
+from corolla.engine.dht.signing import peer_pair_bytes
 from corolla.engine.dht.swarm_key import KID_BYTES, SwarmKeys, private_swarm_error
 from corolla.engine.errors import PrivateSwarmError
 
@@ -28,11 +29,7 @@ _DOMAIN = b"corolla/stream-proof/v1\x00"
 
 
 def _mac(proof_key: bytes, client_id: str, server_id: str, stamp: bytes, nonce: bytes) -> bytes:
-    parts = [_DOMAIN]
-    for text in (client_id, server_id):
-        raw = text.encode()
-        parts += [struct.pack(">H", len(raw)), raw]
-    return hmac.new(proof_key, b"".join([*parts, stamp, nonce]), hashlib.sha256).digest()
+    return hmac.new(proof_key, peer_pair_bytes(_DOMAIN, client_id, server_id) + stamp + nonce, hashlib.sha256).digest()
 
 
 def make_proof(keys: SwarmKeys, client_id: str, server_id: str, now: float | None = None) -> str:

@@ -122,6 +122,14 @@ class Push(_Message):
     proof: str | None = Field(default=None, max_length=256)  # membership of a private swarm (wire/membership.py)
 
 
+def check_version(version: int) -> None:
+    """Refuse a request of another protocol version (ProtocolError)."""
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported (server speaks {PROTOCOL_VERSION}); upgrade the older side"
+        )
+
+
 def decode_inference_message(raw: bytes) -> OpenSession | Step | Close:
     """Decode the metadata of one inference-stream message by its ``kind``."""
     msg = _Kind.decode(raw)

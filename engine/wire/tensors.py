@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -17,6 +18,19 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 MAX_TENSOR_BYTES = 64 * 1024 * 1024
 MAX_DIMS = 4
+ANSWER_PART_BYTES = 2 * 1024 * 1024  # tensor bytes per answer message (peers cap messages at 4 MiB by default)
+
+
+def units_per_part(max_bytes: int, unit_bytes: int) -> int:
+    """How many units of ``unit_bytes`` one message of at most ``max_bytes`` carries (at least one)."""
+    return max(1, max_bytes // max(1, unit_bytes))
+
+
+def length_parts(hidden: torch.Tensor, max_bytes: int) -> Iterator[torch.Tensor]:
+    """[batch, length, hidden] states cut along length into parts of at most ``max_bytes`` (one position at least)."""
+    step = units_per_part(max_bytes, hidden.shape[0] * hidden.shape[2] * hidden.element_size())
+    for i in range(0, hidden.shape[1], step):
+        yield hidden[:, i : i + step]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

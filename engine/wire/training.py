@@ -23,7 +23,7 @@ from pydantic import Field
 from corolla.engine.config import PROTOCOL_VERSION
 from corolla.engine.errors import ProtocolError
 from corolla.engine.wire.messages import _Message
-from corolla.engine.wire.tensors import deserialize, serialize
+from corolla.engine.wire.tensors import deserialize, serialize, units_per_part
 
 RPC_TRAIN_FORWARD = "CorollaServer.rpc_train_forward"
 RPC_BACKWARD = "CorollaServer.rpc_backward"
@@ -66,7 +66,7 @@ def pieces(tensors: Sequence[torch.Tensor], max_bytes: int) -> Iterator[runtime_
     """The tensors flattened and cut into serialized pieces of at most ``max_bytes`` each."""
     for t in tensors:
         flat = t.detach().contiguous().reshape(-1)
-        step = max(1, max_bytes // max(1, flat.element_size()))
+        step = units_per_part(max_bytes, flat.element_size())
         for i in range(0, flat.numel(), step):
             yield serialize(flat[i : i + step])
 

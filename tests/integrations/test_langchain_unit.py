@@ -16,8 +16,10 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-import corolla.integrations.langchain as lc
-from corolla.integrations._shared import DEFAULT_MAX_NEW_TOKENS
+import corolla.engine
+import corolla.engine.hub
+import corolla.integrations._shared as shared
+from corolla.integrations._shared import DEFAULT_MAX_NEW_TOKENS, close_clients
 from corolla.integrations.langchain import ChatCorolla, DistributedLLM, to_chat_messages
 
 SECRET = "hf_superSecretTokenValue123"
@@ -88,7 +90,7 @@ def test_constructors_do_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("constructor reached the network")
 
-    monkeypatch.setattr(lc, "get_client", refuse)
+    monkeypatch.setattr(shared, "get_client", refuse)
     ChatCorolla(model="acme/fake-model", initial_peers=PEERS, token=SECRET)
     DistributedLLM(model="acme/fake-model", initial_peers=PEERS, token=SECRET)
 
@@ -96,15 +98,19 @@ def test_constructors_do_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_connect_on_init_is_opt_in(monkeypatch: pytest.MonkeyPatch, fake: FakeModel) -> None:
     seen: list[tuple[str, list[str], Any]] = []
 
-    def connect(model: str, peers: list[str], token: Any, overrides: dict[str, Any]) -> FakeModel:
-        seen.append((model, peers, token))
+    def connect(model: str, initial_peers: list[str], token: Any, **overrides: Any) -> FakeModel:
+        seen.append((model, initial_peers, token))
         return fake
 
-    monkeypatch.setattr(lc, "get_client", connect)
-    chat = ChatCorolla(model="acme/fake-model", initial_peers=PEERS, connect_on_init=True, timeout=5)
-    assert len(seen) == 1 and seen[0][:2] == ("acme/fake-model", PEERS)
-    chat.invoke("hi")
-    assert len(seen) == 1, "the client is reused after the first connection"
+    monkeypatch.setattr(corolla.engine.hub, "check_model_access", lambda model, token: None)
+    monkeypatch.setattr(corolla.engine.DistributedModelForCausalLM, "from_pretrained", connect)
+    try:
+        chat = ChatCorolla(model="acme/fake-model", initial_peers=PEERS, connect_on_init=True, timeout=5)
+        assert len(seen) == 1 and seen[0][:2] == ("acme/fake-model", PEERS)
+        chat.invoke("hi")
+        assert len(seen) == 1, "the client is reused after the first connection"
+    finally:
+        close_clients()
 
 
 def test_token_is_secret_everywhere(fake: FakeModel) -> None:

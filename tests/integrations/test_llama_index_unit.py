@@ -8,7 +8,7 @@ import pytest
 from corolla_fakes import REPLY, FakeModel
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
-import corolla.integrations.llama_index as li
+import corolla.integrations._shared as shared
 from corolla.integrations.llama_index import DistributedLLM, to_chat_messages
 
 SECRET = "hf_superSecretTokenValue123"
@@ -23,7 +23,7 @@ def test_constructor_does_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("constructor reached the network")
 
-    monkeypatch.setattr(li, "get_client", refuse)
+    monkeypatch.setattr(shared, "get_client", refuse)
     llm = DistributedLLM(model_name="acme/fake-model", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/Qm"], token=SECRET)
     assert llm.model_name == "acme/fake-model"
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla.engine.models.checkpoint import Checkpoint, load_span
-from corolla.engine.models.lora import LoraLinear, attach_adapters, read_adapter, using
+from corolla.engine.models.lora import LoraLinear, attach_adapters, read_adapter
 from corolla.engine.models.quant import Int8Linear, NF4Linear
 from corolla.engine.testing_grads import reference_block_grads
 
@@ -56,8 +56,7 @@ def test_adapter_on_a_quantized_span_matches_peft_within_tolerance(
     grad_out = torch.randn(2, 6, 64, generator=gen)
     out_ref, grad_ref, _ = reference_block_grads(peft_model, hidden, grad_out, None)
     x = hidden.clone().requires_grad_(True)
-    with using("quant-lora"):
-        out = span(x)
+    out = span(x, adapter="quant-lora")
     out.backward(grad_out)
     assert x.grad is not None
     error = rel_diff(out.detach(), out_ref)
