@@ -43,7 +43,7 @@ LLAMA_250M: dict[str, Any] = dict(
 def random_checkpoint(name: str, **config: Any) -> Path:
     """A random Llama checkpoint of ``config`` (the test models' character tokenizer), saved once under the
     temp folder as ``corolla-bench-NAME``."""
-    from corolla.engine.testing import make_tiny_checkpoint
+    from corolla.engine.apps.local_swarm import make_tiny_checkpoint
 
     path = Path(tempfile.gettempdir()) / f"corolla-bench-{name}"
     if not (path / "model.safetensors").exists():

@@ -35,10 +35,17 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import (
+    LYING_SERVER,
+    PeakRss,
+    Swarm,
+    make_tiny_checkpoint,
+    smollm2_checkpoint,
+    tree_rss,
+)
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.dht.announce import make_dht
-from corolla.engine.testing import LYING_SERVER, PeakRss, Swarm, make_tiny_checkpoint, smollm2_checkpoint, tree_rss
 from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, StepResult
 
 MiB = 1024 * 1024

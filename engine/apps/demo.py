@@ -37,8 +37,8 @@ def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2,
     import torch
     from transformers import AutoConfig
 
+    from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint
     from corolla.engine.client.model import DistributedModelForCausalLM
-    from corolla.engine.testing import Swarm, smollm2_checkpoint
 
     # SIGTERM unwinds like Ctrl-C, so every process the demo started is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -146,7 +146,7 @@ def server_env(threads: int = 1) -> dict[str, str]:
 
 _LYING_SERVER_CODE = """
 import sys, torch
-from corolla.engine.cli import main
+from corolla.engine.apps.cli import main
 from corolla.engine.server.backend import SpanBackend
 honest = SpanBackend.inference_step
 async def lying_step(self, session, position, hidden):
@@ -212,12 +212,12 @@ class ServerProcess:
         extra_args: Sequence[str] = (),
         launcher: Sequence[str] = (),
     ) -> None:
-        """``launcher`` replaces ``python -m corolla.engine.cli`` (tests start modified servers with it)."""
+        """``launcher`` replaces ``python -m corolla.engine.apps.cli`` (tests start modified servers with it)."""
         self.blocks = blocks
         self.log_path = log_path
         self.status_path = log_path.with_suffix(".status.json")
         args = [
-            *(launcher or (sys.executable, "-m", "corolla.engine.cli")),
+            *(launcher or (sys.executable, "-m", "corolla.engine.apps.cli")),
             "server",
             model,
             "--initial-peers",
@@ -434,7 +434,7 @@ def start_swarm(model: str | Path, num_servers: int = 2, **kwargs: Any) -> Swarm
     """A :class:`Swarm` whose ``num_servers`` servers split the model's blocks evenly (not started yet)."""
     from transformers import AutoConfig
 
-    from corolla.engine.demo import split_blocks
+    from corolla.engine.apps.demo import split_blocks
 
     total = int(AutoConfig.from_pretrained(model).num_hidden_layers)
     return Swarm(model, spans=split_blocks(total, num_servers), **kwargs)

@@ -29,15 +29,15 @@ from swarm_helpers import client, forward_answer, hf_greedy, hf_model, peer_id, 
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.health import format_table, swarm_health
+from corolla.engine.apps.local_swarm import LYING_SERVER, Swarm, make_tiny_checkpoint
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.config import PROTOCOL_VERSION
 from corolla.engine.dht.announce import make_dht
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
 from corolla.engine.dht.signing import PeerIdentity
-from corolla.engine.health import format_table, swarm_health
 from corolla.engine.routing.reports import read_reports
-from corolla.engine.testing import LYING_SERVER, Swarm, make_tiny_checkpoint
 from corolla.engine.wire.messages import RPC_INFERENCE, RPC_INFO, ForwardRequest, StepResult
 from corolla.engine.wire.tensors import serialize
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from corolla.engine.apps.local_swarm import TINY_DEFAULTS
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, CorollaError, ProtocolError
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
-from corolla.engine.testing import TINY_DEFAULTS
 
 MiB = 2**20
 HIDDEN = TINY_DEFAULTS["hidden_size"]

@@ -13,7 +13,7 @@ from test_layout import REPO, imported_modules
 
 pytestmark = pytest.mark.timeout(120)
 
-FACES = ("corolla.engine.api", "corolla.engine.monitor")
+FACES = ("corolla.engine.apps.api", "corolla.engine.apps.monitor")
 WEB_LIBRARIES = ("fastapi", "starlette", "uvicorn", "prometheus_client")
 
 
@@ -32,9 +32,9 @@ def test_only_the_cli_and_the_faces_import_the_faces() -> None:
 def test_web_libraries_load_only_when_a_face_runs(tmp_path: Path) -> None:
     code = (
         "import json, sys\n"
-        "import corolla.engine, corolla.engine.cli\n"
-        "corolla.engine.cli.build_parser().parse_args(['api', 'm', '--initial-peers', 'x'])\n"
-        "import corolla.engine.api.protocol, corolla.engine.api.errors, corolla.engine.monitor.state\n"
+        "import corolla.engine, corolla.engine.apps.cli\n"
+        "corolla.engine.apps.cli.build_parser().parse_args(['api', 'm', '--initial-peers', 'x'])\n"
+        "import corolla.engine.apps.api.protocol, corolla.engine.apps.api.errors, corolla.engine.apps.monitor.state\n"
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {WEB_LIBRARIES!r})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, cwd=tmp_path)

@@ -51,7 +51,7 @@ def run_api(
     require_web_extra()
     import uvicorn
 
-    from corolla.engine.api.app import ApiSettings, create_app
+    from corolla.engine.apps.api.app import ApiSettings, create_app
     from corolla.engine.client.model import DistributedModelForCausalLM
 
     initial_peers = initial_peers_or_env(initial_peers, "api")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from corolla.engine.api.serve import initial_peers_or_env, require_web_extra
+from corolla.engine.apps.api.serve import initial_peers_or_env, require_web_extra
 from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerRecord
 from corolla.engine.dht.swarm_key import SwarmKeys
@@ -26,8 +26,8 @@ def run_monitor(
     require_web_extra()
     import uvicorn
 
-    from corolla.engine.monitor.app import create_monitor_app
-    from corolla.engine.monitor.state import SwarmReader
+    from corolla.engine.apps.monitor.app import create_monitor_app
+    from corolla.engine.apps.monitor.state import SwarmReader
 
     initial_peers = initial_peers_or_env(initial_peers, "monitor")
     if refresh <= 0:
