@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from transformers import AutoModelForCausalLM
 
-from corolla.engine.apps.local_swarm import FAMILY_TEST_OVERRIDES, make_tiny_checkpoint
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, make_tiny_checkpoint
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, load_client_head, load_span
 from corolla.engine.models.gguf import find_smollm2_gguf

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from corolla.engine.apps.local_swarm import make_tiny_checkpoint
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
 from corolla.engine.models.quant import tensor_bytes

@@ -22,7 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.apps.local_swarm import FAMILY_TEST_OVERRIDES, ServerProcess, Swarm
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES
 
 ATOL = 1e-4
 FAMILY_OVERRIDES = FAMILY_TEST_OVERRIDES  # every family, with the settings its logit tests use

@@ -18,7 +18,8 @@ from hivemind.proto import runtime_pb2
 from swarm_helpers import client, hf_model, max_diff, running_swarm, track
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.apps.local_swarm import Swarm, make_tiny_checkpoint
+from corolla.engine.apps.local_swarm import Swarm
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.wire.messages import RPC_PUSH, Push, StepResult
 from corolla.engine.wire.tensors import serialize
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from corolla.engine.apps.health import swarm_health
-from corolla.engine.apps.local_swarm import Swarm, make_tiny_checkpoint, server_env
+from corolla.engine.apps.local_swarm import Swarm, server_env
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]
 

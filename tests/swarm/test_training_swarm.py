@@ -29,7 +29,8 @@ from corolla.engine import (
     MissingBlocksError,
     ProtocolError,
 )
-from corolla.engine.apps.local_swarm import Swarm, make_tiny_checkpoint
+from corolla.engine.apps.local_swarm import Swarm
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.client.remote_training import remote_train_call
 from corolla.engine.client.route_autograd import RemoteBlocks, remote_blocks
 from corolla.engine.client.training import training_blocks

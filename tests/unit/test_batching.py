@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from corolla.engine.apps.local_swarm import FAMILY_TEST_OVERRIDES, tiny_config
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, tiny_config
 from corolla.engine.config import ServerConfig
 from corolla.engine.models.batched import run_rows
 from corolla.engine.models.span import BlockSpan, SpanCache

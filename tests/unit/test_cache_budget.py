@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from corolla.engine.apps.local_swarm import TINY_DEFAULTS
+from corolla.engine.apps.tiny_models import TINY_DEFAULTS
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, CorollaError, ProtocolError
 from corolla.engine.models.span import BlockSpan, SpanCache

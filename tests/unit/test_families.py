@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
-from corolla.engine.apps.local_swarm import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
 from corolla.engine.models.family import ExpertNames, fuse_experts

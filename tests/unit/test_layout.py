@@ -121,7 +121,7 @@ root = logging.getLogger()
 before = dict(handlers=list(root.handlers), level=root.level, threads={t.ident for t in threading.enumerate()},
               env=dict(os.environ))
 import corolla.engine, corolla.engine.client.model, corolla.engine.server.server, corolla.engine.apps.cli
-import corolla.engine.models.checkpoint, corolla.engine.apps.local_swarm
+import corolla.engine.models.checkpoint, corolla.engine.apps.local_swarm, corolla.engine.apps.tiny_models
 corolla_logger = logging.getLogger("corolla")
 print(json.dumps(dict(
     forbidden=sorted(m for m in sys.modules if m.startswith(FORBIDDEN)),

@@ -11,7 +11,7 @@ import torch
 from reference_grads import reference_block_grads
 from transformers import AutoModelForCausalLM
 
-from corolla.engine.apps.local_swarm import FAMILY_TEST_OVERRIDES
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES
 from corolla.engine.client.route_autograd import micro_batches
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import ProtocolError
