@@ -6,32 +6,9 @@ import logging
 import os
 from collections.abc import Sequence
 
-from corolla.engine.config import ClientConfig, from_env
-from corolla.engine.errors import CorollaError
+from corolla.engine.apps.web import before_serving, serve
 
 logger = logging.getLogger(__name__)
-
-
-def require_web_extra() -> None:
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise CorollaError(
-            f"`corolla api` needs the api extra: pip install 'corolla[api]' ({e.name} is missing)"
-        ) from e
-
-
-def initial_peers_or_env(peers: Sequence[str], command: str) -> tuple[str, ...]:
-    """``peers``, else ``COROLLA_INITIAL_PEERS``; a CorollaError saying what to pass if neither is set."""
-    found = from_env(ClientConfig, initial_peers=tuple(peers) or None).initial_peers
-    if not found:
-        raise CorollaError(
-            f"no initial peers: pass `corolla {command} --initial-peers MADDR...` (the addresses a server "
-            "prints) or set COROLLA_INITIAL_PEERS"
-        )
-    return found
 
 
 def run_api(
@@ -48,13 +25,10 @@ def run_api(
     swarm_key_file: str | None = None,
 ) -> int:
     """Serve ``model`` from the swarm at ``http://host:port/v1`` until SIGINT/SIGTERM. Returns an exit code."""
-    require_web_extra()
-    import uvicorn
-
+    initial_peers = before_serving("api", initial_peers)
     from corolla.engine.apps.api.app import ApiSettings, create_app
     from corolla.engine.client.model import DistributedModelForCausalLM
 
-    initial_peers = initial_peers_or_env(initial_peers, "api")
     api_key = api_key or os.environ.get("COROLLA_API_KEY") or None
     client = DistributedModelForCausalLM.from_pretrained(
         model, initial_peers=initial_peers, swarm_key=swarm_key_file
@@ -75,7 +49,7 @@ def run_api(
             port,
             ", API key required" if api_key else "",
         )
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        serve(app, host, port, timeout_graceful_shutdown=5)
     finally:
         client.close()
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from corolla.engine.apps.api.serve import initial_peers_or_env, require_web_extra
+from corolla.engine.apps.web import before_serving, serve
 from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerRecord
 from corolla.engine.dht.swarm_key import SwarmKeys
@@ -23,13 +23,10 @@ def run_monitor(
     swarm_keys: SwarmKeys | None = None,
 ) -> int:
     """Serve the swarm's health page at ``http://host:port/`` until SIGINT/SIGTERM. Returns an exit code."""
-    require_web_extra()
-    import uvicorn
-
+    initial_peers = before_serving("monitor", initial_peers)
     from corolla.engine.apps.monitor.app import create_monitor_app
     from corolla.engine.apps.monitor.state import SwarmReader
 
-    initial_peers = initial_peers_or_env(initial_peers, "monitor")
     if refresh <= 0:
         raise CorollaError(f"--refresh must be > 0 seconds, got {refresh}")
     dht = make_dht(initial_peers, "127.0.0.1", client_mode=True, swarm_keys=swarm_keys)
@@ -42,7 +39,7 @@ def run_monitor(
     reader.start()
     try:
         logger.info("swarm monitor at http://%s:%d/ (reads the DHT every %.0f s)", host, port, refresh)
-        uvicorn.run(create_monitor_app(reader), host=host, port=port, log_level="warning", access_log=False)
+        serve(create_monitor_app(reader), host, port)
     finally:
         reader.stop()
         dht.shutdown()
