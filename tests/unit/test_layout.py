@@ -59,9 +59,27 @@ def test_every_folder_with_python_files_is_a_package() -> None:
                 assert (py.parent / "__init__.py").exists(), f"{py.parent} has modules but no __init__.py"
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module name an ``import`` statement in the file names (function-level imports included)."""
+class _WithoutTypeChecking(ast.NodeTransformer):
+    """Replaces each ``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``) block by its ``else`` branch."""
+
+    def visit_If(self, node: ast.If) -> ast.AST | list[ast.stmt]:
+        self.generic_visit(node)
+        test = node.test
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
+            return node.orelse
+        return node
+
+
+def imported_modules(path: Path, *, runtime_only: bool = False) -> set[str]:
+    """Every module name an ``import`` statement in the file names (function-level imports included).
+
+    ``runtime_only`` leaves out the imports under ``if TYPE_CHECKING:`` (annotations only; never run).
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
+    if runtime_only:
+        tree = _WithoutTypeChecking().visit(tree)
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
