@@ -47,7 +47,7 @@ class AgentSettings(BaseModel):
         stop_grace_s: Seconds the server gets to leave the swarm after SIGTERM before it is killed.
         poll_interval_s: Seconds between sensor readings.
         server_command: Program part of the server command line (None: this Python's
-            ``-m corolla.engine.cli server``).
+            ``-m corolla.engine.apps.cli server``).
         extra_server_args: Extra flags appended to the server command line.
         swarm_key_file: Key file of a private swarm (``corolla swarm-key new``); None: a public swarm.
     """
@@ -108,7 +108,7 @@ class AgentSettings(BaseModel):
         Returns:
             The full argv, program first.
         """
-        program = self.server_command or [sys.executable, "-m", "corolla.engine.cli", "server"]
+        program = self.server_command or [sys.executable, "-m", "corolla.engine.apps.cli", "server"]
         argv = [*program, self.model]
         if self.num_blocks is not None:
             argv += ["--num-blocks", str(self.num_blocks)]

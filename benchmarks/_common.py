@@ -1,4 +1,5 @@
-"""What the benchmarks share: the thread environment, the prompt, the llama-250m checkpoint, a token clock.
+"""What the benchmarks share: the thread environment, the prompt, the llama-250m checkpoint, a token clock,
+and the test suite's helper modules (tests/support, put on ``sys.path`` as pytest's ``pythonpath`` does).
 
 Import it first, as ``import _common``, before torch: importing it sets the environment that OpenMP reads
 when torch loads (no busy-waiting threads on a shared CPU; no progress bars). Ruff's import order keeps
@@ -24,6 +25,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
+# The attack servers and other helpers the tests and benchmarks share live in tests/support, outside the package.
+SUPPORT = Path(__file__).resolve().parents[1] / "tests" / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.append(str(SUPPORT))
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
@@ -43,7 +48,7 @@ LLAMA_250M: dict[str, Any] = dict(
 def random_checkpoint(name: str, **config: Any) -> Path:
     """A random Llama checkpoint of ``config`` (the test models' character tokenizer), saved once under the
     temp folder as ``corolla-bench-NAME``."""
-    from corolla.engine.testing import make_tiny_checkpoint
+    from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
     path = Path(tempfile.gettempdir()) / f"corolla-bench-{name}"
     if not (path / "model.safetensors").exists():

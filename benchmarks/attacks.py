@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import tempfile
 import time
@@ -27,18 +26,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("COROLLA_NO_PROGRESS", "1")
-
+import _common  # noqa: F401 - first: the thread environment before torch, tests/support on sys.path
 import torch
+from attack_servers import LYING_SERVER, PeakRss, tree_rss
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.dht.announce import make_dht
-from corolla.engine.testing import LYING_SERVER, PeakRss, Swarm, make_tiny_checkpoint, smollm2_checkpoint, tree_rss
 from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, StepResult
 
 MiB = 1024 * 1024

@@ -32,8 +32,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM, InferenceSession
-from corolla.engine.demo import split_blocks
-from corolla.engine.testing import ServerProcess, Swarm, make_tiny_checkpoint
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm, split_blocks
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
 logger = logging.getLogger("churn")
 

@@ -25,8 +25,7 @@ from _common import TokenClock, cpu_seconds, load_average, quantile, stop_on_sig
 from transformers import AutoConfig
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.demo import split_blocks
-from corolla.engine.testing import Swarm, smollm2_checkpoint
+from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint, split_blocks
 
 logger = logging.getLogger("concurrency")
 

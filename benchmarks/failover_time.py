@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from corolla.engine import DistributedModelForCausalLM, InferenceSession
-from corolla.engine.testing import Swarm, smollm2_checkpoint
+from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint
 
 
 class Breaker:

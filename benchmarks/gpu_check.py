@@ -34,11 +34,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from transformers import AutoModelForCausalLM
 
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, make_tiny_checkpoint
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, load_client_head, load_span
 from corolla.engine.models.gguf import find_smollm2_gguf
 from corolla.engine.models.span import SpanCache
-from corolla.engine.testing import FAMILY_TEST_OVERRIDES, make_tiny_checkpoint
 
 # Largest |distributed - transformers| / largest |transformers logit|, per dtype (bf16 keeps 8 bits of
 # mantissa, fp16 11): generous enough for kernel differences, far below what a wrong mask or position gives.

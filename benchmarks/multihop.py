@@ -29,8 +29,7 @@ import _common
 import torch
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.demo import split_blocks
-from corolla.engine.testing import Swarm
+from corolla.engine.apps.local_swarm import Swarm, split_blocks
 
 HERE = Path(__file__).resolve().parent
 # A small random Llama (12 blocks of hidden 512): compute stays small next to the link delays.

@@ -43,9 +43,9 @@ from _common import TokenClock, llama_250m, load_average, prompt_ids, stop_on_si
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.config import ServerConfig, format_size, parse_size
 from corolla.engine.server.memory import server_memory_plan
-from corolla.engine.testing import Swarm
 
 logger = logging.getLogger("offloading")
 

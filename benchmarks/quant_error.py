@@ -25,11 +25,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
 from corolla.engine.models.quant import tensor_bytes
 from corolla.engine.models.span import BlockSpan, SpanCache
-from corolla.engine.testing import make_tiny_checkpoint
 
 DEFAULT_MODES = "none:bfloat16,int8:float32,int8:bfloat16,nf4:float32,nf4:bfloat16"
 PROMPT = (
@@ -54,7 +54,7 @@ class Figures:
 def checkpoint(root: Path) -> Path:
     """SmolLM2-135M if its package is installed, else a random Llama-shaped model saved under ``root``."""
     try:
-        from corolla.engine.testing import smollm2_checkpoint
+        from corolla.engine.apps.local_swarm import smollm2_checkpoint
 
         return smollm2_checkpoint()
     except (CorollaError, ImportError) as e:

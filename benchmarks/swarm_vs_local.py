@@ -26,8 +26,7 @@ from _common import TokenClock, cpu_seconds, llama_250m, load_average, prompt_id
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.demo import split_blocks
-from corolla.engine.testing import Swarm, smollm2_checkpoint
+from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint, split_blocks
 
 __all__ = ["LLAMA_250M", "llama_250m"]  # older scripts import them from here
 LLAMA_250M = _common.LLAMA_250M

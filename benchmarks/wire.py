@@ -16,10 +16,9 @@ import _common  # noqa: F401 - first: the thread environment before torch
 import torch
 from _common import prompt_ids
 
-from corolla.engine.demo import split_blocks
+from corolla.engine.apps.local_swarm import smollm2_checkpoint, split_blocks
 from corolla.engine.models.checkpoint import Checkpoint, load_client_head, load_span
 from corolla.engine.models.span import BlockSpan, SpanCache
-from corolla.engine.testing import smollm2_checkpoint
 from corolla.engine.wire.tensors import WIRE_DTYPES, serialize
 
 

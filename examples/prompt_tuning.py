@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import torch
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import smollm2_checkpoint, start_swarm
 from corolla.engine.client.training import IGNORE_INDEX
-from corolla.engine.testing import smollm2_checkpoint, start_swarm
 
 TRAIN = [
     ("France", "PARIS"),

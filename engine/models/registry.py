@@ -3,7 +3,7 @@
 A *block* is one decoder layer. Corolla reuses transformers' own decoder-layer modules and only
 supplies what a span of layers needs around them (positions, masks, the KV cache), plus the client's
 embeddings, final norm and LM head. Adding a family is one entry here, and a test config in
-``corolla.engine.testing``; a family whose positions or masks differ gets a small adapter class.
+``corolla.engine.apps.tiny_models``; a family whose positions or masks differ gets a small adapter class.
 """
 
 from __future__ import annotations

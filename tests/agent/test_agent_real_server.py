@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.swarm,
     pytest.mark.timeout(180),
     pytest.mark.skipif(
-        importlib.util.find_spec("corolla.engine.cli") is None, reason="corolla.engine.cli not written yet"
+        importlib.util.find_spec("corolla.engine.apps.cli") is None, reason="corolla.engine.apps.cli not written yet"
     ),
 ]
 

@@ -58,7 +58,7 @@ def test_server_argv(tmp_path: Path) -> None:
     status = tmp_path / "s.json"
     settings = AgentSettings(model="m", initial_peers=[PEER], num_blocks=3, public_name="alice's box")
     assert settings.server_argv(status, "cuda") == [
-        sys.executable, "-m", "corolla.engine.cli", "server", "m", "--num-blocks", "3",
+        sys.executable, "-m", "corolla.engine.apps.cli", "server", "m", "--num-blocks", "3",
         "--initial-peers", PEER, "--public-name", "alice's box", "--device", "cuda",
         "--status-file", str(status),
     ]  # fmt: skip

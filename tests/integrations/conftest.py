@@ -14,7 +14,7 @@ from corolla_swarm import SwarmModel
 @pytest.fixture(scope="session")
 def corolla_swarm() -> Iterator[SwarmModel]:
     """Two servers on 127.0.0.1 hosting the real SmolLM2 checkpoint (it answers sensibly)."""
-    from corolla.engine.testing import smollm2_checkpoint, start_swarm
+    from corolla.engine.apps.local_swarm import smollm2_checkpoint, start_swarm
     from corolla.integrations._shared import close_clients
 
     path = smollm2_checkpoint()

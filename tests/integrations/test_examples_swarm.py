@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from corolla_swarm import SwarmModel
 
-from corolla.engine.testing import server_env
+from corolla.engine.apps.local_swarm import server_env
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from swarm_helpers import leftover_processes
 
-from corolla.engine.testing import make_tiny_checkpoint
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session", autouse=True)

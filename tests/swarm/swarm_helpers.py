@@ -22,7 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.testing import FAMILY_TEST_OVERRIDES, ServerProcess, Swarm
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES
 
 ATOL = 1e-4
 FAMILY_OVERRIDES = FAMILY_TEST_OVERRIDES  # every family, with the settings its logit tests use
@@ -143,7 +144,7 @@ def leftover_processes(base: Path) -> list[psutil.Process]:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             cmdline = " ".join(proc.info["cmdline"] or ())
-            ours = "corolla.engine.cli" in cmdline and str(base) in cmdline
+            ours = "corolla.engine.apps.cli" in cmdline and str(base) in cmdline
             if ours or os.getpgid(proc.pid) in STARTED_GROUPS:
                 found.append(proc)
     return found

@@ -27,8 +27,8 @@ from swarm_helpers import client, peer_id, running_swarm
 from web_helpers import WebProcess, wait_for
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.client.remote import remote_info
-from corolla.engine.testing import Swarm
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(600)]
 

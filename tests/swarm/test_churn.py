@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corolla.engine.testing import server_env
+from corolla.engine.apps.local_swarm import server_env
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from corolla.engine.testing import server_env, smollm2_checkpoint
+from corolla.engine.apps.local_swarm import server_env, smollm2_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.swarm, pytest.mark.timeout(400)]
 
 
 def test_demo_converts_once_and_answers_paris(tmp_path: Path) -> None:
     env = {**server_env(), "COROLLA_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "corolla.engine.cli", "demo", "--prompt", "What is the capital of France?"]
+    cmd = [sys.executable, "-m", "corolla.engine.apps.cli", "demo", "--prompt", "What is the capital of France?"]
     before = {p.pid for p in psutil.process_iter()}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=360, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,7 +36,7 @@ def test_demo_converts_once_and_answers_paris(tmp_path: Path) -> None:
     # Every process the demo started (servers, their DHT processes and p2p daemons) is gone. Only the
     # demo's own are counted (its servers name the checkpoint in tmp_path), not other suites' on the box.
     def ours(cmdline: str) -> bool:
-        return "corolla.engine.cli" in cmdline and (str(tmp_path) in cmdline or " demo " in cmdline)
+        return "corolla.engine.apps.cli" in cmdline and (str(tmp_path) in cmdline or " demo " in cmdline)
 
     leftovers = [
         p.info["cmdline"]
@@ -49,7 +49,7 @@ def test_demo_converts_once_and_answers_paris(tmp_path: Path) -> None:
 def test_a_cut_answer_is_marked_and_shares_its_lines_with_no_warning_or_progress_bar() -> None:
     """stdout and stderr in one stream, as in a terminal; progress bars allowed (COROLLA_NO_PROGRESS unset)."""
     env = {k: v for k, v in server_env().items() if k != "COROLLA_NO_PROGRESS"}
-    cmd = [sys.executable, "-m", "corolla.engine.cli", "demo", "--prompt", "What is the capital of France?"]
+    cmd = [sys.executable, "-m", "corolla.engine.apps.cli", "demo", "--prompt", "What is the capital of France?"]
     cmd += ["--max-new-tokens", "5"]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=360, env=env)
     out = result.stdout
@@ -65,7 +65,7 @@ def test_a_cut_answer_is_marked_and_shares_its_lines_with_no_warning_or_progress
 
 def test_ctrl_c_of_the_serving_demo_prints_no_error_and_leaves_nothing(tmp_path: Path) -> None:
     """Ctrl-C in a terminal: SIGINT to the demo's whole process group, once the swarm serves."""
-    cmd = [sys.executable, "-m", "corolla.engine.cli", "demo", "--serve"]
+    cmd = [sys.executable, "-m", "corolla.engine.apps.cli", "demo", "--serve"]
     err_path = tmp_path / "demo.err"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
@@ -95,7 +95,7 @@ def test_ctrl_c_of_the_serving_demo_prints_no_error_and_leaves_nothing(tmp_path:
 def test_ctrl_c_while_the_demo_answers_prints_no_error_and_leaves_nothing(tmp_path: Path) -> None:
     """Ctrl-C in the middle of a streamed answer: a quiet exit, every process stopped."""
     prompt = "Write a long story about a cat who travels the world."
-    cmd = [sys.executable, "-m", "corolla.engine.cli", "demo", "--prompt", prompt, "--max-new-tokens", "400"]
+    cmd = [sys.executable, "-m", "corolla.engine.apps.cli", "demo", "--prompt", prompt, "--max-new-tokens", "400"]
     err_path = tmp_path / "demo.err"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=server_env(), start_new_session=True)

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM, InferenceSession, MissingBlocksError
-from corolla.engine.testing import ServerProcess, Swarm, make_tiny_checkpoint
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]
 

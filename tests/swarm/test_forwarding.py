@@ -18,7 +18,8 @@ from hivemind.proto import runtime_pb2
 from swarm_helpers import client, hf_model, max_diff, running_swarm, track
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.testing import Swarm, make_tiny_checkpoint
+from corolla.engine.apps.local_swarm import Swarm
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.wire.messages import RPC_PUSH, Push, StepResult
 from corolla.engine.wire.tensors import serialize
 
@@ -30,7 +31,7 @@ NEW = 6
 # A server whose pushes to the next hop are random tensors of the right shape (its answers stay honest).
 _GARBAGE_PUSHER = """
 import sys, torch
-from corolla.engine.cli import main
+from corolla.engine.apps.cli import main
 from corolla.engine.server.forwarding import Forwarder
 honest = Forwarder.push
 async def garbage_push(self, next_peer, msg, hidden, within=None):

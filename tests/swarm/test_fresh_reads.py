@@ -12,7 +12,7 @@ import torch
 from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm, track
 
 from corolla.engine import InferenceSession
-from corolla.engine.testing import ServerProcess, Swarm
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm
 
 pytestmark = pytest.mark.swarm
 

@@ -27,7 +27,7 @@ from swarm_helpers import client, peer_id, random_ids, running_swarm
 from web_helpers import WebProcess, wait_for
 
 from corolla.engine import __version__
-from corolla.engine.testing import Swarm
+from corolla.engine.apps.local_swarm import Swarm
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(600)]
 

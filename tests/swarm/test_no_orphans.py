@@ -14,7 +14,7 @@ import psutil
 import pytest
 from swarm_helpers import descendants, running_swarm, track, wait_gone
 
-from corolla.engine.testing import Swarm, server_env
+from corolla.engine.apps.local_swarm import Swarm, server_env
 
 pytestmark = pytest.mark.swarm
 
@@ -30,7 +30,7 @@ time.sleep(600)
 
 SWARM_SCRIPT = """
 import sys, time
-from corolla.engine.testing import Swarm
+from corolla.engine.apps.local_swarm import Swarm
 with Swarm(sys.argv[1], spans=["0:6"]) as swarm:
     print("ready", flush=True)
     time.sleep(600)

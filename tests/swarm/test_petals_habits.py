@@ -22,8 +22,8 @@ from swarm_helpers import client, hf_greedy, hf_model, max_diff, random_ids, run
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.client.sampling import SamplingParams, next_tokens
-from corolla.engine.testing import Swarm
 
 pytestmark = pytest.mark.swarm
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from corolla.engine.health import swarm_health
-from corolla.engine.testing import Swarm, make_tiny_checkpoint, server_env
+from corolla.engine.apps.health import swarm_health
+from corolla.engine.apps.local_swarm import Swarm, server_env
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]
 
@@ -73,7 +74,7 @@ def test_server_moves_to_blocks_nobody_serves(swarm: Swarm) -> None:
 
 def test_health_reports_coverage_and_missing_blocks(swarm: Swarm) -> None:
     swarm.add_server("0:4", extra_args=["--public-name", "alice", "--throughput", "12.5"])
-    cmd = [sys.executable, "-m", "corolla.engine.cli", "health", "--initial-peers", *swarm.initial_peers]
+    cmd = [sys.executable, "-m", "corolla.engine.apps.cli", "health", "--initial-peers", *swarm.initial_peers]
     result = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60, env=server_env())
     assert result.returncode == 1, result.stderr  # blocks 4:6 have no server
     (report,) = json.loads(result.stdout)

@@ -24,6 +24,7 @@ import torch
 from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, track
 
 from corolla.engine import PrivateSwarmError
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import HopStream, remote_forward
 from corolla.engine.client.remote_training import remote_train_call
@@ -32,7 +33,6 @@ from corolla.engine.dht.contribution import load_identity, make_claim
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.dht.signing import PeerIdentity
 from corolla.engine.dht.swarm_key import SwarmKeys, new_key, parse_keys
-from corolla.engine.testing import ServerProcess, Swarm
 from corolla.engine.wire.membership import make_proof
 from corolla.engine.wire.training import TrainRequest
 

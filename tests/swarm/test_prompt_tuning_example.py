@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from corolla.engine.testing import server_env
+from corolla.engine.apps.local_swarm import server_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.swarm, pytest.mark.timeout(600)]
 
@@ -31,7 +31,7 @@ def test_prompt_tuning_example_lowers_the_loss(tmp_path: Path) -> None:
         p.info["cmdline"]
         for p in psutil.process_iter(["cmdline"])
         if p.pid not in before
-        and "corolla.engine.cli" in " ".join(p.info["cmdline"] or [])
+        and "corolla.engine.apps.cli" in " ".join(p.info["cmdline"] or [])
         and "SmolLM2" in " ".join(p.info["cmdline"] or [])
     ]
     assert leftovers == []

@@ -18,16 +18,17 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from attack_servers import PeakRss, tree_rss
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from swarm_helpers import client, forward_answer, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
 from corolla.engine import CacheFullError, CorollaError, DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.dht.announce import make_dht
-from corolla.engine.testing import PeakRss, Swarm, tree_rss
 from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, Step, StepResult
 from corolla.engine.wire.tensors import serialize
 

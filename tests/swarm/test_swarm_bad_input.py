@@ -21,10 +21,10 @@ from hivemind.proto import runtime_pb2
 from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 
 from corolla.engine import CacheFullError
+from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import HopStream, remote_info
 from corolla.engine.dht.announce import make_dht, read_records
-from corolla.engine.testing import Swarm
 from corolla.engine.wire.messages import (
     RPC_FORWARD,
     RPC_INFERENCE,

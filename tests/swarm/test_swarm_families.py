@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_grads import reference_block_grads
 from swarm_helpers import ATOL, FAMILY_OVERRIDES, client, hf_greedy, hf_model, max_diff, random_ids, running_swarm
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.client.route_autograd import remote_blocks
 from corolla.engine.client.training import training_blocks
-from corolla.engine.testing_grads import reference_block_grads
 
 pytestmark = pytest.mark.swarm
 

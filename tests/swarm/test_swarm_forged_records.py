@@ -26,11 +26,11 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
+from corolla.engine.apps.health import swarm_health
+from corolla.engine.apps.local_swarm import Swarm, server_env
 from corolla.engine.dht.announce import MODELS_KEY, make_dht, read_records
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
 from corolla.engine.dht.signing import PeerIdentity, key_id, open_envelope
-from corolla.engine.health import swarm_health
-from corolla.engine.testing import Swarm, server_env
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
 
@@ -179,7 +179,7 @@ def test_health_command_shows_the_real_servers(forged: ForgedSwarm) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "corolla.engine.cli",
+        "corolla.engine.apps.cli",
         "health",
         "--json",
         "--initial-peers",

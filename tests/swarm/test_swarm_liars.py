@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 import torch
+from attack_servers import LYING_SERVER
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
@@ -29,15 +30,16 @@ from swarm_helpers import client, forward_answer, hf_greedy, hf_model, peer_id, 
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.health import format_table, swarm_health
+from corolla.engine.apps.local_swarm import Swarm
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.config import PROTOCOL_VERSION
 from corolla.engine.dht.announce import make_dht
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key
 from corolla.engine.dht.signing import PeerIdentity
-from corolla.engine.health import format_table, swarm_health
 from corolla.engine.routing.reports import read_reports
-from corolla.engine.testing import LYING_SERVER, Swarm, make_tiny_checkpoint
 from corolla.engine.wire.messages import RPC_INFERENCE, RPC_INFO, ForwardRequest, StepResult
 from corolla.engine.wire.tensors import serialize
 

@@ -12,13 +12,13 @@ import torch
 from swarm_helpers import client, hf_model, max_diff, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
+from corolla.engine.apps.health import format_table, swarm_health
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm
+from corolla.engine.apps.monitor.state import model_state
 from corolla.engine.config import ServerConfig
 from corolla.engine.dht.announce import read_records
 from corolla.engine.errors import MissingBlocksError
-from corolla.engine.health import format_table, swarm_health
-from corolla.engine.monitor.state import model_state
 from corolla.engine.server.memory import block_weight_bytes, estimate_activation_bytes
-from corolla.engine.testing import ServerProcess, Swarm
 
 pytestmark = pytest.mark.swarm
 

@@ -25,9 +25,9 @@ from swarm_helpers import (
 )
 
 from corolla.engine import DistributedModelForCausalLM, MissingBlocksError
+from corolla.engine.apps.local_swarm import ServerProcess, Swarm
 from corolla.engine.dht.announce import read_records
 from corolla.engine.dht.records import ServerState
-from corolla.engine.testing import ServerProcess, Swarm
 
 pytestmark = pytest.mark.swarm
 

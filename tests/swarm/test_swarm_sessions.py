@@ -13,8 +13,8 @@ from swarm_helpers import client, hf_greedy, hf_model, max_diff, peer_id, random
 from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.client.remote import remote_info
-from corolla.engine.testing import Swarm
 
 pytestmark = pytest.mark.swarm
 

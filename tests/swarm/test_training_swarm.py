@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from reference_grads import reference_block_grads
 from swarm_helpers import client, hf_model, random_ids, running_swarm, track
 
 from corolla.engine import (
@@ -28,12 +29,12 @@ from corolla.engine import (
     MissingBlocksError,
     ProtocolError,
 )
+from corolla.engine.apps.local_swarm import Swarm
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.client.remote_training import remote_train_call
 from corolla.engine.client.route_autograd import RemoteBlocks, remote_blocks
 from corolla.engine.client.training import training_blocks
 from corolla.engine.routing.sequence_manager import with_adapter
-from corolla.engine.testing import Swarm, make_tiny_checkpoint
-from corolla.engine.testing_grads import reference_block_grads
 from corolla.engine.wire.training import TrainRequest
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(240)]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from corolla.engine import CorollaError, DistributedModelForCausalLM
+from corolla.engine.apps.local_swarm import server_env
 from corolla.engine.errors import InitialPeerError
-from corolla.engine.testing import server_env
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(180)]
 
@@ -28,7 +28,15 @@ def closed_port() -> int:
 
 def test_server_names_the_unreachable_peer(tiny_checkpoint: Callable[..., Path]) -> None:
     peer = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{PEER_ID}"
-    cmd = [sys.executable, "-m", "corolla.engine.cli", "server", str(tiny_checkpoint("llama")), "--initial-peers", peer]
+    cmd = [
+        sys.executable,
+        "-m",
+        "corolla.engine.apps.cli",
+        "server",
+        str(tiny_checkpoint("llama")),
+        "--initial-peers",
+        peer,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=server_env())
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"{peer} (connection refused)" in result.stderr

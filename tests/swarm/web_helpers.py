@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from swarm_helpers import STARTED_GROUPS
 
-from corolla.engine.testing import server_env
+from corolla.engine.apps.local_swarm import server_env
 
 
 def free_port() -> int:
@@ -47,7 +47,7 @@ class WebProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "corolla.engine.cli", *args, "--port", str(self.port)],
+            [sys.executable, "-m", "corolla.engine.apps.cli", *args, "--port", str(self.port)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**server_env(), **(env or {})},

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from corolla.engine.testing import make_tiny_checkpoint
+from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
 
 @pytest.fixture(autouse=True)

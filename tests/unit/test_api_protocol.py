@@ -6,10 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from corolla.engine import CacheFullError, MissingBlocksError, PeerUnavailableError, ProtocolError
-from corolla.engine.api import protocol
-from corolla.engine.api.errors import APIError, error_for
+from corolla.engine.apps.api import protocol
+from corolla.engine.apps.api.errors import APIError, error_for
+from corolla.engine.apps.monitor.state import model_state, swarm_state
 from corolla.engine.dht.records import ServerRecord, ServerState
-from corolla.engine.monitor.state import model_state, swarm_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,7 +141,7 @@ def test_monitor_state_counts_online_servers_per_block_and_names_missing_ones() 
 def test_web_commands_say_what_is_missing(
     command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from corolla.engine.cli import main
+    from corolla.engine.apps.cli import main
 
     monkeypatch.delenv("COROLLA_INITIAL_PEERS", raising=False)
     assert main(command) == 2
@@ -149,7 +149,7 @@ def test_web_commands_say_what_is_missing(
 
 
 def test_no_route_after_timeouts_is_504_and_otherwise_503() -> None:
-    from corolla.engine.api.errors import error_for
+    from corolla.engine.apps.api.errors import error_for
     from corolla.engine.errors import NoRouteError, PeerUnavailableError
 
     try:
@@ -182,7 +182,7 @@ def test_a_bad_field_is_named_as_param() -> None:
     "fields", [{"default_max_tokens": 0}, {"max_sessions": 0}, {"request_timeout": -1.0}, {"max_workers": 0}]
 )
 def test_api_settings_are_bounded(fields: dict[str, object]) -> None:
-    from corolla.engine.api.app import ApiSettings
+    from corolla.engine.apps.api.app import ApiSettings
 
     with pytest.raises(ValueError, match="must be"):
         ApiSettings(model_id="m", **fields)  # type: ignore[arg-type]

@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, tiny_config
 from corolla.engine.config import ServerConfig
 from corolla.engine.models.batched import run_rows
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, FairQueue, Priority
-from corolla.engine.testing import FAMILY_TEST_OVERRIDES, tiny_config
 
 ATOL = 1e-5  # fp32: only the summation order of the matmuls differs between a batch and a single row
 VARIANTS: dict[str, tuple[str, dict[str, object]]] = {

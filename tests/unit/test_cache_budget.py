@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from corolla.engine.apps.tiny_models import TINY_DEFAULTS
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, CorollaError, ProtocolError
 from corolla.engine.models.cache_size import token_cache_bytes
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
-from corolla.engine.testing import TINY_DEFAULTS
 
 MiB = 2**20
 HIDDEN = TINY_DEFAULTS["hidden_size"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import corolla.engine.cli as cli
+import corolla.engine.apps.cli as cli
 from corolla.engine.config import ServerConfig
 from corolla.engine.version import __version__
 
@@ -53,10 +53,14 @@ def _restore_logging() -> Iterator[None]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m corolla.engine.cli ARGS`` in a fresh process (exit codes and stderr as a user sees them)."""
+    """``python -m corolla.engine.apps.cli ARGS`` in a fresh process (exit codes and stderr as a user sees them)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("COROLLA_")} | (env or {})
     return subprocess.run(
-        [sys.executable, "-m", "corolla.engine.cli", *args], capture_output=True, text=True, timeout=100, env=full_env
+        [sys.executable, "-m", "corolla.engine.apps.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=full_env,
     )
 
 
@@ -208,7 +212,11 @@ def run_refused(*args: str) -> subprocess.CompletedProcess[str]:
     """A command that must stop at its arguments: it gets 30 s, far less than starting anything takes."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("COROLLA_")}
     return subprocess.run(
-        [sys.executable, "-m", "corolla.engine.cli", *args], capture_output=True, text=True, timeout=30, env=full_env
+        [sys.executable, "-m", "corolla.engine.apps.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=full_env,
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import corolla.engine.cli as cli
+import corolla.engine.apps.cli as cli
 from corolla.engine.config import ClientConfig, ServerConfig, as_tuple, format_size, from_env, parse_size, parse_span
 
 CLI_SKIPPED = {"model", "extra", "token"}  # positional / not a flag / given as its own --token

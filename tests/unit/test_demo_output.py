@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corolla.engine.demo import cut_note
+from corolla.engine.apps.demo import cut_note
 
 
 def test_an_answer_cut_at_the_limit_is_marked_on_its_own_line() -> None:

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.cache_size import token_cache_bytes
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
@@ -17,7 +18,6 @@ from corolla.engine.models.family import ExpertNames, fuse_experts
 from corolla.engine.models.registry import FAMILIES, get_family, sliding_window_of
 from corolla.engine.models.span import BlockSpan, SpanCache, build_attention_mask
 from corolla.engine.server.kv_cache import cache_bytes_per_token
-from corolla.engine.testing import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
 
 ATOL = 1e-4
 FAMILY_OVERRIDES = FAMILY_TEST_OVERRIDES

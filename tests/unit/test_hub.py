@@ -272,7 +272,7 @@ def run_server(args: list[str], hub_url: str, home: Path, **env_vars: str) -> su
     """``corolla server ARGS --new-swarm`` in a fresh process against the fake Hub; it must fail before serving."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "COROLLA_"))}
     env.update(HF_ENDPOINT=hub_url, HF_HOME=str(home), COROLLA_NO_PROGRESS="1", **env_vars)
-    command = [sys.executable, "-m", "corolla.engine.cli", "server", *args, "--new-swarm"]
+    command = [sys.executable, "-m", "corolla.engine.apps.cli", "server", *args, "--new-swarm"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=200)
 
 

@@ -59,9 +59,27 @@ def test_every_folder_with_python_files_is_a_package() -> None:
                 assert (py.parent / "__init__.py").exists(), f"{py.parent} has modules but no __init__.py"
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module name an ``import`` statement in the file names (function-level imports included)."""
+class _WithoutTypeChecking(ast.NodeTransformer):
+    """Replaces each ``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``) block by its ``else`` branch."""
+
+    def visit_If(self, node: ast.If) -> ast.AST | list[ast.stmt]:
+        self.generic_visit(node)
+        test = node.test
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
+            return node.orelse
+        return node
+
+
+def imported_modules(path: Path, *, runtime_only: bool = False) -> set[str]:
+    """Every module name an ``import`` statement in the file names (function-level imports included).
+
+    ``runtime_only`` leaves out the imports under ``if TYPE_CHECKING:`` (annotations only; never run).
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
+    if runtime_only:
+        tree = _WithoutTypeChecking().visit(tree)
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -120,8 +138,8 @@ import json, logging, os, sys, threading
 root = logging.getLogger()
 before = dict(handlers=list(root.handlers), level=root.level, threads={t.ident for t in threading.enumerate()},
               env=dict(os.environ))
-import corolla.engine, corolla.engine.client.model, corolla.engine.server.server, corolla.engine.cli
-import corolla.engine.models.checkpoint, corolla.engine.testing
+import corolla.engine, corolla.engine.client.model, corolla.engine.server.server, corolla.engine.apps.cli
+import corolla.engine.models.checkpoint, corolla.engine.apps.local_swarm, corolla.engine.apps.tiny_models
 corolla_logger = logging.getLogger("corolla")
 print(json.dumps(dict(
     forbidden=sorted(m for m in sys.modules if m.startswith(FORBIDDEN)),

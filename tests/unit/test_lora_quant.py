@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from reference_grads import reference_block_grads
 from transformers import AutoModelForCausalLM
 
 from corolla.engine.models.checkpoint import Checkpoint, load_span
 from corolla.engine.models.lora import LoraLinear, attach_adapters, read_adapter
 from corolla.engine.models.quant import Int8Linear, NF4Linear
-from corolla.engine.testing_grads import reference_block_grads
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -126,7 +126,7 @@ import json, resource, sys, torch
 from corolla.engine.config import ServerConfig
 from corolla.engine.models.span import BlockSpan
 from corolla.engine.server.memory import estimate_activation_bytes
-from corolla.engine.testing import tiny_config
+from corolla.engine.apps.tiny_models import tiny_config
 torch.set_num_threads(1)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 
-from corolla.engine.cli import main
+from corolla.engine.apps.cli import main
 from corolla.engine.dht.contribution import check_claim, load_identity, make_claim
 from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator
 from corolla.engine.dht.swarm_key import SwarmKeys, SwarmKeyValidator, load_keys, new_key, parse_keys

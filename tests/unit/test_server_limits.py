@@ -176,10 +176,10 @@ def test_read_frame_refuses_oversized_frames_from_the_header_alone() -> None:
 def test_long_forwards_run_in_chunks_with_the_same_output(tmp_path: Path) -> None:
     import torch
 
+    from corolla.engine.apps.tiny_models import make_tiny_checkpoint
     from corolla.engine.config import ServerConfig
     from corolla.engine.models.checkpoint import Checkpoint, load_span
     from corolla.engine.server.backend import SpanBackend
-    from corolla.engine.testing import make_tiny_checkpoint
 
     ckpt = Checkpoint(str(make_tiny_checkpoint(tmp_path / "tiny")))
     config = ckpt.config()

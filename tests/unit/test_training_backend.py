@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_grads import reference_block_grads
 from transformers import AutoModelForCausalLM
 
+from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES
 from corolla.engine.client.route_autograd import micro_batches
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import ProtocolError
 from corolla.engine.models.checkpoint import Checkpoint, load_span
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.training import check_request, train_backward, train_forward
-from corolla.engine.testing import FAMILY_TEST_OVERRIDES
-from corolla.engine.testing_grads import reference_block_grads
 from corolla.engine.wire.training import Assembler, TrainRequest, answer_shapes, pieces, request_shapes
 
 RTOL = 1e-4  # relative to the largest magnitude of the reference

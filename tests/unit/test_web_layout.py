@@ -1,5 +1,6 @@
-"""The web faces (``corolla api``, ``corolla monitor``) sit above the core: nothing else in the engine
-imports them, and their libraries (FastAPI, uvicorn, prometheus-client) load only when they run."""
+"""The web faces (``corolla api``, ``corolla monitor`` and their shared start-up, ``apps/web.py``) sit above
+the core: nothing else in the engine imports them, and their libraries (FastAPI, uvicorn,
+prometheus-client) load only when they run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from test_layout import REPO, imported_modules
 
 pytestmark = pytest.mark.timeout(120)
 
-FACES = ("corolla.engine.api", "corolla.engine.monitor")
+FACES = ("corolla.engine.apps.api", "corolla.engine.apps.monitor", "corolla.engine.apps.web")
+FACE_PATHS = (Path("apps/api"), Path("apps/monitor"), Path("apps/web.py"))
 WEB_LIBRARIES = ("fastapi", "starlette", "uvicorn", "prometheus_client")
 
 
@@ -21,7 +23,7 @@ def test_only_the_cli_and_the_faces_import_the_faces() -> None:
     offenders: dict[str, list[str]] = {}
     for path in (REPO / "engine").rglob("*.py"):
         rel = path.relative_to(REPO / "engine")
-        if "__pycache__" in path.parts or rel.parts[0] in ("api", "monitor") or rel == Path("cli.py"):
+        if "__pycache__" in path.parts or rel == Path("apps/cli.py") or any(rel.is_relative_to(f) for f in FACE_PATHS):
             continue
         bad = sorted(m for m in imported_modules(path) if m.startswith(FACES) or m.split(".")[0] in WEB_LIBRARIES)
         if bad:
@@ -32,9 +34,10 @@ def test_only_the_cli_and_the_faces_import_the_faces() -> None:
 def test_web_libraries_load_only_when_a_face_runs(tmp_path: Path) -> None:
     code = (
         "import json, sys\n"
-        "import corolla.engine, corolla.engine.cli\n"
-        "corolla.engine.cli.build_parser().parse_args(['api', 'm', '--initial-peers', 'x'])\n"
-        "import corolla.engine.api.protocol, corolla.engine.api.errors, corolla.engine.monitor.state\n"
+        "import corolla.engine, corolla.engine.apps.cli\n"
+        "corolla.engine.apps.cli.build_parser().parse_args(['api', 'm', '--initial-peers', 'x'])\n"
+        "import corolla.engine.apps.api.protocol, corolla.engine.apps.api.errors, corolla.engine.apps.monitor.state\n"
+        "import corolla.engine.apps.web, corolla.engine.apps.api.serve, corolla.engine.apps.monitor.serve\n"
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {WEB_LIBRARIES!r})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, cwd=tmp_path)

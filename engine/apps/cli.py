@@ -166,13 +166,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from corolla.engine.demo import run_demo
+    from corolla.engine.apps.demo import run_demo
 
     return run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, num_servers=args.servers, serve=args.serve)
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from corolla.engine.health import run_health
+    from corolla.engine.apps.health import run_health
 
     try:
         peers = as_tuple(args.initial_peers) or from_env(ClientConfig).initial_peers  # COROLLA_INITIAL_PEERS
@@ -313,7 +313,7 @@ def add_web_commands(sub: Any) -> None:
     api.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
 
     def run_api(args: argparse.Namespace) -> int:
-        from corolla.engine.api.serve import run_api
+        from corolla.engine.apps.api.serve import run_api
 
         return run_api(
             args.model,
@@ -340,8 +340,8 @@ def add_web_commands(sub: Any) -> None:
     monitor.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
 
     def run_monitor(args: argparse.Namespace) -> int:
+        from corolla.engine.apps.monitor.serve import run_monitor
         from corolla.engine.dht.swarm_key import keys_from_option
-        from corolla.engine.monitor.serve import run_monitor
 
         keys = keys_from_option(args.swarm_key)
         return run_monitor(args.initial_peers, host=args.host, port=args.port, refresh=args.refresh, swarm_keys=keys)

@@ -4,7 +4,6 @@ SmolLM2-135M-Instruct's blocks), a client that streams answers through it, and a
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
@@ -20,13 +19,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def split_blocks(total: int, parts: int) -> list[str]:
-    """``total`` blocks as ``parts`` near-equal consecutive spans: ``split_blocks(30, 2) == ["0:15", "15:30"]``."""
-    parts = max(1, min(parts, total))
-    bounds = [round(i * total / parts) for i in range(parts + 1)]
-    return [f"{a}:{b}" for a, b in itertools.pairwise(bounds)]
-
-
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -37,8 +29,8 @@ def run_demo(prompt: str | None, max_new_tokens: int = 64, num_servers: int = 2,
     import torch
     from transformers import AutoConfig
 
+    from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint, split_blocks
     from corolla.engine.client.model import DistributedModelForCausalLM
-    from corolla.engine.testing import Swarm, smollm2_checkpoint
 
     # SIGTERM unwinds like Ctrl-C, so every process the demo started is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

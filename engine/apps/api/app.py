@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from corolla.engine.api import protocol
-from corolla.engine.api.errors import APIError, bad_request, error_for
-from corolla.engine.api.metrics import ApiMetrics
+from corolla.engine.apps.api import protocol
+from corolla.engine.apps.api.errors import APIError, bad_request, error_for
+from corolla.engine.apps.api.metrics import ApiMetrics
 from corolla.engine.config import check_limits
 from corolla.engine.version import __version__
 

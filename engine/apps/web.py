@@ -1,23 +1,22 @@
-"""``corolla api``: join the swarm once, then serve the OpenAI-compatible app with uvicorn."""
+"""The web faces' shared start-up (``corolla api``, ``corolla monitor``): check the ``api`` extra, find
+the initial peers, check the port is free, then serve an ASGI app with uvicorn until SIGINT/SIGTERM.
+
+FastAPI, uvicorn and prometheus-client load only inside these functions, when a face runs.
+"""
 
 from __future__ import annotations
 
 import errno
-import logging
-import os
 import socket
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from corolla.engine.config import ClientConfig, from_env
 from corolla.engine.errors import CorollaError, missing_extra
 
-logger = logging.getLogger(__name__)
 
-
-def require_web_extra(command: str = "api") -> None:
-    """A CorollaError naming the install command if the ``api`` extra (FastAPI, uvicorn) is missing."""
+def require_web_extra(command: str) -> None:
+    """A CorollaError saying what to install when the ``api`` extra is missing."""
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -35,6 +34,13 @@ def initial_peers_or_env(peers: Sequence[str], command: str) -> tuple[str, ...]:
             "prints) or set COROLLA_INITIAL_PEERS"
         )
     return found
+
+
+def before_serving(command: str, initial_peers: Sequence[str]) -> tuple[str, ...]:
+    """What every web face checks before it joins the swarm: the extra is installed, and the initial peers
+    (given, else from ``COROLLA_INITIAL_PEERS``), which it returns."""
+    require_web_extra(command)
+    return initial_peers_or_env(initial_peers, command)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -57,7 +63,11 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def serve(app: Any, host: str, port: int, on_listening: Callable[[], None], **options: Any) -> None:
-    """Run ``app`` with uvicorn until SIGINT/SIGTERM; ``on_listening`` runs once the socket is bound."""
+    """Serve ``app`` at ``host:port`` until SIGINT/SIGTERM; ``on_listening`` runs once the socket is bound
+    (the faces log their own "serving at" line there; no access log).
+
+    ``options`` go to ``uvicorn.Config`` (e.g. ``timeout_graceful_shutdown``).
+    """
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -68,59 +78,3 @@ def serve(app: Any, host: str, port: int, on_listening: Callable[[], None], **op
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, **options)
     _Server(config).run()
-
-
-def run_api(
-    model: str,
-    initial_peers: Sequence[str],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    model_id: str | None = None,
-    request_timeout: float = 600.0,
-    default_max_tokens: int = 512,
-    max_sessions: int = 8,
-    swarm_key_file: str | None = None,
-) -> int:
-    """Serve ``model`` from the swarm at ``http://host:port/v1`` until SIGINT/SIGTERM. Returns an exit code."""
-    require_web_extra("api")
-    from corolla.engine.api.app import ApiSettings, create_app
-    from corolla.engine.client.model import DistributedModelForCausalLM
-    from corolla.engine.models.source import check_model_source
-    from corolla.engine.models.source import model_id as model_id_of
-
-    check_model_source(model)
-    initial_peers = initial_peers_or_env(initial_peers, "api")
-    api_key = api_key or os.environ.get("COROLLA_API_KEY") or None
-    try:
-        settings = ApiSettings(
-            model_id=model_id or model_id_of(model),
-            aliases=(model, str(Path(model).expanduser().resolve())),
-            api_key=api_key,
-            request_timeout=request_timeout,
-            default_max_tokens=default_max_tokens,
-            max_sessions=max_sessions,
-        )
-    except ValueError as e:
-        raise CorollaError(str(e)) from e
-    check_port_free(host, port)
-    client = DistributedModelForCausalLM.from_pretrained(
-        model, initial_peers=initial_peers, swarm_key=swarm_key_file
-    )  # no file given: COROLLA_SWARM_KEY_FILE
-    try:
-        app = create_app(client, settings)
-
-        def listening() -> None:
-            logger.info(
-                "serving %s at http://%s:%d/v1 (OpenAI-compatible%s)",
-                settings.model_id,
-                host,
-                port,
-                ", API key required" if api_key else "",
-            )
-
-        serve(app, host, port, listening, timeout_graceful_shutdown=5)
-    finally:
-        client.close()
-    return 0

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corolla.engine.api.errors import APIError, bad_request
+from corolla.engine.apps.api.errors import APIError, bad_request
 
 MAX_STOPS = 4
 

@@ -1,12 +1,14 @@
 """Start real loopback swarms: a bootstrap DHT peer here and ``corolla server`` processes.
 
-Used by the test suite, ``corolla demo`` and the benchmarks. Everything listens on 127.0.0.1, asks no
-gateway for port mappings, waits by polling the DHT, and stops every process it started by its id.
+Used by ``corolla demo``, the test suite, the benchmarks and the examples (tiny checkpoints to serve:
+:mod:`corolla.engine.apps.tiny_models`). Everything listens on 127.0.0.1, asks no gateway for port
+mappings, waits by polling the DHT, and stops every process it started by its id.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -25,109 +27,12 @@ from corolla.engine.errors import CorollaError
 
 logger = logging.getLogger(__name__)
 
-TINY_DEFAULTS: dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=160,
-    max_position_embeddings=512,
-)
 
-
-# Per family: (config class, model class, tiny settings on top of TINY_DEFAULTS). Hidden sizes stay tiny,
-# experts few; windows are shorter than the test sequences so they really drop keys.
-TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [1]},
-    ),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
-    "bloom": ("BloomConfig", "BloomForCausalLM", {"num_key_value_heads": None, "intermediate_size": None}),
-    "falcon": ("FalconConfig", "FalconForCausalLM", {"num_key_value_heads": None, "intermediate_size": None}),
-}
-
-
-# Per family: the settings its logit tests use on top of TINY_FAMILIES, chosen so that each feature is in
-# effect (windows shorter than the test sequences, Gemma's caps small enough to change the logits).
-FAMILY_TEST_OVERRIDES: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {"sliding_window": 5},
-    "qwen2": {},
-    "qwen3": {},
-    "phi3": {"sliding_window": 5},
-    "mixtral": {},
-    "qwen3_moe": {},  # block 1 is a dense MLP block (mlp_only_layers), the others mixtures of experts
-    "gemma2": {"final_logit_softcapping": 0.3, "attn_logit_softcapping": 0.05},  # window 4 on every other block
-    "gemma3_text": {"final_logit_softcapping": 0.3},  # blocks 0-4 local (window 4, own rotary base), 5 global
-    "gpt_neox": {},
-    "bloom": {},
-    "falcon": {},  # multi-query attention, parallel attention and MLP, rotary positions
-}
-
-
-def tiny_config(family: str = "llama", **overrides: Any) -> Any:
-    """The tiny transformers config of ``family`` (a key of ``TINY_FAMILIES``); ``None`` drops a setting."""
-    import transformers
-
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"no tiny config for {family!r}; known: {', '.join(sorted(TINY_FAMILIES))}")
-    config_name, _, tiny = TINY_FAMILIES[family]
-    settings = {**TINY_DEFAULTS, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **tiny, **overrides}
-    return getattr(transformers, config_name)(**{k: v for k, v in settings.items() if v is not None})
-
-
-def make_tiny_checkpoint(path: str | Path, family: str = "llama", seed: int = 0, **overrides: Any) -> Path:
-    """Save a tiny random model of ``family`` (a key of ``TINY_FAMILIES``) as a safetensors checkpoint."""
-    import torch
-    import transformers
-
-    config = tiny_config(family, **overrides)
-    torch.manual_seed(seed)
-    model = getattr(transformers, TINY_FAMILIES[family][1])(config)
-    path = Path(path)
-    model.save_pretrained(path)
-    char_tokenizer(config.vocab_size).save_pretrained(path)
-    return path
-
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def char_tokenizer(vocab_size: int) -> Any:
-    """A character-level tokenizer for tiny test models (special tokens, then printable ASCII)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-    chars = [chr(c) for c in range(32, 127)]
-    vocab = {tok: i for i, tok in enumerate([*specials, *chars][:vocab_size])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=specials[4:],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+def split_blocks(total: int, parts: int) -> list[str]:
+    """``total`` blocks as ``parts`` near-equal consecutive spans: ``split_blocks(30, 2) == ["0:15", "15:30"]``."""
+    parts = max(1, min(parts, total))
+    bounds = [round(i * total / parts) for i in range(parts + 1)]
+    return [f"{a}:{b}" for a, b in itertools.pairwise(bounds)]
 
 
 def server_env(threads: int = 1) -> dict[str, str]:
@@ -144,60 +49,6 @@ def server_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-_LYING_SERVER_CODE = """
-import sys, torch
-from corolla.engine.cli import main
-from corolla.engine.server.backend import SpanBackend
-honest = SpanBackend.inference_step
-async def lying_step(self, session, position, hidden):
-    out = await honest(self, session, position, hidden)
-    return torch.randn_like(out) * out.std()
-SpanBackend.inference_step = lying_step
-sys.exit(main())
-"""
-LYING_SERVER: tuple[str, ...] = (sys.executable, "-c", _LYING_SERVER_CODE)
-"""Launcher of a ``corolla server`` whose every inference step answers random tensors of the right shape
-and scale (its forwards stay honest): an attacker for the verification tests and benchmarks."""
-
-
-def tree_rss(pid: int) -> int:
-    """RSS of a process and its children, in bytes (a server with its DHT process and p2p daemon)."""
-    import psutil
-
-    proc = psutil.Process(pid)
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
-class PeakRss:
-    """Samples a process tree's RSS every 50 ms in a thread until stopped; ``peak`` is the largest sample."""
-
-    def __init__(self, pid: int) -> None:
-        import threading
-
-        self.pid = pid
-        self.peak = tree_rss(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.wait(0.05):
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, tree_rss(self.pid))
-
-    def stop(self) -> int:
-        """Stop sampling; the peak RSS in bytes."""
-        self._stop.set()
-        self._thread.join(5)
-        return self.peak
-
-
 class ServerProcess:
     """One ``corolla server`` child process in its own session (a terminal's Ctrl-C does not reach it)."""
 
@@ -212,12 +63,12 @@ class ServerProcess:
         extra_args: Sequence[str] = (),
         launcher: Sequence[str] = (),
     ) -> None:
-        """``launcher`` replaces ``python -m corolla.engine.cli`` (tests start modified servers with it)."""
+        """``launcher`` replaces ``python -m corolla.engine.apps.cli`` (tests start modified servers with it)."""
         self.blocks = blocks
         self.log_path = log_path
         self.status_path = log_path.with_suffix(".status.json")
         args = [
-            *(launcher or (sys.executable, "-m", "corolla.engine.cli")),
+            *(launcher or (sys.executable, "-m", "corolla.engine.apps.cli")),
             "server",
             model,
             "--initial-peers",
@@ -363,7 +214,7 @@ class Swarm:
         """Start one more server (``blocks`` like ``"0:3"``, or None to let it choose).
 
         ``model`` serves another checkpoint under this swarm's model name (a server with other weights);
-        ``launcher`` starts a modified server (see :data:`LYING_SERVER`).
+        ``launcher`` starts a modified server (the tests' ``LYING_SERVER`` in tests/support/attack_servers.py).
         """
         self._started = getattr(self, "_started", 0) + 1
         log = self.log_dir / f"server-{self._started}.log"
@@ -433,8 +284,6 @@ def smollm2_checkpoint(cache_dir: str | Path | None = None) -> Path:
 def start_swarm(model: str | Path, num_servers: int = 2, **kwargs: Any) -> Swarm:
     """A :class:`Swarm` whose ``num_servers`` servers split the model's blocks evenly (not started yet)."""
     from transformers import AutoConfig
-
-    from corolla.engine.demo import split_blocks
 
     total = int(AutoConfig.from_pretrained(model).num_hidden_layers)
     return Swarm(model, spans=split_blocks(total, num_servers), **kwargs)

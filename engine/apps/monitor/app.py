@@ -8,8 +8,8 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from corolla.engine.monitor.page import PAGE
-from corolla.engine.monitor.state import SwarmReader
+from corolla.engine.apps.monitor.page import PAGE
+from corolla.engine.apps.monitor.state import SwarmReader
 from corolla.engine.version import __version__
 
 

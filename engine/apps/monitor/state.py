@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from corolla.engine.apps.health import weights_label
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.errors import format_blocks
-from corolla.engine.health import weights_label
 
 logger = logging.getLogger(__name__)
 

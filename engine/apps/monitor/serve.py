@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from corolla.engine.api.serve import check_port_free, initial_peers_or_env, require_web_extra, serve
+from corolla.engine.apps.web import before_serving, check_port_free, serve
 from corolla.engine.config import check_limit
 from corolla.engine.dht.announce import make_dht, read_models, read_records
 from corolla.engine.dht.records import ServerRecord
@@ -24,11 +24,10 @@ def run_monitor(
     swarm_keys: SwarmKeys | None = None,
 ) -> int:
     """Serve the swarm's health page at ``http://host:port/`` until SIGINT/SIGTERM. Returns an exit code."""
-    require_web_extra("monitor")
-    from corolla.engine.monitor.app import create_monitor_app
-    from corolla.engine.monitor.state import SwarmReader
+    initial_peers = before_serving("monitor", initial_peers)
+    from corolla.engine.apps.monitor.app import create_monitor_app
+    from corolla.engine.apps.monitor.state import SwarmReader
 
-    initial_peers = initial_peers_or_env(initial_peers, "monitor")
     try:
         check_limit("refresh", refresh)
     except ValueError as e:
