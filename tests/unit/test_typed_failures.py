@@ -10,8 +10,8 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from corolla.engine.client.remote import HopStream, Pipe, _check
 from corolla.engine.client.hops import Hop, culprit
+from corolla.engine.client.remote import HopStream, Pipe, _check
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import (
     CacheFullError,
