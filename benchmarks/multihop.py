@@ -58,7 +58,7 @@ def free_port() -> int:
 def decode_speed(model: DistributedModelForCausalLM, forwarding: bool, prompt: torch.Tensor, new: int) -> float:
     """Greedy decode tokens/s (after the prompt) in a fresh session, with or without forwarding."""
     with model.inference_session(max_length=prompt.shape[1] + new + 1) as session, torch.inference_mode():
-        session.forwarding = forwarding
+        session.use_forwarding(forwarding)
         hidden = session.step(model.head.embed(prompt))
         token = model.head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
         began = time.perf_counter()

@@ -375,7 +375,7 @@ def _alive(world: World, peer: str) -> bool:
 
 
 def _plan(world: World, client: SimClient, start: int, end: int, exclude: set[str]) -> list[RouteHop] | None:
-    """What _plan_and_open does: plan, probe the route's servers (fakes never answer), re-plan without them."""
+    """What client/opening.open_route does: plan, probe the route's servers (fakes never answer), re-plan without them."""
     exclude = set(exclude)
     while True:
         try:

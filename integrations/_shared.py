@@ -11,7 +11,6 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import SecretStr
@@ -161,35 +160,34 @@ def client_overrides(
 # --- parameter mapping: the one place adapter parameters become engine keyword arguments ----------
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Generation settings as the adapters name them (OpenAI-style), before mapping to the engine."""
+#: The settings both adapters take as fields and as per-call keyword arguments (``.invoke(..., temperature=0.2)``,
+#: ``.bind(...)``), in their OpenAI-style names; per-call values override fields.
+SETTINGS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    stop: Sequence[str] | None = None
-    seed: int | None = None
 
-    def to_engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``generate_text``/``stream_text``.
+def engine_kwargs(settings: Mapping[str, Any], stop: Sequence[str] | None) -> dict[str, Any]:
+    """Keyword arguments for ``generate_text``/``stream_text`` from an adapter's :data:`SETTINGS` and stops.
 
-        ``temperature`` ``None`` or ``0`` means greedy decoding; ``top_k`` ``None``/``0`` and
-        ``top_p`` ``None``/``1`` mean no truncation.
-        """
-        do_sample = self.temperature is not None and self.temperature > 0
-        return {
-            "max_new_tokens": self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_NEW_TOKENS,
-            "do_sample": do_sample,
-            "temperature": float(self.temperature) if do_sample and self.temperature is not None else 1.0,
-            "top_k": int(self.top_k or 0),
-            "top_p": float(self.top_p) if self.top_p is not None else 1.0,
-            "repetition_penalty": float(self.repetition_penalty) if self.repetition_penalty is not None else 1.0,
-            "stop": list(self.stop) if self.stop else None,
-            "seed": self.seed,
-        }
+    The sampling settings become one ``corolla.engine.SamplingParams`` (its ``from_temperature`` holds the
+    rule that temperature 0 means greedy); an adapter's unset temperature (``None``) means greedy too.
+    ``top_k`` ``None``/``0`` and ``top_p`` ``None``/``1`` mean no truncation.
+    """
+    from corolla.engine import SamplingParams
+
+    max_tokens = settings.get("max_tokens")
+    temperature = settings.get("temperature")
+    sampling = SamplingParams.from_temperature(
+        0.0 if temperature is None else float(temperature),
+        top_p=settings.get("top_p"),
+        top_k=settings.get("top_k"),
+        repetition_penalty=settings.get("repetition_penalty"),
+        seed=settings.get("seed"),
+    )
+    return {
+        "max_new_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_NEW_TOKENS,
+        "stop": list(stop) if stop else None,
+        "sampling": sampling,
+    }
 
 
 def merge_stops(*stops: Sequence[str] | None) -> list[str] | None:

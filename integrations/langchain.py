@@ -45,9 +45,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from corolla.integrations._shared import (
     PROVIDER,
+    SETTINGS,
     ClientLike,
-    SamplingParams,
     adapter_client,
+    engine_kwargs,
     merge_consecutive_roles,
     merge_stops,
     usage_dict,
@@ -56,9 +57,6 @@ from corolla.integrations._shared import (
 __all__ = ["ChatCorolla", "DistributedLLM"]
 
 logger = logging.getLogger(__name__)
-
-# Per-call keyword arguments (``.invoke(..., temperature=0.2)`` or ``.bind(...)``) that override fields.
-_SAMPLING_KWARGS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
 
 class _CorollaFields(BaseModel):
@@ -143,22 +141,26 @@ class _CorollaFields(BaseModel):
             ls_model_name=kwargs.get("model") or self.model_name,
             ls_model_type=model_type,
         )
-        sampling = self._sampling(stop, kwargs)
-        if sampling.temperature is not None:
-            params["ls_temperature"] = sampling.temperature
-        if sampling.max_tokens is not None:
-            params["ls_max_tokens"] = sampling.max_tokens
-        if sampling.stop:
-            params["ls_stop"] = list(sampling.stop)
+        settings, stops = self._settings(stop, kwargs)
+        if settings["temperature"] is not None:
+            params["ls_temperature"] = settings["temperature"]
+        if settings["max_tokens"] is not None:
+            params["ls_max_tokens"] = settings["max_tokens"]
+        if stops:
+            params["ls_stop"] = list(stops)
         return params
 
-    def _sampling(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> SamplingParams:
-        """The one place where fields and per-call kwargs become generation settings."""
-        values = {name: kwargs.get(name, getattr(self, name)) for name in _SAMPLING_KWARGS}
-        ignored = set(kwargs) - set(_SAMPLING_KWARGS) - {"model"}
+    def _settings(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
+        """The one place where fields and per-call kwargs become generation settings (and stops)."""
+        values = {name: kwargs.get(name, getattr(self, name)) for name in SETTINGS}
+        ignored = set(kwargs) - set(SETTINGS) - {"model"}
         if ignored:
             logger.debug("Ignoring keyword arguments Corolla does not use: %s", ", ".join(sorted(ignored)))
-        return SamplingParams(stop=merge_stops(self.stop, stop), **values)
+        return values, merge_stops(self.stop, stop)
+
+    def _engine_kwargs(self, stop: Sequence[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of ``generate_text``/``stream_text`` for this call."""
+        return engine_kwargs(*self._settings(stop, kwargs))
 
     def _response_metadata(self, model: str, finish_reason: str | None) -> dict[str, Any]:
         return {"model_name": model, "model_provider": PROVIDER, "finish_reason": finish_reason}
@@ -206,7 +208,7 @@ class ChatCorolla(_CorollaFields, BaseChatModel):
         model = kwargs.get("model") or self.model_name
         client = self._get_client(model)
         prompt = client.apply_chat_template(to_chat_messages(messages))
-        return client, model, prompt, self._sampling(stop, kwargs).to_engine_kwargs()
+        return client, model, prompt, self._engine_kwargs(stop, kwargs)
 
     def _generate(
         self,
@@ -305,7 +307,7 @@ class DistributedLLM(_CorollaFields, BaseLLM):
                 info["completion_tokens"],
             )
         model = kwargs.get("model") or self.model_name
-        result = self._get_client(model).generate_text(prompt, **self._sampling(stop, kwargs).to_engine_kwargs())
+        result = self._get_client(model).generate_text(prompt, **self._engine_kwargs(stop, kwargs))
         info = {
             "finish_reason": result.finish_reason,
             "prompt_tokens": result.prompt_tokens,
@@ -347,7 +349,7 @@ class DistributedLLM(_CorollaFields, BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         model = kwargs.get("model") or self.model_name
-        stream = self._get_client(model).stream_text(prompt, **self._sampling(stop, kwargs).to_engine_kwargs())
+        stream = self._get_client(model).stream_text(prompt, **self._engine_kwargs(stop, kwargs))
         for piece in stream:
             if not piece:
                 continue

@@ -36,10 +36,11 @@ from llama_index.core.llms.custom import CustomLLM
 from corolla.integrations._shared import (
     DEFAULT_MAX_NEW_TOKENS,
     PROVIDER,
+    SETTINGS,
     ClientLike,
-    SamplingParams,
     adapter_client,
     aiter_in_executor,
+    engine_kwargs,
     merge_consecutive_roles,
     merge_stops,
     usage_dict,
@@ -50,7 +51,6 @@ __all__ = ["DistributedLLM"]
 
 logger = logging.getLogger(__name__)
 
-_SAMPLING_KWARGS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 _ROLE_NAMES = {
     MessageRole.CHATBOT: "assistant",
     MessageRole.MODEL: "assistant",
@@ -117,11 +117,11 @@ class DistributedLLM(CustomLLM):
 
     def _engine_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The one place where fields and per-call kwargs become generation settings."""
-        values = {name: kwargs.get(name, getattr(self, name)) for name in _SAMPLING_KWARGS}
-        ignored = set(kwargs) - set(_SAMPLING_KWARGS) - {"stop"}
+        values = {name: kwargs.get(name, getattr(self, name)) for name in SETTINGS}
+        ignored = set(kwargs) - set(SETTINGS) - {"stop"}
         if ignored:
             logger.debug("Ignoring keyword arguments Corolla does not use: %s", ", ".join(sorted(ignored)))
-        return SamplingParams(stop=merge_stops(self.stop, kwargs.get("stop")), **values).to_engine_kwargs()
+        return engine_kwargs(values, merge_stops(self.stop, kwargs.get("stop")))
 
     def _raw(self, prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> dict[str, Any]:
         return {

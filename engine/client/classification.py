@@ -11,7 +11,6 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from corolla.engine.client.inputs import check_ids, check_unsupported
 from corolla.engine.client.model import DistributedModelForCausalLM
-from corolla.engine.client.training import tuned_hidden
 
 
 class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
@@ -49,7 +48,7 @@ class DistributedModelForSequenceClassification(DistributedModelForCausalLM):
         """[batch, length] ids → ``.logits`` [batch, num_labels] (and ``.loss`` with ``labels`` [batch])."""
         check_unsupported(unused)
         check_ids(input_ids, attention_mask)
-        last = tuned_hidden(self, input_ids)[:, -1]  # [batch, hidden]
+        last = self._training_path.hidden(input_ids, self.ptune)[:, -1]  # [batch, hidden]
         logits = self.score(self.head.norm(last.to(self.score.weight.dtype))).float()  # [batch, num_labels]
         loss = None
         if labels is not None:

@@ -1,4 +1,4 @@
-"""Judging a forwarded step: which hops' answers the client keeps, and whom a failure blames.
+"""Settling a forwarded step: which hops' answers the client keeps, and whom a failure blames.
 
 In a forwarded step the client sends its input to the first hop only; each hop pushes its output to the
 next one and also returns it to the client, with the digest of the input it computed on. The client keeps
@@ -28,7 +28,7 @@ class HopAnswer:
 
 
 @dataclass(frozen=True)
-class Judgement:
+class ForwardedStep:
     """What the client does with a forwarded step's answers."""
 
     done: int  # answers of hops 0..done-1 are kept; the step goes on the classic way from hop ``done``
@@ -36,8 +36,10 @@ class Judgement:
     mismatch: bool = False  # hop ``done`` computed on another input than the client knows: stop forwarding
 
 
-def judge(first_input: torch.Tensor, answers: Sequence[HopAnswer | BaseException], peers: Sequence[str]) -> Judgement:
-    """Judge the answers of every hop of a forwarded step (``peers``: their peer ids, in route order).
+def settle_forwarded_step(
+    first_input: torch.Tensor, answers: Sequence[HopAnswer | BaseException], peers: Sequence[str]
+) -> ForwardedStep:
+    """Settle the answers of every hop of a forwarded step (``peers``: their peer ids, in route order).
 
     A hop whose input digest differs from the digest of its predecessor's output (or of the client's input,
     for the first hop) is redone the classic way and forwarding stops for the session: either its
@@ -51,10 +53,10 @@ def judge(first_input: torch.Tensor, answers: Sequence[HopAnswer | BaseException
             if isinstance(answer, PushMissingError):
                 previous = answers[k - 1] if k > 0 else None
                 if isinstance(previous, HopAnswer) and previous.forward_error:
-                    return Judgement(k, PeerUnavailableError(peers[k], previous.forward_error))
-                return Judgement(k)
-            return Judgement(k, answer)
+                    return ForwardedStep(k, PeerUnavailableError(peers[k], previous.forward_error))
+                return ForwardedStep(k)
+            return ForwardedStep(k, answer)
         if answer.input_digest != expected:
-            return Judgement(k, mismatch=True)
+            return ForwardedStep(k, mismatch=True)
         expected = tensor_digest(answer.out)
-    return Judgement(len(answers))
+    return ForwardedStep(len(answers))

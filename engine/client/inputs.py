@@ -1,5 +1,5 @@
 """What the model takes from its caller: checks of token ids and arguments, hidden states in their wire
-form, and the part of a prompt a session already holds."""
+form."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from corolla.engine.client.session import InferenceSession
 from corolla.engine.wire.tensors import WIRE_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -53,23 +52,3 @@ def check_unsupported(kwargs: dict[str, Any]) -> None:
         )
     if kwargs:
         logger.debug("ignoring %s", ", ".join(kwargs))
-
-
-def reuse_prefix(session: InferenceSession, ids: torch.Tensor) -> torch.Tensor:
-    """Tokens of ``ids`` [1, n] the session does not hold yet; rewinds the session where they diverge."""
-    if session.token_ids is None:
-        return ids
-    held = session.token_ids
-    if session.pending_ids is not None:
-        held = torch.cat([held, session.pending_ids], dim=1)
-    n = min(held.shape[1], ids.shape[1] - 1)  # always feed at least one token to get logits
-    same = int((held[0, :n] == ids[0, :n]).long().cumprod(0).sum()) if n > 0 else 0
-    fed = session.token_ids.shape[1]
-    if same < fed:
-        session.rewind(same)
-        session.token_ids = session.token_ids[:, :same]
-        session.pending_ids = None
-        return ids[:, same:]
-    # Everything fed is reused; the pending token (if it matches) is fed along with the rest.
-    session.pending_ids = None
-    return ids[:, fed:]

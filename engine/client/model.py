@@ -15,26 +15,26 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from corolla.engine.client.credentials import credentials_for
-from corolla.engine.client.inputs import check_ids, check_unsupported, reuse_prefix, to_wire
-from corolla.engine.client.joining import join_swarm, load_tokenizer, release
+from corolla.engine.client.context import ClientContext
+from corolla.engine.client.forward import stateless_forward
+from corolla.engine.client.generation import eos_ids, token_loop
+from corolla.engine.client.inputs import check_ids, check_unsupported, to_wire
+from corolla.engine.client.joining import client_config, load_client, release
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.ptune import PromptTuning
-from corolla.engine.client.remote import remote_forward
-from corolla.engine.client.sampling import SamplingParams, next_tokens
-from corolla.engine.client.session import InferenceSession
+from corolla.engine.client.route_autograd import RemoteBlocks
+from corolla.engine.client.sampling import SamplingParams, sampling_params
+from corolla.engine.client.session import ActiveSession, InferenceSession
 from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
 from corolla.engine.client.training import (
+    TrainingPath,
     check_tuned_generate,
     check_tuned_session,
-    greedy_generate,
     make_prompt_tuning,
-    takes_training_path,
-    training_forward,
 )
-from corolla.engine.config import ClientConfig, as_tuple, from_env
-from corolla.engine.errors import CorollaError, PeerUnavailableError
-from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head
+from corolla.engine.config import ClientConfig
+from corolla.engine.errors import CorollaError
+from corolla.engine.models.checkpoint import ClientHead
 from corolla.engine.routing.sequence_manager import SequenceManager
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,8 @@ class DistributedModelForCausalLM(nn.Module):
         config: PretrainedConfig,
         tokenizer: PreTrainedTokenizerBase | None,
         head: ClientHead,
-        client_config: ClientConfig,
+        context: ClientContext,
         dht: Any,
-        loop: LoopThread,
-        p2p: Any,
-        manager: SequenceManager,
     ) -> None:
         super().__init__()
         self.model_name = model_name
@@ -72,15 +69,38 @@ class DistributedModelForCausalLM(nn.Module):
         self._tokenizer = tokenizer
         self.head = head  # a registered submodule: .to(), .parameters() and state_dict() reach it
         self.ptune: PromptTuning | None = None  # trainable soft prompts (see enable_prompt_tuning)
-        self.client_config = client_config
+        self.context = context  # settings, routes, P2P replica and loop, shared with sessions and remote blocks
         self.dht = dht
-        self.loop = loop
-        self.p2p = p2p
-        self.manager = manager
+        self._training_path = TrainingPath(head, context)  # differentiable forwards (training, prompt tuning)
         self._active = threading.local()  # per thread: the sessions entered with `with`, innermost last
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
         # finalizers would complain about a missing event loop).
-        self._finalizer = weakref.finalize(self, release, loop, p2p, dht)
+        self._finalizer = weakref.finalize(self, release, context.loop, context.p2p, dht)
+
+    @property
+    def client_config(self) -> ClientConfig:
+        """The settings this client runs with."""
+        return self.context.config
+
+    @property
+    def manager(self) -> SequenceManager:
+        """The routes of the model: swarm records, measurements, bans."""
+        return self.context.manager
+
+    @property
+    def p2p(self) -> Any:
+        """The client's hivemind P2P replica."""
+        return self.context.p2p
+
+    @property
+    def loop(self) -> LoopThread:
+        """The event loop thread every network call of the client runs on."""
+        return self.context.loop
+
+    @property
+    def remote_blocks(self) -> RemoteBlocks:
+        """The swarm access of training forwards (its ``last_trace`` shows which servers ran the last one)."""
+        return self._training_path.blocks
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -132,29 +152,11 @@ class DistributedModelForCausalLM(nn.Module):
                 :meth:`enable_prompt_tuning`); the local embeddings and head stay frozen either way.
             pre_seq_len: number of prompt positions.
         """
-        from corolla.engine.hub import check_model_access, resolve_token
-
         if swarm_key is not None:
             client_config_overrides["swarm_key_file"] = os.fspath(swarm_key)
         config = client_config(initial_peers, config, **client_config_overrides)
-        if not config.initial_peers:
-            raise CorollaError(
-                "no initial peers: pass initial_peers=[...] (multiaddrs printed by `corolla server --new-swarm`) "
-                "or set COROLLA_INITIAL_PEERS"
-            )
-        token = resolve_token(token)
-        ckpt = Checkpoint(model_name_or_path, token=token, revision=revision)
-        if not ckpt.is_local:
-            check_model_access(model_name_or_path, token)
-        hf_config = ckpt.config()
-        tokenizer = load_tokenizer(ckpt, model_name_or_path, token, revision)
-        head = load_client_head(ckpt, hf_config, torch.float32)
-        head.requires_grad_(False)  # the client trains prompts (or what the user unfreezes), never by default
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
-        model_name = config.dht_prefix or ckpt.default_dht_prefix
-        dht, loop, p2p, manager = join_swarm(config, model_name, int(hf_config.num_hidden_layers), model_name_or_path)
-        model = cls(model_name, hf_config, tokenizer, head, config, dht, loop, p2p, manager)
+        parts = load_client(model_name_or_path, config, token=token, revision=revision)
+        model = cls(parts.model_name, parts.config, parts.tokenizer, parts.head, parts.context, parts.dht)
         if tuning_mode is not None:
             model.enable_prompt_tuning(tuning_mode, pre_seq_len)
         return model
@@ -165,7 +167,7 @@ class DistributedModelForCausalLM(nn.Module):
         The input prompts start as the embeddings of ``pre_seq_len`` random vocabulary tokens; deep prompts
         start at zero. ``model.ptune.save(path)`` / ``.load(path)`` keep trained prompts.
         """
-        self.ptune = make_prompt_tuning(self, tuning_mode, pre_seq_len)
+        self.ptune = make_prompt_tuning(self.head, self.config, tuning_mode, pre_seq_len)
         return self.ptune
 
     def close(self) -> None:
@@ -189,10 +191,10 @@ class DistributedModelForCausalLM(nn.Module):
         :meth:`generate` without ``session=`` continues it (as in Petals).
         """
         max_length = max_length or min(int(getattr(self.config, "max_position_embeddings", 2048)), 2048)
-        cfg = self.client_config
+        context = self.context
         if active_adapter is not None:
-            cfg = dataclasses.replace(cfg, active_adapter=active_adapter)
-        return _ModelSession(self._active, self.manager, self.p2p, self.loop, cfg, max_length)
+            context = context.with_config(dataclasses.replace(context.config, active_adapter=active_adapter))
+        return ActiveSession(self._active, context, max_length)
 
     @property
     def active_session(self) -> InferenceSession | None:
@@ -217,98 +219,40 @@ class DistributedModelForCausalLM(nn.Module):
         """
         check_unsupported(unused)
         check_ids(input_ids, attention_mask)
-        if takes_training_path(self, labels):
-            return training_forward(self, input_ids, labels)
+        if labels is not None or self.ptune is not None or self._needs_autograd():
+            return self._training_path.forward(input_ids, labels, self.ptune)
         with torch.no_grad():
             return self._plain_forward(input_ids)
+
+    def _needs_autograd(self) -> bool:
+        """Whether a forward must be differentiable: grad mode on and some local parameter trainable."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def _plain_forward(self, input_ids: torch.Tensor) -> CausalLMOutputWithPast:
         """The inference forward: stateless, chunked by the servers, no gradients."""
         hidden = to_wire(self.head.embed(input_ids.to(self.device)), self.client_config.wire_dtype)
-        cfg = self.client_config
-        for attempt in range(cfg.max_retries + 1):
-            route = self.manager.plan_forward()
-            x = hidden
-            try:
-                for hop in route:
-                    x = self.loop.run(
-                        remote_forward(
-                            self.p2p,
-                            hop.peer_id,
-                            hop.start,
-                            hop.end,
-                            x,
-                            cfg.max_chunk_bytes,
-                            cfg.request_timeout,
-                            proof=credentials_for(cfg).proof(self.p2p.peer_id.to_base58(), hop.peer_id),
-                            adapter=cfg.active_adapter,
-                        )
-                    )
-                    self.manager.mark_ok(hop.peer_id)  # it answered well: forget its past failures
-                logits = self.head.logits(x.to(self.device))
-                return CausalLMOutputWithPast(logits=logits.to(input_ids.device))
-            except PeerUnavailableError as e:
-                if attempt == cfg.max_retries:
-                    raise
-                self.manager.ban(hop.peer_id, str(e))  # the peer we talked to, whatever the error says
-        raise AssertionError("unreachable")
+        logits = self.head.logits(stateless_forward(self.context, hidden).to(self.device))
+        return CausalLMOutputWithPast(logits=logits.to(input_ids.device))
 
     # ---- token generation -------------------------------------------------------------------
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
-        if eos_token_id is None:
-            eos_token_id = getattr(self.config, "eos_token_id", None)
-            if eos_token_id is None and self._tokenizer is not None:
-                eos_token_id = self._tokenizer.eos_token_id
-        if eos_token_id is None:
-            return set()
-        return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+        return eos_ids(self.config, self._tokenizer, eos_token_id)
 
-    @torch.inference_mode()
     def _token_loop(
         self,
         session: InferenceSession,
         new_ids: torch.Tensor,
         params: SamplingParams,
         max_new_tokens: int,
-        eos_ids: set[int],
+        eos: set[int],
         prefix: torch.Tensor | None = None,
     ) -> Generator[torch.Tensor, None, FinishReason]:
-        """Feed ``new_ids`` [batch, n] (CPU), then yield one sampled token per row per step ([batch], CPU).
-
-        ``prefix`` ([batch, pre, hidden], e.g. trained soft prompts) goes to the servers before the first
-        fed token, in the same step.
-
-        Embeddings, logits and sampling run on the model's device; hidden states go to the servers from
-        CPU memory; the session's token bookkeeping stays on the CPU.
-        """
-        device = self.device
-        generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
-        feed = new_ids if session.pending_ids is None else torch.cat([session.pending_ids, new_ids], dim=1)
-        session.pending_ids = None
-        seen = feed if session.token_ids is None else torch.cat([session.token_ids, feed], dim=1)
-        finished = torch.zeros(feed.shape[0], dtype=torch.bool)
+        """:func:`~corolla.engine.client.generation.token_loop` with this model's head, padding and wire dtype."""
         pad_id = self._tokenizer.pad_token_id if self._tokenizer is not None else None
-        pad = pad_id if pad_id is not None else next(iter(eos_ids), 0)
-        for _ in range(max_new_tokens):
-            if feed.shape[1] == 0:
-                raise ValueError("nothing to generate from: give at least one input token")
-            embeds = self.head.embed(feed.to(device))
-            if prefix is not None:
-                embeds = torch.cat([prefix.detach().to(embeds.device, embeds.dtype), embeds], dim=1)
-                prefix = None
-            hidden = session.step(to_wire(embeds, self.client_config.wire_dtype))
-            session.token_ids, session.pending_ids = seen, None
-            logits = self.head.logits(hidden[:, -1:].to(device))[:, -1]
-            token = next_tokens(logits, seen.to(device), params, generator).cpu()
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            finished |= torch.tensor([int(t) in eos_ids for t in token])
-            session.pending_ids = token[:, None]  # sampled, not yet in the servers' caches
-            yield token
-            if bool(finished.all()):
-                return "eos"
-            feed = token[:, None]
-            seen = torch.cat([seen, feed], dim=1)
-        return "length"
+        wire = self.client_config.wire_dtype
+        return token_loop(
+            self.head, session, new_ids, params, max_new_tokens, eos, pad_id=pad_id, wire_dtype=wire, prefix=prefix
+        )
 
     def generate(
         self,
@@ -326,6 +270,7 @@ class DistributedModelForCausalLM(nn.Module):
         max_length: int | None = None,
         attention_mask: torch.Tensor | None = None,
         streamer: Any = None,
+        sampling: SamplingParams | None = None,
         **unused: Any,
     ) -> torch.Tensor:
         """transformers-style generation: returns ``input_ids`` followed by the new tokens.
@@ -334,17 +279,19 @@ class DistributedModelForCausalLM(nn.Module):
         already in the servers' caches (Petals' multi-turn convention), and ``None`` continues from the
         last generated token. ``streamer`` is any object with transformers' streamer interface
         (``put(ids)``, ``end()``), e.g. ``transformers.TextStreamer``. The result is on the device of
-        ``input_ids`` (on the model's device when continuing with ``None``).
+        ``input_ids`` (on the model's device when continuing with ``None``). ``sampling`` replaces
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty`` and ``seed``.
         """
+        params = sampling_params(sampling, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         if input_ids is None:
             input_ids = unused.pop("inputs", None)  # transformers' name of the first argument
         prefix = None
         if self.ptune is not None:
             in_session = session is not None or self.active_session is not None
             if self.ptune.deep is not None:  # deep prompts go with every forward: no cached sessions
-                input_ids = check_tuned_generate(input_ids, do_sample, in_session)
+                input_ids = check_tuned_generate(input_ids, params.do_sample, in_session)
                 check_ids(input_ids, attention_mask)
-                return greedy_generate(self, input_ids, max_new_tokens)
+                return self._training_path.greedy_generate(input_ids, max_new_tokens, self.ptune)
             input_ids = check_tuned_session(input_ids, in_session)
             prefix = self.ptune.input_prompts(input_ids.shape[0])  # the prompts open the model's own session
         if unused:
@@ -358,7 +305,6 @@ class DistributedModelForCausalLM(nn.Module):
         check_ids(input_ids, attention_mask)
         out_device = input_ids.device
         input_ids = input_ids.cpu()
-        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         own = session is None
         if session is None:
             pre = 0 if prefix is None else prefix.shape[1]
@@ -409,13 +355,15 @@ class DistributedModelForCausalLM(nn.Module):
         stop: Sequence[str] | None = None,
         seed: int | None = None,
         session: InferenceSession | None = None,
+        sampling: SamplingParams | None = None,
     ) -> TextStream:
         """Generate a continuation of ``prompt`` as an iterator of text pieces (stops applied on the fly).
 
         With ``session=``, the prompt is the whole conversation so far: the part the servers already
-        hold is reused, and only new tokens are sent.
+        hold is reused, and only new tokens are sent. ``sampling`` replaces ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``repetition_penalty`` and ``seed``.
         """
-        params = SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        params = sampling_params(sampling, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
         ids = self._encode(prompt)
         prefix = None
         if self.ptune is not None:
@@ -430,7 +378,7 @@ class DistributedModelForCausalLM(nn.Module):
         if session is None:
             pre = 0 if prefix is None else prefix.shape[1]
             session = self.inference_session(pre + ids.shape[1] + max_new_tokens)
-        new_ids = reuse_prefix(session, ids)
+        new_ids = session.reuse_prefix(ids)
         loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None), prefix)
         eos = self._eos_ids(None)
 
@@ -471,38 +419,6 @@ class DistributedModelForCausalLM(nn.Module):
         return self.stream_chat(messages, **kwargs).result()
 
 
-class _ModelSession(InferenceSession):
-    """An inference session that is its model's active session in the thread that entered it."""
-
-    def __init__(self, active: threading.local, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._active = active
-
-    def __enter__(self) -> _ModelSession:
-        if not hasattr(self._active, "stack"):
-            self._active.stack = []
-        self._active.stack.append(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stack: list[InferenceSession] = getattr(self._active, "stack", [])
-        if self in stack:
-            stack.remove(self)
-        super().__exit__(*exc)
-
-
-def client_config(
-    initial_peers: Sequence[str] | str | None = None, config: ClientConfig | None = None, **overrides: Any
-) -> ClientConfig:
-    """The settings :meth:`DistributedModelForCausalLM.from_pretrained` runs with.
-
-    ``config`` (or the defaults, then ``COROLLA_*`` environment variables) with ``overrides`` applied.
-    Given peers win over ``config`` and over ``COROLLA_INITIAL_PEERS``; with none given (None or
-    empty), the environment variable or ``config`` supplies them.
-    """
-    config = from_env(ClientConfig, **overrides) if config is None else dataclasses.replace(config, **overrides)
-    peers = as_tuple(initial_peers)
-    return dataclasses.replace(config, initial_peers=peers) if peers else config
-
+__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "client_config"]
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM

@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
-from corolla.engine.client.credentials import credentials_for
-from corolla.engine.client.loop import LoopThread
+from corolla.engine.client.context import ClientContext
 from corolla.engine.client.remote_training import remote_train_call
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import PeerUnavailableError
 from corolla.engine.routing.planner import RouteHop
-from corolla.engine.routing.sequence_manager import SequenceManager, describe_route
+from corolla.engine.routing.sequence_manager import describe_route
 from corolla.engine.wire.tensors import WIRE_DTYPES
 from corolla.engine.wire.training import TrainRequest
 
@@ -54,15 +53,16 @@ def micro_batches(batch: int, size: int) -> list[slice]:
 class RemoteBlocks:
     """Runs training forwards and backwards of blocks ``start..end-1`` through the swarm, with re-planning."""
 
-    def __init__(
-        self, manager: SequenceManager, p2p: Any, loop: LoopThread, cfg: ClientConfig, adapter: str | None = None
-    ) -> None:
-        self.manager = manager
-        self.p2p = p2p
-        self.loop = loop
-        self.cfg = cfg
+    def __init__(self, context: ClientContext, adapter: str | None = None) -> None:
+        self.context = context
+        self.manager = context.manager
         self.adapter = adapter
         self.last_trace: list[HopTrace] = []  # hops of the latest (micro-batch) forward: which server ran which blocks
+
+    @property
+    def cfg(self) -> ClientConfig:
+        """The client settings these blocks run with (retries, chunk sizes, micro-batches)."""
+        return self.context.config
 
     def _call(self, hop: RouteHop, kind: str, tensors: list[torch.Tensor], pre: int) -> list[torch.Tensor]:
         x = tensors[0]
@@ -74,10 +74,12 @@ class RemoteBlocks:
             length=x.shape[1],
             pre=pre,
             adapter=self.adapter,
-            proof=credentials_for(self.cfg).proof(self.p2p.peer_id.to_base58(), hop.peer_id),
+            proof=self.context.proof(hop.peer_id),
         )
-        out = self.loop.run(
-            remote_train_call(self.p2p, hop.peer_id, req, tensors, self.cfg.max_chunk_bytes, self.cfg.request_timeout)
+        out = self.context.loop.run(
+            remote_train_call(
+                self.context.p2p, hop.peer_id, req, tensors, self.cfg.max_chunk_bytes, self.cfg.request_timeout
+            )
         )
         self.manager.mark_ok(hop.peer_id)
         return out

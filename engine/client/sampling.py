@@ -18,6 +18,32 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0: none; >1 discourages tokens already in the sequence
     seed: int | None = None
 
+    @classmethod
+    def from_temperature(
+        cls,
+        temperature: float,
+        *,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+    ) -> SamplingParams:
+        """OpenAI-style settings: temperature 0 means greedy (the temperature itself then plays no part);
+        ``None`` means no nucleus or top-k filtering and no repetition penalty.
+
+        Every face that takes a temperature (the OpenAI API, LangChain, LlamaIndex) builds its settings
+        here; each decides only what an absent temperature means to its users.
+        """
+        do_sample = temperature > 0
+        return cls(
+            do_sample=do_sample,
+            temperature=float(temperature) if do_sample else 1.0,
+            top_k=int(top_k or 0),
+            top_p=1.0 if top_p is None else float(top_p),
+            repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+            seed=seed,
+        )
+
     def __post_init__(self) -> None:
         if self.temperature <= 0 and self.do_sample:
             raise ValueError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
@@ -27,6 +53,22 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def sampling_params(
+    sampling: SamplingParams | None,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+) -> SamplingParams:
+    """The one place where the keyword arguments of ``generate`` and ``stream_text`` (transformers' names)
+    become a :class:`SamplingParams`; a given ``sampling`` wins over them."""
+    if sampling is not None:
+        return sampling
+    return SamplingParams(do_sample, temperature, top_k, top_p, repetition_penalty, seed)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """Inference sessions: each server on the route keeps the session's attention cache; the client keeps
 the inputs it sent to every hop, so a failed hop can be re-planned and its history replayed.
+
+This module holds the session's state and its step loop; opening a route is in
+:mod:`~corolla.engine.client.opening`, repairing a hop in :mod:`~corolla.engine.client.failover`,
+spot checks in :mod:`~corolla.engine.client.spot_check`.
 """
 
 from __future__ import annotations
@@ -10,71 +14,31 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from corolla.engine.client.credentials import credentials_for
-from corolla.engine.client.forwarding import HopAnswer, judge
+from corolla.engine.client.context import ClientContext
+from corolla.engine.client.failover import replace_hop
+from corolla.engine.client.forwarding import HopAnswer, settle_forwarded_step
+from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, step_timeout
 from corolla.engine.client.loop import LoopThread
-from corolla.engine.client.remote import HopStream, remote_info
+from corolla.engine.client.opening import open_route
 from corolla.engine.client.spot_check import spot_check
 from corolla.engine.client.verify import output_problem
-from corolla.engine.config import PROTOCOL_VERSION, ClientConfig
-from corolla.engine.errors import (
-    CacheFullError,
-    MissingBlocksError,
-    NoRouteError,
-    PeerError,
-    PeerUnavailableError,
-    ProtocolError,
-    SessionClosedError,
-    short_peer,
-)
-from corolla.engine.routing.planner import RouteHop
-from corolla.engine.routing.sequence_manager import SequenceManager, describe_route
-from corolla.engine.routing.trust import (
-    Verdict,
-    on_this_machine,
-    probe_problem,
-    should_verify,
-    silent_bound,
-    warn_unverified,
-)
+from corolla.engine.config import ClientConfig
+from corolla.engine.errors import PeerError, ProtocolError, SessionClosedError, short_peer
+from corolla.engine.routing.sequence_manager import SequenceManager
+from corolla.engine.routing.trust import Verdict, on_this_machine, should_verify, warn_unverified
 
 logger = logging.getLogger(__name__)
 
-_RETRYABLE = (PeerUnavailableError, CacheFullError, SessionClosedError, ProtocolError)
-PROBE_BATCH = 16
-"""Servers probed at once when a route needs a new one (the route's own, then other candidates)."""
 PEERS_TIMEOUT_S = 2.0
 """Seconds to ask the p2p daemon where a server's connections come from (else it counts as a stranger)."""
 
 _warned_unverified: set[tuple[str, int, int]] = set()  # (model, start, end) warned about in this process
 _warned_lock = threading.Lock()
-
-
-@dataclass
-class _Hop:
-    """One hop of the live route and every input it has been sent (for replay)."""
-
-    stream: HopStream
-    inputs: list[torch.Tensor] = field(default_factory=list)  # each [batch, new, hidden]
-
-    @property
-    def start(self) -> int:
-        return self.stream.start
-
-    @property
-    def end(self) -> int:
-        return self.stream.end
-
-    def history(self, length: int) -> torch.Tensor | None:
-        """Inputs of the first ``length`` positions, [batch, length, hidden]."""
-        if length == 0 or not self.inputs:
-            return None
-        return torch.cat(self.inputs, dim=1)[:, :length]
 
 
 class InferenceSession:
@@ -83,35 +47,48 @@ class InferenceSession:
     Use as a context manager (or call ``close``) so servers free their caches promptly.
     """
 
-    def __init__(
-        self,
-        manager: SequenceManager,
-        p2p: Any,
-        loop: LoopThread,
-        config: ClientConfig,
-        max_length: int,
-    ) -> None:
-        self.manager = manager
-        self.p2p = p2p
-        self.loop = loop
-        self.config = config
+    def __init__(self, context: ClientContext, max_length: int) -> None:
+        self.context = context
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every server of the route holds
         self.batch_size: int | None = None
-        self.hops: list[_Hop] = []
+        self.hops: list[Hop] = []
         self.closed = False
         self.failovers = 0
-        self.token_ids: torch.Tensor | None = None  # [batch, position] ids fed so far (kept by the model)
-        self.pending_ids: torch.Tensor | None = None  # sampled but not yet fed (kept by the model)
+        self._token_ids: torch.Tensor | None = None  # [batch, position] ids fed so far
+        self._pending_ids: torch.Tensor | None = None  # [batch, 1] sampled but not yet fed
         self._step_id = 0
         self.avoid: set[str] = set()  # peers caught lying (or on a route that lied) in this session: never again
         self.liars: set[str] = set()  # peers this session convicted
         self.unverified: dict[tuple[int, int], str] = {}  # (start, end) of hops whose output no replica could check
         self.checks = 0  # spot checks run
-        self.forwarding = config.forwarding  # servers push each hop's output to the next (off after a mismatch)
+        self._forwarding = (
+            context.config.forwarding
+        )  # servers push each hop's output to the next (off after a mismatch)
         self.forwarded_steps = 0  # steps whose every hop ran forwarded
         self._rng = random.Random()
+
+    # ---- the client it belongs to -----------------------------------------------------------
+    @property
+    def config(self) -> ClientConfig:
+        """The settings this session runs with."""
+        return self.context.config
+
+    @property
+    def manager(self) -> SequenceManager:
+        """The routes of the model (swarm records, measurements, bans)."""
+        return self.context.manager
+
+    @property
+    def p2p(self) -> Any:
+        """The client's P2P replica."""
+        return self.context.p2p
+
+    @property
+    def loop(self) -> LoopThread:
+        """The client's event loop thread."""
+        return self.context.loop
 
     # ---- public API -------------------------------------------------------------------------
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -146,7 +123,7 @@ class InferenceSession:
             return
         self.closed = True
         try:
-            self.loop.run(self._close_all(self.hops), timeout=10)
+            self.loop.run(close_hops(self.hops, self.session_id), timeout=10)
         except Exception as e:  # closing is best effort: servers also free idle sessions themselves
             logger.debug("closing session: %s", e)
 
@@ -156,45 +133,86 @@ class InferenceSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- internals (run on the client's event loop) -----------------------------------------
-    async def _close_all(self, hops: list[_Hop]) -> None:
-        for hop in hops:
-            await hop.stream.close(self.session_id)
-
-    def _chunks(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
-        size = max(1, self.config.max_chunk_bytes // per_token)
-        return [hidden[:, i : i + size] for i in range(0, hidden.shape[1], size)]
-
-    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for chunk in self._chunks(hidden):
-            outputs.append(await self._step_chunk(chunk))
-        return torch.cat(outputs, dim=1)
-
     @property
     def verified(self) -> bool:
         """False if some hop's output could not be checked on an independent replica (see :attr:`unverified`)."""
         return not self.unverified
 
-    def _timeout(self, peer_id: str, tokens: int, blocks: int) -> float:
-        """Seconds to wait for a step before the server counts as silent: tied to its measured round trip."""
-        return silent_bound(
-            self.manager.rtt.get(peer_id, self.manager.ping.get(peer_id)),
-            tokens,
-            blocks,
-            self.manager.believed_block_s(peer_id),
-            floor_s=self.config.stall_timeout,
-            ceiling_s=self.config.step_timeout,
-        )
+    @property
+    def forwarding(self) -> bool:
+        """Whether servers push each hop's output to the next (turned off after a mismatch)."""
+        return self._forwarding
 
-    async def _verify(self, hop: _Hop, x: torch.Tensor, out: torch.Tensor) -> bool:
+    def use_forwarding(self, on: bool) -> None:
+        """Turn server-to-server forwarding on or off for the next steps."""
+        self._forwarding = on
+
+    def avoid_peers(self, peers: Iterable[str]) -> None:
+        """Never route this session through ``peers`` again."""
+        self.avoid.update(peers)
+
+    # ---- token ids (kept for the model's token loop) ----------------------------------------
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """[batch, position] token ids fed to the servers so far (None before the first)."""
+        return self._token_ids
+
+    @property
+    def pending_ids(self) -> torch.Tensor | None:
+        """[batch, 1] ids sampled but not yet fed to the servers (None if there are none)."""
+        return self._pending_ids
+
+    def take_pending(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """The ids to feed next, [batch, n]: the pending sampled ids (if any), then ``new_ids``."""
+        feed = new_ids if self._pending_ids is None else torch.cat([self._pending_ids, new_ids], dim=1)
+        self._pending_ids = None
+        return feed
+
+    def record_fed(self, token_ids: torch.Tensor) -> None:
+        """The servers now hold ``token_ids`` [batch, position] (every id fed so far); nothing is pending."""
+        self._token_ids, self._pending_ids = token_ids, None
+
+    def hold_pending(self, ids: torch.Tensor) -> None:
+        """``ids`` [batch, 1] were sampled and go to the servers with the next fed tokens."""
+        self._pending_ids = ids
+
+    def reuse_prefix(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens of ``ids`` [1, n] this session does not hold yet; rewinds the session where they diverge."""
+        if self._token_ids is None:
+            return ids
+        held = self._token_ids
+        if self._pending_ids is not None:
+            held = torch.cat([held, self._pending_ids], dim=1)
+        n = min(held.shape[1], ids.shape[1] - 1)  # always feed at least one token to get logits
+        same = int((held[0, :n] == ids[0, :n]).long().cumprod(0).sum()) if n > 0 else 0
+        fed = self._token_ids.shape[1]
+        if same < fed:
+            self.rewind(same)
+            self._token_ids = self._token_ids[:, :same]
+            self._pending_ids = None
+            return ids[:, same:]
+        # Everything fed is reused; the pending token (if it matches) is fed along with the rest.
+        self._pending_ids = None
+        return ids[:, fed:]
+
+    # ---- internals (run on the client's event loop) -----------------------------------------
+    def _next_step_id(self) -> int:
+        self._step_id += 1
+        return self._step_id
+
+    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in chunks(hidden, self.config.max_chunk_bytes):
+            outputs.append(await self._step_chunk(chunk))
+        return torch.cat(outputs, dim=1)
+
+    async def _verify(self, hop: Hop, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Spot-check ``out`` when due; False if the hop's server lied (convicted) or is suspect (avoided)."""
         peer = hop.stream.peer_id
         # A hop already known to have no independent replica is checked at the rate only (it may gain one).
         seen = self.config.verify_first_steps if (hop.start, hop.end) in self.unverified else 0
         due = should_verify(
-            max(self.manager.checked.get(peer, 0), seen),
+            max(self.manager.checks_passed(peer), seen),
             first_steps=self.config.verify_first_steps,
             rate=self.config.verify_rate,
             draw=self._rng.random(),
@@ -204,9 +222,7 @@ class InferenceSession:
         self.checks += 1
         history = hop.history(self.position)
         inputs = x if history is None else torch.cat([history, x], dim=1)
-        judgement = await spot_check(
-            self.manager, self.p2p, self.config, peer, (hop.start, hop.end), inputs, out, self.avoid
-        )
+        judgement = await spot_check(self.context, peer, (hop.start, hop.end), inputs, out, self.avoid)
         self.avoid.update(judgement.liars, judgement.suspects)
         for liar in judgement.liars:
             self.liars.add(liar)
@@ -251,11 +267,7 @@ class InferenceSession:
         if not self.hops:
             await self._build(0, self.manager.num_blocks)
         i = 0
-        if (
-            self.forwarding
-            and len(self.hops) > 1
-            and all(h.stream.peer_id in self.manager.forwarders for h in self.hops)
-        ):
+        if self._forwarding and len(self.hops) > 1 and all(self.manager.forwards(h.stream.peer_id) for h in self.hops):
             i, x = await self._forwarded(x)
         failed: set[str] = set()  # peers that failed this step: each failure of a new one is free
         attempts = 0  # failures of peers that had failed before (the retry budget)
@@ -265,15 +277,15 @@ class InferenceSession:
             blocks = hop.end - hop.start
             try:
                 began = time.perf_counter()
-                self._step_id += 1
-                timeout = self._timeout(peer, x.shape[0] * x.shape[1], blocks)
-                out = await hop.stream.step(self.session_id, x, self.position, self._step_id, timeout)
+                step_id = self._next_step_id()
+                timeout = step_timeout(self.context, peer, x.shape[0] * x.shape[1], blocks)
+                out = await hop.stream.step(self.session_id, x, self.position, step_id, timeout)
                 problem = output_problem(out, x.shape, x.dtype)
                 if problem is not None:
                     raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
                 if x.shape[1] == 1:
                     self.manager.record_step(peer, time.perf_counter() - began, blocks)
-            except _RETRYABLE as e:
+            except RETRYABLE as e:
                 if peer in failed:
                     attempts += 1
                     if attempts > self.config.max_retries:
@@ -297,12 +309,12 @@ class InferenceSession:
 
         The client sends ``x`` to the first hop and asks every other hop to take its input from its
         predecessor's push; every hop still answers the client, so the client holds each hop's input for
-        replay and spot checks. What cannot be kept (see :func:`judge`) is redone the classic way.
+        replay and spot checks. What cannot be kept (see :func:`settle_forwarded_step`) is redone the classic way.
         """
         hops = list(self.hops)
         peers = [hop.stream.peer_id for hop in hops]
         tokens = x.shape[0] * x.shape[1]
-        timeouts = [self._timeout(hop.stream.peer_id, tokens, hop.end - hop.start) for hop in hops]
+        timeouts = [step_timeout(self.context, hop.stream.peer_id, tokens, hop.end - hop.start) for hop in hops]
         base = self._step_id + 1
         self._step_id += len(hops)
         results = await asyncio.gather(
@@ -337,7 +349,7 @@ class InferenceSession:
                 answers.append(ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer))
             else:
                 answers.append(HopAnswer(out, meta.input_digest, meta.forward_error))
-        verdict = judge(x, answers, peers)
+        verdict = settle_forwarded_step(x, answers, peers)
         for k in range(verdict.done):
             answer = answers[k]
             assert isinstance(answer, HopAnswer)
@@ -358,8 +370,8 @@ class InferenceSession:
                 short_peer(peers[done]),
                 source,
             )
-            self.forwarding = False
-        elif isinstance(verdict.blame, _RETRYABLE):
+            self._forwarding = False
+        elif isinstance(verdict.blame, RETRYABLE):
             peer = verdict.blame.peer_id or peers[verdict.done]
             self.manager.ban(peer, str(verdict.blame))
             await self._repair(verdict.done)
@@ -367,202 +379,52 @@ class InferenceSession:
 
     async def _repair(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over the same blocks and replay its history into it."""
-        broken = self.hops[index]
-        await broken.stream.close(self.session_id)
-        history = broken.history(self.position)
-        began = time.perf_counter()
-        exclude = {broken.stream.peer_id, *self.avoid}
-        for attempt in range(self.config.max_retries + 1):
-            new_hops = await self._plan_and_open(broken.start, broken.end, exclude=exclude)
-            try:
-                await self._replay(new_hops, history)
-            except _RETRYABLE as e:
-                await self._close_all(new_hops)
-                failed = _culprit(e, new_hops)
-                self.manager.ban(failed, str(e))
-                exclude.add(failed)
-                if attempt == self.config.max_retries:
-                    raise
-                continue
-            break
+        new_hops = await replace_hop(
+            self.context,
+            self.session_id,
+            self.hops[index],
+            position=self.position,
+            max_length=self.max_length,
+            batch_size=self.batch_size or 1,
+            avoid=self.avoid,
+            next_step_id=self._next_step_id,
+        )
         self.hops[index : index + 1] = new_hops
         self.failovers += 1
-        logger.info(
-            "failover: blocks %d:%d moved to %s, replayed %d tokens in %.2f s",
-            broken.start,
-            broken.end,
-            describe_route([RouteHop(h.stream.peer_id, h.start, h.end) for h in new_hops]),
-            self.position,
-            time.perf_counter() - began,
-        )
-
-    async def _replay(self, hops: list[_Hop], history: torch.Tensor | None) -> None:
-        """Send the inputs of every position the session holds through ``hops`` (rebuilding their caches)."""
-        x = history
-        for hop in hops:
-            if x is None:
-                return
-            outputs: list[torch.Tensor] = []
-            position = 0
-            for chunk in self._chunks(x):
-                self._step_id += 1
-                timeout = self._timeout(hop.stream.peer_id, chunk.shape[0] * chunk.shape[1], hop.end - hop.start)
-                out = await hop.stream.step(self.session_id, chunk, position, self._step_id, timeout)
-                problem = output_problem(out, chunk.shape, chunk.dtype)
-                if problem is not None:
-                    raise ProtocolError(
-                        f"server {short_peer(hop.stream.peer_id)} {problem}", peer_id=hop.stream.peer_id
-                    )
-                outputs.append(out)
-                position += chunk.shape[1]
-            hop.inputs = [x]
-            x = torch.cat(outputs, dim=1)
-
-    def _probe_timeout(self) -> float:
-        """Seconds a new server may take to answer its probe: tied to the round trips measured so far.
-
-        Five times the median round trip of the servers already probed (at least ``stall_timeout``);
-        ``connect_timeout`` before any was measured.
-        """
-        pings = sorted(self.manager.ping.values())
-        if not pings:
-            return self.config.connect_timeout
-        typical = pings[len(pings) // 2]
-        return silent_bound(
-            typical, 0, 0, 0.0, floor_s=self.config.stall_timeout, ceiling_s=self.config.connect_timeout
-        )
-
-    async def _probe(self, hops: list[_Hop], start: int, end: int, exclude: set[str]) -> list[tuple[_Hop, PeerError]]:
-        """Ask every server of ``hops`` not yet probed for its info; the hops whose server failed, and why.
-
-        A server carries a session only once it answered with this client's protocol version, this model
-        and a span that holds the hop's blocks (a record alone is a claim anyone could make). Up to
-        :data:`PROBE_BATCH` other unprobed servers of the same blocks are probed at the same time, so a
-        swarm full of fake records costs a few rounds of probes, not one round per fake; those that fail
-        join ``exclude``.
-        """
-        new = [hop for hop in hops if hop.stream.peer_id not in self.manager.probed]
-        if not new:
-            return []
-        extra = self.manager.unprobed(start, end, exclude | {h.stream.peer_id for h in hops}, PROBE_BATCH - len(new))
-        candidates = [*new, *(_Hop(HopStream(p, max(start, s), min(end, e))) for p, s, e in extra)]
-
-        async def probe(hop: _Hop) -> None:
-            peer = hop.stream.peer_id
-            began = time.perf_counter()
-            proof = credentials_for(self.config).proof(self.p2p.peer_id.to_base58(), peer)
-            info = await remote_info(self.p2p, peer, self._probe_timeout(), proof=proof)
-            problem = probe_problem(
-                info, version=PROTOCOL_VERSION, model=self.manager.model, start=hop.start, end=hop.end
-            )
-            if problem is not None:
-                raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
-            self.manager.record_probe(peer, time.perf_counter() - began)
-            if info.get("forwarding") is True:  # servers of older versions relay through the client only
-                self.manager.forwarders.add(peer)
-
-        results = await asyncio.gather(*(probe(hop) for hop in candidates), return_exceptions=True)
-        failed = []
-        for i, (hop, result) in enumerate(zip(candidates, results, strict=True)):
-            if isinstance(result, PeerError):
-                if i < len(new):
-                    failed.append((hop, result))
-                else:
-                    self.manager.ban(hop.stream.peer_id, str(result))
-                    exclude.add(hop.stream.peer_id)
-            elif isinstance(result, BaseException):
-                raise result
-        return failed
-
-    async def _plan_and_open(self, start: int, end: int, exclude: set[str]) -> list[_Hop]:
-        """Plan blocks ``start..end-1`` and open a stream on every hop, retrying other servers on failure.
-
-        Every server that fails (its probe or its open) is left out for the rest of this call, and
-        planning goes on while untried servers remain: fifty fake records cost fifty quick failures,
-        not the whole generation. The sequence manager re-reads the swarm (fresh from the DHT) before
-        it reports blocks as missing, so a server that joined since the last read is found here. When
-        only servers we already failed announce some blocks (NoRouteError: their records outlive them
-        for the record TTL, and a busy server may have missed one deadline), every one of them gets one
-        last try after a short pause, bans aside; if those fail too, the blocks are unreachable and
-        NoRouteError (a MissingBlocksError) says so, with the last failure as its cause, instead of
-        retrying dead servers for minutes.
-        Peers this session caught lying are never tried again.
-        """
-        loop = asyncio.get_running_loop()
-        last_chance = False
-        cache_full: CacheFullError | None = None  # servers that answered but had no room are not "missing"
-        tried: set[str] = set()
-        last_error: BaseException | None = None  # the last failure of a tried server: the cause we report
-        exclude = {*exclude, *self.avoid}
-        while True:  # each round leaves out at least one more server, so it ends
-            try:
-                route = await loop.run_in_executor(
-                    None,
-                    self.manager.plan_inference,
-                    start,
-                    end,
-                    self.max_length,
-                    frozenset(exclude),
-                    last_chance,
-                    self.config.active_adapter,
-                )
-            except MissingBlocksError as e:
-                if cache_full is not None:
-                    raise CacheFullError(
-                        f"no server of blocks {start}:{end} has room: {cache_full}", peer_id=cache_full.peer_id
-                    ) from e
-                if not isinstance(e, NoRouteError):
-                    raise
-                if last_chance:  # every candidate failed twice, bans aside
-                    if last_error is None:
-                        raise
-                    raise NoRouteError(self.manager.model, e.blocks, sorted(tried), self.manager.source) from last_error
-                last_chance, exclude = True, set(self.avoid)
-                await asyncio.sleep(self.config.min_backoff)
-                continue
-            hops = [_Hop(HopStream(h.peer_id, h.start, h.end)) for h in route]
-            tried.update(h.peer_id for h in route)
-            credentials, me = credentials_for(self.config), self.p2p.peer_id.to_base58()
-            failed: list[tuple[_Hop, BaseException]] = list(await self._probe(hops, start, end, exclude))
-            if not failed:
-                # Open every hop at once: one round trip for the whole route, not one per server.
-                results = await asyncio.gather(
-                    *(
-                        hop.stream.open(
-                            self.p2p,
-                            self.session_id,
-                            self.max_length,
-                            self.batch_size or 1,
-                            self.config.connect_timeout,
-                            self._timeout(hop.stream.peer_id, 0, 0),
-                            proof=credentials.proof(me, hop.stream.peer_id),
-                            contributor=credentials.claim(me, hop.stream.peer_id),
-                            adapter=self.config.active_adapter,
-                        )
-                        for hop in hops
-                    ),
-                    return_exceptions=True,
-                )
-                failed = [(hop, r) for hop, r in zip(hops, results, strict=True) if isinstance(r, BaseException)]
-                if not failed:
-                    return hops
-                await self._close_all(hops)
-            for hop, error in failed:
-                if not isinstance(error, _RETRYABLE):
-                    raise error
-                self.manager.ban(hop.stream.peer_id, str(error))
-                exclude.add(hop.stream.peer_id)
-                last_error = error
-                if isinstance(error, CacheFullError):
-                    cache_full = error
 
     async def _build(self, start: int, end: int) -> None:
-        self.hops = await self._plan_and_open(start, end, exclude=set())
-        logger.info("route %s", describe_route([RouteHop(h.stream.peer_id, h.start, h.end) for h in self.hops]))
+        self.hops = await open_route(
+            self.context,
+            self.session_id,
+            start,
+            end,
+            max_length=self.max_length,
+            batch_size=self.batch_size or 1,
+            exclude=(),
+            avoid=self.avoid,
+        )
+        logger.info("route %s", describe_hops(self.hops))
 
 
-def _culprit(error: Exception, hops: list[_Hop]) -> str:
-    """The full peer id a failure names (errors carry it as data); the first hop's if none does."""
-    if isinstance(error, PeerError) and error.peer_id is not None:
-        return error.peer_id
-    return hops[0].stream.peer_id
+class ActiveSession(InferenceSession):
+    """An inference session that is its model's active session in the thread that entered it.
+
+    ``active`` is the model's per-thread record: ``active.stack`` lists the sessions each thread entered
+    with ``with``, innermost last.
+    """
+
+    def __init__(self, active: threading.local, context: ClientContext, max_length: int) -> None:
+        super().__init__(context, max_length)
+        self._active = active
+
+    def __enter__(self) -> ActiveSession:
+        if not hasattr(self._active, "stack"):
+            self._active.stack = []
+        self._active.stack.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack: list[InferenceSession] = getattr(self._active, "stack", [])
+        if self in stack:
+            stack.remove(self)
+        super().__exit__(*exc)

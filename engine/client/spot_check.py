@@ -13,10 +13,9 @@ from collections.abc import Collection
 
 import torch
 
-from corolla.engine.client.credentials import credentials_for
+from corolla.engine.client.context import ClientContext
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.client.verify import output_problem, outputs_agree, tolerance
-from corolla.engine.config import ClientConfig
 from corolla.engine.errors import PeerError, short_peer
 from corolla.engine.routing.sequence_manager import SequenceManager
 from corolla.engine.routing.trust import MAX_OPINIONS, Judgement, Opinion, judge, settled, silent_bound
@@ -24,29 +23,27 @@ from corolla.engine.routing.trust import MAX_OPINIONS, Judgement, Opinion, judge
 logger = logging.getLogger(__name__)
 
 
-async def recompute(
-    manager: SequenceManager, p2p: object, config: ClientConfig, route: list[tuple[str, int, int]], x: torch.Tensor
-) -> torch.Tensor:
+async def recompute(context: ClientContext, route: list[tuple[str, int, int]], x: torch.Tensor) -> torch.Tensor:
     """Stateless forward of ``x`` [batch, length, hidden] through ``route`` ((peer, start, end) hops)."""
+    manager, config = context.manager, context.config
     for peer, start, end in route:
         timeout = silent_bound(
-            manager.rtt.get(peer),
+            manager.round_trip(peer),
             x.shape[0] * x.shape[1],
             end - start,
             manager.believed_block_s(peer),
             floor_s=config.stall_timeout,
             ceiling_s=config.request_timeout,
         )
-        proof = credentials_for(config).proof(p2p.peer_id.to_base58(), peer)  # type: ignore[attr-defined]
         out = await remote_forward(
-            p2p,  # type: ignore[arg-type]
+            context.p2p,
             peer,
             start,
             end,
             x,
             config.max_chunk_bytes,
             timeout,
-            proof=proof,
+            proof=context.proof(peer),
             adapter=config.active_adapter,
         )
         problem = output_problem(out, x.shape, x.dtype)
@@ -57,9 +54,7 @@ async def recompute(
 
 
 async def spot_check(
-    manager: SequenceManager,
-    p2p: object,
-    config: ClientConfig,
+    context: ClientContext,
     server: str,
     blocks: tuple[int, int],
     inputs: torch.Tensor,
@@ -69,15 +64,14 @@ async def spot_check(
     """Judge ``server``'s ``output`` [batch, new, hidden] for blocks ``blocks`` given the hop's ``inputs``.
 
     Args:
-        manager: Knows the swarm (replicas of the hop's blocks) and the measurements.
-        p2p: The client's P2P instance.
-        config: Timeouts and chunk sizes.
+        context: The client: its routes (replicas of the hop's blocks, measurements), P2P peer, timeouts.
         server: Peer id whose output is checked.
         blocks: The hop's ``(start, end)``.
         inputs: Every input the hop has held, this step's last: [batch, position + new, hidden].
         output: What the server answered for this step's ``new`` positions.
         avoid: Peers never to ask (already convicted or suspected in this session).
     """
+    manager, config = context.manager, context.config
     start, end = blocks
     new = output.shape[1]
     opinions = [Opinion((server,), 0)]
@@ -93,7 +87,7 @@ async def spot_check(
         peers = tuple(h.peer_id for h in route)
         used.update(peers)
         try:
-            full = await recompute(manager, p2p, config, [(h.peer_id, h.start, h.end) for h in route], inputs)
+            full = await recompute(context, [(h.peer_id, h.start, h.end) for h in route], inputs)
         except PeerError as e:  # a replica that fails is no opinion; try another
             culprit = e.peer_id if e.peer_id in peers else peers[0]
             manager.ban(culprit, f"spot check: {e}")
@@ -114,10 +108,10 @@ async def spot_check(
 
 
 def _dtype(manager: SequenceManager, peer: str) -> str:
-    span = manager.spans.get(peer)
+    span = manager.span(peer)
     return span.record.dtype if span is not None else "unknown"
 
 
 def _quant(manager: SequenceManager, peer: str) -> str:
-    span = manager.spans.get(peer)
+    span = manager.span(peer)
     return span.record.quant if span is not None else "none"

@@ -56,14 +56,15 @@ class SequenceManager:
         self.source = source  # the folder or repo id the user gave: MissingBlocksError's hint serves that
         self.num_blocks = num_blocks
         self.config = config
-        self.spans: dict[str, RemoteSpan] = {}
-        self.rtt: dict[str, float] = {}  # smoothed seconds of a one-token step (network and compute)
-        self.ping: dict[str, float] = {}  # seconds of an info round trip (network only), from probes
-        self.block_s: dict[str, float] = {}  # measured seconds per token per block of one-token steps
-        self.probed: set[str] = set()  # servers whose info answer matched their record
-        self.forwarders: set[str] = set()  # probed servers that said they push to next hops (forwarding)
-        self.checked: dict[str, int] = {}  # spot checks each server passed
-        self.convicted: set[str] = set()  # servers this client caught lying
+        # Every table below changes only through this class's methods, under ``_lock``.
+        self._spans: dict[str, RemoteSpan] = {}
+        self._rtt: dict[str, float] = {}  # smoothed seconds of a one-token step (network and compute)
+        self._ping: dict[str, float] = {}  # seconds of an info round trip (network only), from probes
+        self._block_s: dict[str, float] = {}  # measured seconds per token per block of one-token steps
+        self._probed: set[str] = set()  # servers whose info answer matched their record
+        self._forwarders: set[str] = set()  # probed servers that said they push to next hops (forwarding)
+        self._checked: dict[str, int] = {}  # spot checks each server passed
+        self._convicted: set[str] = set()  # servers this client caught lying
         self._bans: dict[str, _Ban] = {}
         self._updated = 0.0
         self._lock = threading.RLock()
@@ -77,12 +78,60 @@ class SequenceManager:
         if self.config.require_exact:
             spans = exact_spans(spans)
         with self._lock:
-            self.spans = spans
+            self._spans = spans
             self._updated = time.monotonic()
 
     def _refresh_if_stale(self) -> None:
         if time.monotonic() - self._updated > self.config.update_period:
             self.refresh()
+
+    @property
+    def spans(self) -> dict[str, RemoteSpan]:
+        """The servers of the swarm as last read, ``{peer_id: span}`` (a copy)."""
+        with self._lock:
+            return dict(self._spans)
+
+    def span(self, peer_id: str) -> RemoteSpan | None:
+        """A server's span as last read, if it announced one."""
+        with self._lock:
+            return self._spans.get(peer_id)
+
+    # ---- measurements -----------------------------------------------------------------------
+    def round_trip(self, peer_id: str) -> float | None:
+        """Smoothed seconds of a one-token step of the server, if measured."""
+        with self._lock:
+            return self._rtt.get(peer_id)
+
+    def expected_round_trip(self, peer_id: str) -> float | None:
+        """The server's step round trip if measured, else its probe's round trip, else None."""
+        with self._lock:
+            return self._rtt.get(peer_id, self._ping.get(peer_id))
+
+    def typical_ping(self) -> float | None:
+        """Median seconds of the info round trips measured so far (None before any probe)."""
+        with self._lock:
+            pings = sorted(self._ping.values())
+        return pings[len(pings) // 2] if pings else None
+
+    def is_probed(self, peer_id: str) -> bool:
+        """Whether the server's info answer matched its record (see :meth:`record_probe`)."""
+        with self._lock:
+            return peer_id in self._probed
+
+    def note_forwarder(self, peer_id: str) -> None:
+        """A probed server said it pushes its outputs to next hops (forwarding)."""
+        with self._lock:
+            self._forwarders.add(peer_id)
+
+    def forwards(self, peer_id: str) -> bool:
+        """Whether the server said it pushes its outputs to next hops."""
+        with self._lock:
+            return peer_id in self._forwarders
+
+    def checks_passed(self, peer_id: str) -> int:
+        """Spot checks the server passed (reset when it is convicted)."""
+        with self._lock:
+            return self._checked.get(peer_id, 0)
 
     # ---- bans -------------------------------------------------------------------------------
     def ban(self, peer_id: str, reason: str) -> float:
@@ -98,7 +147,7 @@ class SequenceManager:
     def mark_ok(self, peer_id: str) -> None:
         """A server answered well: forget its past failures (its next failure bans it for the minimum)."""
         with self._lock:
-            if peer_id not in self.convicted:  # a liar's good answers do not lift its ban
+            if peer_id not in self._convicted:  # a liar's good answers do not lift its ban
                 self._bans.pop(peer_id, None)
 
     def banned(self) -> set[str]:
@@ -110,23 +159,23 @@ class SequenceManager:
     def record_rtt(self, peer_id: str, seconds: float) -> None:
         """Fold a measured round trip into the server's smoothed RTT."""
         with self._lock:
-            old = self.rtt.get(peer_id)
-            self.rtt[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            old = self._rtt.get(peer_id)
+            self._rtt[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
         """Fold a one-token step's time into the server's RTT and its measured seconds per block."""
         self.record_rtt(peer_id, seconds)
-        per_block = max(seconds - self.ping.get(peer_id, 0.0), 0.0) / max(blocks, 1)
         with self._lock:
-            old = self.block_s.get(peer_id)
-            self.block_s[peer_id] = per_block if old is None else 0.8 * old + 0.2 * per_block
+            per_block = max(seconds - self._ping.get(peer_id, 0.0), 0.0) / max(blocks, 1)
+            old = self._block_s.get(peer_id)
+            self._block_s[peer_id] = per_block if old is None else 0.8 * old + 0.2 * per_block
 
     def record_probe(self, peer_id: str, seconds: float) -> None:
         """A server's info answer matched its record, after ``seconds``."""
         with self._lock:
-            self.probed.add(peer_id)
-            old = self.ping.get(peer_id)
-            self.ping[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            self._probed.add(peer_id)
+            old = self._ping.get(peer_id)
+            self._ping[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def unprobed(self, start: int, end: int, exclude: Collection[str], limit: int) -> list[tuple[str, int, int]]:
         """Up to ``limit`` servers of blocks ``[start, end)`` never probed, the ones the planner favours first.
@@ -137,33 +186,33 @@ class SequenceManager:
         with self._lock:
             spans = [
                 s
-                for p, s in self.spans.items()
-                if p not in self.probed and p not in skip and s.start < end and s.end > start
+                for p, s in self._spans.items()
+                if p not in self._probed and p not in skip and s.start < end and s.end > start
             ]
-            measured = dict(self.block_s)
+            measured = dict(self._block_s)
         spans.sort(key=lambda s: (block_seconds(s, measured.get(s.peer_id)), s.peer_id))
         return [(s.peer_id, s.start, s.end) for s in spans[: max(limit, 0)]]
 
     def believed_block_s(self, peer_id: str) -> float:
         """Seconds per token per block the planner believes for a server (claim capped by measurement)."""
         with self._lock:
-            span = self.spans.get(peer_id)
-            measured = self.block_s.get(peer_id)
+            span = self._spans.get(peer_id)
+            measured = self._block_s.get(peer_id)
         return block_seconds(span, measured) if span is not None else believed_block_seconds(UNKNOWN_BLOCK_S, measured)
 
     def passed_check(self, peer_id: str) -> None:
         """A spot check of the server's output agreed with an independent replica."""
         with self._lock:
-            self.checked[peer_id] = self.checked.get(peer_id, 0) + 1
+            self._checked[peer_id] = self._checked.get(peer_id, 0) + 1
 
     def convict(self, peer_id: str, start: int, end: int, reason: str) -> None:
         """A server was caught lying: avoid it for ``liar_ban`` seconds, log it and report it for `corolla health`."""
         with self._lock:
             strikes = max(self._bans[peer_id].strikes if peer_id in self._bans else 0, 32)
             self._bans[peer_id] = _Ban(time.monotonic() + self.config.liar_ban, strikes)
-            self.probed.discard(peer_id)
-            self.checked.pop(peer_id, None)
-            self.convicted.add(peer_id)
+            self._probed.discard(peer_id)
+            self._checked.pop(peer_id, None)
+            self._convicted.add(peer_id)
         logger.warning(
             "server %s lied about blocks %d:%d (%s); reported and avoided", short_peer(peer_id), start, end, reason
         )
@@ -188,8 +237,9 @@ class SequenceManager:
         self._refresh_if_stale()
         for attempt in range(2):
             with self._lock:
-                spans = with_adapter(self.spans, adapter)
-                rtt = dict(self.rtt)
+                spans = with_adapter(self._spans, adapter)
+                rtt = dict(self._rtt)
+                measured = dict(self._block_s)
             try:
                 return plan_inference_route(
                     spans,
@@ -197,9 +247,9 @@ class SequenceManager:
                     end,
                     model=self.model,
                     rtt=rtt,
-                    banned=(set(self.convicted) if ignore_bans else self.banned()) | set(exclude),  # liars never
+                    banned=(set(self._convicted) if ignore_bans else self.banned()) | set(exclude),  # liars never
                     cache_tokens_needed=cache_tokens_needed,
-                    measured_block_s=dict(self.block_s),
+                    measured_block_s=measured,
                 )
             except MissingBlocksError as e:
                 if attempt == 1:
@@ -218,12 +268,12 @@ class SequenceManager:
         than any dtype tolerance, and the other way round).
         """
         with self._lock:
-            spans = {p: s for p, s in with_adapter(self.spans, adapter).items() if s.record.quant == quant}
-            rtt = dict(self.rtt)
-            measured = dict(self.block_s)
+            spans = {p: s for p, s in with_adapter(self._spans, adapter).items() if s.record.quant == quant}
+            rtt = dict(self._rtt)
+            measured = dict(self._block_s)
             # Servers in good standing first; then, bans aside (one that missed a deadline under load still
             # gives an opinion, and one that fails again is simply no opinion), never a convicted liar.
-            avoid = [self.banned() | set(exclude), set(self.convicted) | set(exclude)]
+            avoid = [self.banned() | set(exclude), set(self._convicted) | set(exclude)]
         for banned in avoid:
             try:
                 return plan_inference_route(
@@ -240,9 +290,9 @@ class SequenceManager:
         self._refresh_if_stale()
         for attempt in range(3):
             with self._lock:
-                spans = with_adapter(self.spans, self.config.active_adapter)
+                spans = with_adapter(self._spans, self.config.active_adapter)
                 # The last attempt puts bans aside (a busy server may have missed one deadline), never liars.
-                banned = (set(self.convicted) if attempt == 2 else self.banned()) | set(exclude)
+                banned = (set(self._convicted) if attempt == 2 else self.banned()) | set(exclude)
             try:
                 return plan_forward_route(spans, start, end, rng=self._rng, model=self.model, banned=banned)
             except MissingBlocksError as e:

@@ -19,6 +19,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 import corolla.engine
 import corolla.engine.hub
 import corolla.integrations._shared as shared
+from corolla.engine import SamplingParams
 from corolla.integrations._shared import DEFAULT_MAX_NEW_TOKENS, close_clients
 from corolla.integrations.langchain import ChatCorolla, DistributedLLM, to_chat_messages
 
@@ -148,7 +149,7 @@ def test_invoke_chat_template_usage_and_metadata(fake: FakeModel) -> None:
     assert message.content == REPLY
     prompt, kwargs = fake.calls[-1]
     assert prompt == "<|system|>Be brief.\n<|user|>Capital of France?\n<|assistant|>"
-    assert kwargs["max_new_tokens"] == 50 and kwargs["do_sample"] is False
+    assert kwargs["max_new_tokens"] == 50 and kwargs["sampling"].do_sample is False
     assert message.usage_metadata is not None
     assert message.usage_metadata["output_tokens"] == len(REPLY.split())
     assert message.usage_metadata["total_tokens"] == (
@@ -173,18 +174,15 @@ def test_parameter_mapping(fake: FakeModel) -> None:
     assert kwargs == {
         "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
         "stop": None,
-        "do_sample": True,
-        "temperature": 0.7,
-        "top_k": 40,
-        "top_p": 0.9,
-        "repetition_penalty": 1.2,
-        "seed": 3,
+        "sampling": SamplingParams(
+            do_sample=True, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2, seed=3
+        ),
     }
     chat.invoke("hi", temperature=0, max_tokens=3)  # per-call overrides
     kwargs = fake.calls[-1][1]
-    assert kwargs["do_sample"] is False and kwargs["max_new_tokens"] == 3
+    assert kwargs["sampling"].do_sample is False and kwargs["max_new_tokens"] == 3
     chat.bind(top_k=5).invoke("hi")
-    assert fake.calls[-1][1]["top_k"] == 5
+    assert fake.calls[-1][1]["sampling"].top_k == 5
 
 
 def test_consecutive_roles_are_merged() -> None:

@@ -56,7 +56,8 @@ def test_complete_and_stream_complete(fake: FakeModel) -> None:
     responses = list(llm.stream_complete("x", temperature=0.5))
     assert "".join(r.delta or "" for r in responses) == "Paris is the " and len(responses) > 2
     assert responses[-1].text == "Paris is the "
-    assert fake.calls[-1][1]["do_sample"] is True and fake.calls[-1][1]["temperature"] == 0.5
+    sampling = fake.calls[-1][1]["sampling"]
+    assert sampling.do_sample is True and sampling.temperature == 0.5
     assert [r.raw is not None for r in responses][-2:] == [False, True], "usage arrives on the last one"
 
 

@@ -77,8 +77,8 @@ def greedy(
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Greedy tokens and per-position logits through a session; (ids, logits, forwarded steps, forwarding on)."""
     with model.inference_session(max_length=32) as session:
-        session.forwarding = forwarding
-        session.avoid.update(avoid or ())
+        session.use_forwarding(forwarding)
+        session.avoid_peers(avoid or ())
         ids, feed, logits = prompt, prompt, []
         with torch.inference_mode():
             for _ in range(NEW):

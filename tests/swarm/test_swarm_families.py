@@ -15,7 +15,6 @@ from transformers import PreTrainedModel
 
 from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.client.route_autograd import remote_blocks
-from corolla.engine.client.training import training_blocks
 
 pytestmark = pytest.mark.swarm
 
@@ -100,9 +99,9 @@ def test_input_and_deep_prompt_gradients_match_autograd(family_swarm: FamilySwar
     hidden = torch.randn(2, 7, hidden_size, generator=gen).requires_grad_(True)
     prompts = (torch.randn(num_blocks, 2, 3, hidden_size, generator=gen) * 0.5).requires_grad_(True)
     grad_out = torch.randn(2, 7, hidden_size, generator=gen)
-    out = remote_blocks(hidden, prompts, training_blocks(model))
+    out = remote_blocks(hidden, prompts, model.remote_blocks)
     out.backward(grad_out)
-    trace = training_blocks(model).last_trace
+    trace = model.remote_blocks.last_trace
     assert [(step.hop.start, step.hop.end) for step in trace] == [(0, 3), (3, 6)]  # both servers took part
     out_ref, grad_ref, prompts_ref = reference_block_grads(hf, hidden, grad_out, prompts)
     assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None

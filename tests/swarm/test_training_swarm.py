@@ -33,7 +33,6 @@ from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.client.remote_training import remote_train_call
 from corolla.engine.client.route_autograd import RemoteBlocks, remote_blocks
-from corolla.engine.client.training import training_blocks
 from corolla.engine.routing.sequence_manager import with_adapter
 from corolla.engine.wire.training import TrainRequest
 
@@ -91,9 +90,9 @@ def test_input_and_deep_prompt_gradients_equal_local_autograd(
     hidden = torch.randn(2, 6, 64, generator=gen).requires_grad_(True)
     prompts = (torch.randn(6, 2, 3, 64, generator=gen) * 0.5).requires_grad_(True)
     grad_out = torch.randn(2, 6, 64, generator=gen)
-    out = remote_blocks(hidden, prompts, training_blocks(model))
+    out = remote_blocks(hidden, prompts, model.remote_blocks)
     (out * grad_out).sum().backward()
-    assert len(training_blocks(model).last_trace) == 2  # two servers: 0:3 and 3:6
+    assert len(model.remote_blocks.last_trace) == 2  # two servers: 0:3 and 3:6
     out_ref, grad_ref, prompts_ref = reference_block_grads(hf, hidden, grad_out, prompts)
     assert rel_diff(out.detach(), out_ref) <= RTOL
     assert hidden.grad is not None and prompts.grad is not None and prompts_ref is not None
@@ -101,7 +100,7 @@ def test_input_and_deep_prompt_gradients_equal_local_autograd(
     assert rel_diff(prompts.grad, prompts_ref) <= RTOL
     # The same batch as micro-batches of one sequence (each its own route and calls): the same results.
     cfg = dataclasses.replace(model.client_config, micro_batch_size=1)
-    split = RemoteBlocks(model.manager, model.p2p, model.loop, cfg)
+    split = RemoteBlocks(model.context.with_config(cfg))
     x, p = hidden.detach().requires_grad_(True), prompts.detach().requires_grad_(True)
     out_split = remote_blocks(x, p, split)
     (out_split * grad_out).sum().backward()
@@ -163,10 +162,10 @@ def test_adapter_served_remotely_equals_peft_locally(checkpoint: Path, swarm: Sw
         gen = torch.Generator().manual_seed(4)
         hidden = torch.randn(1, 5, 64, generator=gen).requires_grad_(True)
         grad_out = torch.randn(1, 5, 64, generator=gen)
-        (remote_blocks(hidden, None, training_blocks(model)) * grad_out).sum().backward()
+        (remote_blocks(hidden, None, model.remote_blocks) * grad_out).sum().backward()
         _, grad_ref, _ = reference_block_grads(peft_model, hidden, grad_out, None)
         assert hidden.grad is not None and rel_diff(hidden.grad, grad_ref) <= RTOL
-        assert {step.hop.peer_id for step in training_blocks(model).last_trace} == with_lora
+        assert {step.hop.peer_id for step in model.remote_blocks.last_trace} == with_lora
     with client(checkpoint, swarm) as plain:
         assert rel_diff(plain(ids).logits, base) <= RTOL  # without an adapter: the base model
         with plain.inference_session(max_length=16, active_adapter=ADAPTER) as session:  # one session picks it
@@ -213,7 +212,7 @@ def train(model: DistributedModelForCausalLM, steps: int, kill: Swarm | None = N
         if kill is None or step != 1:
             return
         # Kill the server of the last hop just before the backward needs it.
-        victim = training_blocks(model).last_trace[-1].hop.peer_id
+        victim = model.remote_blocks.last_trace[-1].hop.peer_id
         server = next(s for s in kill.servers if s.alive() and s.peer_id == victim)
         loss.register_hook(lambda g: (server.kill(), g)[1])
         victims.append(victim)

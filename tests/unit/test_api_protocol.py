@@ -22,13 +22,18 @@ def chat(**fields: object) -> protocol.ChatCompletionRequest:
 
 def test_greedy_when_temperature_is_zero_and_sampling_otherwise() -> None:
     greedy = protocol.chat_options(chat(temperature=0, top_p=0.5, seed=3, max_tokens=7))
-    assert (greedy.do_sample, greedy.max_tokens, greedy.seed, greedy.top_p) == (False, 7, 3, 0.5)
+    assert (greedy.sampling.do_sample, greedy.max_tokens, greedy.sampling.seed, greedy.sampling.top_p) == (
+        False,
+        7,
+        3,
+        0.5,
+    )
     sampled = protocol.chat_options(chat(temperature=0.7, stop="\n"))
-    assert sampled.do_sample and sampled.temperature == 0.7 and sampled.stop == ("\n",)
-    assert protocol.chat_options(chat()).do_sample  # OpenAI's default temperature is 1
+    assert sampled.sampling.do_sample and sampled.sampling.temperature == 0.7 and sampled.stop == ("\n",)
+    assert protocol.chat_options(chat()).sampling.do_sample  # OpenAI's default temperature is 1
     assert protocol.chat_options(chat(max_completion_tokens=5, max_tokens=9)).max_tokens == 5
     kwargs = greedy.stream_kwargs(7)
-    assert kwargs["max_new_tokens"] == 7 and kwargs["do_sample"] is False
+    assert kwargs["max_new_tokens"] == 7 and kwargs["sampling"].do_sample is False
 
 
 @pytest.mark.parametrize(

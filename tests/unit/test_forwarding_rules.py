@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import torch
 
-from corolla.engine.client.forwarding import HopAnswer, judge
+from corolla.engine.client.forwarding import HopAnswer, settle_forwarded_step
 from corolla.engine.errors import PeerUnavailableError, ProtocolError
 from corolla.engine.wire.forwarding import Pushed, PushMissingError, check_offer, match_pushed, tensor_digest
 from corolla.engine.wire.messages import Push, Step, StepResult, decode_inference_message
@@ -55,7 +55,7 @@ def _answers(n: int) -> list[HopAnswer | BaseException]:
 
 
 def test_judge_keeps_a_clean_step() -> None:
-    assert judge(X, _answers(3), ["a", "b", "c"]).done == 3
+    assert settle_forwarded_step(X, _answers(3), ["a", "b", "c"]).done == 3
 
 
 def test_judge_catches_a_push_that_differs_from_the_answer() -> None:
@@ -63,7 +63,7 @@ def test_judge_catches_a_push_that_differs_from_the_answer() -> None:
     honest = answers[1]
     assert isinstance(honest, HopAnswer)
     answers[1] = HopAnswer(honest.out, tensor_digest(torch.randn_like(X)), None)  # it got garbage from hop 0
-    verdict = judge(X, answers, ["a", "b", "c"])
+    verdict = settle_forwarded_step(X, answers, ["a", "b", "c"])
     assert (verdict.done, verdict.mismatch, verdict.blame) == (1, True, None)
 
 
@@ -71,7 +71,7 @@ def test_judge_blames_a_failed_hop_and_not_the_hops_after_it() -> None:
     answers = _answers(3)
     failure = PeerUnavailableError("b", "closed the stream")
     answers[1:] = [failure, PushMissingError("no input")]
-    verdict = judge(X, answers, ["a", "b", "c"])
+    verdict = settle_forwarded_step(X, answers, ["a", "b", "c"])
     assert (verdict.done, verdict.blame, verdict.mismatch) == (1, failure, False)
 
 
@@ -81,10 +81,10 @@ def test_judge_blames_the_next_hop_that_its_predecessor_could_not_reach() -> Non
     assert isinstance(first, HopAnswer)
     answers[0] = HopAnswer(first.out, first.input_digest, "could not push to the next hop b: no answer")
     answers[1:] = [PushMissingError("no input"), PushMissingError("no input")]
-    verdict = judge(X, answers, ["a", "b", "c"])
+    verdict = settle_forwarded_step(X, answers, ["a", "b", "c"])
     assert verdict.done == 1 and isinstance(verdict.blame, PeerUnavailableError) and verdict.blame.peer_id == "b"
     answers[0] = first  # no push error reported: a missing push blames nobody
-    assert judge(X, answers, ["a", "b", "c"]) == type(verdict)(1)
+    assert settle_forwarded_step(X, answers, ["a", "b", "c"]) == type(verdict)(1)
 
 
 def test_forwarding_fields_are_optional_and_checked() -> None:

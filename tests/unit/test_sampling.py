@@ -190,3 +190,10 @@ def test_invalid_params_raise(kwargs: dict[str, float]) -> None:
 def test_valid_edge_params_are_accepted() -> None:
     SamplingParams(temperature=0.0)  # greedy ignores temperature
     SamplingParams(do_sample=True, top_p=1.0, top_k=0, repetition_penalty=1.0)
+
+
+def test_from_temperature_holds_the_greedy_rule() -> None:
+    greedy = SamplingParams.from_temperature(0.0, top_p=0.5, seed=3)
+    assert (greedy.do_sample, greedy.temperature, greedy.top_p, greedy.seed) == (False, 1.0, 0.5, 3)
+    sampled = SamplingParams.from_temperature(0.7, top_k=None, repetition_penalty=None)
+    assert sampled == SamplingParams(do_sample=True, temperature=0.7)

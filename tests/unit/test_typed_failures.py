@@ -10,8 +10,8 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
+from corolla.engine.client.hops import Hop, culprit
 from corolla.engine.client.remote import HopStream, Pipe, _check
-from corolla.engine.client.session import _culprit, _Hop
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import (
     CacheFullError,
@@ -125,11 +125,11 @@ def test_a_stream_the_server_closed_fails_at_once_naming_its_peer() -> None:
 
 
 def test_the_culprit_is_read_from_the_error_not_its_text() -> None:
-    hops = [_Hop(HopStream(PEER_A, 0, 2)), _Hop(HopStream(PEER_B, 2, 4))]
+    hops = [Hop(HopStream(PEER_A, 0, 2)), Hop(HopStream(PEER_B, 2, 4))]
     # The message names …SAME6x, which both ids end with; only the field tells them apart.
-    assert _culprit(PeerUnavailableError(PEER_B, "closed the stream"), hops) == PEER_B
-    assert _culprit(CacheFullError("server …SAME6x: full", peer_id=PEER_B), hops) == PEER_B
-    assert _culprit(ProtocolError("no peer known"), hops) == PEER_A  # none named: the route's first hop
+    assert culprit(PeerUnavailableError(PEER_B, "closed the stream"), hops) == PEER_B
+    assert culprit(CacheFullError("server …SAME6x: full", peer_id=PEER_B), hops) == PEER_B
+    assert culprit(ProtocolError("no peer known"), hops) == PEER_A  # none named: the route's first hop
 
 
 def manager(**overrides: float) -> SequenceManager:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from corolla.engine.apps.api.errors import APIError, bad_request
+from corolla.engine.client.sampling import SamplingParams
 
 MAX_STOPS = 4
 
@@ -93,26 +94,12 @@ class GenerationOptions:
     """What one request asks the model for, in the terms of ``DistributedModelForCausalLM.stream_text``."""
 
     max_tokens: int | None  # None: the rest of the context, capped by the server's default
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    seed: int | None
+    sampling: SamplingParams
     stop: tuple[str, ...]
 
     def stream_kwargs(self, max_new_tokens: int) -> dict[str, Any]:
         """Keyword arguments of ``stream_text`` / ``stream_chat``."""
-        return dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            stop=list(self.stop),
-            seed=self.seed,
-        )
+        return dict(max_new_tokens=max_new_tokens, sampling=self.sampling, stop=list(self.stop))
 
 
 def invalid_request(errors: Sequence[Any]) -> APIError:
@@ -155,18 +142,14 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 
 def _options(request: _Sampling, max_tokens: int | None) -> GenerationOptions:
     _refuse(request)
-    temperature = 1.0 if request.temperature is None else request.temperature
-    do_sample = temperature > 0
-    return GenerationOptions(
-        max_tokens=max_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else 1.0,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=request.top_k or 0,
-        repetition_penalty=request.repetition_penalty or 1.0,
+    sampling = SamplingParams.from_temperature(
+        1.0 if request.temperature is None else request.temperature,  # OpenAI's default temperature
+        top_p=request.top_p,
+        top_k=request.top_k,
+        repetition_penalty=request.repetition_penalty,
         seed=request.seed,
-        stop=_stops(request.stop),
     )
+    return GenerationOptions(max_tokens=max_tokens, sampling=sampling, stop=_stops(request.stop))
 
 
 def chat_options(request: ChatCompletionRequest) -> GenerationOptions:

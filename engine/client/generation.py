@@ -1,0 +1,77 @@
+"""The token loop: feed token ids through a session, sample the next ones, keep the session's ids in step.
+
+Embeddings, logits and sampling run on the head's device; hidden states go to the servers from CPU
+memory; the session's token bookkeeping stays on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+
+import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from corolla.engine.client.inputs import to_wire
+from corolla.engine.client.sampling import SamplingParams, next_tokens
+from corolla.engine.client.session import InferenceSession
+from corolla.engine.client.text import FinishReason
+from corolla.engine.models.checkpoint import ClientHead
+
+
+@torch.inference_mode()
+def token_loop(
+    head: ClientHead,
+    session: InferenceSession,
+    new_ids: torch.Tensor,
+    params: SamplingParams,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    *,
+    pad_id: int | None,
+    wire_dtype: str,
+    prefix: torch.Tensor | None = None,
+) -> Generator[torch.Tensor, None, FinishReason]:
+    """Feed ``new_ids`` [batch, n] (CPU), then yield one sampled token per row per step ([batch], CPU).
+
+    ``prefix`` ([batch, pre, hidden], e.g. trained soft prompts) goes to the servers before the first
+    fed token, in the same step. Finished rows get ``pad_id`` (the first end-of-sequence id, or 0, if None).
+    """
+    device = head.embed_tokens.weight.device
+    generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
+    feed = session.take_pending(new_ids)
+    seen = feed if session.token_ids is None else torch.cat([session.token_ids, feed], dim=1)
+    finished = torch.zeros(feed.shape[0], dtype=torch.bool)
+    pad = pad_id if pad_id is not None else next(iter(eos_ids), 0)
+    for _ in range(max_new_tokens):
+        if feed.shape[1] == 0:
+            raise ValueError("nothing to generate from: give at least one input token")
+        embeds = head.embed(feed.to(device))
+        if prefix is not None:
+            embeds = torch.cat([prefix.detach().to(embeds.device, embeds.dtype), embeds], dim=1)
+            prefix = None
+        hidden = session.step(to_wire(embeds, wire_dtype))
+        session.record_fed(seen)
+        logits = head.logits(hidden[:, -1:].to(device))[:, -1]
+        token = next_tokens(logits, seen.to(device), params, generator).cpu()
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        finished |= torch.tensor([int(t) in eos_ids for t in token])
+        session.hold_pending(token[:, None])  # sampled, not yet in the servers' caches
+        yield token
+        if bool(finished.all()):
+            return "eos"
+        feed = token[:, None]
+        seen = torch.cat([seen, feed], dim=1)
+    return "length"
+
+
+def eos_ids(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None, eos_token_id: int | Sequence[int] | None
+) -> set[int]:
+    """The ids that end a sequence: ``eos_token_id`` if given, else the model config's, else the tokenizer's."""
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}

@@ -1,0 +1,84 @@
+"""One hop of a session's live route (its stream and every input it was sent), and what hops share:
+which failures count as retryable, step timeouts, chunking, closing, and whom a failure blames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from corolla.engine.client.context import ClientContext
+from corolla.engine.client.remote import HopStream
+from corolla.engine.errors import (
+    CacheFullError,
+    PeerError,
+    PeerUnavailableError,
+    ProtocolError,
+    SessionClosedError,
+)
+from corolla.engine.routing.planner import RouteHop
+from corolla.engine.routing.sequence_manager import describe_route
+from corolla.engine.routing.trust import silent_bound
+
+RETRYABLE = (PeerUnavailableError, CacheFullError, SessionClosedError, ProtocolError)
+"""Failures of one server that another server of the same blocks may not have: ban, re-plan, retry."""
+
+
+@dataclass
+class Hop:
+    """One hop of the live route and every input it has been sent (for replay)."""
+
+    stream: HopStream
+    inputs: list[torch.Tensor] = field(default_factory=list)  # each [batch, new, hidden]
+
+    @property
+    def start(self) -> int:
+        return self.stream.start
+
+    @property
+    def end(self) -> int:
+        return self.stream.end
+
+    def history(self, length: int) -> torch.Tensor | None:
+        """Inputs of the first ``length`` positions, [batch, length, hidden]."""
+        if length == 0 or not self.inputs:
+            return None
+        return torch.cat(self.inputs, dim=1)[:, :length]
+
+
+def describe_hops(hops: list[Hop]) -> str:
+    """One short line for a route of live hops (see :func:`describe_route`)."""
+    return describe_route([RouteHop(h.stream.peer_id, h.start, h.end) for h in hops])
+
+
+def step_timeout(context: ClientContext, peer_id: str, tokens: int, blocks: int) -> float:
+    """Seconds to wait for a step before the server counts as silent: tied to its measured round trip."""
+    manager, config = context.manager, context.config
+    return silent_bound(
+        manager.expected_round_trip(peer_id),
+        tokens,
+        blocks,
+        manager.believed_block_s(peer_id),
+        floor_s=config.stall_timeout,
+        ceiling_s=config.step_timeout,
+    )
+
+
+def chunks(hidden: torch.Tensor, max_chunk_bytes: int) -> list[torch.Tensor]:
+    """``hidden`` [batch, length, hidden] cut along the length into steps of at most ``max_chunk_bytes``."""
+    per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
+    size = max(1, max_chunk_bytes // per_token)
+    return [hidden[:, i : i + size] for i in range(0, hidden.shape[1], size)]
+
+
+async def close_hops(hops: list[Hop], session_id: str) -> None:
+    """Close the session on every hop's server."""
+    for hop in hops:
+        await hop.stream.close(session_id)
+
+
+def culprit(error: Exception, hops: list[Hop]) -> str:
+    """The full peer id a failure names (errors carry it as data); the first hop's if none does."""
+    if isinstance(error, PeerError) and error.peer_id is not None:
+        return error.peer_id
+    return hops[0].stream.peer_id
