@@ -24,21 +24,16 @@ from corolla.engine.client.failover import replace_hop
 from corolla.engine.client.forwarding import HopAnswer, settle_forwarded_step
 from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, step_timeout
 from corolla.engine.client.loop import LoopThread
+from corolla.engine.client.notices import NOTICES
 from corolla.engine.client.opening import open_route
 from corolla.engine.client.spot_check import spot_check
 from corolla.engine.client.verify import output_problem
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import PeerError, ProtocolError, SessionClosedError, short_peer
 from corolla.engine.routing.sequence_manager import SequenceManager
-from corolla.engine.routing.trust import Verdict, on_this_machine, should_verify, warn_unverified
+from corolla.engine.routing.trust import Verdict, should_verify
 
 logger = logging.getLogger(__name__)
-
-PEERS_TIMEOUT_S = 2.0
-"""Seconds to ask the p2p daemon where a server's connections come from (else it counts as a stranger)."""
-
-_warned_unverified: set[tuple[str, int, int]] = set()  # (model, start, end) warned about in this process
-_warned_lock = threading.Lock()
 
 
 class InferenceSession:
@@ -233,7 +228,7 @@ class InferenceSession:
         elif judgement.verdict is Verdict.UNVERIFIED and (hop.start, hop.end) not in self.unverified:
             why = f"only {short_peer(peer)} serves blocks {hop.start}:{hop.end}"
             self.unverified[(hop.start, hop.end)] = why
-            await self._warn_unverified(peer, hop.start, hop.end, why)
+            await NOTICES.report(self.context, peer, hop.start, hop.end, why)
         elif judgement.verdict is Verdict.DISPUTED:
             logger.warning(
                 "replicas of blocks %d:%d disagree with %s and none settles it: moving off it",
@@ -242,26 +237,6 @@ class InferenceSession:
                 short_peer(peer),
             )
         return judgement.verdict in (Verdict.AGREE, Verdict.UNVERIFIED)
-
-    async def _warn_unverified(self, peer: str, start: int, end: int, why: str) -> None:
-        """Log, once per process and span, that a stranger's hop could not be checked (results keep every one)."""
-        span = (self.manager.model, start, end)
-        own = self.config.swarm_key_file is not None or on_this_machine(await self._observed_addrs(peer))
-        with _warned_lock:
-            if not warn_unverified(span, own_servers=own, warned=_warned_unverified):
-                logger.debug("output is unverified: %s (the swarm's servers are your own)", why)
-                return
-            _warned_unverified.add(span)
-        logger.warning("output is unverified: %s (no other server holds these blocks to check it)", why)
-
-    async def _observed_addrs(self, peer: str) -> list[str]:
-        """Addresses this client's open connections to ``peer`` come from (empty if unknown)."""
-        try:
-            peers = await asyncio.wait_for(self.p2p.list_peers(), PEERS_TIMEOUT_S)
-        except Exception as e:  # unknown origin: the server counts as a stranger's
-            logger.debug("listing connected peers: %s", e)
-            return []
-        return [str(a) for info in peers if str(info.peer_id) == peer for a in info.addrs]
 
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hops:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from corolla.engine.client import session as session_module
-from corolla.engine.client.session import InferenceSession
+from corolla.engine.client import notices
+from corolla.engine.client.context import ClientContext
 from corolla.engine.config import ClientConfig
 from corolla.engine.routing.trust import on_this_machine, warn_unverified
 
@@ -49,16 +49,16 @@ class _P2P:
 def _warnings(caplog: pytest.LogCaptureFixture, addrs: list[str], sessions: int, **config: Any) -> list[str]:
     manager = SimpleNamespace(model="smollm2")
     for _ in range(sessions):
-        session = InferenceSession(manager, _P2P(addrs), None, ClientConfig(**config), 64)  # type: ignore[arg-type]
+        context = ClientContext(ClientConfig(**config), manager, _P2P(addrs), None)  # type: ignore[arg-type]
         for start, end in ((0, 15), (15, 30)):
             why = f"only {PEER} serves blocks {start}:{end}"
-            asyncio.run(session._warn_unverified(PEER, start, end, why))
+            asyncio.run(notices.NOTICES.report(context, PEER, start, end, why))
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.fixture(autouse=True)
 def _fresh_process_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "_warned_unverified", set())
+    monkeypatch.setattr(notices, "NOTICES", notices.UnverifiedNotices())
 
 
 def test_a_public_swarm_warns_once_per_span_across_sessions(caplog: pytest.LogCaptureFixture) -> None:
