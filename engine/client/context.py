@@ -44,3 +44,25 @@ class ClientContext:
     def claim(self, server_id: str) -> str | None:
         """A contributor claim for one session on ``server_id`` (None unless this client's owner serves)."""
         return credentials_for(self.config).claim(self.peer_id, server_id)
+
+
+class OnClient:
+    """Read-only views of a ``context`` attribute's collaborators, for the objects that hold one (the model,
+    its sessions): their owners keep old attribute names (``model.manager``, ``session.p2p``) working."""
+
+    context: ClientContext
+
+    @property
+    def manager(self) -> SequenceManager:
+        """The routes of the model: swarm records, measurements, bans."""
+        return self.context.manager
+
+    @property
+    def p2p(self) -> Any:
+        """The client's hivemind P2P replica."""
+        return self.context.p2p
+
+    @property
+    def loop(self) -> LoopThread:
+        """The event loop thread every network call of the client runs on."""
+        return self.context.loop

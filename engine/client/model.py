@@ -15,12 +15,11 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from corolla.engine.client.context import ClientContext
+from corolla.engine.client.context import ClientContext, OnClient
 from corolla.engine.client.forward import stateless_forward
 from corolla.engine.client.generation import eos_ids, token_loop
 from corolla.engine.client.inputs import check_ids, check_unsupported, to_wire
 from corolla.engine.client.joining import client_config, load_client, release
-from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.route_autograd import RemoteBlocks
 from corolla.engine.client.sampling import SamplingParams, sampling_params
@@ -35,14 +34,13 @@ from corolla.engine.client.training import (
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import ClientHead
-from corolla.engine.routing.sequence_manager import SequenceManager
 
 logger = logging.getLogger(__name__)
 
 Messages = Sequence[dict[str, str]]
 
 
-class DistributedModelForCausalLM(nn.Module):
+class DistributedModelForCausalLM(OnClient, nn.Module):
     """A causal LM whose blocks run on swarm servers. Build it with :meth:`from_pretrained`.
 
     A torch module like a transformers model: ``.to(device)``, ``.cuda()``, ``.half()``, ``.eval()``
@@ -81,21 +79,6 @@ class DistributedModelForCausalLM(nn.Module):
     def client_config(self) -> ClientConfig:
         """The settings this client runs with."""
         return self.context.config
-
-    @property
-    def manager(self) -> SequenceManager:
-        """The routes of the model: swarm records, measurements, bans."""
-        return self.context.manager
-
-    @property
-    def p2p(self) -> Any:
-        """The client's hivemind P2P replica."""
-        return self.context.p2p
-
-    @property
-    def loop(self) -> LoopThread:
-        """The event loop thread every network call of the client runs on."""
-        return self.context.loop
 
     @property
     def remote_blocks(self) -> RemoteBlocks:

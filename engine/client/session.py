@@ -15,28 +15,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 
-from corolla.engine.client.context import ClientContext
+from corolla.engine.client.context import ClientContext, OnClient
 from corolla.engine.client.failover import replace_hop
 from corolla.engine.client.forwarding import HopAnswer, settle_forwarded_step
 from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, step_timeout
-from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.notices import NOTICES
 from corolla.engine.client.opening import open_route
 from corolla.engine.client.spot_check import spot_check
 from corolla.engine.client.verify import output_problem
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import PeerError, ProtocolError, SessionClosedError, short_peer
-from corolla.engine.routing.sequence_manager import SequenceManager
 from corolla.engine.routing.trust import Verdict, should_verify
 
 logger = logging.getLogger(__name__)
 
 
-class InferenceSession:
+class InferenceSession(OnClient):
     """A generation session over the swarm: ``step`` sends hidden states of new tokens through the route.
 
     Use as a context manager (or call ``close``) so servers free their caches promptly.
@@ -58,9 +55,8 @@ class InferenceSession:
         self.liars: set[str] = set()  # peers this session convicted
         self.unverified: dict[tuple[int, int], str] = {}  # (start, end) of hops whose output no replica could check
         self.checks = 0  # spot checks run
-        self._forwarding = (
-            context.config.forwarding
-        )  # servers push each hop's output to the next (off after a mismatch)
+        # servers push each hop's output to the next (off after a mismatch)
+        self._forwarding = context.config.forwarding
         self.forwarded_steps = 0  # steps whose every hop ran forwarded
         self._rng = random.Random()
 
@@ -69,21 +65,6 @@ class InferenceSession:
     def config(self) -> ClientConfig:
         """The settings this session runs with."""
         return self.context.config
-
-    @property
-    def manager(self) -> SequenceManager:
-        """The routes of the model (swarm records, measurements, bans)."""
-        return self.context.manager
-
-    @property
-    def p2p(self) -> Any:
-        """The client's P2P replica."""
-        return self.context.p2p
-
-    @property
-    def loop(self) -> LoopThread:
-        """The client's event loop thread."""
-        return self.context.loop
 
     # ---- public API -------------------------------------------------------------------------
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
