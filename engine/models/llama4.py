@@ -11,9 +11,12 @@ that transformers derives from the cache's length, one value for every row: batc
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -29,6 +32,23 @@ class Llama4TextFamily(Family):
         mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
         found: type[nn.Module] = mod.Llama4PreTrainedModel
         return found
+
+    def block_inputs(
+        self,
+        config: PretrainedConfig,
+        positional: nn.Module | None,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        masks: list[torch.Tensor],
+        blocks: range,
+    ) -> list[dict[str, Any]]:
+        """The common inputs; releases before 5.24 take the temperature's positions as ``cache_position`` [new]
+        (one row for the whole batch: the longest row's, as later releases take it from the cache's length)."""
+        out = super().block_inputs(config, positional, hidden, positions, masks, blocks)
+        if "cache_position" not in inspect.signature(self.layer_class().forward).parameters:
+            return out
+        cache_position = positions.amax(dim=0)  # [new]
+        return [{**inputs, "cache_position": cache_position} for inputs in out]
 
     def batch_group(self, config: PretrainedConfig, position: int) -> Hashable:
         """With attention temperature tuning, ``floor((position + 1) / floor_scale)``: rows in one group get the
