@@ -34,6 +34,71 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Qwen3MoeForCausalLM",
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [1]},
     ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,  # block 0 is a dense MLP block
+            "n_group": 2,
+            "topk_group": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 24,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 16,
+            "num_key_value_heads": 4,  # as in DeepSeek-V3: latent attention expands keys/values to every head
+        },
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        {
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "use_qk_norm": True,
+        },
+    ),
+    "minimax_m2": (
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "intermediate_size": 32},
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        # max_position_embeddings: the YaRN factor (32) times its original 4096 positions, as gpt-oss has it.
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "head_dim": 16,
+            "intermediate_size": 32,
+            "sliding_window": 4,
+            "max_position_embeddings": 131072,
+        },
+    ),
+    "llama4_text": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "head_dim": 16,
+            "intermediate_size": 32,
+            "intermediate_size_mlp": 128,
+            "interleave_moe_layer_step": 2,  # experts on blocks 1, 3, 5
+            "no_rope_layer_interval": 3,  # blocks 2 and 5: no rotary, full attention; the others chunked
+            "attention_chunk_size": 4,
+        },
+    ),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
@@ -52,6 +117,11 @@ FAMILY_TEST_OVERRIDES: dict[str, dict[str, Any]] = {
     "phi3": {"sliding_window": 5},
     "mixtral": {},
     "qwen3_moe": {},  # block 1 is a dense MLP block (mlp_only_layers), the others mixtures of experts
+    "deepseek_v3": {},  # latent attention with q_lora_rank; block 0 dense, blocks 1-5 shared + routed experts
+    "glm4_moe": {},  # partial rotary, q/k norms; block 0 dense
+    "minimax_m2": {},
+    "gpt_oss": {},  # attention sinks; window 4 on even blocks
+    "llama4_text": {"floor_scale": 4},  # the attention temperature of the blocks without rotary changes every 4
     "gemma2": {"final_logit_softcapping": 0.3, "attn_logit_softcapping": 0.05},  # window 4 on every other block
     "gemma3_text": {"final_logit_softcapping": 0.3},  # blocks 0-4 local (window 4, own rotary base), 5 global
     "gpt_neox": {},

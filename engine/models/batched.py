@@ -41,9 +41,9 @@ class RowsCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each row's new keys/values [rows, kv_heads, 1, head_dim] to its session's cache; return all
         sessions' keys/values [rows, kv_heads, keys, head_dim], right-padded with zeros (masked)."""
-        rows, heads, _, dim = key_states.shape
-        keys = key_states.new_zeros((rows, heads, self.keys, dim))
-        values = value_states.new_zeros((rows, heads, self.keys, dim))
+        rows, heads, _, key_dim = key_states.shape
+        keys = key_states.new_zeros((rows, heads, self.keys, key_dim))
+        values = value_states.new_zeros((rows, value_states.shape[1], self.keys, value_states.shape[3]))
         for cache, part in zip(self.caches, self.rows, strict=True):
             k, v = cache.update(key_states[part], value_states[part], layer_idx)  # views of the session's storage
             keys[part, :, : k.shape[2]] = k
@@ -81,6 +81,11 @@ def run_rows(
             raise ValueError("a session cache joins a batch only after it holds tokens")
         if x.shape[1] != 1 or x.shape[0] != cache.batch_rows:
             raise ValueError(f"a batched step takes one token per row of its cache, got {list(x.shape)}")
+    groups = {span.family.batch_group(span.config, cache.length) for cache in caches}
+    if len(groups) > 1:
+        raise ValueError(
+            f"sessions at positions of different batch groups {sorted(map(str, groups))} cannot share a step"
+        )
     hidden = torch.cat(inputs, dim=0)  # [rows, 1, hidden]
     rows = RowsCache(caches)
     held: list[int] = []  # tokens each row's session holds: the position of its new token

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,13 +85,17 @@ class Family:
         """The decoder-layer class (one block)."""
         return self.cls(self.layer_suffix)
 
+    def pretrained_class(self) -> type[nn.Module]:
+        """The family's ``PreTrainedModel`` class (what says which attention and expert kernels it supports)."""
+        return self.cls("PreTrainedModel")
+
     def attention_implementation(self) -> str:
         """``sdpa`` where the family's transformers model supports it, else ``eager`` (e.g. Gemma 2's softcap)."""
-        return "sdpa" if getattr(self.cls("PreTrainedModel"), "_supports_sdpa", False) else "eager"
+        return "sdpa" if getattr(self.pretrained_class(), "_supports_sdpa", False) else "eager"
 
     def experts_implementation(self) -> str:
         """How transformers runs a mixture of experts by default: ``grouped_mm`` where the model allows it."""
-        pretrained = self.cls("PreTrainedModel")
+        pretrained = self.pretrained_class()
         can_set = getattr(pretrained, "_can_set_experts_implementation", None)
         return "grouped_mm" if can_set is not None and can_set() else "eager"
 
@@ -139,6 +144,15 @@ class Family:
         assert positional is not None  # built by positional() for this family
         cos_sin = positional(hidden, positions)  # each [batch, new, head_dim]
         return [{"attention_mask": mask, "position_ids": positions, "position_embeddings": cos_sin} for mask in masks]
+
+    def batch_group(self, config: PretrainedConfig, position: int) -> Hashable:
+        """Decode steps at positions of different groups must not share one batched forward (see ``batched.py``).
+
+        The common case: any positions may (each row gets its own positions and mask). A family whose
+        layers derive something from the cache's length alone, the same for every row, splits positions
+        into groups where that something is equal (Llama 4's attention temperature).
+        """
+        return None
 
     @staticmethod
     def layer_output(output: Any) -> torch.Tensor:
@@ -249,21 +263,42 @@ def sliding_window_of(config: PretrainedConfig, block: int) -> int | None:
     return int(window)
 
 
+def chunk_of(config: PretrainedConfig, block: int) -> int | None:
+    """Chunk size of one block's chunked attention (a query sees only keys of its own chunk), or None.
+
+    Llama 4's ``chunked_attention`` layers: positions ``0..c-1``, ``c..2c-1``, ... are separate chunks.
+    """
+    chunk = getattr(config, "attention_chunk_size", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not chunk or layer_types is None or layer_types[block] != "chunked_attention":
+        return None
+    return int(chunk)
+
+
 def build_attention_mask(
-    offset: int, new: int, window: int | None, dtype: torch.dtype, device: torch.device
+    offset: int,
+    new: int,
+    window: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Additive causal mask [1, 1, new, offset + new] for queries at positions offset..offset+new-1."""
     q_pos = torch.arange(offset, offset + new, device=device)[:, None]
     k_pos = torch.arange(offset + new, device=device)[None, :]
-    return _additive_mask(q_pos, k_pos, window, dtype)[None, None]
+    return _additive_mask(q_pos, k_pos, window, dtype, chunk)[None, None]
 
 
-def _additive_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """0 where query position ``q_pos`` may see key position ``k_pos`` (causal, within ``window``), the minimum
-    elsewhere; the shape is ``q_pos``'s and ``k_pos``'s broadcast together."""
+def _additive_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype, chunk: int | None = None
+) -> torch.Tensor:
+    """0 where query position ``q_pos`` may see key position ``k_pos`` (causal, within ``window``, in the same
+    ``chunk``), the minimum elsewhere; the shape is ``q_pos``'s and ``k_pos``'s broadcast together."""
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= (q_pos - k_pos) < window
+    if chunk is not None:
+        allowed &= (q_pos // chunk) == (k_pos // chunk)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask
@@ -272,14 +307,14 @@ def _additive_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
 def causal_masks(
     config: PretrainedConfig, offset: int, new: int, blocks: range, dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
-    """One additive mask per block (blocks with the same window share one tensor)."""
-    made: dict[int | None, torch.Tensor] = {}
+    """One additive mask per block (blocks with the same window and chunk share one tensor)."""
+    made: dict[tuple[int | None, int | None], torch.Tensor] = {}
     out = []
     for block in blocks:
-        window = sliding_window_of(config, block)
-        if window not in made:
-            made[window] = build_attention_mask(offset, new, window, dtype, device)
-        out.append(made[window])
+        seen = (sliding_window_of(config, block), chunk_of(config, block))
+        if seen not in made:
+            made[seen] = build_attention_mask(offset, new, seen[0], dtype, device, seen[1])
+        out.append(made[seen])
     return out
 
 
@@ -288,17 +323,18 @@ def row_masks(
 ) -> list[torch.Tensor]:
     """Per block, an additive mask [rows, 1, 1, max(held) + 1] for one new token per row at position ``held[r]``.
 
-    Row ``r`` sees keys ``0..held[r]`` (within the block's window); the keys past it are another row's padding.
+    Row ``r`` sees keys ``0..held[r]`` (within the block's window or chunk); the keys past it are another row's
+    padding.
     """
     q_pos = torch.tensor(held, device=device)[:, None]  # [rows, 1]
     k_pos = torch.arange(max(held) + 1, device=device)[None, :]  # [1, keys]
-    made: dict[int | None, torch.Tensor] = {}
+    made: dict[tuple[int | None, int | None], torch.Tensor] = {}
     out = []
     for block in blocks:
-        window = sliding_window_of(config, block)
-        if window not in made:
-            made[window] = _additive_mask(q_pos, k_pos, window, dtype)[:, None, None, :]
-        out.append(made[window])
+        seen = (sliding_window_of(config, block), chunk_of(config, block))
+        if seen not in made:
+            made[seen] = _additive_mask(q_pos, k_pos, seen[0], dtype, seen[1])[:, None, None, :]
+        out.append(made[seen])
     return out
 
 

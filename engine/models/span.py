@@ -61,15 +61,16 @@ class SpanLayerCache(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's keys/values [batch, kv_heads, new, head_dim]; return all of them so far."""
+        """Append this step's keys [batch, kv_heads, new, key_dim] and values [.., value_dim]; return all so far."""
         held = self._owner.length
         end = held + key_states.shape[2]
         keys, values = self.keys, self.values
         if keys is None or values is None or keys.shape[2] < end or keys.shape[0] != key_states.shape[0]:
             capacity = min(self._owner.max_length, max(end, 2 * (keys.shape[2] if keys is not None else 0), 64))
-            shape = (key_states.shape[0], key_states.shape[1], capacity, key_states.shape[3])
-            grown_k = key_states.new_empty(shape)
-            grown_v = value_states.new_empty(shape)
+            # Keys and values may differ in their last size (DeepSeek's latent attention stores its compressed
+            # keys/values [.., kv_lora_rank] as "keys" and the rotary key part [.., rope_dim] as "values").
+            grown_k = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[3]))
+            grown_v = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[3]))
             if keys is not None and values is not None and keys.shape[0] == key_states.shape[0]:
                 grown_k[:, :, :held] = keys[:, :, :held]
                 grown_v[:, :, :held] = values[:, :, :held]
@@ -225,6 +226,6 @@ def _with_attention(config: PretrainedConfig, family: Family) -> PretrainedConfi
     would use, unless the config already names an implementation that exists on every machine."""
     if getattr(config, "_attn_implementation", None) in (None, "flash_attention_2", "flex_attention"):
         config._attn_implementation = family.attention_implementation()
-    if family.experts is not None and getattr(config, "_experts_implementation", None) is None:
+    if getattr(config, "_experts_implementation", None) is None:  # families without experts get "eager" (unused)
         config._experts_implementation = family.experts_implementation()
     return config

@@ -241,7 +241,9 @@ class SpanBackend:
                 # Sessions of similar lengths only, so that padding every row to the longest one (one block's
                 # keys at a time) costs at most a bucket's worth of extra keys per row.
                 # One adapter per batch: the LoRA weights are switched per compute job.
-                key = (session.start, session.end, session.adapter, position // BATCH_LENGTH_BUCKET)
+                # The family may split positions further (Llama 4: one attention temperature per batch).
+                group = self.span.family.batch_group(self.span.config, position)
+                key = (session.start, session.end, session.adapter, position // BATCH_LENGTH_BUCKET, group)
                 step = (session, position, x)
                 batch = Batchable(key, step, self._decode_many, x.shape[0], self.cfg.batch_rows)
                 out = await self._compute.run(

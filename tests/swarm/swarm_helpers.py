@@ -104,7 +104,7 @@ def hf_greedy(model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, eo
     config.max_new_tokens = max_new_tokens
     config.pad_token_id = model.config.pad_token_id
     if not eos:
-        config.eos_token_id = None
+        config.eos_token_id = []  # not None: generate() fills None back in from the model's generation config
     out: torch.Tensor = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out
 

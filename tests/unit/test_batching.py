@@ -11,6 +11,7 @@ import torch
 from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, tiny_config
 from corolla.engine.config import ServerConfig
 from corolla.engine.models.batched import run_rows
+from corolla.engine.models.registry import get_family
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, FairQueue, Priority
@@ -54,12 +55,34 @@ def test_batched_decode_equals_one_by_one(case: str) -> None:
         members = [i for i in range(len(SESSIONS)) if (i + step) % 4 != 3]
         tokens = {i: torch.randn(SESSIONS[i][0], 1, hidden) for i in members}
         expected = {i: span(tokens[i], alone[i]) for i in members}
-        got = run_rows(span, [tokens[i] for i in members], [together[i] for i in members], 1, 4)
-        for i, out in zip(members, got, strict=True):
+        # Sessions batch together only within the family's batch group, as the server's batch key has it.
+        groups: dict[object, list[int]] = {}
+        for i in members:
+            groups.setdefault(span.family.batch_group(config, together[i].length), []).append(i)
+        got = {}
+        for group in groups.values():
+            outs = run_rows(span, [tokens[i] for i in group], [together[i] for i in group], 1, 4)
+            got.update(zip(group, outs, strict=True))
+        for i, out in got.items():
             assert out.shape == expected[i].shape
             diff = (out - expected[i]).abs().max().item()
             assert diff < ATOL, f"{case}: session {i} step {step} differs by {diff}"
             assert together[i].length == alone[i].length
+
+
+@torch.inference_mode()
+def test_sessions_of_different_batch_groups_are_not_batched() -> None:
+    """Llama 4's temperature (blocks without rotary) follows the batch's cache length: one value for every row."""
+    config = tiny_config("llama4_text", **FAMILY_TEST_OVERRIDES["llama4_text"])  # floor_scale 4
+    span = random_span(config, 1, 4)
+    assert [span.family.batch_group(config, p) for p in (2, 3, 6, 7)] == [0, 1, 1, 2]
+    caches = [SpanCache(1, 3, 32) for _ in range(2)]
+    span(torch.randn(1, 2, config.hidden_size), caches[0])
+    span(torch.randn(1, 3, config.hidden_size), caches[1])
+    with pytest.raises(ValueError, match="batch groups"):
+        run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 1, 4)
+    assert [c.length for c in caches] == [2, 3]  # nothing was appended
+    assert get_family(tiny_config("llama")).batch_group(tiny_config("llama"), 5) is None  # the common case: one group
 
 
 @torch.inference_mode()

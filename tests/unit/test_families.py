@@ -157,6 +157,16 @@ def test_unsupported_model_type_names_the_supported_families() -> None:
         BlockSpan(config, 0, 1)
 
 
+def test_qwen3_next_is_refused_with_its_reason() -> None:
+    """Its recurrent-state blocks need a cache the server does not have yet: the error says so, not just "no"."""
+    from transformers import Qwen3NextConfig
+
+    config = Qwen3NextConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(CorollaError, match="recurrent state") as info:
+        get_family(config)
+    assert "qwen3_next" in str(info.value) and "deepseek_v3" in str(info.value)
+
+
 def test_registry_lists_exactly_the_tested_families() -> None:
     assert set(FAMILIES) == set(FAMILY_OVERRIDES) == set(TINY_FAMILIES)
     for name, family in FAMILIES.items():

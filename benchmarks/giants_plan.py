@@ -1,0 +1,272 @@
+"""A planning table for today's mixture-of-experts giants: blocks, bytes per block, cache per 1k tokens, and how
+many 24 GB volunteers hold one replica, from the engine's own accounting.
+
+    python benchmarks/giants_plan.py
+
+No hub is reachable, so each model's published config numbers are written below (config.json of each repo).
+The configs are built as transformers objects and measured the way a server measures them: weights by
+``server/memory.py``'s ``block_weight_bytes`` (each block built on the meta device, ``--quant`` applied as the
+loader applies it), cache by ``models/cache_size.py``'s ``token_cache_bytes`` (what each block's layer stores
+for one token), and blocks per volunteer by ``plan_memory`` under ``--max-memory 24GiB`` with the default
+activation estimate and ``--cache-bytes``. ``--quant`` int8/nf4 quantize ``nn.Linear`` weights only: routed
+experts kept as fused tensors by transformers stay in bf16, which is why they barely shrink the MoE blocks.
+Qwen3-Next is not served yet (recurrent-state blocks); its weights are counted from transformers' layer directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import _common  # noqa: F401  (thread environment before torch)
+import torch
+import transformers
+from transformers import PretrainedConfig
+
+from corolla.engine.config import ServerConfig
+from corolla.engine.errors import CorollaError
+from corolla.engine.models.cache_size import token_cache_bytes
+from corolla.engine.models.quant import quantized_weight_bytes
+from corolla.engine.server.memory import block_weight_bytes, estimate_activation_bytes, plan_memory
+
+VOLUNTEER = 24 * 2**30  # one 24 GB card (RTX 3090/4090): --max-memory 24GiB
+DTYPE = torch.bfloat16
+QUANTS = ("none", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class Giant:
+    name: str
+    config: str  # transformers config class
+    numbers: dict[str, Any]  # the published config.json's key numbers
+
+
+GIANTS = [
+    Giant(
+        "DeepSeek-V3 / R1 (671B)",
+        "DeepseekV3Config",
+        dict(
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            n_shared_experts=1,
+            n_routed_experts=256,
+            num_experts_per_tok=8,
+            first_k_dense_replace=3,
+            n_group=8,
+            topk_group=4,
+            kv_lora_rank=512,
+            q_lora_rank=1536,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
+        ),
+    ),
+    Giant(
+        "Kimi K2 (1T)",
+        "DeepseekV3Config",
+        dict(
+            vocab_size=163840,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            num_hidden_layers=61,
+            num_attention_heads=64,
+            num_key_value_heads=64,
+            n_shared_experts=1,
+            n_routed_experts=384,
+            num_experts_per_tok=8,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=512,
+            q_lora_rank=1536,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
+        ),
+    ),
+    Giant(
+        "gpt-oss-120b",
+        "GptOssConfig",
+        dict(
+            vocab_size=201088,
+            hidden_size=2880,
+            intermediate_size=2880,
+            num_hidden_layers=36,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=64,
+            num_local_experts=128,
+            num_experts_per_tok=4,
+            sliding_window=128,
+            max_position_embeddings=131072,
+        ),
+    ),
+    Giant(
+        "Llama-4-Maverick (400B)",
+        "Llama4TextConfig",
+        dict(
+            vocab_size=202048,
+            hidden_size=5120,
+            intermediate_size=8192,
+            intermediate_size_mlp=16384,
+            num_hidden_layers=48,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+            head_dim=128,
+            num_local_experts=128,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            no_rope_layer_interval=4,
+            attention_chunk_size=8192,
+            use_qk_norm=False,
+        ),
+    ),
+    Giant(
+        "GLM-4.5 (355B)",
+        "Glm4MoeConfig",
+        dict(
+            vocab_size=151552,
+            hidden_size=5120,
+            intermediate_size=12288,
+            moe_intermediate_size=1536,
+            num_hidden_layers=92,
+            num_attention_heads=96,
+            num_key_value_heads=8,
+            head_dim=128,
+            n_shared_experts=1,
+            n_routed_experts=160,
+            num_experts_per_tok=8,
+            first_k_dense_replace=3,
+            n_group=1,
+            topk_group=1,
+            use_qk_norm=True,
+        ),
+    ),
+    Giant(
+        "MiniMax-M2 (230B)",
+        "MiniMaxM2Config",
+        dict(
+            vocab_size=200064,
+            hidden_size=3072,
+            intermediate_size=1536,
+            num_hidden_layers=62,
+            num_attention_heads=48,
+            num_key_value_heads=8,
+            head_dim=128,
+            num_local_experts=256,
+            num_experts_per_tok=8,
+        ),
+    ),
+    Giant(
+        "Qwen3-235B-A22B",
+        "Qwen3MoeConfig",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            moe_intermediate_size=1536,
+            num_hidden_layers=94,
+            num_attention_heads=64,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+        ),
+    ),
+    Giant(
+        "Qwen3-Next-80B-A3B (not served)",
+        "Qwen3NextConfig",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=5120,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+            num_hidden_layers=48,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            head_dim=256,
+            num_experts=512,
+            num_experts_per_tok=10,
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_conv_kernel_dim=4,
+        ),
+    ),
+]
+
+
+def build(giant: Giant) -> PretrainedConfig:
+    config: PretrainedConfig = getattr(transformers, giant.config)(**giant.numbers)
+    return config
+
+
+def unserved_block_bytes(config: PretrainedConfig, quant: str) -> list[int]:
+    """Weight bytes of each block of a family Corolla does not serve: transformers' layer on meta, as the loader
+    would quantize it."""
+    module = transformers.models.qwen3_next.modeling_qwen3_next
+    with torch.device("meta"):
+        layers = [module.Qwen3NextDecoderLayer(config, i) for i in range(int(config.num_hidden_layers))]
+    return [quantized_weight_bytes(layer, quant, DTYPE) for layer in layers]
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def row(giant: Giant) -> list[str]:
+    config = build(giant)
+    served = "not served" not in giant.name
+    weights = {q: (block_weight_bytes(config, DTYPE, q) if served else unserved_block_bytes(config, q)) for q in QUANTS}
+    cells = [giant.name, str(config.num_hidden_layers), *(gib(max(weights[q])) for q in QUANTS)]
+    if not served:
+        return [*cells, "recurrent state", "-", "-"]
+    token = token_cache_bytes(config, DTYPE)
+    cells.append(f"{sum(token) * 1000 / 2**20:.1f}")
+    server = ServerConfig()
+    for quant in ("none", "nf4"):
+        try:
+            plan = plan_memory(
+                weights[quant],
+                token,
+                estimate_activation_bytes(config, server, DTYPE, quant),
+                server.cache_bytes,
+                VOLUNTEER,
+            )
+            cells.append(str(math.ceil(int(config.num_hidden_layers) / plan.num_blocks)))
+        except CorollaError:
+            cells.append("a block does not fit")
+    return cells
+
+
+HEADER = [
+    "model",
+    "blocks",
+    "GiB/block bf16",
+    "GiB/block int8",
+    "GiB/block nf4",
+    "cache MiB/1k tokens",
+    "24 GB volunteers (bf16)",
+    "24 GB volunteers (nf4)",
+]
+
+
+def main() -> None:
+    rows = [HEADER, ["---"] * len(HEADER)]
+    for giant in GIANTS:
+        rows.append(row(giant))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
