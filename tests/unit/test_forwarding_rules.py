@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import torch
 
-from corolla.engine.client.forwarding import HopAnswer, settle_forwarded_step
+from corolla.engine.client.forwarding import HopAnswer, forwarded_deadlines, settle_forwarded_step
 from corolla.engine.errors import PeerUnavailableError, ProtocolError
 from corolla.engine.wire.forwarding import Pushed, PushMissingError, check_offer, match_pushed, tensor_digest
 from corolla.engine.wire.messages import Push, Step, StepResult, decode_inference_message
@@ -97,3 +97,13 @@ def test_forwarding_fields_are_optional_and_checked() -> None:
             Step.decode(msgpack.packb({"kind": "step", "session_id": "s", "position": 0, "step_id": 1, **bad}))
     with pytest.raises(ProtocolError):
         Push.decode(Push(session_id="s", position=0, step_id=1).encode()[:-3])
+
+
+def test_forwarded_deadlines_cost_one_stall_bound_per_frozen_hop_not_a_sum() -> None:
+    plan = forwarded_deadlines([1.5, 1.5, 1.5], floor=1.5)  # three fast hops: each at the stall floor
+    assert plan.waits == [0.0, 1.5, 1.5]  # the servers wait one floor for a push, not 1.5 x position
+    assert plan.pushes == [0.75, 0.75, 0.0]
+    assert plan.stages == [2.25, 2.25, 1.5]  # from the predecessor's answer: a frozen hop costs ~2 s anywhere
+    slow = forwarded_deadlines([4.0, 6.0, 1.5], floor=1.5)  # slow hops keep their own bounds
+    assert slow.waits[2] == 1.5 + 2.5 + 4.5 and slow.waits[2] >= max(4.0, 6.0)
+    assert all(c >= w + s for c, w, s in zip(slow.ceilings, slow.waits, slow.stages, strict=True))
