@@ -15,7 +15,7 @@ import time
 import httpx
 import psutil
 import pytest
-from web_fakes import FakeModel, serving
+from api_fakes import FakeModel, serving
 
 pytestmark = pytest.mark.timeout(120)
 
