@@ -21,7 +21,12 @@ import torch
 
 from corolla.engine.client.context import ClientContext
 from corolla.engine.client.failover import replace_hop
-from corolla.engine.client.forwarding import HopAnswer, forwarded_deadlines, settle_forwarded_step
+from corolla.engine.client.forwarding import (
+    ForwardedDeadlines,
+    HopAnswer,
+    forwarded_deadlines,
+    settle_forwarded_step,
+)
 from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, step_timeout
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.notices import NOTICES
@@ -32,6 +37,7 @@ from corolla.engine.config import ClientConfig
 from corolla.engine.errors import PeerError, PeerUnavailableError, ProtocolError, SessionClosedError, short_peer
 from corolla.engine.routing.sequence_manager import SequenceManager
 from corolla.engine.routing.trust import Verdict, should_verify
+from corolla.engine.wire.messages import StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +316,7 @@ class InferenceSession:
             )
             for k, hop in enumerate(hops)
         ]
-        silent = await _first_silent(tasks, plan.stages)
+        silent = await _first_silent(tasks, plan)
         results: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
         if silent is not None:  # cancelled: its input was due long ago and it never answered
             results[silent] = PeerUnavailableError(
@@ -386,20 +392,28 @@ class InferenceSession:
         logger.info("route %s", describe_hops(self.hops))
 
 
-async def _first_silent(tasks: list[asyncio.Future[Any]], stages: list[float]) -> int | None:
+async def _first_silent(
+    tasks: list[asyncio.Future[tuple[torch.Tensor, StepResult]]], plan: ForwardedDeadlines
+) -> int | None:
     """Watch a forwarded step's hops in route order; cancel the first one silent past its stage, and return it.
 
-    Hop ``k`` gets ``stages[k]`` seconds from the answer of hop ``k - 1`` (from the start, for the first
-    hop): a frozen hop costs one stall bound after its input was due, not the sum of every hop's bounds.
+    Hop ``k`` gets ``plan.stages[k]`` seconds from the moment its input was due: the answer of hop ``k - 1``
+    when that hop pushed its output on (the start, for the first hop), so a frozen hop costs one stall bound,
+    not the sum of every hop's bounds. A hop whose predecessor failed or could not push gets no input: it is
+    not at fault, and answers "no push" once its own wait (``plan.waits[k]`` from the start) runs out, so its
+    stage runs from then. Cancelling it early would abort a healthy stream and cost a second failover.
     """
     loop = asyncio.get_running_loop()
-    since = loop.time()
+    start = since = loop.time()
     for k, task in enumerate(tasks):
-        done, _ = await asyncio.wait({task}, timeout=max(0.0, since + stages[k] - loop.time()))
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, since + plan.stages[k] - loop.time()))
         if not done:
             task.cancel()  # its stream is aborted (a late answer would be read as the next one's)
             return k
         since = max(since, loop.time())
+        handed_on = task.exception() is None and task.result()[1].forward_error is None
+        if not handed_on and k + 1 < len(tasks):
+            since = max(since, start + plan.waits[k + 1])  # no push comes: hop k + 1 answers when its wait ends
     return None
 
 
