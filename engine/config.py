@@ -138,6 +138,8 @@ LIMITS: dict[str, Limit] = {
     # `corolla api` (ApiSettings), `corolla monitor` and `corolla demo`
     "default_max_tokens": _COUNT,
     "max_workers": _COUNT,
+    "max_queue": _NON_NEGATIVE,
+    "max_body_bytes": Limit(1024),  # at least a small chat request
     "web_port": Limit(1, 65535),
     "refresh": _SECONDS,
     "max_new_tokens": _COUNT,

@@ -310,6 +310,19 @@ def add_web_commands(sub: Any) -> None:
         default=8,
         help="generations at once; more wait their turn (default 8)",
     )
+    api.add_argument(
+        "--max-queue",
+        type=_number(int, "max_queue"),
+        default=64,
+        help="requests that may wait for a generation, in arrival order; more get 429 (default 64)",
+    )
+    api.add_argument(
+        "--max-body-bytes",
+        type=_number(parse_size, "max_body_bytes"),
+        default=4 * 1024 * 1024,
+        metavar="SIZE",
+        help="largest request body; larger ones get 413 unread (default 4MiB; e.g. 1MB, 16MiB)",
+    )
     api.add_argument("--swarm-key", default=None, metavar="FILE", help=_SWARM_KEY_HELP)
 
     def run_api(args: argparse.Namespace) -> int:
@@ -325,6 +338,8 @@ def add_web_commands(sub: Any) -> None:
             request_timeout=args.request_timeout,
             default_max_tokens=args.default_max_tokens,
             max_sessions=args.max_sessions,
+            max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
             swarm_key_file=args.swarm_key,
         )
 

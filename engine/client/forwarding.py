@@ -60,3 +60,30 @@ def settle_forwarded_step(
             return ForwardedStep(k, mismatch=True)
         expected = tensor_digest(answer.out)
     return ForwardedStep(len(answers))
+
+
+@dataclass(frozen=True)
+class ForwardedDeadlines:
+    """How long each hop of a forwarded step may take, in seconds (lists in route order)."""
+
+    waits: list[float]  # the server of hop k waits this long (from the request) for its predecessor's push
+    pushes: list[float]  # hop k spends at most this long pushing its output on before it answers (0: last hop)
+    stages: list[float]  # the client gives hop k this long from its predecessor's answer (the start, for hop 0)
+    ceilings: list[float]  # the client's own limit on hop k's answer, from the start (it should never be reached)
+
+
+def forwarded_deadlines(timeouts: Sequence[float], floor: float) -> ForwardedDeadlines:
+    """Deadlines of a forwarded step whose hop k counts as silent after ``timeouts[k]`` s of work.
+
+    Every hop gets its request at once, so a hop's wait covers its predecessors' work: one ``floor`` (the
+    stall bound) plus what each predecessor's bound adds above it, which is at least the largest of their
+    bounds; a sum of bounds would make a frozen hop cost a floor per hop before anyone notices. The client
+    judges each hop from the moment its predecessor answered (its push went out just before): a hop silent
+    for its own bound plus its push's allowance is frozen, whatever its place in the route.
+    """
+    n = len(timeouts)
+    pushes = [t / 2 if k + 1 < n else 0.0 for k, t in enumerate(timeouts)]
+    waits = [0.0] + [floor + sum(max(0.0, t - floor) for t in timeouts[:k]) for k in range(1, n)]
+    stages = [t + p for t, p in zip(timeouts, pushes, strict=True)]
+    ceilings = [waits[k] + sum(pushes[:k]) + stages[k] for k in range(n)]
+    return ForwardedDeadlines(waits=waits, pushes=pushes, stages=stages, ceilings=ceilings)

@@ -1,13 +1,16 @@
 """One hop of a session's live route (its stream and every input it was sent), and what hops share:
-which failures count as retryable, step timeouts, chunking, closing, and whom a failure blames."""
+which failures count as retryable, step timeouts, chunking, closing, whom a failure blames, and which hop of
+a forwarded step went silent."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import torch
 
 from corolla.engine.client.context import ClientContext
+from corolla.engine.client.forwarding import ForwardedDeadlines
 from corolla.engine.client.remote import HopStream
 from corolla.engine.errors import (
     CacheFullError,
@@ -19,6 +22,7 @@ from corolla.engine.errors import (
 from corolla.engine.routing.planner import RouteHop
 from corolla.engine.routing.sequence_manager import describe_route
 from corolla.engine.routing.trust import silent_bound
+from corolla.engine.wire.messages import StepResult
 
 RETRYABLE = (PeerUnavailableError, CacheFullError, SessionClosedError, ProtocolError)
 """Failures of one server that another server of the same blocks may not have: ban, re-plan, retry."""
@@ -82,3 +86,28 @@ def culprit(error: Exception, hops: list[Hop]) -> str:
     if isinstance(error, PeerError) and error.peer_id is not None:
         return error.peer_id
     return hops[0].stream.peer_id
+
+
+async def first_silent(
+    tasks: list[asyncio.Future[tuple[torch.Tensor, StepResult]]], plan: ForwardedDeadlines
+) -> int | None:
+    """Watch a forwarded step's hops in route order; cancel the first one silent past its stage, and return it.
+
+    Hop ``k`` gets ``plan.stages[k]`` seconds from the moment its input was due: the answer of hop ``k - 1``
+    when that hop pushed its output on (the start, for the first hop), so a frozen hop costs one stall bound,
+    not the sum of every hop's bounds. A hop whose predecessor failed or could not push gets no input: it is
+    not at fault, and answers "no push" once its own wait (``plan.waits[k]`` from the start) runs out, so its
+    stage runs from then. Cancelling it early would abort a healthy stream and cost a second failover.
+    """
+    loop = asyncio.get_running_loop()
+    start = since = loop.time()
+    for k, task in enumerate(tasks):
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, since + plan.stages[k] - loop.time()))
+        if not done:
+            task.cancel()  # its stream is aborted (a late answer would be read as the next one's)
+            return k
+        since = max(since, loop.time())
+        handed_on = task.exception() is None and task.result()[1].forward_error is None
+        if not handed_on and k + 1 < len(tasks):
+            since = max(since, start + plan.waits[k + 1])  # no push comes: hop k + 1 answers when its wait ends
+    return None

@@ -112,6 +112,9 @@ class HopStream:
             async with asyncio.timeout(timeout):
                 await pipe.send(request)
                 return await pipe.receive()
+        except asyncio.CancelledError:
+            self._abort()  # the answer may still come: it would be read as the answer to the next request
+            raise
         except TimeoutError as e:
             self._abort()  # a late answer would be read as the answer to the next request
             raise PeerUnavailableError(self.peer_id, f"no answer within {timeout:.1f} s") from e

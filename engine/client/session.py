@@ -15,19 +15,24 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from corolla.engine.client.context import ClientContext, OnClient
 from corolla.engine.client.failover import replace_hop
-from corolla.engine.client.forwarding import HopAnswer, settle_forwarded_step
-from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, step_timeout
+from corolla.engine.client.forwarding import (
+    HopAnswer,
+    forwarded_deadlines,
+    settle_forwarded_step,
+)
+from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, first_silent, step_timeout
 from corolla.engine.client.notices import NOTICES
 from corolla.engine.client.opening import open_route
 from corolla.engine.client.spot_check import spot_check
 from corolla.engine.client.verify import output_problem
 from corolla.engine.config import ClientConfig
-from corolla.engine.errors import PeerError, ProtocolError, SessionClosedError, short_peer
+from corolla.engine.errors import PeerError, PeerUnavailableError, ProtocolError, SessionClosedError, short_peer
 from corolla.engine.routing.trust import Verdict, should_verify
 
 logger = logging.getLogger(__name__)
@@ -271,27 +276,32 @@ class InferenceSession(OnClient):
         peers = [hop.stream.peer_id for hop in hops]
         tokens = x.shape[0] * x.shape[1]
         timeouts = [step_timeout(self.context, hop.stream.peer_id, tokens, hop.end - hop.start) for hop in hops]
+        plan = forwarded_deadlines(timeouts, self.config.stall_timeout)
         base = self._step_id + 1
         self._step_id += len(hops)
-        results = await asyncio.gather(
-            *(
+        tasks = [
+            asyncio.ensure_future(
                 hop.stream.forwarded_step(
                     self.session_id,
                     x if k == 0 else None,
                     x.shape,
                     self.position,
                     base + k,
-                    # waits for its predecessors, computes, then may take as long again to push
-                    sum(timeouts[: k + 1]) + (timeouts[k] if k + 1 < len(hops) else 0.0),
+                    plan.ceilings[k],
                     from_peer=peers[k - 1] if k > 0 else None,
-                    wait=sum(timeouts[:k]),
+                    wait=plan.waits[k],
                     next_peer=peers[k + 1] if k + 1 < len(hops) else None,
-                    push_within=timeouts[k] / 2,
+                    push_within=plan.pushes[k],
                 )
-                for k, hop in enumerate(hops)
-            ),
-            return_exceptions=True,
-        )
+            )
+            for k, hop in enumerate(hops)
+        ]
+        silent = await first_silent(tasks, plan)
+        results: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
+        if silent is not None:  # cancelled: its input was due long ago and it never answered
+            results[silent] = PeerUnavailableError(
+                peers[silent], f"no answer within {plan.stages[silent]:.1f} s of its input"
+            )
         answers: list[HopAnswer | BaseException] = []
         for peer, result in zip(peers, results, strict=True):
             if isinstance(result, BaseException):

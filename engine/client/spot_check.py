@@ -76,7 +76,7 @@ async def spot_check(
     new = output.shape[1]
     opinions = [Opinion((server,), 0)]
     outputs = [output]
-    used = {server, *avoid}
+    used = {server, *avoid, *manager.failed_within(config.update_period)}
     dtypes = {_dtype(manager, server)}
     while not settled(opinions) and len(opinions) < MAX_OPINIONS:
         route = manager.plan_replica(

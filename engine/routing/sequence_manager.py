@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 class _Ban:
     until: float
     strikes: int
+    at: float  # monotonic time of the last failure
 
 
 def describe_route(route: list[RouteHop]) -> str:
@@ -140,7 +141,8 @@ class SequenceManager:
             ban = self._bans.get(peer_id)
             strikes = ban.strikes + 1 if ban else 1
             seconds = ban_seconds(strikes, self.config.min_backoff, self.config.max_backoff)
-            self._bans[peer_id] = _Ban(time.monotonic() + seconds, strikes)
+            now = time.monotonic()
+            self._bans[peer_id] = _Ban(now + seconds, strikes, now)
         logger.info("avoiding %s for %.1f s: %s", short_peer(peer_id), seconds, reason)
         return seconds
 
@@ -155,6 +157,16 @@ class SequenceManager:
         now = time.monotonic()
         with self._lock:
             return {peer for peer, ban in self._bans.items() if ban.until > now}
+
+    def failed_within(self, seconds: float) -> set[str]:
+        """Servers whose last contact, less than ``seconds`` ago, was a failure (banned or not any more).
+
+        Optional work (spot checks) skips them: a frozen server's short first bans run out while its record
+        lives on, and asking it again costs a whole silence each time.
+        """
+        since = time.monotonic() - seconds
+        with self._lock:
+            return {peer for peer, ban in self._bans.items() if ban.at > since}
 
     def record_rtt(self, peer_id: str, seconds: float) -> None:
         """Fold a measured round trip into the server's smoothed RTT."""
@@ -209,7 +221,8 @@ class SequenceManager:
         """A server was caught lying: avoid it for ``liar_ban`` seconds, log it and report it for `corolla health`."""
         with self._lock:
             strikes = max(self._bans[peer_id].strikes if peer_id in self._bans else 0, 32)
-            self._bans[peer_id] = _Ban(time.monotonic() + self.config.liar_ban, strikes)
+            now = time.monotonic()
+            self._bans[peer_id] = _Ban(now + self.config.liar_ban, strikes, now)
             self._probed.discard(peer_id)
             self._checked.pop(peer_id, None)
             self._convicted.add(peer_id)

@@ -184,7 +184,15 @@ def test_a_bad_field_is_named_as_param() -> None:
 
 
 @pytest.mark.parametrize(
-    "fields", [{"default_max_tokens": 0}, {"max_sessions": 0}, {"request_timeout": -1.0}, {"max_workers": 0}]
+    "fields",
+    [
+        {"default_max_tokens": 0},
+        {"max_sessions": 0},
+        {"request_timeout": -1.0},
+        {"max_workers": 0},
+        {"max_queue": -1},
+        {"max_body_bytes": 10},
+    ],
 )
 def test_api_settings_are_bounded(fields: dict[str, object]) -> None:
     from corolla.engine.apps.api.app import ApiSettings

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgpack
 import pytest
 import torch
 
-from corolla.engine.client.forwarding import HopAnswer, settle_forwarded_step
+from corolla.engine.client.forwarding import HopAnswer, forwarded_deadlines, settle_forwarded_step
+from corolla.engine.client.hops import first_silent
 from corolla.engine.errors import PeerUnavailableError, ProtocolError
 from corolla.engine.wire.forwarding import Pushed, PushMissingError, check_offer, match_pushed, tensor_digest
 from corolla.engine.wire.messages import Push, Step, StepResult, decode_inference_message
@@ -97,3 +100,37 @@ def test_forwarding_fields_are_optional_and_checked() -> None:
             Step.decode(msgpack.packb({"kind": "step", "session_id": "s", "position": 0, "step_id": 1, **bad}))
     with pytest.raises(ProtocolError):
         Push.decode(Push(session_id="s", position=0, step_id=1).encode()[:-3])
+
+
+def test_forwarded_deadlines_cost_one_stall_bound_per_frozen_hop_not_a_sum() -> None:
+    plan = forwarded_deadlines([1.5, 1.5, 1.5], floor=1.5)  # three fast hops: each at the stall floor
+    assert plan.waits == [0.0, 1.5, 1.5]  # the servers wait one floor for a push, not 1.5 x position
+    assert plan.pushes == [0.75, 0.75, 0.0]
+    assert plan.stages == [2.25, 2.25, 1.5]  # from the predecessor's answer: a frozen hop costs ~2 s anywhere
+    slow = forwarded_deadlines([4.0, 6.0, 1.5], floor=1.5)  # slow hops keep their own bounds
+    assert slow.waits[2] == 1.5 + 2.5 + 4.5 and slow.waits[2] >= max(4.0, 6.0)
+    assert all(c >= w + s for c, w, s in zip(slow.ceilings, slow.waits, slow.stages, strict=True))
+
+
+async def _answer(
+    after: float, *, fail: bool = False, forward_error: str | None = None
+) -> tuple[torch.Tensor, StepResult]:
+    await asyncio.sleep(after)
+    if fail:
+        raise PeerUnavailableError("hop1", "closed the stream")
+    return X, StepResult(forward_error=forward_error)
+
+
+@pytest.mark.timeout(10)
+async def test_a_hop_whose_predecessor_failed_is_not_judged_before_its_wait_ends() -> None:
+    plan = forwarded_deadlines([0.5, 0.5, 0.5], floor=0.5)  # waits [0, 0.5, 0.5], stages [0.75, 0.75, 0.5]
+    # hop 1 is killed at once; hop 2 gets no push and says so when its 0.5 s wait ends (later than
+    # hop 1's end + its 0.5 s stage): it is healthy, and cancelling it would abort its stream
+    killed = [asyncio.ensure_future(c) for c in (_answer(0.0), _answer(0.0, fail=True), _answer(0.65))]
+    assert await first_silent(killed, plan) is None
+    unreachable = [asyncio.ensure_future(c) for c in (_answer(0.0, forward_error="refused"), _answer(0.65))]
+    assert await first_silent(unreachable, forwarded_deadlines([0.5, 0.5], floor=0.5)) is None
+    frozen = [asyncio.ensure_future(c) for c in (_answer(0.0), _answer(30.0), _answer(0.65))]
+    assert await first_silent(frozen, plan) == 1  # its input came: silent past its stage, it is cancelled
+    await asyncio.gather(*frozen, return_exceptions=True)
+    assert frozen[1].cancelled()

@@ -24,6 +24,7 @@ from starlette.types import Send
 
 from corolla.engine.apps.api import protocol
 from corolla.engine.apps.api.errors import APIError, bad_request, error_for
+from corolla.engine.apps.api.limits import Admission, BodyLimit, Slot, check_prompt_chars
 from corolla.engine.apps.api.metrics import ApiMetrics
 from corolla.engine.config import check_limits
 from corolla.engine.version import __version__
@@ -48,6 +49,8 @@ class ApiSettings:
     # Generations running at once; more requests wait their turn (within request_timeout). Servers
     # let one peer hold 8 sessions by default, and this app is one peer however many users it has.
     max_sessions: int = 8
+    max_queue: int = 64  # requests that may wait for a generation slot, first come first served; beyond: 429
+    max_body_bytes: int = 4 * 1024 * 1024  # bytes of a request body; larger ones get a 413 before being read
 
     def __post_init__(self) -> None:
         check_limits(self)
@@ -90,8 +93,9 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
     app = FastAPI(title="Corolla OpenAI-compatible API", version=__version__, docs_url=None, redoc_url=None)
     metrics = ApiMetrics()
     app.state.metrics = metrics
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     limiter = anyio.CapacityLimiter(settings.max_workers)
-    session_slots = anyio.Semaphore(settings.max_sessions)
+    admission = Admission(settings.max_sessions, settings.max_queue)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
     async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -101,7 +105,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
     def answer_error(error: APIError, endpoint: str) -> JSONResponse:
         metrics.requests.labels(endpoint, str(error.status)).inc()
         metrics.errors.labels(error.code or error.type).inc()
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -197,17 +201,12 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
         model_id = settings.model_id
         metrics.in_progress.inc()
         stream: TextStream | None = None
-        held = [False]  # whether this request holds a session slot
-
-        def release_slot() -> None:
-            if held[0]:
-                held[0] = False
-                session_slots.release()
+        slot = Slot(admission)
+        release_slot = slot.release
 
         try:
             with anyio.fail_after(max(0.0, deadline - time.monotonic())):  # TimeoutError: a 504
-                await session_slots.acquire()
-            held[0] = True
+                await slot.take()
             stream = await in_thread(make_stream)
             if not stream_requested:
                 try:
@@ -297,6 +296,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
         check_model(body.model)
         options = protocol.chat_options(body)
         messages = protocol.chat_messages(body)
+        check_prompt_chars([m["content"] for m in messages], context, "messages")
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
 
         def make() -> TextStream:
@@ -311,6 +311,7 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
         check_model(body.model)
         options = protocol.completion_options(body)
         prompt = protocol.prompt_text(body)
+        check_prompt_chars([prompt], context, "prompt")
 
         def make() -> TextStream:
             return open_stream(lambda **kw: model.stream_text(prompt, **kw), options, "max_tokens")[0]

@@ -26,6 +26,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,6 +34,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}  # sent with the answer (e.g. Retry-After)
 
     def body(self) -> dict[str, Any]:
         """The JSON body OpenAI clients parse."""

@@ -24,6 +24,8 @@ def run_api(
     request_timeout: float = 600.0,
     default_max_tokens: int = 512,
     max_sessions: int = 8,
+    max_queue: int = 64,
+    max_body_bytes: int = 4 * 1024 * 1024,
     swarm_key_file: str | None = None,
 ) -> int:
     """Serve ``model`` from the swarm at ``http://host:port/v1`` until SIGINT/SIGTERM. Returns an exit code."""
@@ -43,6 +45,8 @@ def run_api(
             request_timeout=request_timeout,
             default_max_tokens=default_max_tokens,
             max_sessions=max_sessions,
+            max_queue=max_queue,
+            max_body_bytes=max_body_bytes,
         )
     except ValueError as e:
         raise CorollaError(str(e)) from e
