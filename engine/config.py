@@ -98,7 +98,7 @@ LIMITS: dict[str, Limit] = {
     "max_retries": _NON_NEGATIVE,
     "min_backoff": _NON_NEGATIVE,
     "max_backoff": _NON_NEGATIVE,
-    "update_period": _SECONDS,
+    "update_period": _NON_NEGATIVE,  # 0: every new route re-reads the swarm
     "max_chunk_bytes": _COUNT,
     "num_threads": _NON_NEGATIVE,
     "verify_rate": Limit(0, 1),
@@ -216,7 +216,7 @@ class ClientConfig:
     max_retries: int = 8  # route re-plans allowed within one call before giving up
     min_backoff: float = 0.5  # seconds of the first ban of a failed server (doubles on repeats)
     max_backoff: float = 60.0  # seconds: cap of a ban
-    update_period: float = 30.0  # seconds between route refreshes from the DHT
+    update_period: float = 30.0  # seconds between route refreshes from the DHT (0: before every new route)
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
     wire_dtype: str = "auto"  # dtype activations travel in: auto (the model's), or bfloat16/float16 to halve fp32
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port; volunteers at home may want it
