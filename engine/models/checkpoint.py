@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from corolla.engine.errors import CorollaError
+from corolla.engine.models.formats import WeightFormat, dequantize_block, weight_format
 from corolla.engine.models.quant import check_quant, quantize_linears
 from corolla.engine.models.registry import get_family
 from corolla.engine.models.source import check_model_source
@@ -40,6 +41,7 @@ class Checkpoint:
         self.revision = revision
         self.local_dir: Path | None = check_model_source(name_or_path)
         self._weight_map: dict[str, str] | None = None
+        self._weight_format: WeightFormat | None = None
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.name!r})"
@@ -74,10 +76,26 @@ class Checkpoint:
         return bool(file_exists(self.name, filename, token=self.token, revision=self.revision))
 
     def config(self) -> PretrainedConfig:
-        """The model's transformers config."""
+        """The model's transformers config, without its ``quantization_config``.
+
+        The engine builds plain layers and dequantizes published formats itself (:meth:`weight_format`),
+        so nothing downstream should see a quantizer's settings and try to build quantized layers.
+        """
         if self.local_dir is not None:
-            return AutoConfig.from_pretrained(self.local_dir)
-        return AutoConfig.from_pretrained(self.name, token=self.token, revision=self.revision)
+            config = AutoConfig.from_pretrained(self.local_dir)
+        else:
+            config = AutoConfig.from_pretrained(self.name, token=self.token, revision=self.revision)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        return config
+
+    def weight_format(self) -> WeightFormat:
+        """How the block tensors are published (``config.json``'s ``quantization_config``); CorollaError if unreadable."""
+        if self._weight_format is None:
+            with open(self.file("config.json")) as f:
+                raw = json.load(f)
+            self._weight_format = weight_format(raw.get("quantization_config"))
+        return self._weight_format
 
     def weight_map(self) -> dict[str, str]:
         """Tensor name → safetensors file name."""
@@ -128,8 +146,11 @@ def load_span(
 
     Blocks are filled (and quantized) one at a time, and each block's checkpoint tensors are dropped once
     it holds them, so the device never holds more than one block in full precision besides the rest.
+    Weights published in FP8 or MXFP4 (:mod:`corolla.engine.models.formats`) are read with their scales
+    and dequantized to ``dtype`` first.
     """
     check_quant(quant)
+    fmt = ckpt.weight_format()
     span = BlockSpan(config, start, end, empty=True)
     family = span.family
     weight_map = ckpt.weight_map()
@@ -139,7 +160,7 @@ def load_span(
     for i, prefix in prefixes.items():
         block = {name[len(prefix) :]: tensors.pop(name) for name in list(tensors) if name.startswith(prefix)}
         try:
-            block = family.block_state(block, config)
+            block = family.block_state(dequantize_block(block, fmt, dtype), config)
         except ValueError as e:
             raise CorollaError(f"checkpoint {ckpt.name} does not match block {i}: {e}") from e
         layer = span.layers[i - start]
