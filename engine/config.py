@@ -246,7 +246,7 @@ class ServerConfig:
     initial_peers: tuple[str, ...] = ()  # multiaddrs of swarm peers to join through
     new_swarm: bool = False  # start a new swarm instead of joining one
     dht_prefix: str | None = None  # name to announce the model under (default: from the model)
-    host: str = "127.0.0.1"  # address to listen on (0.0.0.0 for volunteers reachable from outside)
+    host: str | None = None  # address to listen on (none: 0.0.0.0 if a peer is on another machine, else 127.0.0.1)
     port: int = 0  # TCP port to listen on (0: any free port)
     announce_host: str | None = None  # public address to announce, if different from --host
     announce_port: int | None = None  # TCP port to announce with --announce-host, if not --port (a forwarded port)

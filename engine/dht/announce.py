@@ -160,8 +160,7 @@ def make_dht(
     *,
     client_mode: bool = False,
     nat_port_map: bool = False,
-    announce_host: str | None = None,
-    announce_port: int | None = None,
+    announce_maddrs: Sequence[str] = (),
     identity_path: str | None = None,
     swarm_keys: SwarmKeys | None = None,
 ) -> hivemind.DHT:
@@ -176,8 +175,8 @@ def make_dht(
     """
     check_initial_peers(initial_peers)  # before the daemon starts: its own error names no address
     kwargs: dict[str, Any] = {"record_validators": [SignedRecordValidator(), SwarmKeyValidator(swarm_keys)]}
-    if announce_host:
-        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{announce_port or port}"]
+    if announce_maddrs:  # what peers are told to dial, instead of where the daemon listens
+        kwargs["announce_maddrs"] = list(announce_maddrs)
     if identity_path:
         kwargs.update(identity_path=identity_path, check_if_identity_free=False)  # a fresh key: nobody has it
     try:

@@ -31,6 +31,7 @@ from corolla.engine.dht.announce import (
     withdraw_span,
 )
 from corolla.engine.dht.contribution import load_identity
+from corolla.engine.dht.peers import tcp_endpoint
 from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.dht.signing import PeerIdentity
 from corolla.engine.dht.swarm_key import load_keys
@@ -47,6 +48,15 @@ from corolla.engine.server.contributors import ContributorBook
 from corolla.engine.server.handler import Handler
 from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.memory import server_memory_plan
+from corolla.engine.server.reachability import (
+    ALL_INTERFACES,
+    LOOPBACK,
+    announce_maddrs,
+    free_port,
+    interface_addresses,
+    listen_host,
+    reach_line,
+)
 from corolla.engine.server.throughput import Speed, block_speed
 from corolla.engine.version import __version__
 from corolla.engine.wire.membership import MembershipGate
@@ -60,7 +70,10 @@ class Server:
     def __init__(self, cfg: ServerConfig) -> None:
         if cfg.announce_host and not cfg.port:
             raise CorollaError("--announce-host needs a fixed --port (the one forwarded to this machine)")
-        self.cfg = cfg
+        # Where to listen, resolved once: no --host means all interfaces when joining peers elsewhere.
+        host = listen_host(cfg.host, cfg.initial_peers, cfg.new_swarm)
+        port = free_port() if host == ALL_INTERFACES and not cfg.port else cfg.port  # announced before binding
+        self.cfg = cfg = dataclasses.replace(cfg, host=host, port=port)
         # The token: --token-file or COROLLA_TOKEN (cfg.token), else HF_TOKEN, else `hf auth login`'s.
         token = resolve_token(cfg.token)
         self.ckpt = Checkpoint(cfg.model, token=token)
@@ -99,14 +112,16 @@ class Server:
         # Start the DHT (a forked process) before any signal handler is installed: a child that inherited
         # asyncio's handlers would ignore SIGTERM and could never be stopped.
         peers = () if self.cfg.new_swarm else self.cfg.initial_peers
+        host = self.cfg.host or LOOPBACK  # resolved in __init__
         with self.identity.identity_file() as identity_path:  # removed once the daemon has read it
             dht = make_dht(
                 peers,
-                self.cfg.host,
+                host,
                 self.cfg.port,
                 nat_port_map=self.cfg.nat_port_map,
-                announce_host=self.cfg.announce_host,
-                announce_port=self.cfg.announce_port,
+                announce_maddrs=announce_maddrs(
+                    host, self.cfg.port, interface_addresses(), self.cfg.announce_host, self.cfg.announce_port
+                ),
                 identity_path=identity_path,
                 swarm_keys=self.swarm_keys,
             )
@@ -175,6 +190,9 @@ class Server:
             loop.add_signal_handler(sig, self._stop.set)
         peer_id = dht.peer_id.to_base58()
         maddrs = [str(a) for a in dht.get_visible_maddrs()]
+        announced = [m.split("/p2p/")[0] for m in maddrs]
+        port = self.cfg.port or next((e[1] for m in maddrs if (e := tcp_endpoint(m))), 0)
+        logger.info("%s", reach_line(self.cfg.host or LOOPBACK, port, announced))
         if self.cfg.new_swarm:
             logger.info("new swarm: others join with --initial-peers %s", " ".join(maddrs))
         else:

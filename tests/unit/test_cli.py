@@ -128,7 +128,7 @@ def test_server_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 512MiB)" in out  # cache_bytes, in a human size
     assert "(default: 8192)" in out  # max_length
-    assert "(default: 127.0.0.1)" in out  # host
+    assert "else 127.0.0.1" in out  # host: automatic
     assert "(default: 30.0)" in out  # announce_period
     assert "--log-level" in out
 
