@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from corolla.engine.apps.tiny_models import tiny_config
+from corolla.engine.client.hops import Hop
 from corolla.engine.client.sampling import SamplingParams
 from corolla.engine.client.speculative import Drafter, SpeculationStats, accept_greedy, accept_sampled, as_drafter
 
@@ -78,3 +79,18 @@ def test_draft_settings_are_checked(tiny_draft: Drafter) -> None:
         Drafter(42)
     assert as_drafter(None) is None
     assert SpeculationStats(rounds=2, drafted=8, accepted=6).tokens_per_round == 4.0
+
+
+def test_a_hops_history_is_cut_at_the_kept_position() -> None:
+    """Rejected drafts leave the replay history: what a failover replays is the accepted tokens only."""
+    chunks = [torch.randn(1, n, 4) for n in (5, 1, 4)]
+    hop = Hop(stream=None, inputs=list(chunks))  # type: ignore[arg-type]
+    hop.truncate(8)
+    assert [x.shape[1] for x in hop.inputs] == [5, 1, 2]
+    assert torch.equal(hop.history(8), torch.cat(chunks, dim=1)[:, :8])
+    hop.truncate(6)
+    assert [x.shape[1] for x in hop.inputs] == [5, 1]
+    hop.truncate(3)
+    assert torch.equal(hop.history(3), chunks[0][:, :3])
+    hop.truncate(0)
+    assert hop.inputs == []
