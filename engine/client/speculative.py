@@ -64,9 +64,13 @@ class Drafter:
     (``past_key_values=`` before transformers 5.24) must return ``.logits``. It runs in eval mode, without
     gradients, on its own device.
     One drafter serves any number of generations at once (each keeps its own draft cache).
+
+    ``num_tokens`` drafts are proposed in a generation's first round; with ``adaptive`` (transformers'
+    "heuristic" schedule) a round whose drafts were all accepted proposes 2 more next time, any other round
+    1 fewer (at least 1), so a draft that is often wrong costs little and one that is right goes further.
     """
 
-    def __init__(self, model: Any, num_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
+    def __init__(self, model: Any, num_tokens: int = DEFAULT_DRAFT_TOKENS, *, adaptive: bool = True) -> None:
         if isinstance(model, str | os.PathLike):
             from transformers import AutoModelForCausalLM
 
@@ -78,12 +82,13 @@ class Drafter:
         check_draft_tokens(num_tokens)
         self.model = model.eval()
         self.num_tokens = num_tokens
+        self.adaptive = adaptive
         self.vocab_size = int(_text_config(model.config).vocab_size)
         self.stats = SpeculationStats()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Drafter({type(self.model).__name__}, num_tokens={self.num_tokens})"
+        return f"Drafter({type(self.model).__name__}, num_tokens={self.num_tokens}, adaptive={self.adaptive})"
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +121,13 @@ def check_draft_tokens(num_tokens: int) -> None:
     """Drafts per round must be between 1 and ``MAX_DRAFT_TOKENS``."""
     if not isinstance(num_tokens, int) or not 1 <= num_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {num_tokens!r}")
+
+
+def next_draft_tokens(current: int, drafted: int, accepted: int) -> int:
+    """Drafts to propose next round after ``accepted`` of ``drafted`` were kept (the adaptive schedule)."""
+    if drafted and accepted == drafted:
+        return min(MAX_DRAFT_TOKENS, current + 2)
+    return max(1, current - 1) if drafted else current
 
 
 def as_drafter(draft: Any, num_tokens: int | None = None) -> Drafter | None:
@@ -299,6 +311,8 @@ def speculative_loop(
             targets = [int(next_tokens(logits[i : i + 1], befores[i], params)[0]) for i in range(k + 1)]
             emitted = accept_greedy(ids, targets)
         drafter.count(k, len(emitted) - 1)
+        if drafter.adaptive:
+            num_tokens = next_draft_tokens(num_tokens, k, len(emitted) - 1)
         emitted = _until_eos(emitted, eos_ids)
         # The servers hold ``last`` and every draft; keep ``last`` and the drafts yielded before the final token.
         kept = len(emitted)  # ``last`` + ``len(emitted) - 1`` drafts

@@ -88,12 +88,13 @@ def test_a_draft_that_is_always_wrong_still_gives_greedy_output(setup: Setup) ->
     assert torch.equal(out, hf_greedy(setup.hf, ids, 12, eos=False))
     assert drafter.stats.accepted == 0 and drafter.stats.drafted > 0
     assert drafter.stats.rounds == 11  # one token per round after the prompt's
+    assert drafter.stats.drafted < 2 * drafter.stats.rounds  # the adaptive schedule drafts less and less
 
 
 def test_a_continued_session_sees_only_accepted_tokens(setup: Setup) -> None:
     """Rejected drafts must leave the servers' caches: a second turn continues from the accepted tokens."""
     ids = random_ids(1, 6, seed=4)
-    drafter = Drafter(Contrarian(setup.hf), num_tokens=3)  # every round sends 3 drafts that are all rejected
+    drafter = Drafter(Contrarian(setup.hf), num_tokens=3, adaptive=False)  # every round: 3 drafts, all rejected
     with setup.model.inference_session(max_length=64) as session:
         first = setup.model.generate(ids, max_new_tokens=8, eos_token_id=[], session=session, draft_model=drafter)
         second = setup.model.generate(None, max_new_tokens=8, eos_token_id=[], session=session, draft_model=drafter)

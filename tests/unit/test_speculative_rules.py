@@ -8,7 +8,15 @@ import torch
 from corolla.engine.apps.tiny_models import tiny_config
 from corolla.engine.client.hops import Hop
 from corolla.engine.client.sampling import SamplingParams
-from corolla.engine.client.speculative import Drafter, SpeculationStats, accept_greedy, accept_sampled, as_drafter
+from corolla.engine.client.speculative import (
+    MAX_DRAFT_TOKENS,
+    Drafter,
+    SpeculationStats,
+    accept_greedy,
+    accept_sampled,
+    as_drafter,
+    next_draft_tokens,
+)
 
 
 def test_greedy_keeps_drafts_up_to_the_first_disagreement_then_the_targets_token() -> None:
@@ -94,3 +102,11 @@ def test_a_hops_history_is_cut_at_the_kept_position() -> None:
     assert torch.equal(hop.history(3), chunks[0][:, :3])
     hop.truncate(0)
     assert hop.inputs == []
+
+
+def test_the_adaptive_schedule_drafts_more_after_full_accepts_and_fewer_after_rejections() -> None:
+    assert next_draft_tokens(4, 4, 4) == 6
+    assert next_draft_tokens(4, 4, 3) == 3
+    assert next_draft_tokens(1, 1, 0) == 1  # never below one
+    assert next_draft_tokens(MAX_DRAFT_TOKENS, MAX_DRAFT_TOKENS, MAX_DRAFT_TOKENS) == MAX_DRAFT_TOKENS
+    assert next_draft_tokens(5, 0, 0) == 5  # a round that drafted nothing (the end of the budget) changes nothing
