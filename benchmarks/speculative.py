@@ -34,6 +34,7 @@ from pathlib import Path
 
 import _common
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM
@@ -88,18 +89,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
+    parser.add_argument(
+        "--constant", action="store_true", help="always --draft-tokens drafts (default: the adaptive schedule)"
+    )
     parser.add_argument("--model", default="tiny", choices=["tiny", "small", "smollm2"])
     parser.add_argument("--draft-layers", type=int, default=0, help="also a draft of the target's first L blocks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per server and in the client")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # a truncated draft leaves the later blocks' weights unused
     path = checkpoint(args.model)
     total = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
     spans = split_blocks(total, 2)
-    drafts = {"self": Drafter(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args.draft_tokens)}
+    adaptive = not args.constant
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    drafts = {"self": Drafter(target, args.draft_tokens, adaptive=adaptive)}
     if args.draft_layers:
         truncated = AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=args.draft_layers, dtype=torch.float32)
-        drafts[f"first-{args.draft_layers}"] = Drafter(truncated, args.draft_tokens)
+        drafts[f"first-{args.draft_layers}"] = Drafter(truncated, args.draft_tokens, adaptive=adaptive)
     ports = [(free_port(), free_port()) for _ in spans]  # (server, relay)
     relay = subprocess.Popen(
         [sys.executable, str(HERE / "_relay.py"), "--delay-ms", str(args.delay_ms), *(f"{r}:{s}" for s, r in ports)],
@@ -144,7 +151,7 @@ def main() -> None:
     print(
         f"{args.model} ({total} blocks, 2 servers: {' '.join(spans)}), {args.threads} thread(s) per server "
         f"and client, {args.delay_ms:g} ms one way on every link, greedy decode of {args.new_tokens} tokens after a "
-        f"{prompt.shape[1]}-token prompt, {args.draft_tokens} drafts per round, {args.repeats} sets in {elapsed:.0f} s"
+        f"{prompt.shape[1]}-token prompt, {args.draft_tokens} drafts per round ({'constant' if args.constant else 'at first, adaptive'}), {args.repeats} sets in {elapsed:.0f} s"
     )
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {_common.load_average()}")
     base = statistics.median(speeds["plain"])
