@@ -55,8 +55,8 @@ class Contrarian(nn.Module):
         self.inner = inner
         self.config = inner.config
 
-    def forward(self, **kwargs: Any) -> Any:
-        out = self.inner(**kwargs)
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, use_cache: bool = True) -> Any:
+        out = self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache)
         out.logits = -out.logits
         return out
 
