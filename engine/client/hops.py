@@ -49,6 +49,15 @@ class Hop:
             return None
         return torch.cat(self.inputs, dim=1)[:, :length]
 
+    def truncate(self, length: int) -> None:
+        """Forget the inputs of positions from ``length`` on (only the tail is touched, not the whole history)."""
+        held = sum(x.shape[1] for x in self.inputs)
+        while self.inputs and held - self.inputs[-1].shape[1] >= length:
+            held -= self.inputs.pop().shape[1]
+        if self.inputs and held > length:
+            last = self.inputs[-1]
+            self.inputs[-1] = last[:, : last.shape[1] - (held - length)].clone()  # not a view: frees the rest
+
 
 def describe_hops(hops: list[Hop]) -> str:
     """One short line for a route of live hops (see :func:`describe_route`)."""

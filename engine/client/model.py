@@ -24,6 +24,13 @@ from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.route_autograd import RemoteBlocks
 from corolla.engine.client.sampling import SamplingParams, sampling_params
 from corolla.engine.client.session import ActiveSession, InferenceSession
+from corolla.engine.client.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    Drafter,
+    as_drafter,
+    check_draft_tokens,
+    speculative_loop,
+)
 from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
 from corolla.engine.client.training import (
     TrainingPath,
@@ -60,6 +67,7 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         head: ClientHead,
         context: ClientContext,
         dht: Any,
+        drafter: Drafter | None = None,
     ) -> None:
         super().__init__()
         self.model_name = model_name
@@ -69,6 +77,10 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         self.ptune: PromptTuning | None = None  # trainable soft prompts (see enable_prompt_tuning)
         self.context = context  # settings, routes, P2P replica and loop, shared with sessions and remote blocks
         self.dht = dht
+        if drafter is not None:
+            drafter.check_vocab(int(config.vocab_size), len(tokenizer) if tokenizer is not None else None)
+        # The local draft model of speculative decoding (None: plain decoding); its ``stats`` count the rounds.
+        self.drafter = drafter
         self._training_path = TrainingPath(head, context)  # differentiable forwards (training, prompt tuning)
         self._active = threading.local()  # per thread: the sessions entered with `with`, innermost last
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
@@ -118,6 +130,8 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         swarm_key: str | os.PathLike[str] | None = None,
         tuning_mode: str | None = None,
         pre_seq_len: int = 16,
+        draft: Any = None,
+        num_draft_tokens: int | None = None,
         **client_config_overrides: Any,
     ) -> Self:
         """Load embeddings, head and tokenizer locally and join the swarm that serves the blocks.
@@ -134,12 +148,17 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
             tuning_mode: ``"ptune"`` or ``"deep_ptune"`` adds ``pre_seq_len`` trainable prompts (see
                 :meth:`enable_prompt_tuning`); the local embeddings and head stay frozen either way.
             pre_seq_len: number of prompt positions.
+            draft: a local draft model for speculative decoding (a transformers causal LM sharing the
+                tokenizer, its checkpoint path, or a :class:`~corolla.engine.client.speculative.Drafter`):
+                ``generate`` and the text methods then decode with it by default (one sequence at a time).
+            num_draft_tokens: tokens the draft proposes per round (default 4).
         """
         if swarm_key is not None:
             client_config_overrides["swarm_key_file"] = os.fspath(swarm_key)
         config = client_config(initial_peers, config, **client_config_overrides)
         parts = load_client(model_name_or_path, config, token=token, revision=revision)
-        model = cls(parts.model_name, parts.config, parts.tokenizer, parts.head, parts.context, parts.dht)
+        drafter = as_drafter(draft, num_draft_tokens)
+        model = cls(parts.model_name, parts.config, parts.tokenizer, parts.head, parts.context, parts.dht, drafter)
         if tuning_mode is not None:
             model.enable_prompt_tuning(tuning_mode, pre_seq_len)
         return model
@@ -229,10 +248,27 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         max_new_tokens: int,
         eos: set[int],
         prefix: torch.Tensor | None = None,
+        drafter: Drafter | None = None,
+        num_draft_tokens: int | None = None,
     ) -> Generator[torch.Tensor, None, FinishReason]:
-        """:func:`~corolla.engine.client.generation.token_loop` with this model's head, padding and wire dtype."""
+        """:func:`~corolla.engine.client.generation.token_loop` with this model's head, padding and wire dtype;
+        :func:`~corolla.engine.client.speculative.speculative_loop` with a ``drafter``."""
         pad_id = self._tokenizer.pad_token_id if self._tokenizer is not None else None
         wire = self.client_config.wire_dtype
+        if drafter is not None:
+            num = num_draft_tokens or drafter.num_tokens
+            return speculative_loop(
+                self.head,
+                session,
+                new_ids,
+                params,
+                max_new_tokens,
+                eos,
+                drafter=drafter,
+                num_tokens=num,
+                wire_dtype=wire,
+                prefix=prefix,
+            )
         return token_loop(
             self.head, session, new_ids, params, max_new_tokens, eos, pad_id=pad_id, wire_dtype=wire, prefix=prefix
         )
@@ -254,6 +290,9 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         attention_mask: torch.Tensor | None = None,
         streamer: Any = None,
         sampling: SamplingParams | None = None,
+        draft_model: Any = None,
+        assistant_model: Any = None,
+        num_draft_tokens: int | None = None,
         **unused: Any,
     ) -> torch.Tensor:
         """transformers-style generation: returns ``input_ids`` followed by the new tokens.
@@ -264,14 +303,23 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         (``put(ids)``, ``end()``), e.g. ``transformers.TextStreamer``. The result is on the device of
         ``input_ids`` (on the model's device when continuing with ``None``). ``sampling`` replaces
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty`` and ``seed``.
+
+        ``draft_model`` (or transformers' name ``assistant_model``) decodes speculatively with a local draft
+        model sharing the tokenizer (see :mod:`~corolla.engine.client.speculative`; default: the model's
+        ``draft`` from :meth:`from_pretrained`, for single sequences): ``num_draft_tokens`` (or
+        ``num_assistant_tokens``) tokens per round. Greedy output is the same as without a draft; sampling
+        keeps the target's distribution.
         """
         params = sampling_params(sampling, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        drafter, num_draft_tokens = self._drafter_of(draft_model, assistant_model, num_draft_tokens, unused)
         if input_ids is None:
             input_ids = unused.pop("inputs", None)  # transformers' name of the first argument
         prefix = None
         if self.ptune is not None:
             in_session = session is not None or self.active_session is not None
             if self.ptune.deep is not None:  # deep prompts go with every forward: no cached sessions
+                if draft_model is not None or assistant_model is not None:
+                    raise ValueError("a deep_ptune model generates without a draft model: drop draft_model")
                 input_ids = check_tuned_generate(input_ids, params.do_sample, in_session)
                 check_ids(input_ids, attention_mask)
                 return self._training_path.greedy_generate(input_ids, max_new_tokens, self.ptune)
@@ -286,6 +334,13 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
                 raise ValueError("give input_ids (or a session with a pending token)")
             input_ids = torch.zeros((session.pending_ids.shape[0], 0), dtype=torch.long, device=self.device)
         check_ids(input_ids, attention_mask)
+        if drafter is not None and input_ids.shape[0] != 1:
+            if drafter is not self.drafter:  # asked for explicitly: say why it cannot be used
+                raise ValueError(
+                    f"speculative decoding runs one sequence at a time, got a batch of {input_ids.shape[0]}: "
+                    "generate each sequence on its own, or drop draft_model"
+                )
+            drafter = None  # the model's default draft: batches decode plainly
         out_device = input_ids.device
         input_ids = input_ids.cpu()
         own = session is None
@@ -297,7 +352,10 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         try:
             if streamer is not None:
                 streamer.put(input_ids)
-            for token in self._token_loop(session, input_ids, params, max_new_tokens, eos_ids, prefix):
+            loop = self._token_loop(
+                session, input_ids, params, max_new_tokens, eos_ids, prefix, drafter, num_draft_tokens
+            )
+            for token in loop:
                 tokens.append(token)
                 if streamer is not None:
                     streamer.put(token)
@@ -308,6 +366,25 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
                 streamer.end()
         new = torch.stack(tokens, dim=1) if tokens else input_ids[:, :0]
         return torch.cat([input_ids, new], dim=1).to(out_device)
+
+    def _drafter_of(
+        self, draft_model: Any, assistant_model: Any, num_draft_tokens: int | None, unused: dict[str, Any]
+    ) -> tuple[Drafter | None, int | None]:
+        """The draft (and drafts per round) a ``generate`` call asks for, under its own or transformers' names."""
+        if draft_model is not None and assistant_model is not None and draft_model is not assistant_model:
+            raise ValueError("give draft_model or assistant_model (the same thing), not both")
+        num_assistant = unused.pop("num_assistant_tokens", None)
+        if num_draft_tokens is None:
+            num_draft_tokens = num_assistant
+        if num_draft_tokens is not None:
+            check_draft_tokens(num_draft_tokens)
+        draft = draft_model if draft_model is not None else assistant_model
+        if draft is None:
+            return self.drafter, num_draft_tokens
+        drafter = draft if isinstance(draft, Drafter) else Drafter(draft, num_draft_tokens or DEFAULT_DRAFT_TOKENS)
+        tokenizer_size = len(self._tokenizer) if self._tokenizer is not None else None
+        drafter.check_vocab(int(self.config.vocab_size), tokenizer_size)
+        return drafter, num_draft_tokens
 
     # ---- text API ---------------------------------------------------------------------------
     def apply_chat_template(self, messages: Messages) -> str:
@@ -362,7 +439,7 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
             pre = 0 if prefix is None else prefix.shape[1]
             session = self.inference_session(pre + ids.shape[1] + max_new_tokens)
         new_ids = session.reuse_prefix(ids)
-        loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None), prefix)
+        loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None), prefix, self.drafter)
         eos = self._eos_ids(None)
 
         def tokens() -> Generator[int, None, FinishReason]:

@@ -100,14 +100,20 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter(-1, order, sorted_logits)
 
 
+def token_probs(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampling draws from: [batch, vocab] logits, [batch, n] ids so far → [batch, vocab] probs
+    (repetition penalty, temperature, top-k, top-p, softmax)."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    logits = logits / params.temperature
+    logits = filter_top_p(filter_top_k(logits, params.top_k), params.top_p)
+    return logits.softmax(-1)
+
+
 def next_tokens(
     logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Pick one token per row. logits: [batch, vocab] float; seen: [batch, n] ids so far → [batch]."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if not params.do_sample:
-        return logits.argmax(-1)
-    logits = logits / params.temperature
-    logits = filter_top_p(filter_top_k(logits, params.top_k), params.top_p)
-    probs = logits.softmax(-1)
+        return apply_repetition_penalty(logits.float(), seen, params.repetition_penalty).argmax(-1)
+    probs = token_probs(logits, seen, params)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

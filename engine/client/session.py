@@ -95,8 +95,7 @@ class InferenceSession(OnClient):
             raise ValueError(f"cannot rewind to {position}: the session holds {self.position} tokens")
         self.position = position
         for hop in self.hops:
-            hist = hop.history(position)
-            hop.inputs = [hist] if hist is not None else []
+            hop.truncate(position)
 
     def close(self) -> None:
         """Free the servers' caches (idempotent, never raises)."""
