@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.formats import WeightFormat, dequantize_block, weight_format
-from corolla.engine.models.quant import check_quant, quantize_linears
+from corolla.engine.models.quant import check_quant, quantize_block
 from corolla.engine.models.registry import get_family
 from corolla.engine.models.source import check_model_source
 from corolla.engine.models.span import BlockSpan
@@ -173,7 +173,7 @@ def load_span(
                 f"checkpoint {ckpt.name} does not match blocks {start}:{end}: "
                 f"missing {[where + m for m in missing][:5]}, unexpected {[where + u for u in unexpected][:5]}"
             )
-        quantize_linears(layer, quant)
+        quantize_block(layer, quant)
         del block
     if span.rotary_emb is not None:
         span.rotary_emb.to(device)

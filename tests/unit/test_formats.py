@@ -21,6 +21,8 @@ from corolla.engine.models.formats import (
     dequantize_mxfp4,
     weight_format,
 )
+from corolla.engine.models.quant import QuantizedExperts, tensor_bytes
+from corolla.engine.server.memory import block_weight_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -164,6 +166,11 @@ def span_outputs(path: Path, start: int, end: int, quant: str = "none") -> torch
     config = ckpt.config()
     assert not hasattr(config, "quantization_config")  # the engine builds plain layers
     span = load_span(ckpt, config, start, end, torch.float32, "cpu", quant=quant)
+    if quant != "none":  # the dequantized published experts were quantized again, as --quant says
+        assert sum(isinstance(m, QuantizedExperts) for m in span.modules()) == 2 * (end - start)
+        planned = block_weight_bytes(config, torch.float32, quant)[start:end]
+        assert tensor_bytes(span.layers) == sum(planned)
+        assert sum(planned) < 0.3 * sum(block_weight_bytes(config, torch.float32, "none")[start:end])
     x = torch.randn(2, 7, config.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         return span(x)
