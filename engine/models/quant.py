@@ -96,14 +96,15 @@ class Int8Linear(nn.Module):
     qweight: torch.Tensor  # [out, in] int8
     scale: torch.Tensor  # [out] in the compute dtype
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()  # [out, in]
+        w = linear.weight.detach().to(device).float()  # [out, in], on the device it will run on
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [out]
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in] → [..., out] in ``x``'s dtype."""
@@ -129,14 +130,15 @@ class NF4Linear(nn.Module):
     packed: torch.Tensor  # [groups * 32] uint8, two codes a byte (low nibble first)
     absmax: torch.Tensor  # [groups] float32
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
-        packed, absmax = nf4_pack(linear.weight.detach().reshape(-1))
+        packed, absmax = nf4_pack(linear.weight.detach().to(device).reshape(-1))
         self.register_buffer("packed", packed)  # [groups * 32] uint8
         self.register_buffer("absmax", absmax)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in ``dtype``."""
@@ -164,7 +166,7 @@ class QuantizedExperts(nn.Module):
     packed: torch.Tensor  # nf4's codes [experts, groups * 32] uint8, two a byte (low nibble first)
     absmax: torch.Tensor  # nf4's [experts, groups] float32
 
-    def __init__(self, weight: torch.Tensor, mode: str, in_dim: int) -> None:
+    def __init__(self, weight: torch.Tensor, mode: str, in_dim: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         if weight.dim() != 3 or in_dim not in (1, 2):
             raise ValueError(f"expected fused experts [experts, a, b] and in_dim 1 or 2, got {tuple(weight.shape)}")
@@ -172,7 +174,7 @@ class QuantizedExperts(nn.Module):
         self.shape = torch.Size(weight.shape)
         self.dtype = weight.dtype
         experts, a, b = weight.shape
-        device = weight.device
+        device = weight.device if device is None else torch.device(device)  # where the codes are kept
         if mode == "int8":
             scale_shape = (experts, a, 1) if in_dim == 2 else (experts, 1, b)
             self.register_buffer("qweight", torch.empty(experts, a, b, dtype=torch.int8, device=device))
@@ -184,7 +186,7 @@ class QuantizedExperts(nn.Module):
             )
             self.register_buffer("absmax", torch.empty(experts, groups, dtype=torch.float32, device=device))
         for e in range(experts):  # one expert in float32 at a time
-            w = weight[e].detach().float()  # [a, b]
+            w = weight[e].detach().to(device).float()  # [a, b]
             if mode == "int8":
                 scale = (w.abs().amax(dim=in_dim - 1, keepdim=True) / 127.0).clamp_min(1e-12)
                 self.qweight[e] = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
@@ -236,7 +238,7 @@ def _expert_input_dim(experts: nn.Module) -> int:
     return 1 if getattr(experts, "is_transposed", True) else 2
 
 
-def quantize_experts(module: nn.Module, mode: str) -> int:
+def quantize_experts(module: nn.Module, mode: str, device: torch.device | str | None = None) -> int:
     """Store every fused expert tensor under ``module`` as :class:`QuantizedExperts`, in place; return how many.
 
     The experts keep the family's own forward: transformers' eager expert loop (its ``grouped_mm`` needs the
@@ -253,7 +255,7 @@ def quantize_experts(module: nn.Module, mode: str) -> int:
         for name in names:
             weight = experts._parameters[name]
             assert weight is not None  # checked above
-            quantized = QuantizedExperts(weight, mode, in_dim)
+            quantized = QuantizedExperts(weight, mode, in_dim, device)
             delattr(experts, name)
             setattr(experts, name, quantized)
             del weight
@@ -266,15 +268,19 @@ def quantize_experts(module: nn.Module, mode: str) -> int:
     return replaced
 
 
-def quantize_block(module: nn.Module, mode: str) -> int:
-    """Quantize a block (or span) as ``--quant`` does: its linear layers and its fused experts; return how many."""
-    return quantize_linears(module, mode) + quantize_experts(module, mode)
+def quantize_block(module: nn.Module, mode: str, device: torch.device | str | None = None) -> int:
+    """Quantize a block (or span) as ``--quant`` does: its linear layers and its fused experts; return how many.
+
+    ``device``: where the quantized layers are kept (default: where each weight is). Each matrix goes there
+    alone to be quantized, so a block loaded on the CPU reaches a GPU quantized, never in full precision.
+    """
+    return quantize_linears(module, mode, device) + quantize_experts(module, mode, device)
 
 
 _CLASSES: dict[str, type[nn.Module]] = {"int8": Int8Linear, "nf4": NF4Linear}
 
 
-def quantize_linears(module: nn.Module, mode: str) -> int:
+def quantize_linears(module: nn.Module, mode: str, device: torch.device | str | None = None) -> int:
     """Replace every ``nn.Linear`` under ``module`` by its ``mode`` version, in place; return how many.
 
     Only plain ``nn.Linear`` layers: a subclass runs a forward of its own (Llama 4's router computes its top-k
@@ -286,10 +292,10 @@ def quantize_linears(module: nn.Module, mode: str) -> int:
     replaced = 0
     for name, child in list(module.named_children()):
         if type(child) is nn.Linear:  # subclasses with a forward of their own (Llama 4's router) stay as they are
-            setattr(module, name, cls(child).to(child.weight.device))
+            setattr(module, name, cls(child, device=device or child.weight.device))  # type: ignore[call-arg]
             replaced += 1
         else:
-            replaced += quantize_linears(child, mode)
+            replaced += quantize_linears(child, mode, device)
     return replaced
 
 
