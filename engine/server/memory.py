@@ -240,12 +240,11 @@ def published_block_bytes(config: PretrainedConfig, fmt: WeightFormat) -> list[i
 def estimate_activation_bytes(config: PretrainedConfig, cfg: ServerConfig, dtype: torch.dtype, quant: str) -> int:
     """Bytes kept free for activations (see the module docstring for what is counted)."""
     hidden = int(config.hidden_size)
-    with torch.device("meta"):
-        block = BlockSpan(config, 0, 1, empty=True)
-    linears = [m for m in block.layers.modules() if isinstance(m, nn.Linear)]
+    layers = _meta_blocks(config)  # every block: dense and mixture-of-experts blocks differ (DeepSeek's first 3)
+    linears = [m for m in layers.modules() if isinstance(m, nn.Linear)]
     width = max([hidden * 4, *(m.out_features for m in linears)])
     # One expert's matrix: what quantized experts dequantize at a time (see models/quant.py).
-    experts = [p for m in block.layers.modules() for n, p in m.named_parameters(recurse=False) if n in EXPERT_TENSORS]
+    experts = [p for m in layers.modules() for n, p in m.named_parameters(recurse=False) if n in EXPERT_TENSORS]
     tokens = min(cfg.max_chunk_tokens, cfg.max_batch_size * cfg.max_length)
     work = max(dtype.itemsize, 4)  # norms and softmax work in float32
     job = tokens * (8 * hidden + 3 * width) * work + 2 * tokens * cfg.max_length * dtype.itemsize  # + masks
