@@ -4,12 +4,12 @@ many 24 GB volunteers hold one replica, from the engine's own accounting.
     python benchmarks/giants_plan.py
 
 No hub is reachable, so each model's published config numbers are written below (config.json of each repo).
-The configs are built as transformers objects and measured the way a server measures them: weights by
-``server/memory.py``'s ``block_weight_bytes`` (each block built on the meta device, ``--quant`` applied as the
-loader applies it), cache by ``models/cache_size.py``'s ``token_cache_bytes`` (what each block's layer stores
-for one token), and blocks per volunteer by ``plan_memory`` under ``--max-memory 24GiB`` with the default
-activation estimate and ``--cache-bytes``. ``--quant`` int8/nf4 quantize ``nn.Linear`` weights only: routed
-experts kept as fused tensors by transformers stay in bf16, which is why they barely shrink the MoE blocks.
+The configs are built as transformers objects and measured by the very functions a server plans with (one
+source of truth): weights by ``server/memory.py``'s ``weight_bytes_by_quant`` (each block built on the meta
+device and counted as ``--quant`` holds it, fused routed experts included), cache by ``models/cache_size.py``'s
+``token_cache_bytes`` (what each block's layer stores for one token), and blocks per volunteer by
+``server_memory_plan``, the server's own plan, under ``--max-memory 24GiB`` with every other setting at its
+default (activation room, ``--cache-bytes``, a cache that holds one ``--max-length`` sequence).
 Qwen3-Next is not served yet (recurrent-state blocks); its weights are counted from transformers' layer directly.
 """
 
@@ -28,7 +28,7 @@ from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.cache_size import token_cache_bytes
 from corolla.engine.models.quant import quantized_weight_bytes
-from corolla.engine.server.memory import block_weight_bytes, estimate_activation_bytes, plan_memory
+from corolla.engine.server.memory import server_memory_plan, weight_bytes_by_quant
 
 VOLUNTEER = 24 * 2**30  # one 24 GB card (RTX 3090/4090): --max-memory 24GiB
 DTYPE = torch.bfloat16
@@ -226,22 +226,16 @@ def gib(n: float) -> str:
 def row(giant: Giant) -> list[str]:
     config = build(giant)
     served = "not served" not in giant.name
-    weights = {q: (block_weight_bytes(config, DTYPE, q) if served else unserved_block_bytes(config, q)) for q in QUANTS}
+    weights = weight_bytes_by_quant(config, DTYPE) if served else {q: unserved_block_bytes(config, q) for q in QUANTS}
     cells = [giant.name, str(config.num_hidden_layers), *(gib(max(weights[q])) for q in QUANTS)]
     if not served:
-        return [*cells, "recurrent state", "-", "-"]
+        return [*cells, "recurrent state", "-", "-", "-"]
     token = token_cache_bytes(config, DTYPE)
     cells.append(f"{sum(token) * 1000 / 2**20:.1f}")
-    server = ServerConfig()
-    for quant in ("none", "nf4"):
+    server = ServerConfig(max_memory=VOLUNTEER)
+    for quant in QUANTS:
         try:
-            plan = plan_memory(
-                weights[quant],
-                token,
-                estimate_activation_bytes(config, server, DTYPE, quant),
-                server.cache_bytes,
-                VOLUNTEER,
-            )
+            plan = server_memory_plan(config, server, DTYPE, quant)
             cells.append(str(math.ceil(int(config.num_hidden_layers) / plan.num_blocks)))
         except CorollaError:
             cells.append("a block does not fit")
@@ -256,6 +250,7 @@ HEADER = [
     "GiB/block nf4",
     "cache MiB/1k tokens",
     "24 GB volunteers (bf16)",
+    "24 GB volunteers (int8)",
     "24 GB volunteers (nf4)",
 ]
 

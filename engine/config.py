@@ -52,8 +52,9 @@ def parse_size(text: str | int) -> int:
 
 
 def format_size(num_bytes: int) -> str:
-    """The shortest exact human form of a byte count: ``format_size(2**29) == "512MiB"``."""
-    for unit in ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB"):
+    """The shortest exact human form of a byte count: ``format_size(2**29) == "512MiB"``, ``format_size(24 * 10**9)
+    == "24GB"``."""
+    for unit in ("TiB", "TB", "GiB", "GB", "MiB", "MB", "KiB", "KB"):  # the largest unit that divides it
         factor = _SIZE_UNITS[unit.lower()]
         if num_bytes and num_bytes % factor == 0:
             return f"{num_bytes // factor}{unit}"

@@ -21,7 +21,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.formats import WeightFormat, dequantize_block, weight_format
-from corolla.engine.models.quant import check_quant, quantize_linears
+from corolla.engine.models.quant import check_quant, quantize_block
 from corolla.engine.models.registry import get_family
 from corolla.engine.models.source import check_model_source
 from corolla.engine.models.span import BlockSpan
@@ -142,10 +142,13 @@ def load_span(
     device: torch.device | str,
     quant: str = "none",
 ) -> BlockSpan:
-    """Build blocks ``start..end-1`` and load only their tensors; ``quant`` int8/nf4 quantizes their linears.
+    """Build blocks ``start..end-1`` and load only their tensors; ``quant`` int8/nf4 quantizes their linears
+    and experts.
 
     Blocks are filled (and quantized) one at a time, and each block's checkpoint tensors are dropped once
-    it holds them, so the device never holds more than one block in full precision besides the rest.
+    it holds them, so the device never holds more than one block in full precision besides the rest; a
+    quantized block is quantized one matrix at a time on its way to the device, so the device never holds
+    it in full precision at all (the CPU holds one block's checkpoint tensors while it loads).
     Weights published in FP8 or MXFP4 (:mod:`corolla.engine.models.formats`) are read with their scales
     and dequantized to ``dtype`` first.
     """
@@ -164,21 +167,40 @@ def load_span(
         except ValueError as e:
             raise CorollaError(f"checkpoint {ckpt.name} does not match block {i}: {e}") from e
         layer = span.layers[i - start]
-        layer.to_empty(device=device)
-        layer.to(dtype)
-        missing, unexpected = layer.load_state_dict(block, strict=False)
+        if quant == "none":
+            layer.to_empty(device=device)
+            layer.to(dtype)
+            missing, unexpected = layer.load_state_dict(block, strict=False)
+        else:
+            # The block (still on meta) takes its checkpoint tensors, on the CPU, as its own (no copy, nothing
+            # allocated for it); quantize_block then sends each matrix to the device alone: a giant block never
+            # needs its full-precision size on the device (a 23 GB DeepSeek-V3 block reaches a 24 GB card as
+            # 11.5 GB with int8).
+            block = {name: t.to(dtype) if t.is_floating_point() else t for name, t in block.items()}
+            missing, unexpected = layer.load_state_dict(block, strict=False, assign=True)
+            _materialize_meta_buffers(layer)
         if missing or unexpected:
             where = f"layers.{i - start}."
             raise CorollaError(
                 f"checkpoint {ckpt.name} does not match blocks {start}:{end}: "
                 f"missing {[where + m for m in missing][:5]}, unexpected {[where + u for u in unexpected][:5]}"
             )
-        quantize_linears(layer, quant)
+        if quant != "none":
+            quantize_block(layer, quant, device)
+            layer.to(device)  # what stays in the compute dtype: norms, routers, biases
         del block
     if span.rotary_emb is not None:
         span.rotary_emb.to(device)
     span.requires_grad_(False)  # frozen: backward passes reach only the inputs and deep prompts
     return span.eval()
+
+
+def _materialize_meta_buffers(layer: nn.Module) -> None:
+    """Buffers a checkpoint does not hold (non-persistent ones) made on the CPU as ``to_empty`` makes them."""
+    for module in layer.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device="cpu")
 
 
 class ClientHead(nn.Module):

@@ -12,7 +12,9 @@ other block. Two formats, named by ``quantization_config.quant_method`` in ``con
   ``P_scales`` uint8 [experts, out, groups], E8M0 exponents (scale 2**(s - 127)); the plain tensor is
   [experts, in, out] (transformers' ``convert_moe_packed_tensors`` layout).
 
-The functions here are pure: tensors in, tensors out.
+The functions here are pure: tensors in, tensors out; :func:`published_weight_bytes` counts what a block takes
+as published (from its module built on the meta device), which the memory plan shows next to what a server
+holds once the block is dequantized.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from corolla.engine.errors import CorollaError
 
@@ -155,3 +158,31 @@ def dequantize_block(
             raise ValueError(f"MXFP4 scales without their blocks: {left[:5]}")
         return out
     raise ValueError(f"unknown weight format {fmt.method!r}")
+
+
+def published_weight_bytes(module: nn.Module, fmt: WeightFormat, dtype: torch.dtype = torch.bfloat16) -> int:
+    """About the bytes a (meta) block's tensors take as ``fmt`` publishes them, the plain ones in ``dtype``.
+
+    ``fp8``: every linear weight and fused expert matrix one byte a weight, plus a float32 scale per
+    ``block_size`` block of each matrix (DeepSeek quantizes all of them; routers and norms stay plain).
+    ``mxfp4``: fused expert tensors 4 bits a weight plus one exponent byte per 32 (gpt-oss); the rest plain.
+    """
+    total = 0
+    counted: set[int] = set()
+    b0, b1 = fmt.block_size or (1 << 62, 1 << 62)  # no block size: one scale per matrix
+    for sub in module.modules():
+        matrices: list[tuple[torch.Tensor, int, int, int]] = []  # (tensor, matrices, rows, columns)
+        if type(sub) is nn.Linear and fmt.method == "fp8":
+            matrices.append((sub.weight, 1, sub.out_features, sub.in_features))
+        for name in ("gate_up_proj", "down_proj"):
+            p = sub._parameters.get(name) if name in sub._parameters else None
+            if isinstance(p, torch.Tensor) and p.dim() == 3 and fmt.method in FORMATS:
+                matrices.append((p, p.shape[0], p.shape[1], p.shape[2]))
+        for tensor, count, rows, cols in matrices:
+            if fmt.method == "fp8":
+                total += count * (rows * cols + -(-rows // b0) * -(-cols // b1) * 4)
+            else:
+                total += count * (rows * cols // 2 + rows * cols // MXFP4_GROUP)
+            counted.add(id(tensor))
+    total += sum(p.numel() * dtype.itemsize for p in module.parameters() if id(p) not in counted)
+    return total

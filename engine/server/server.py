@@ -88,7 +88,7 @@ class Server:
         except ValueError as e:
             raise CorollaError(str(e)) from e
         # Weights, cache and activations under --max-memory; the cache budget gets what the blocks leave.
-        self.memory = server_memory_plan(self.model_config, cfg, self.dtype, self.quant)
+        self.memory = server_memory_plan(self.model_config, cfg, self.dtype, self.quant, self.ckpt.weight_format())
         self.cfg = cfg = dataclasses.replace(cfg, cache_bytes=self.memory.cache_bytes)
         logger.info("memory: %s", self.memory.describe())
         self.dtype = parse_dtype(cfg.dtype, cfg.device)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from corolla.engine.models.quant import quantize_linears
+from corolla.engine.models.quant import quantize_block
 from corolla.engine.models.span import BlockSpan, SpanCache
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def measure_block_speed(
     """Time one randomly initialised block (the weights' values do not change its speed), quantized as served."""
     block = BlockSpan(config, 0, 1).to(device)
     block.layers.to(dtype)
-    quantize_linears(block.layers, quant)
+    quantize_block(block.layers, quant)
     hidden = torch.randn(1, 1, config.hidden_size, device=device, dtype=dtype)
     with torch.inference_mode():
         cache = SpanCache(0, 1, steps + 2)

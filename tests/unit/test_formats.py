@@ -21,6 +21,8 @@ from corolla.engine.models.formats import (
     dequantize_mxfp4,
     weight_format,
 )
+from corolla.engine.models.quant import QuantizedExperts, tensor_bytes
+from corolla.engine.server.memory import block_weight_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -164,6 +166,11 @@ def span_outputs(path: Path, start: int, end: int, quant: str = "none") -> torch
     config = ckpt.config()
     assert not hasattr(config, "quantization_config")  # the engine builds plain layers
     span = load_span(ckpt, config, start, end, torch.float32, "cpu", quant=quant)
+    if quant != "none":  # the dequantized published experts were quantized again, as --quant says
+        assert sum(isinstance(m, QuantizedExperts) for m in span.modules()) == 2 * (end - start)
+        planned = block_weight_bytes(config, torch.float32, quant)[start:end]
+        assert tensor_bytes(span.layers) == sum(planned)
+        assert sum(planned) < 0.3 * sum(block_weight_bytes(config, torch.float32, "none")[start:end])
     x = torch.randn(2, 7, config.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         return span(x)
@@ -209,7 +216,8 @@ def test_gpt_oss_mxfp4_checkpoint_loads_like_its_plain_dequantized_copy(
     plain_dir = rewrite(src, tmp_path / "plain", plain, None)
     got, expected = span_outputs(mxfp4_dir, 1, 3), span_outputs(plain_dir, 1, 3)  # a sliding and a full block
     assert (got - expected).abs().max() <= 1e-6
-    assert (span_outputs(mxfp4_dir, 0, 2, "nf4") - span_outputs(plain_dir, 0, 2, "nf4")).abs().max() <= 1e-6
+    for quant in ("int8", "nf4"):  # dequantized MXFP4 experts are quantized again, as the plain ones are
+        assert (span_outputs(mxfp4_dir, 0, 2, quant) - span_outputs(plain_dir, 0, 2, quant)).abs().max() <= 1e-6
 
 
 def test_unknown_published_format_is_refused(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:

@@ -102,7 +102,10 @@ def test_without_a_limit_the_device_free_memory_decides_and_the_cache_is_as_give
 def test_server_plan_on_a_tiny_model_holds_in_loaded_bytes(tiny_checkpoint: Callable[..., Path], quant: str) -> None:
     ckpt = Checkpoint(str(tiny_checkpoint("llama")))
     config = ckpt.config()
-    base = ServerConfig(cache_bytes=64 * 1024, max_chunk_tokens=64, max_tokens_in_flight=256, quant=quant)
+    # 64 tokens x 256 bytes a token (2 key/value heads of 16 float32) x 4 blocks: the same 64 KiB as --cache-bytes.
+    base = ServerConfig(
+        cache_bytes=64 * 1024, max_length=64, max_chunk_tokens=64, max_tokens_in_flight=256, quant=quant
+    )
     block = block_weight_bytes(config, torch.float32, quant)[0]
     act = estimate_activation_bytes(config, base, torch.float32, quant)
     limit = 4 * block + act + base.cache_bytes  # exactly four blocks
