@@ -249,6 +249,18 @@ class SpanBackend:
         evictable = self.prefix.used if self.prefix is not None else 0  # prefix blocks give way to sessions
         return max(0, (self.budget.free + evictable) // max(1, per_token))
 
+    def prefix_counters(self) -> dict[str, int]:
+        """What the prefix cache holds and saved: its size in positions (0: off), blocks held, tokens of inference
+        steps copied from it and tokens computed."""
+        prefix = self.prefix
+        return {
+            "prefix_cache_tokens": self.cfg.prefix_cache_tokens if prefix is not None else 0,
+            "prefix_block_tokens": self.block_tokens,
+            "prefix_blocks": len(prefix) if prefix is not None else 0,
+            "prefix_tokens_reused": self.prefix_tokens_reused,
+            "tokens_computed": self.tokens_computed,
+        }
+
     # ---- compute ----------------------------------------------------------------------------
     def _check_open(self, session: ServerSession) -> None:
         with self._lock:
