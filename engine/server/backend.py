@@ -21,7 +21,7 @@ from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priori
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
 from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.limits import PeerBudget
-from corolla.engine.server.prefix_cache import PrefixBlock, PrefixCache, block_key, first_key
+from corolla.engine.server.prefix_cache import PrefixBlock, PrefixCache, PrefixTrail, first_key
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +30,6 @@ BATCH_LENGTH_BUCKET = 512  # decode steps batch together when their sessions hol
 # a span with any other kind (recurrent state, e.g. linear attention) keeps no prefix cache.
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 T = TypeVar("T")
-
-
-@dataclass
-class PrefixTrail:
-    """Where a session's prompt stands in the prefix cache's chain of block names (server/prefix_cache.py)."""
-
-    key: bytes  # the name of the blocks before ``pos``
-    pos: int = 0  # first position of the block being received (a multiple of the block size)
-    parts: list[torch.Tensor] = field(default_factory=list)  # its inputs received so far (as sent)
-    outputs: list[torch.Tensor] = field(default_factory=list)  # the span's outputs for them
-    cuts: list[int] = field(default_factory=list)  # offsets inside the block where a step began
-
-    def end(self) -> int:
-        """One past the last position received."""
-        return self.pos + sum(p.shape[1] for p in self.parts)
 
 
 @dataclass
@@ -186,7 +171,7 @@ class SpanBackend:
                     f"you already have {mine} open sessions on this server, its limit per peer; "
                     "close sessions you no longer use"
                 )
-            if self.prefix is not None:  # prefix blocks give way to sessions first
+            if self.prefix is not None and nbytes <= self.budget.capacity:  # prefix blocks give way to sessions first
                 self.prefix.make_room(nbytes)
             while nbytes <= self.budget.capacity and (
                 len(self.sessions) >= self.cfg.max_sessions or nbytes > self.budget.free
@@ -208,7 +193,9 @@ class SpanBackend:
                 adapter=adapter,
             )
             if self.prefix is not None:
-                session.trail = PrefixTrail(first_key(start, end, adapter, self.dtype, batch_size, self.block_tokens))
+                session.trail = PrefixTrail(
+                    first_key(start, end, adapter, self.dtype, batch_size, self.block_tokens), self.block_tokens
+                )
             self.sessions[session_id] = session
             return session
 
@@ -341,12 +328,8 @@ class SpanBackend:
             hi = min(end, base + size)
             name, hit = None, None
             if trail is not None and self.prefix is not None:
-                if lo > trail.pos:  # the step began inside the block: where is part of the block's name
-                    trail.cuts.append(lo - trail.pos)
-                trail.parts.append(received[:, lo - position : hi - position].cpu())
-                if hi - trail.pos == size:
-                    name = block_key(trail.key, trail.parts, trail.cuts)
-                    hit = self.prefix.take(name)
+                name = trail.receive(lo, received[:, lo - position : hi - position].cpu())
+                hit = self.prefix.take(name) if name is not None else None
             if hit is not None:
                 try:
                     out = await self._compute.run(
@@ -377,11 +360,7 @@ class SpanBackend:
                     self.tokens_computed += part.shape[0] * part.shape[1]
                     at = stop
             if trail is not None:
-                if name is not None:  # the block is complete: the chain moves on
-                    trail.key, trail.pos = name, hi
-                    trail.parts, trail.outputs, trail.cuts = [], [], []
-                else:
-                    trail.outputs.extend(block_outputs)
+                trail.computed(name, block_outputs)
             outputs.extend(block_outputs)
             lo = hi
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

@@ -49,6 +49,43 @@ def block_key(previous: bytes, parts: list[torch.Tensor], cuts: list[int]) -> by
 
 
 @dataclass
+class PrefixTrail:
+    """Where one session's prompt stands in the chain of block names; changed only through its methods."""
+
+    key: bytes  # the name of the blocks before ``pos``
+    block_tokens: int  # positions per block
+    pos: int = 0  # first position of the block being received
+    parts: list[torch.Tensor] = field(default_factory=list)  # its inputs received so far (as sent, on the CPU)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # the span's outputs for them
+    cuts: list[int] = field(default_factory=list)  # offsets inside the block where a step began
+
+    def end(self) -> int:
+        """One past the last position received."""
+        return self.pos + sum(p.shape[1] for p in self.parts)
+
+    def receive(self, at: int, inputs: torch.Tensor) -> bytes | None:
+        """Note ``inputs`` [batch, n, hidden] as received for positions ``at..at+n-1`` (inside the current block,
+        from :meth:`end` on); the block's name if they complete it."""
+        if at != self.end() or at + inputs.shape[1] > self.pos + self.block_tokens:
+            raise ValueError(f"positions {at}+{inputs.shape[1]} do not continue block {self.pos} of the trail")
+        if at > self.pos:  # a step began inside the block: where is part of the block's name
+            self.cuts.append(at - self.pos)
+        self.parts.append(inputs)
+        if at + inputs.shape[1] < self.pos + self.block_tokens:
+            return None
+        return block_key(self.key, self.parts, self.cuts)
+
+    def computed(self, name: bytes | None, outputs: list[torch.Tensor]) -> None:
+        """The outputs of the positions last received; ``name`` (from :meth:`receive`): the block is complete and
+        the chain moves on to the next one."""
+        if name is None:
+            self.outputs.extend(outputs)
+            return
+        self.key, self.pos = name, self.pos + self.block_tokens
+        self.parts, self.outputs, self.cuts = [], [], []
+
+
+@dataclass
 class PrefixBlock:
     """One block of positions of a span: every block's keys/values [batch, heads, n, dim] and the span's outputs."""
 
