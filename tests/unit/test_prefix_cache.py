@@ -108,6 +108,30 @@ def test_a_prompt_sent_in_several_messages_is_shared_only_with_the_same_split(
     assert torch.equal(whole, run_session(plain, [x]))
 
 
+def test_decode_steps_and_rewinds_end_a_sessions_sharing(backends: tuple[SpanBackend, SpanBackend]) -> None:
+    cached, plain = backends
+    x = torch.randn(1, 3 * BLOCK, 64)
+
+    async def steps(backend: SpanBackend) -> list[torch.Tensor]:
+        session = backend.open_session("r", 0, 2, 256, 1, "peer")
+        try:
+            return [
+                await backend.inference_step(session, 0, x[:, : BLOCK + 4]),
+                await backend.inference_step(session, BLOCK + 4, x[:, BLOCK + 4 : BLOCK + 5]),  # a decode step
+                await backend.inference_step(session, BLOCK + 5, x[:, BLOCK + 5 :]),  # block 1 held a decode step
+                await backend.inference_step(session, 2, x[:, 2:]),  # rewound: the chain no longer matches
+            ]
+        finally:
+            backend.close_session(session)
+
+    outs = asyncio.run(steps(cached))
+    assert len(cached.prefix or ()) == 1  # only block 0, computed before the decode step
+    for out, expected in zip(outs, asyncio.run(steps(plain)), strict=True):
+        assert torch.equal(out, expected)
+    assert torch.equal(run_session(cached, [x]), run_session(plain, [x]))
+    assert cached.prefix_tokens_reused == BLOCK  # block 0 only: blocks 1 and 2 were never kept
+
+
 def test_blocks_run_as_several_jobs_are_copied_bit_for_bit() -> None:
     span = make_span()
     cached = make_backend(span, compute_chunk_tokens=6)
