@@ -127,6 +127,8 @@ LIMITS: dict[str, Limit] = {
     "max_tokens_in_flight": _COUNT,
     "max_tokens_in_flight_per_peer": _COUNT,
     "compute_chunk_tokens": _COUNT,
+    "prefix_block_tokens": _COUNT,
+    "prefix_cache_tokens": _NON_NEGATIVE,
     "batch_rows": _COUNT,
     "announce_period": _SECONDS,
     "record_ttl": _SECONDS,
@@ -271,7 +273,9 @@ class ServerConfig:
     max_streams: int = 128  # streams all peers may have open at once
     max_tokens_in_flight: int = 65536  # tokens (batch x length) received and not yet answered, all peers together
     max_tokens_in_flight_per_peer: int = 16384  # tokens received and not yet answered, per client peer
-    compute_chunk_tokens: int = 512  # tokens per compute job of a long forward or prompt (steps run between chunks)
+    compute_chunk_tokens: int = 512  # tokens per compute job of a long stateless forward (steps run between chunks)
+    prefix_block_tokens: int = 128  # prompts run as jobs of this many positions, and prefixes are shared in such blocks
+    prefix_cache_tokens: int = 4096  # prompt positions kept to share with later sessions (in the cache budget); 0: off
     batch_rows: int = 32  # sequences one batched decode step may run for several sessions together (1: no batching)
     announce_period: float = 30.0  # seconds between re-announcements on the DHT
     record_ttl: float = 90.0  # seconds an announcement stays valid if not refreshed

@@ -21,10 +21,14 @@ from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priori
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
 from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.limits import PeerBudget
+from corolla.engine.server.prefix_cache import PrefixBlock, PrefixCache, PrefixTrail, first_key
 
 logger = logging.getLogger(__name__)
 
 BATCH_LENGTH_BUCKET = 512  # decode steps batch together when their sessions hold the same multiple of this many tokens
+# Layer kinds whose whole state is the keys/values of every position (so a copied block equals a recomputed one);
+# a span with any other kind (recurrent state, e.g. linear attention) keeps no prefix cache.
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 T = TypeVar("T")
 
 
@@ -45,6 +49,7 @@ class ServerSession:
     closed_because: str | None = None  # why the server closed it (reclaimed, lifetime over), if it did
     favored: bool = False  # its client proved it also serves (server/contributors.py): its steps go first
     adapter: str | None = None  # the LoRA adapter its steps run with
+    trail: PrefixTrail | None = None  # its prompt's place in the prefix cache; None once it can no longer share
 
 
 class SpanBackend:
@@ -71,6 +76,10 @@ class SpanBackend:
         self.budget = CacheBudget(cfg.cache_bytes)
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
+        self.tokens_computed = 0  # tokens of inference steps run through the blocks (not copied from the prefix cache)
+        self.prefix_tokens_reused = 0  # tokens of inference steps whose outputs and cache came from the prefix cache
+        self.block_tokens = cfg.prefix_block_tokens  # prompts run as jobs of these many positions, block-aligned
+        self.prefix = self._prefix_cache(config, cfg, dtype)
         self.rows_batched = 0  # decode rows that ran in one forward with another session's
         self.ledger = ledger
         # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
@@ -80,6 +89,17 @@ class SpanBackend:
         self._lock = threading.Lock()
         # One compute thread: requests run one at a time on the device, inference steps first, peers in turn.
         self._compute = ComputeThread()
+
+    def _prefix_cache(self, config: PretrainedConfig, cfg: ServerConfig, dtype: torch.dtype) -> PrefixCache | None:
+        """The cache of prompt prefixes (None if disabled, or if a block keeps state besides keys/values)."""
+        if cfg.prefix_cache_tokens == 0:
+            return None
+        kinds = set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+        if kinds:
+            logger.info("no prefix cache: blocks of kind %s keep state a copied prefix cannot restore", sorted(kinds))
+            return None
+        per_token = cache_bytes_per_token(self.token_bytes[self.start : self.end]) + self.hidden_size * dtype.itemsize
+        return PrefixCache(self.budget, cfg.prefix_cache_tokens * per_token)
 
     # ---- checks -----------------------------------------------------------------------------
     def check_span(self, start: int, end: int) -> None:
@@ -151,6 +171,8 @@ class SpanBackend:
                     f"you already have {mine} open sessions on this server, its limit per peer; "
                     "close sessions you no longer use"
                 )
+            if self.prefix is not None and nbytes <= self.budget.capacity:  # prefix blocks give way to sessions first
+                self.prefix.make_room(nbytes)
             while nbytes <= self.budget.capacity and (
                 len(self.sessions) >= self.cfg.max_sessions or nbytes > self.budget.free
             ):
@@ -170,6 +192,10 @@ class SpanBackend:
                 peer=peer,
                 adapter=adapter,
             )
+            if self.prefix is not None:
+                session.trail = PrefixTrail(
+                    first_key(start, end, adapter, self.dtype, batch_size, self.block_tokens), self.block_tokens
+                )
             self.sessions[session_id] = session
             return session
 
@@ -207,7 +233,20 @@ class SpanBackend:
     def cache_tokens_left(self) -> int:
         """How many more tokens (one sequence over the whole span) the cache budget could hold."""
         per_token = cache_bytes_per_token(self.token_bytes[self.start : self.end])
-        return max(0, self.budget.free // max(1, per_token))
+        evictable = self.prefix.used if self.prefix is not None else 0  # prefix blocks give way to sessions
+        return max(0, (self.budget.free + evictable) // max(1, per_token))
+
+    def prefix_counters(self) -> dict[str, int]:
+        """What the prefix cache holds and saved: its size in positions (0: off), blocks held, tokens of inference
+        steps copied from it and tokens computed."""
+        prefix = self.prefix
+        return {
+            "prefix_cache_tokens": self.cfg.prefix_cache_tokens if prefix is not None else 0,
+            "prefix_block_tokens": self.block_tokens,
+            "prefix_blocks": len(prefix) if prefix is not None else 0,
+            "prefix_tokens_reused": self.prefix_tokens_reused,
+            "tokens_computed": self.tokens_computed,
+        }
 
     # ---- compute ----------------------------------------------------------------------------
     def _check_open(self, session: ServerSession) -> None:
@@ -242,6 +281,7 @@ class SpanBackend:
                 # keys at a time) costs at most a bucket's worth of extra keys per row.
                 # One adapter per batch: the LoRA weights are switched per compute job.
                 # The family may split positions further (Llama 4: one attention temperature per batch).
+                session.trail = None  # batched rows: no longer the computation a prompt's blocks would repeat
                 group = self.span.family.batch_group(self.span.config, position)
                 key = (session.start, session.end, session.adapter, position // BATCH_LENGTH_BUCKET, group)
                 step = (session, position, x)
@@ -249,28 +289,126 @@ class SpanBackend:
                 out = await self._compute.run(
                     lambda: self._decode_many([step])[0], *self._turn(session), batch, favored=session.favored
                 )
+                self.tokens_computed += tokens
             else:
-                # A prompt runs as chunks of at most compute_chunk_tokens, so other sessions' steps run between.
-                chunk = max(1, self.cfg.compute_chunk_tokens // x.shape[0])
-                parts = []
-                for i in range(0, x.shape[1], chunk):
-                    part = x[:, i : i + chunk]
-
-                    def run(part: torch.Tensor = part, at: int = position + i) -> torch.Tensor:
-                        self._check_not_reclaimed(session)
-                        with torch.inference_mode():
-                            session.cache.truncate(at)
-                            return self.span(
-                                part, session.cache, start=session.start, end=session.end, adapter=session.adapter
-                            )
-
-                    parts.append(await self._compute.run(run, *self._turn(session), favored=session.favored))
-                out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                try:
+                    out = await self._run_prompt(session, position, hidden, x)
+                except BaseException:
+                    session.trail = None  # the cache may hold part of a failed step
+                    raise
         session.last_used = time.monotonic()
         self.tokens_processed += tokens
         if self.ledger is not None:
             self.ledger.add(session.peer, tokens)
         return out.to("cpu", wire_dtype)
+
+    async def _run_prompt(
+        self, session: ServerSession, position: int, received: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        """Run a step of several tokens as compute jobs (other sessions' steps run between them), copying blocks
+        found in the prefix cache instead of computing them and keeping the blocks it completes there.
+
+        Jobs end at every multiple of ``prefix_block_tokens`` and, inside a block, every ``compute_chunk_tokens``
+        (per sequence) from its start: the same positions always run in the same jobs, whatever was copied before.
+
+        Args:
+            received: the step's hidden states as the peer sent them (the prefix cache names blocks by them).
+            x: the same on this server's device and dtype.
+        """
+        size = self.block_tokens
+        job = max(1, self.cfg.compute_chunk_tokens // x.shape[0])
+        trail = session.trail
+        if trail is not None and position != trail.end():
+            trail = session.trail = None  # rewound: the positions before no longer match the chain
+        outputs: list[torch.Tensor] = []
+        end = position + x.shape[1]
+        lo = position
+        while lo < end:
+            base = lo - lo % size  # the block's first position
+            hi = min(end, base + size)
+            name, hit = None, None
+            if trail is not None and self.prefix is not None:
+                name = trail.receive(lo, received[:, lo - position : hi - position].cpu())
+                hit = self.prefix.take(name) if name is not None else None
+            if hit is not None:
+                try:
+                    out = await self._compute.run(
+                        lambda at=lo, n=hi - lo, block=hit: self._copy_block(session, at, block, n, job),
+                        *self._turn(session),
+                        favored=session.favored,
+                    )
+                finally:
+                    self.prefix.give_back(hit)  # type: ignore[union-attr]
+                self.prefix_tokens_reused += x.shape[0] * (hi - lo)
+                block_outputs = [out]
+            else:
+                block_outputs = []
+                at = lo
+                while at < hi:
+                    stop = min(hi, base + ((at - base) // job + 1) * job)
+                    part = x[:, at - position : stop - position]
+                    keep = None
+                    if name is not None and trail is not None and stop == hi:  # the job completing the block
+                        keep = (name, trail.pos, [*trail.outputs, *block_outputs])
+                    block_outputs.append(
+                        await self._compute.run(
+                            lambda part=part, at=at, keep=keep: self._run_job(session, at, part, keep),
+                            *self._turn(session),
+                            favored=session.favored,
+                        )
+                    )
+                    self.tokens_computed += part.shape[0] * part.shape[1]
+                    at = stop
+            if trail is not None:
+                trail.computed(name, block_outputs)
+            outputs.extend(block_outputs)
+            lo = hi
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _run_job(
+        self,
+        session: ServerSession,
+        at: int,
+        part: torch.Tensor,
+        keep: tuple[bytes, int, list[torch.Tensor]] | None,
+    ) -> torch.Tensor:
+        """Compute positions ``at..`` of the session (compute thread). With ``keep`` (name, first position and
+        earlier outputs of the block this job completes), put the block into the prefix cache."""
+        self._check_not_reclaimed(session)
+        with torch.inference_mode():
+            session.cache.truncate(at)
+            out = self.span(part, session.cache, start=session.start, end=session.end, adapter=session.adapter)
+            layers = session.cache.span_layers
+            if keep is not None and self.prefix is not None:
+                name, lo, earlier = keep
+                hi = at + part.shape[1]
+                if all(layer.keys is not None and layer.values is not None for layer in layers):
+                    block = PrefixBlock(
+                        tuple(layer.keys[:, :, lo:hi].clone() for layer in layers),  # type: ignore[index]
+                        tuple(layer.values[:, :, lo:hi].clone() for layer in layers),  # type: ignore[index]
+                        torch.cat([*earlier, out], dim=1),
+                    )
+                    self.prefix.put(name, block)
+        return out
+
+    def _copy_block(self, session: ServerSession, at: int, block: PrefixBlock, n: int, job: int) -> torch.Tensor:
+        """Append the last ``n`` positions of a cached block to the session at ``at`` (compute thread); return
+        their outputs. Appended in the pieces computing them would append, so the cache grows the same way."""
+        self._check_not_reclaimed(session)
+        cache = session.cache
+        size = block.outputs.shape[1]
+        offset = size - n
+        with torch.inference_mode():
+            cache.truncate(at)
+            lo = offset
+            while lo < size:
+                hi = min(size, (lo // job + 1) * job)
+                cache.begin_step(hi - lo)
+                for i, (keys, values) in enumerate(zip(block.keys, block.values, strict=True)):
+                    cache.update(keys[:, :, lo:hi], values[:, :, lo:hi], cache.start + i)
+                cache.end_step()
+                lo = hi
+        return block.outputs[:, offset:]
 
     @staticmethod
     def _turn(session: ServerSession) -> tuple[Priority, str]:

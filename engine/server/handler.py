@@ -166,6 +166,7 @@ class Handler:
                 tokens_processed=backend.tokens_processed,
                 rows_batched=backend.rows_batched,
                 sessions=len(backend.sessions),
+                **backend.prefix_counters(),
             )
         return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(info, use_bin_type=True))
 

@@ -311,6 +311,7 @@ class Server:
             "tokens_served_today": self.ledger.totals()["today"],
             "tokens_served_total": self.ledger.totals()["total"],
             "sessions": len(backend.sessions),
+            **backend.prefix_counters(),
             "maddrs": maddrs,
             "peer_id": peer_id,
             "pid": os.getpid(),

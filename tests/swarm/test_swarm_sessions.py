@@ -103,6 +103,40 @@ def test_multi_turn_sends_only_new_tokens(three: ThreeServers) -> None:
     assert torch.equal(out2, hf_greedy(three.hf, conversation, n, eos=False)[:, out1.shape[1] :])
 
 
+def server_counts(model: DistributedModelForCausalLM, peers: list[str], name: str) -> list[int]:
+    """One counter of each of the given servers (their info RPC's)."""
+    return [int(model.loop.run(remote_info(model.p2p, peer, 10.0))[name]) for peer in peers]
+
+
+@pytest.mark.timeout(60)
+def test_sessions_sharing_a_system_prompt_reuse_every_servers_prefix_cache(three: ThreeServers) -> None:
+    model = three.model
+    block = 128  # the servers' prefix_block_tokens (default)
+    system = random_ids(1, block + 20, seed=40)  # one whole block and a bit
+    prompts = [torch.cat([system, random_ids(1, 5 + i, seed=41 + i)], dim=1) for i in range(2)]
+    n = 4
+    outputs = []
+    with model.inference_session(max_length=200) as session:
+        outputs.append(model.generate(prompts[0], max_new_tokens=n, eos_token_id=[], session=session))
+        peers = [h.stream.peer_id for h in session.hops]
+    reused = server_counts(model, peers, "prefix_tokens_reused")
+    computed = server_counts(model, peers, "tokens_computed")
+    with model.inference_session(max_length=200) as session:
+        outputs.append(model.generate(prompts[1], max_new_tokens=n, eos_token_id=[], session=session))
+        assert [h.stream.peer_id for h in session.hops] == peers
+    # Every server copied the system prompt's block (the first server's outputs, bit for bit, made the next
+    # server's inputs identical too) and computed only the rest of the prompt and the decode steps.
+    assert [a - b for a, b in zip(server_counts(model, peers, "prefix_tokens_reused"), reused, strict=True)] == [
+        block
+    ] * len(peers)
+    new = prompts[1].shape[1] - block + n - 1
+    assert [a - b for a, b in zip(server_counts(model, peers, "tokens_computed"), computed, strict=True)] == [
+        new
+    ] * len(peers)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert torch.equal(out, hf_greedy(three.hf, prompt, n, eos=False))
+
+
 def _greedy_text(three: ThreeServers, prompt: str, max_new_tokens: int) -> str:
     tok = three.model.tokenizer
     ids = tok(prompt, return_tensors="pt").input_ids
