@@ -142,8 +142,11 @@ class SpanCache(Cache):
     @property
     def batch_rows(self) -> int | None:
         """Sequences this cache holds (its storage's batch size), or None before its first step."""
-        keys = self.span_layers[0].keys
-        return None if keys is None or self.length == 0 else int(keys.shape[0])
+        if self.length == 0:
+            return None
+        held = [layer.keys for layer in self.span_layers] + [state.conv for state in self.states.values()]
+        first = next((t for t in held if t is not None), None)  # a span may start with a linear-attention block
+        return None if first is None else int(first.shape[0])
 
     def end_step(self) -> None:
         """Commit the tokens appended by the step."""

@@ -56,9 +56,11 @@ def test_batched_decode_equals_one_by_one(case: str) -> None:
         tokens = {i: torch.randn(SESSIONS[i][0], 1, hidden) for i in members}
         expected = {i: span(tokens[i], alone[i]) for i in members}
         # Sessions batch together only within the family's batch group, as the server's batch key has it.
+        # Sessions with recurrent states (Qwen3-Next) each get their own key.
         groups: dict[object, list[int]] = {}
         for i in members:
-            groups.setdefault(span.family.batch_group(config, together[i].length), []).append(i)
+            alone_key = i if together[i].recurrent else None
+            groups.setdefault((span.family.batch_group(config, together[i].length), alone_key), []).append(i)
         got = {}
         for group in groups.values():
             outs = run_rows(span, [tokens[i] for i in group], [together[i] for i in group], 1, 4)
@@ -83,6 +85,46 @@ def test_sessions_of_different_batch_groups_are_not_batched() -> None:
         run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 1, 4)
     assert [c.length for c in caches] == [2, 3]  # nothing was appended
     assert get_family(tiny_config("llama")).batch_group(tiny_config("llama"), 5) is None  # the common case: one group
+
+
+@torch.inference_mode()
+def test_sessions_with_recurrent_states_are_not_batched_together() -> None:
+    """A recurrent state is updated in place in its own cache: rows of several sessions never share a forward."""
+    config = tiny_config("qwen3_next")
+    span = random_span(config, 0, 3)
+    caches = [SpanCache(0, 3, 32) for _ in range(2)]
+    for cache in caches:
+        span(torch.randn(1, 2, config.hidden_size), cache)
+    assert all(cache.recurrent for cache in caches)
+    with pytest.raises(ValueError, match="one session at a time"):
+        run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 0, 3)
+    assert [c.length for c in caches] == [2, 2]  # nothing was appended
+
+    backend = SpanBackend(span, config, ServerConfig(batch_rows=8), torch.float32)
+    steps = [torch.randn(1, 1, config.hidden_size) for _ in range(3)]
+
+    async def scenario() -> list[list[torch.Tensor]]:
+        sessions = [backend.open_session(f"s{i}", 0, 3, 32, 1, f"peer{i}") for i in range(2)]
+        prompts = [torch.randn(1, 2, config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        for s, p in zip(sessions, prompts, strict=True):
+            await backend.inference_step(s, 0, p)
+        outs: list[list[torch.Tensor]] = [[], []]
+        for k, x in enumerate(steps):  # both sessions' steps queued at once: they could batch, they must not
+            got = await asyncio.gather(*(backend.inference_step(s, 2 + k, x) for s in sessions))
+            for i, out in enumerate(got):
+                outs[i].append(out)
+        return outs
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    assert backend.rows_batched == 0
+    for i in range(2):  # each session's outputs are its own, as if it were alone on the server
+        ref = SpanCache(0, 3, 32)
+        span(torch.randn(1, 2, config.hidden_size, generator=torch.Generator().manual_seed(i)), ref)
+        for x, out in zip(steps, got[i], strict=True):
+            assert (out - span(x, ref)).abs().max().item() <= ATOL
 
 
 @torch.inference_mode()
