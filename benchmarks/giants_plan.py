@@ -7,10 +7,11 @@ No hub is reachable, so each model's published config numbers are written below 
 The configs are built as transformers objects and measured the way a server measures them: weights by
 ``server/memory.py``'s ``block_weight_bytes`` (each block built on the meta device, ``--quant`` applied as the
 loader applies it), cache by ``models/cache_size.py``'s ``token_cache_bytes`` (what each block's layer stores
-for one token), and blocks per volunteer by ``plan_memory`` under ``--max-memory 24GiB`` with the default
-activation estimate and ``--cache-bytes``. ``--quant`` int8/nf4 quantize ``nn.Linear`` weights only: routed
-experts kept as fused tensors by transformers stay in bf16, which is why they barely shrink the MoE blocks.
-Qwen3-Next is not served yet (recurrent-state blocks); its weights are counted from transformers' layer directly.
+for one token; Qwen3-Next's linear-attention blocks keep instead a recurrent state per sequence, measured by
+``state_cache_bytes`` and shown as "+ N per sequence"), and blocks per volunteer by ``plan_memory`` under
+``--max-memory 24GiB`` with the default activation estimate and ``--cache-bytes``. ``--quant`` int8/nf4 quantize
+``nn.Linear`` weights only: routed experts kept as fused tensors by transformers stay in bf16, which is why they
+barely shrink the MoE blocks.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from transformers import PretrainedConfig
 
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CorollaError
-from corolla.engine.models.cache_size import token_cache_bytes
-from corolla.engine.models.quant import quantized_weight_bytes
+from corolla.engine.models.cache_size import state_cache_bytes, token_cache_bytes
 from corolla.engine.server.memory import block_weight_bytes, estimate_activation_bytes, plan_memory
 
 VOLUNTEER = 24 * 2**30  # one 24 GB card (RTX 3090/4090): --max-memory 24GiB
@@ -181,7 +181,7 @@ GIANTS = [
         ),
     ),
     Giant(
-        "Qwen3-Next-80B-A3B (not served)",
+        "Qwen3-Next-80B-A3B",
         "Qwen3NextConfig",
         dict(
             vocab_size=151936,
@@ -210,28 +210,18 @@ def build(giant: Giant) -> PretrainedConfig:
     return config
 
 
-def unserved_block_bytes(config: PretrainedConfig, quant: str) -> list[int]:
-    """Weight bytes of each block of a family Corolla does not serve: transformers' layer on meta, as the loader
-    would quantize it."""
-    module = transformers.models.qwen3_next.modeling_qwen3_next
-    with torch.device("meta"):
-        layers = [module.Qwen3NextDecoderLayer(config, i) for i in range(int(config.num_hidden_layers))]
-    return [quantized_weight_bytes(layer, quant, DTYPE) for layer in layers]
-
-
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
 def row(giant: Giant) -> list[str]:
     config = build(giant)
-    served = "not served" not in giant.name
-    weights = {q: (block_weight_bytes(config, DTYPE, q) if served else unserved_block_bytes(config, q)) for q in QUANTS}
+    weights = {q: block_weight_bytes(config, DTYPE, q) for q in QUANTS}
     cells = [giant.name, str(config.num_hidden_layers), *(gib(max(weights[q])) for q in QUANTS)]
-    if not served:
-        return [*cells, "recurrent state", "-", "-"]
     token = token_cache_bytes(config, DTYPE)
-    cells.append(f"{sum(token) * 1000 / 2**20:.1f}")
+    state = sum(state_cache_bytes(config, DTYPE))  # linear-attention blocks: per sequence, whatever its length
+    per_sequence = f" + {state / 2**20:.1f} per sequence" if state else ""
+    cells.append(f"{sum(token) * 1000 / 2**20:.1f}{per_sequence}")
     server = ServerConfig()
     for quant in ("none", "nf4"):
         try:

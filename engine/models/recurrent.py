@@ -14,8 +14,6 @@ client does that, see ``client/session.py``).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import PretrainedConfig
 
@@ -40,24 +38,20 @@ def keeps_recurrent_state(config: PretrainedConfig) -> bool:
 def check_recurrent_support(layer_cls: type[torch.nn.Module], model_type: str) -> None:
     """Refuse, with what to do, a transformers release whose linear-attention layers cannot continue a state.
 
-    Releases before the linear-attention cache API (``Cache.get_conv_state``) keep the state in a model-specific
-    cache and restart it at every multi-token step (their chunked prefill ignores the previous state), so a
-    session's prompt chunks or a multi-token step would be wrong there.
+    Releases before 5.21 lack the linear-attention cache API (``Cache.get_conv_state``): their Qwen3-Next keeps
+    the state in a model-specific cache and restarts it at every multi-token step (its chunked prefill ignores
+    the previous state), so a session's prompt chunks or a multi-token step would be wrong there.
     """
     from transformers.cache_utils import Cache
 
-    mixer = getattr(
-        inspect.getmodule(layer_cls), f"{layer_cls.__name__.removesuffix('DecoderLayer')}GatedDeltaNet", None
-    )
-    params = inspect.signature(mixer.forward).parameters if mixer is not None else {}
-    if not hasattr(Cache, "get_conv_state") or "cache" not in params:
+    if not hasattr(Cache, "get_conv_state"):
         import transformers
 
         raise CorollaError(
-            f"{model_type} needs a transformers release whose linear-attention layers keep their state in a "
-            f"transformers Cache (get_conv_state/update_recurrent_state; 5.24 is tested); transformers "
-            f"{transformers.__version__} restarts that state at every multi-token step. "
-            "Upgrade with: pip install -U 'transformers>=5.24'"
+            f"{model_type} needs transformers 5.21 or newer (the first release whose linear-attention layers keep "
+            f"their state in a transformers Cache; 5.24 is tested): transformers {transformers.__version__} "
+            f"restarts that state at every multi-token step of {layer_cls.__name__}. "
+            "Upgrade with: pip install -U 'transformers>=5.21'"
         )
 
 
