@@ -225,6 +225,13 @@ class SpanCache(Cache):
         """Never: rewinds go through :meth:`truncate` (states are kept only as of the last step's start)."""
         return False
 
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """No intermediate recurrent states (transformers 5.25+ asks; they serve speculative rollbacks)."""
+        return 0
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        """Nothing to count (transformers 5.25+ counts in-place single-token updates): :attr:`length` is the count."""
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
