@@ -254,7 +254,8 @@ def test_recurrent_states_are_reserved_per_sequence_and_rewinds_need_a_replay() 
     for p in span.parameters():  # fused expert tensors are allocated empty: draw every matrix
         if p.ndim >= 2:
             p.data.normal_(0, 0.1)
-    backend = SpanBackend(span, config, ServerConfig(max_length=64), torch.float32)
+    # compute_chunk_tokens 6: the server runs a 5-token step of 2 rows as chunks of 3 and 2 positions.
+    backend = SpanBackend(span, config, ServerConfig(max_length=64, compute_chunk_tokens=6), torch.float32)
     per_token = token_cache_bytes(config, torch.float32)[0:3]
     per_state = state_cache_bytes(config, torch.float32)[0:3]
     assert per_token[0] == per_token[2] == 0 < per_token[1] and per_state[0] == per_state[2] > 0 == per_state[1]
@@ -283,4 +284,6 @@ def test_recurrent_states_are_reserved_per_sequence_and_rewinds_need_a_replay() 
     finally:
         backend.shutdown()
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(stepped, span(x), atol=1e-5, rtol=0)  # one uncached forward, no chunks
     assert backend.cache_tokens_left() > 0
