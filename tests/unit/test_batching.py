@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 
 import pytest
@@ -100,18 +101,44 @@ def test_sessions_with_recurrent_states_are_not_batched_together() -> None:
         run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 0, 3)
     assert [c.length for c in caches] == [2, 2]  # nothing was appended
 
-    backend = SpanBackend(span, config, ServerConfig(batch_rows=8), torch.float32)
     steps = [torch.randn(1, 1, config.hidden_size) for _ in range(3)]
+    got, batched = decode_two_sessions_queued_together(span, config, steps)
+    assert batched == 0
+    for i in range(2):  # each session's outputs are its own, as if it were alone on the server
+        ref = SpanCache(0, 3, 32)
+        span(torch.randn(1, 2, config.hidden_size, generator=torch.Generator().manual_seed(i)), ref)
+        for x, out in zip(steps, got[i], strict=True):
+            assert (out - span(x, ref)).abs().max().item() <= ATOL
+    # Control: the same scenario batches a family without recurrent states.
+    llama = tiny_config("llama")
+    _, batched = decode_two_sessions_queued_together(random_span(llama, 0, 3), llama, steps)
+    assert batched > 0
+
+
+def decode_two_sessions_queued_together(
+    span: BlockSpan, config: object, steps: list[torch.Tensor]
+) -> tuple[list[list[torch.Tensor]], int]:
+    """Two sessions' decode steps queued while the compute thread is busy (so they could batch); their outputs
+    and the rows the server ran batched."""
+    backend = SpanBackend(span, config, ServerConfig(batch_rows=8), torch.float32)  # type: ignore[arg-type]
+    hidden = span.config.hidden_size
 
     async def scenario() -> list[list[torch.Tensor]]:
         sessions = [backend.open_session(f"s{i}", 0, 3, 32, 1, f"peer{i}") for i in range(2)]
-        prompts = [torch.randn(1, 2, config.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-        for s, p in zip(sessions, prompts, strict=True):
-            await backend.inference_step(s, 0, p)
+        for i, s in enumerate(sessions):
+            await backend.inference_step(s, 0, torch.randn(1, 2, hidden, generator=torch.Generator().manual_seed(i)))
         outs: list[list[torch.Tensor]] = [[], []]
-        for k, x in enumerate(steps):  # both sessions' steps queued at once: they could batch, they must not
-            got = await asyncio.gather(*(backend.inference_step(s, 2 + k, x) for s in sessions))
-            for i, out in enumerate(got):
+        for k, x in enumerate(steps):
+            gate, started = threading.Event(), threading.Event()
+            blocker = asyncio.ensure_future(backend.compute(functools.partial(block, started, gate), "X"))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            tasks = [asyncio.ensure_future(backend.inference_step(s, 2 + k, x)) for s in sessions]
+            while backend.queued() < len(tasks):
+                await asyncio.sleep(0.01)
+            gate.set()
+            await blocker
+            for i, out in enumerate(await asyncio.gather(*tasks)):
                 outs[i].append(out)
         return outs
 
@@ -119,12 +146,7 @@ def test_sessions_with_recurrent_states_are_not_batched_together() -> None:
         got = asyncio.run(scenario())
     finally:
         backend.shutdown()
-    assert backend.rows_batched == 0
-    for i in range(2):  # each session's outputs are its own, as if it were alone on the server
-        ref = SpanCache(0, 3, 32)
-        span(torch.randn(1, 2, config.hidden_size, generator=torch.Generator().manual_seed(i)), ref)
-        for x, out in zip(steps, got[i], strict=True):
-            assert (out - span(x, ref)).abs().max().item() <= ATOL
+    return got, backend.rows_batched
 
 
 @torch.inference_mode()
