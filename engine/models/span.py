@@ -126,6 +126,7 @@ class SpanCache(Cache):
         """Declare how many tokens the next forward appends (every layer appends the same amount)."""
         if self.length + new_tokens > self.max_length:
             raise ValueError(f"session holds {self.length} tokens, +{new_tokens} exceeds {self.max_length}")
+        self.abort_step()  # a step that began and never ended (it raised) leaves nothing behind
         self._pending = new_tokens
         self._step_began = self.length
         for state in self.states.values():
@@ -168,6 +169,7 @@ class SpanCache(Cache):
         """Forget every token from position ``length`` on (used to rewind a conversation)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind to {length}: session holds {self.length} tokens")
+        self.abort_step()  # a step that began and never ended (it raised) leaves nothing behind
         if length == self.length:
             return
         if not self.can_rewind(length):

@@ -221,6 +221,10 @@ def test_recurrent_state_rewinds_only_where_it_is_exact(tiny_checkpoint: Callabl
         x[:, 5:6], **span.family.layer_inputs(span.config, span.rotary_emb, x[:, 5:6], 5, range(0, 1))[0], cache=cache
     )
     cache.abort_step()
+    cache.begin_step(1)  # a step that raises half-way (never ended nor aborted): the next step starts clean
+    span.layers[0](
+        x[:, 5:6], **span.family.layer_inputs(span.config, span.rotary_emb, x[:, 5:6], 5, range(0, 1))[0], cache=cache
+    )
     alone = SpanCache(0, 3, 8)
     span(x[:, :5], alone)
     assert max_diff(span(x[:, 5:7], cache), span(x[:, 5:7], alone)) <= 1e-6
