@@ -45,20 +45,47 @@ LLAMA_250M: dict[str, Any] = dict(
 )
 
 
-def random_checkpoint(name: str, **config: Any) -> Path:
-    """A random Llama checkpoint of ``config`` (the test models' character tokenizer), saved once under the
-    temp folder as ``corolla-bench-NAME``."""
+# A random Qwen3-Next of about 170M parameters: Gated DeltaNet blocks 0-2 and 4-6, full attention on 3 and 7.
+QWEN3_NEXT_SMALL: dict[str, Any] = dict(
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    full_attention_interval=4,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=256,
+    shared_expert_intermediate_size=512,
+)
+
+
+def random_checkpoint(name: str, family: str = "llama", **config: Any) -> Path:
+    """A random checkpoint of ``family`` with ``config`` (the test models' character tokenizer), saved once under
+    the temp folder as ``corolla-bench-NAME``."""
     from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 
     path = Path(tempfile.gettempdir()) / f"corolla-bench-{name}"
     if not (path / "model.safetensors").exists():
-        make_tiny_checkpoint(path, "llama", seed=0, **config)
+        make_tiny_checkpoint(path, family, seed=0, **config)
     return path
 
 
 def llama_250m() -> Path:
     """The random llama-250m checkpoint, saved once under the temp folder."""
     return random_checkpoint("llama-250m", **LLAMA_250M)
+
+
+def qwen3_next_small() -> Path:
+    """The random qwen3-next-small checkpoint, saved once under the temp folder."""
+    return random_checkpoint("qwen3-next-small", "qwen3_next", **QWEN3_NEXT_SMALL)
 
 
 def prompt_ids(path: str | Path) -> Any:

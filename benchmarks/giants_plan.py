@@ -7,10 +7,10 @@ No hub is reachable, so each model's published config numbers are written below 
 The configs are built as transformers objects and measured by the very functions a server plans with (one
 source of truth): weights by ``server/memory.py``'s ``weight_bytes_by_quant`` (each block built on the meta
 device and counted as ``--quant`` holds it, fused routed experts included), cache by ``models/cache_size.py``'s
-``token_cache_bytes`` (what each block's layer stores for one token), and blocks per volunteer by
-``server_memory_plan``, the server's own plan, under ``--max-memory 24GiB`` with every other setting at its
-default (activation room, ``--cache-bytes``, a cache that holds one ``--max-length`` sequence).
-Qwen3-Next is not served yet (recurrent-state blocks); its weights are counted from transformers' layer directly.
+``token_cache_bytes`` (what each block's layer stores for one token; Qwen3-Next's linear-attention blocks keep
+instead a recurrent state per sequence, measured by ``state_cache_bytes`` and shown as "+ N per sequence"), and
+blocks per volunteer by ``server_memory_plan``, the server's own plan, under ``--max-memory 24GiB`` with every
+other setting at its default (activation room, ``--cache-bytes``, a cache that holds one ``--max-length`` sequence).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from transformers import PretrainedConfig
 
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CorollaError
-from corolla.engine.models.cache_size import token_cache_bytes
-from corolla.engine.models.quant import quantized_weight_bytes
+from corolla.engine.models.cache_size import state_cache_bytes, token_cache_bytes
 from corolla.engine.server.memory import server_memory_plan, weight_bytes_by_quant
 
 VOLUNTEER = 24 * 2**30  # one 24 GB card (RTX 3090/4090): --max-memory 24GiB
@@ -181,7 +180,7 @@ GIANTS = [
         ),
     ),
     Giant(
-        "Qwen3-Next-80B-A3B (not served)",
+        "Qwen3-Next-80B-A3B",
         "Qwen3NextConfig",
         dict(
             vocab_size=151936,
@@ -210,28 +209,18 @@ def build(giant: Giant) -> PretrainedConfig:
     return config
 
 
-def unserved_block_bytes(config: PretrainedConfig, quant: str) -> list[int]:
-    """Weight bytes of each block of a family Corolla does not serve: transformers' layer on meta, as the loader
-    would quantize it."""
-    module = transformers.models.qwen3_next.modeling_qwen3_next
-    with torch.device("meta"):
-        layers = [module.Qwen3NextDecoderLayer(config, i) for i in range(int(config.num_hidden_layers))]
-    return [quantized_weight_bytes(layer, quant, DTYPE) for layer in layers]
-
-
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
 def row(giant: Giant) -> list[str]:
     config = build(giant)
-    served = "not served" not in giant.name
-    weights = weight_bytes_by_quant(config, DTYPE) if served else {q: unserved_block_bytes(config, q) for q in QUANTS}
+    weights = weight_bytes_by_quant(config, DTYPE)
     cells = [giant.name, str(config.num_hidden_layers), *(gib(max(weights[q])) for q in QUANTS)]
-    if not served:
-        return [*cells, "recurrent state", "-", "-", "-"]
     token = token_cache_bytes(config, DTYPE)
-    cells.append(f"{sum(token) * 1000 / 2**20:.1f}")
+    state = sum(state_cache_bytes(config, DTYPE))  # linear-attention blocks: per sequence, whatever its length
+    per_sequence = f" + {state / 2**20:.1f} per sequence" if state else ""
+    cells.append(f"{sum(token) * 1000 / 2**20:.1f}{per_sequence}")
     server = ServerConfig(max_memory=VOLUNTEER)
     for quant in QUANTS:
         try:

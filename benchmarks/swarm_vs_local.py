@@ -8,8 +8,8 @@ jobs load, wall-clock ratios still favour the swarm's three processes (they get 
 the CPU time per token (this process, plus the servers' process trees for the swarm) is printed as well: its
 ratio is the overhead of the swarm, whatever the load.
 
-    python benchmarks/swarm_vs_local.py [--model both|smollm2|llama-250m] [--threads 2] [--new-tokens 64]
-                                        [--repeats 3] [--device cpu]
+    python benchmarks/swarm_vs_local.py [--model both|smollm2|llama-250m|qwen3-next-small] [--threads 2]
+                                        [--new-tokens 64] [--repeats 3] [--device cpu]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import _common
 import torch
-from _common import TokenClock, cpu_seconds, llama_250m, load_average, prompt_ids, stop_on_sigterm
+from _common import TokenClock, cpu_seconds, llama_250m, load_average, prompt_ids, qwen3_next_small, stop_on_sigterm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM
@@ -33,7 +33,10 @@ LLAMA_250M = _common.LLAMA_250M
 MODELS: dict[str, tuple[str, Callable[[], Path]]] = {
     "smollm2": ("SmolLM2-135M-Instruct", smollm2_checkpoint),
     "llama-250m": ("llama-250m (random, 16 blocks)", llama_250m),
+    # Recurrent-state blocks: not run by default (--model qwen3-next-small).
+    "qwen3-next-small": ("qwen3-next-small (random, 8 blocks, 6 Gated DeltaNet)", qwen3_next_small),
 }
+DEFAULT_MODELS = ["smollm2", "llama-250m"]
 
 
 Generate = Callable[[torch.Tensor, TokenClock, int], None]
@@ -118,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     stop_on_sigterm()
     torch.set_num_threads(args.threads)
-    names = list(MODELS) if args.model == "both" else [args.model]
+    names = DEFAULT_MODELS if args.model == "both" else [args.model]
     print(f"start: {load_average()}")
     figures = {name: measure(MODELS[name][1](), args) for name in names}
     print(

@@ -99,6 +99,23 @@ TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             "attention_chunk_size": 4,
         },
     ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        {
+            "head_dim": 16,
+            "full_attention_interval": 2,  # blocks 1, 3, 5 full attention; 0, 2, 4 Gated DeltaNet
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_conv_kernel_dim": 4,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+    ),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
@@ -122,6 +139,7 @@ FAMILY_TEST_OVERRIDES: dict[str, dict[str, Any]] = {
     "minimax_m2": {},
     "gpt_oss": {},  # attention sinks; window 4 on even blocks
     "llama4_text": {"floor_scale": 4},  # the attention temperature of the blocks without rotary changes every 4
+    "qwen3_next": {},  # recurrent-state blocks 0, 2, 4; each test split holds both kinds
     "gemma2": {"final_logit_softcapping": 0.3, "attn_logit_softcapping": 0.05},  # window 4 on every other block
     "gemma3_text": {"final_logit_softcapping": 0.3},  # blocks 0-4 local (window 4, own rotary base), 5 global
     "gpt_neox": {},

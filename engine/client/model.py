@@ -41,6 +41,7 @@ from corolla.engine.client.training import (
 from corolla.engine.config import ClientConfig
 from corolla.engine.errors import CorollaError
 from corolla.engine.models.checkpoint import ClientHead
+from corolla.engine.models.recurrent import keeps_recurrent_state
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         context = self.context
         if active_adapter is not None:
             context = context.with_config(dataclasses.replace(context.config, active_adapter=active_adapter))
-        return ActiveSession(self._active, context, max_length)
+        return ActiveSession(self._active, context, max_length, recurrent=keeps_recurrent_state(self.config))
 
     @property
     def active_session(self) -> InferenceSession | None:

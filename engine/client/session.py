@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from corolla.engine.client.context import ClientContext, OnClient
-from corolla.engine.client.failover import replace_hop
+from corolla.engine.client.failover import replace_hop, replay
 from corolla.engine.client.forwarding import (
     HopAnswer,
     forwarded_deadlines,
@@ -42,11 +42,17 @@ class InferenceSession(OnClient):
     """A generation session over the swarm: ``step`` sends hidden states of new tokens through the route.
 
     Use as a context manager (or call ``close``) so servers free their caches promptly.
+
+    With ``recurrent=True`` (a model whose blocks keep a recurrent state, e.g. Qwen3-Next's linear attention)
+    servers cannot forget tokens past a position: after :meth:`rewind` the next step first replays every hop's
+    kept inputs up to the new position from position 0, which rebuilds the states exactly.
     """
 
-    def __init__(self, context: ClientContext, max_length: int) -> None:
+    def __init__(self, context: ClientContext, max_length: int, *, recurrent: bool = False) -> None:
         self.context = context
         self.max_length = max_length
+        self.recurrent = recurrent
+        self._replay_due = False  # a rewind left servers' recurrent states ahead of ``position``
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every server of the route holds
         self.batch_size: int | None = None
@@ -93,6 +99,8 @@ class InferenceSession(OnClient):
         """Forget tokens from ``position`` on (servers drop them at the next step)."""
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot rewind to {position}: the session holds {self.position} tokens")
+        if self.recurrent and position < self.position:
+            self._replay_due = True
         self.position = position
         for hop in self.hops:
             hop.truncate(position)
@@ -226,6 +234,9 @@ class InferenceSession(OnClient):
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hops:
             await self._build(0, self.manager.num_blocks)
+            self._replay_due = False  # fresh servers hold nothing to rebuild
+        if self._replay_due:
+            await self._replay_rewound()
         i = 0
         if self._forwarding and len(self.hops) > 1 and all(self.manager.forwards(h.stream.peer_id) for h in self.hops):
             i, x = await self._forwarded(x)
@@ -342,6 +353,23 @@ class InferenceSession(OnClient):
             await self._repair(verdict.done)
         return verdict.done, x
 
+    async def _replay_rewound(self) -> None:
+        """After a rewind, rebuild each hop's recurrent state: its inputs up to ``position``, sent from position 0
+        (a hop that fails meanwhile is replaced, and its replacement replayed, as in failover)."""
+        i = 0
+        while i < len(self.hops):
+            hop = self.hops[i]
+            try:
+                await replay(self.context, self.session_id, [hop], hop.history(self.position), self._next_step_id)
+            except RETRYABLE as e:
+                self.manager.ban(hop.stream.peer_id, str(e))
+                before = len(self.hops)
+                await self._repair(i)
+                i += len(self.hops) - before  # the new hops were replayed by the repair
+            i += 1
+        self._replay_due = False
+        logger.info("rewound to %d: replayed the recurrent states of %d hops", self.position, len(self.hops))
+
     async def _repair(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over the same blocks and replay its history into it."""
         new_hops = await replace_hop(
@@ -378,8 +406,10 @@ class ActiveSession(InferenceSession):
     with ``with``, innermost last.
     """
 
-    def __init__(self, active: threading.local, context: ClientContext, max_length: int) -> None:
-        super().__init__(context, max_length)
+    def __init__(
+        self, active: threading.local, context: ClientContext, max_length: int, *, recurrent: bool = False
+    ) -> None:
+        super().__init__(context, max_length, recurrent=recurrent)
         self._active = active
 
     def __enter__(self) -> ActiveSession:

@@ -6,6 +6,10 @@ and a mask that hides the keys past its own length. Inside a block, :class:`Rows
 keys/values to that row's session cache and hands attention the sessions' keys side by side, right-padded to
 the longest (the padding is masked out). Everything else in the block (projections, MLP, experts) runs once for
 all rows. The outputs equal running the sessions one by one, up to floating-point summation order.
+
+Sessions whose blocks keep a recurrent state (Qwen3-Next's linear attention) are not batched together: their
+single-token step updates each state in place where transformers finds it, one cache's tensors, so rows of
+several sessions cannot share it; the server gives each such session its own batch key.
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ def run_rows(
             raise ValueError("a session cache joins a batch only after it holds tokens")
         if x.shape[1] != 1 or x.shape[0] != cache.batch_rows:
             raise ValueError(f"a batched step takes one token per row of its cache, got {list(x.shape)}")
+    if len(caches) == 1:  # one session: its own forward (the reference the batched one must equal)
+        return [span(inputs[0], caches[0], start=start, end=end, adapter=adapter)]
+    if any(cache.recurrent for cache in caches):
+        raise ValueError(
+            "sessions whose blocks keep a recurrent state (linear attention) run their steps one session at a time"
+        )
     groups = {span.family.batch_group(span.config, cache.length) for cache in caches}
     if len(groups) > 1:
         raise ValueError(

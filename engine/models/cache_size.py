@@ -7,6 +7,9 @@ So each block of the model is built on the ``meta`` device (no memory, no comput
 through the family's own cache path (its block inputs, its layer, a :class:`SpanCache`, as ``BlockSpan``
 runs them); the bytes its cache layer then holds are one token's. A block that
 stores nothing (no attention cache) counts zero. Results are kept per config and dtype.
+
+A linear-attention block (Qwen3-Next) stores no keys or values but a recurrent state whose size does not depend
+on the session's length: the same one-token run measures it, per sequence (:func:`state_cache_bytes`).
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from transformers import PretrainedConfig
 
 from corolla.engine.models.span import BlockSpan, SpanCache
 
-__all__ = ["token_cache_bytes"]
+__all__ = ["state_cache_bytes", "token_cache_bytes"]
 
-_measured: dict[tuple[str, torch.dtype], tuple[int, ...]] = {}
+_measured: dict[tuple[str, torch.dtype], tuple[tuple[int, ...], tuple[int, ...]]] = {}
 _lock = threading.Lock()
 
 
@@ -41,6 +44,13 @@ class _ProbeCache(SpanCache):
         super().update(key_states, value_states, layer_idx, *args, **kwargs)
         raise _Stored
 
+    def update_recurrent_state(
+        self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs: Any
+    ) -> torch.Tensor:
+        """Store as :class:`SpanCache` does (after the block stored its convolution state), then stop."""
+        super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+        raise _Stored
+
 
 def token_cache_bytes(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int, ...]:
     """Bytes one token of one sequence takes in the cache of each block of the model (keys and values).
@@ -50,8 +60,22 @@ def token_cache_bytes(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int
         dtype: the dtype the blocks run in (what their cached keys and values are stored as).
 
     Returns:
-        One entry per block ``0..num_hidden_layers - 1``.
+        One entry per block ``0..num_hidden_layers - 1`` (0 for a block that keeps a recurrent state instead).
     """
+    return _measured_bytes(config, dtype)[0]
+
+
+def state_cache_bytes(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int, ...]:
+    """Bytes one sequence's recurrent state takes in each block of the model, whatever its length.
+
+    Returns:
+        One entry per block ``0..num_hidden_layers - 1``: the convolution and recurrent state of a
+        linear-attention block, 0 for an attention block.
+    """
+    return _measured_bytes(config, dtype)[1]
+
+
+def _measured_bytes(config: PretrainedConfig, dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[int, ...]]:
     key = (config.to_json_string(use_diff=False), dtype)
     with _lock:
         known = _measured.get(key)
@@ -63,14 +87,14 @@ def token_cache_bytes(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int
 
 
 @torch.inference_mode()
-def _measure(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int, ...]:
+def _measure(config: PretrainedConfig, dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[int, ...]]:
     blocks = int(config.num_hidden_layers)
     span = BlockSpan(config, 0, blocks, empty=True).to(dtype)  # blocks on meta; the positions module (small) not
     # The family's inputs for one token at position 0, computed where the positions module is (transformers
     # 5.0's rotary modules cannot run on meta), then moved to meta for the blocks.
     hidden = torch.zeros(1, 1, int(config.hidden_size), dtype=dtype)  # [batch 1, 1 token, hidden]
     inputs = span.family.layer_inputs(span.config, span.rotary_emb, hidden, 0, range(blocks))
-    out = []
+    out, states = [], []
     for block, kwargs in enumerate(inputs):
         cache = _ProbeCache(block, 1, max_length=1)  # storage for exactly one token of one sequence
         cache.begin_step(1)
@@ -80,7 +104,9 @@ def _measure(config: PretrainedConfig, dtype: torch.dtype) -> tuple[int, ...]:
         layer = cache.span_layers[0]
         stored = [t for t in (layer.keys, layer.values) if t is not None]
         out.append(sum(t.numel() * t.element_size() for t in stored))
-    return tuple(out)
+        state = cache.states.get(block)
+        states.append(0 if state is None else state.nbytes())
+    return tuple(out), tuple(states)
 
 
 def _on_meta(value: Any) -> Any:

@@ -15,6 +15,7 @@ from corolla.engine.models.alibi import BloomFamily, FalconFamily
 from corolla.engine.models.family import ExpertNames, Family, TensorNames, sliding_window_of
 from corolla.engine.models.gemma import Gemma3Family
 from corolla.engine.models.llama4 import Llama4TextFamily
+from corolla.engine.models.qwen3_next import Qwen3NextFamily
 
 __all__ = ["FAMILIES", "NOT_YET", "Family", "get_family", "sliding_window_of"]
 
@@ -43,6 +44,11 @@ FAMILIES: dict[str, Family] = {
         # stored fused (``mlp.experts.gate_up_proj`` with biases), as transformers keeps them.
         Family("gpt_oss", "gpt_oss", "GptOss"),
         Llama4TextFamily("llama4_text", "llama4", "Llama4Text"),
+        # Gated DeltaNet blocks (a recurrent state per sequence, no keys/values) between full-attention blocks;
+        # shared + routed experts on every block.
+        Qwen3NextFamily(
+            "qwen3_next", "qwen3_next", "Qwen3Next", experts=ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
+        ),
         Family("gemma2", "gemma2", "Gemma2", embed_scale=True),
         Gemma3Family("gemma3_text", "gemma3", "Gemma3", embed_scale=True),
         Family(
@@ -77,12 +83,7 @@ FAMILIES: dict[str, Family] = {
 
 
 # Families transformers has and Corolla knows it cannot serve yet, with the reason (said instead of "not supported").
-NOT_YET: dict[str, str] = {
-    "qwen3_next": (
-        "its linear-attention (Gated DeltaNet) blocks keep a recurrent state per sequence instead of a KV cache, "
-        "and Corolla's server cache does not yet hold, budget or rebuild such states (issue #27)"
-    ),
-}
+NOT_YET: dict[str, str] = {}
 
 
 def get_family(config: PretrainedConfig) -> Family:

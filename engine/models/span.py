@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from corolla.engine.models.family import Family, build_attention_mask, cache_keyword, sliding_window_of
+from corolla.engine.models.recurrent import RecurrentState, check_recurrent_support, is_recurrent_block
 from corolla.engine.models.registry import get_family
 
 __all__ = ["AdapterChoice", "BlockSpan", "SpanCache", "SpanLayerCache", "build_attention_mask", "cache_keyword"]
@@ -105,6 +106,10 @@ class SpanCache(Cache):
     extra positional or keyword arguments differ by transformers release and are ignored. Storage
     grows by doubling up to ``max_length`` so decode steps do not copy the whole cache each time; the
     memory is *reserved* for ``max_length`` by the server's cache budget, so growth never overcommits.
+
+    Linear-attention blocks (Qwen3-Next) keep a :class:`RecurrentState` instead, through the linear-attention
+    methods of ``transformers.Cache`` (``get_conv_state``, ``update_recurrent_state``, ...); it is created by
+    the block's first step. Such a cache rewinds only to 0, to its length, or to where the last step began.
     """
 
     def __init__(self, start: int, num_blocks: int, max_length: int) -> None:
@@ -112,35 +117,122 @@ class SpanCache(Cache):
         self.max_length = max_length
         self.length = 0  # tokens held
         self._pending = 0  # tokens being appended by the current step
+        self._step_began = 0  # length when the last step began (a recurrent state can go back there)
         self.span_layers = [SpanLayerCache(self) for _ in range(num_blocks)]
+        self.states: dict[int, RecurrentState] = {}  # by global block index: the linear-attention blocks
         super().__init__(layers=list(self.span_layers))
 
     def begin_step(self, new_tokens: int) -> None:
         """Declare how many tokens the next forward appends (every layer appends the same amount)."""
         if self.length + new_tokens > self.max_length:
             raise ValueError(f"session holds {self.length} tokens, +{new_tokens} exceeds {self.max_length}")
+        self.abort_step()  # a step that began and never ended (it raised) leaves nothing behind
         self._pending = new_tokens
+        self._step_began = self.length
+        for state in self.states.values():
+            state.save()
 
     def abort_step(self) -> None:
-        """Forget a step that failed half-way (the keys it wrote past ``length`` are ignored)."""
+        """Forget a step that failed half-way (the keys it wrote past ``length`` are ignored; recurrent states
+        go back to where the step began)."""
+        if self._pending:
+            for state in self.states.values():
+                state.restore()
         self._pending = 0
 
     @property
     def batch_rows(self) -> int | None:
         """Sequences this cache holds (its storage's batch size), or None before its first step."""
-        keys = self.span_layers[0].keys
-        return None if keys is None or self.length == 0 else int(keys.shape[0])
+        if self.length == 0:
+            return None
+        held = [layer.keys for layer in self.span_layers] + [state.conv for state in self.states.values()]
+        first = next((t for t in held if t is not None), None)  # a span may start with a linear-attention block
+        return None if first is None else int(first.shape[0])
 
     def end_step(self) -> None:
         """Commit the tokens appended by the step."""
         self.length += self._pending
         self._pending = 0
 
+    @property
+    def recurrent(self) -> bool:
+        """Whether some block keeps a recurrent state here (which cannot rewind to any position)."""
+        return bool(self.states)
+
+    def can_rewind(self, length: int) -> bool:
+        """Whether :meth:`truncate` can go back to ``length`` exactly."""
+        if not 0 <= length <= self.length:
+            return False
+        return not self.states or length in (0, self.length, self._step_began)
+
     def truncate(self, length: int) -> None:
         """Forget every token from position ``length`` on (used to rewind a conversation)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind to {length}: session holds {self.length} tokens")
+        self.abort_step()  # a step that began and never ended (it raised) leaves nothing behind
+        if length == self.length:
+            return
+        if not self.can_rewind(length):
+            raise ValueError(
+                f"cannot rewind to {length}: blocks here keep a recurrent state, which goes back only to 0 or to "
+                f"{self._step_began} (where the last step began); replay the inputs from position 0"
+            )
+        for state in self.states.values():
+            if length == 0:
+                state.clear()
+            else:
+                state.restore()
         self.length = length
+        self._step_began = min(self._step_began, length)
+
+    # ---- linear-attention blocks (transformers' Cache API for conv/recurrent states) ---------------
+    def _state(self, layer_idx: int) -> RecurrentState:
+        if not 0 <= layer_idx - self.start < len(self.span_layers):
+            raise IndexError(f"block {layer_idx} is not in this cache's span")
+        state = self.states.get(layer_idx)
+        if state is None:
+            state = self.states[layer_idx] = RecurrentState()
+        return state
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """Block ``layer_idx``'s convolution state [batch, conv_dim, kernel], None before its first step.
+        Single-token steps update it in place."""
+        return self._state(layer_idx).conv
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """Block ``layer_idx``'s recurrent state [batch, heads, key_dim, value_dim], None before its first step."""
+        state = self._state(layer_idx)
+        return state.recurrent if state.held else None
+
+    def update_conv_state(
+        self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs: Any
+    ) -> torch.Tensor:
+        """Append a multi-token step's projected inputs [batch, conv_dim, new]; return the held ones before them."""
+        return self._state(layer_idx).update_conv(conv_states, kwargs.get("conv_kernel_size"))
+
+    def update_recurrent_state(
+        self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs: Any
+    ) -> torch.Tensor:
+        """Keep block ``layer_idx``'s recurrent state after this step."""
+        self._state(layer_idx).recurrent = recurrent_states
+        return recurrent_states
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        """Whether block ``layer_idx`` (default: any linear-attention block here) continues a held state."""
+        if layer_idx is None:
+            return any(state.held for state in self.states.values())
+        return self._state(layer_idx).held
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        """Never: rewinds go through :meth:`truncate` (states are kept only as of the last step's start)."""
+        return False
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """No intermediate recurrent states (transformers 5.25+ asks; they serve speculative rollbacks)."""
+        return 0
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        """Nothing to count (transformers 5.25+ counts in-place single-token updates): :attr:`length` is the count."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -167,6 +259,8 @@ class BlockSpan(nn.Module):
         family = get_family(config)
         config = _with_attention(config, family)
         layer_cls = family.layer_class()
+        if any(is_recurrent_block(config, i) for i in range(config.num_hidden_layers)):
+            check_recurrent_support(layer_cls, config.model_type)
         self.config = config
         self.family = family
         self.start, self.end = start, end

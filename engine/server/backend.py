@@ -15,10 +15,10 @@ from transformers import PretrainedConfig
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
 from corolla.engine.models.batched import run_rows
-from corolla.engine.models.cache_size import token_cache_bytes
+from corolla.engine.models.cache_size import state_cache_bytes, token_cache_bytes
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
-from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token
+from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token, session_cache_bytes
 from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.limits import PeerBudget
 from corolla.engine.server.prefix_cache import PrefixBlock, PrefixCache, PrefixTrail, first_key
@@ -73,6 +73,7 @@ class SpanBackend:
         self.start, self.end = span.start, span.end
         self.hidden_size = int(config.hidden_size)
         self.token_bytes = token_cache_bytes(config, dtype)  # per block of the model: what one token takes in its cache
+        self.state_bytes = state_cache_bytes(config, dtype)  # per block: one sequence's recurrent state (linear blocks)
         self.budget = CacheBudget(cfg.cache_bytes)
         self.sessions: dict[str, ServerSession] = {}
         self.tokens_processed = 0
@@ -156,8 +157,7 @@ class SpanBackend:
             raise ProtocolError(f"max_length {max_length} exceeds this server's limit of {self.cfg.max_length}")
         if batch_size > self.cfg.max_batch_size:
             raise ProtocolError(f"batch size {batch_size} exceeds this server's limit of {self.cfg.max_batch_size}")
-        per_token = cache_bytes_per_token(self.token_bytes[start:end])
-        nbytes = per_token * max_length * batch_size
+        nbytes = session_cache_bytes(self.token_bytes[start:end], self.state_bytes[start:end], max_length, batch_size)
         with self._lock:
             if session_id in self.sessions:
                 if self.sessions[session_id].peer != peer:
@@ -234,7 +234,12 @@ class SpanBackend:
         """How many more tokens (one sequence over the whole span) the cache budget could hold."""
         per_token = cache_bytes_per_token(self.token_bytes[self.start : self.end])
         evictable = self.prefix.used if self.prefix is not None else 0  # prefix blocks give way to sessions
-        return max(0, (self.budget.free + evictable) // max(1, per_token))
+        free = self.budget.free + evictable - session_cache_bytes((), self.state_bytes[self.start : self.end], 0, 1)
+        if free < 0:
+            return 0  # not even one sequence's recurrent state fits
+        if per_token == 0:
+            return self.cfg.max_length  # recurrent states only: a sequence's length costs nothing more
+        return free // per_token
 
     def prefix_counters(self) -> dict[str, int]:
         """What the prefix cache holds and saved: its size in positions (0: off), blocks held, tokens of inference
@@ -267,6 +272,12 @@ class SpanBackend:
             raise ProtocolError(
                 f"step at position {position}, but this server holds {session.cache.length} tokens of the session"
             )
+        if not session.cache.can_rewind(position):
+            raise ProtocolError(
+                f"step at position {position}, but blocks {session.start}:{session.end} keep a recurrent state "
+                f"(linear attention) that can go back only to 0 or to where the last step began; "
+                "replay the session's inputs from position 0"
+            )
         if position + x.shape[1] > session.max_length:
             raise ProtocolError(
                 f"{position + x.shape[1]} tokens exceed the session's max_length of {session.max_length}; "
@@ -283,6 +294,8 @@ class SpanBackend:
                 # The family may split positions further (Llama 4: one attention temperature per batch).
                 session.trail = None  # batched rows: no longer the computation a prompt's blocks would repeat
                 group = self.span.family.batch_group(self.span.config, position)
+                if any(self.state_bytes[session.start : session.end]):
+                    group = ("alone", session.session_id, group)
                 key = (session.start, session.end, session.adapter, position // BATCH_LENGTH_BUCKET, group)
                 step = (session, position, x)
                 batch = Batchable(key, step, self._decode_many, x.shape[0], self.cfg.batch_rows)

@@ -1,4 +1,4 @@
-"""Cache budget: sessions reserve attention-cache memory up front, so no step can run out of it."""
+"""Cache budget: sessions reserve attention-cache (and recurrent-state) memory up front, so no step can run out of it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,20 @@ def cache_bytes_per_token(block_token_bytes: Sequence[int]) -> int:
     """Bytes that one token of one sequence takes over some blocks, given each block's (as measured by
     ``corolla.engine.models.cache_size.token_cache_bytes``: what the block's layer really stores)."""
     return sum(block_token_bytes)
+
+
+def session_cache_bytes(
+    block_token_bytes: Sequence[int], block_state_bytes: Sequence[int], max_length: int, batch_size: int
+) -> int:
+    """Bytes a session of ``batch_size`` sequences of up to ``max_length`` tokens reserves over some blocks.
+
+    Attention blocks hold keys/values per token (``block_token_bytes``, see :func:`cache_bytes_per_token`);
+    linear-attention blocks hold a recurrent state per sequence whatever its length (``block_state_bytes``,
+    measured by ``corolla.engine.models.cache_size.state_cache_bytes``), counted twice: during a step the state
+    as it was when the step began is kept too (a failed or resent step goes back to it).
+    """
+    per_sequence = cache_bytes_per_token(block_token_bytes) * max_length + 2 * sum(block_state_bytes)
+    return per_sequence * batch_size
 
 
 @dataclass

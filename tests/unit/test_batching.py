@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 
 import pytest
@@ -56,9 +57,11 @@ def test_batched_decode_equals_one_by_one(case: str) -> None:
         tokens = {i: torch.randn(SESSIONS[i][0], 1, hidden) for i in members}
         expected = {i: span(tokens[i], alone[i]) for i in members}
         # Sessions batch together only within the family's batch group, as the server's batch key has it.
+        # Sessions with recurrent states (Qwen3-Next) each get their own key.
         groups: dict[object, list[int]] = {}
         for i in members:
-            groups.setdefault(span.family.batch_group(config, together[i].length), []).append(i)
+            alone_key = i if together[i].recurrent else None
+            groups.setdefault((span.family.batch_group(config, together[i].length), alone_key), []).append(i)
         got = {}
         for group in groups.values():
             outs = run_rows(span, [tokens[i] for i in group], [together[i] for i in group], 1, 4)
@@ -83,6 +86,67 @@ def test_sessions_of_different_batch_groups_are_not_batched() -> None:
         run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 1, 4)
     assert [c.length for c in caches] == [2, 3]  # nothing was appended
     assert get_family(tiny_config("llama")).batch_group(tiny_config("llama"), 5) is None  # the common case: one group
+
+
+@torch.inference_mode()
+def test_sessions_with_recurrent_states_are_not_batched_together() -> None:
+    """A recurrent state is updated in place in its own cache: rows of several sessions never share a forward."""
+    config = tiny_config("qwen3_next")
+    span = random_span(config, 0, 3)
+    caches = [SpanCache(0, 3, 32) for _ in range(2)]
+    for cache in caches:
+        span(torch.randn(1, 2, config.hidden_size), cache)
+    assert all(cache.recurrent for cache in caches)
+    with pytest.raises(ValueError, match="one session at a time"):
+        run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 0, 3)
+    assert [c.length for c in caches] == [2, 2]  # nothing was appended
+
+    steps = [torch.randn(1, 1, config.hidden_size) for _ in range(3)]
+    got, batched = decode_two_sessions_queued_together(span, config, steps)
+    assert batched == 0
+    for i in range(2):  # each session's outputs are its own, as if it were alone on the server
+        ref = SpanCache(0, 3, 32)
+        span(torch.randn(1, 2, config.hidden_size, generator=torch.Generator().manual_seed(i)), ref)
+        for x, out in zip(steps, got[i], strict=True):
+            assert (out - span(x, ref)).abs().max().item() <= ATOL
+    # Control: the same scenario batches a family without recurrent states.
+    llama = tiny_config("llama")
+    _, batched = decode_two_sessions_queued_together(random_span(llama, 0, 3), llama, steps)
+    assert batched > 0
+
+
+def decode_two_sessions_queued_together(
+    span: BlockSpan, config: object, steps: list[torch.Tensor]
+) -> tuple[list[list[torch.Tensor]], int]:
+    """Two sessions' decode steps queued while the compute thread is busy (so they could batch); their outputs
+    and the rows the server ran batched."""
+    backend = SpanBackend(span, config, ServerConfig(batch_rows=8), torch.float32)  # type: ignore[arg-type]
+    hidden = span.config.hidden_size
+
+    async def scenario() -> list[list[torch.Tensor]]:
+        sessions = [backend.open_session(f"s{i}", 0, 3, 32, 1, f"peer{i}") for i in range(2)]
+        for i, s in enumerate(sessions):
+            await backend.inference_step(s, 0, torch.randn(1, 2, hidden, generator=torch.Generator().manual_seed(i)))
+        outs: list[list[torch.Tensor]] = [[], []]
+        for k, x in enumerate(steps):
+            gate, started = threading.Event(), threading.Event()
+            blocker = asyncio.ensure_future(backend.compute(functools.partial(block, started, gate), "X"))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            tasks = [asyncio.ensure_future(backend.inference_step(s, 2 + k, x)) for s in sessions]
+            while backend.queued() < len(tasks):
+                await asyncio.sleep(0.01)
+            gate.set()
+            await blocker
+            for i, out in enumerate(await asyncio.gather(*tasks)):
+                outs[i].append(out)
+        return outs
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    return got, backend.rows_batched
 
 
 @torch.inference_mode()

@@ -240,3 +240,50 @@ def test_inference_steps_match_an_uncached_forward(backend: SpanBackend) -> None
 
     stepped, full = asyncio.run(run())
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
+
+
+def test_recurrent_states_are_reserved_per_sequence_and_rewinds_need_a_replay() -> None:
+    """Qwen3-Next: attention blocks reserve per token, linear-attention blocks their state per sequence (twice:
+    the state and its copy from the step's start); a session's real holdings never exceed its reservation."""
+    from corolla.engine.apps.tiny_models import tiny_config
+    from corolla.engine.models.cache_size import state_cache_bytes
+
+    config = tiny_config("qwen3_next")
+    torch.manual_seed(0)
+    span = BlockSpan(config, 0, 3).eval()  # blocks 0 and 2 linear attention, block 1 full attention
+    for p in span.parameters():  # fused expert tensors are allocated empty: draw every matrix
+        if p.ndim >= 2:
+            p.data.normal_(0, 0.1)
+    # compute_chunk_tokens 6: the server runs a 5-token step of 2 rows as chunks of 3 and 2 positions.
+    backend = SpanBackend(span, config, ServerConfig(max_length=64, compute_chunk_tokens=6), torch.float32)
+    per_token = token_cache_bytes(config, torch.float32)[0:3]
+    per_state = state_cache_bytes(config, torch.float32)[0:3]
+    assert per_token[0] == per_token[2] == 0 < per_token[1] and per_state[0] == per_state[2] > 0 == per_state[1]
+    batch, max_length = 2, 8
+    x = torch.randn(batch, max_length, config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    async def run() -> tuple[torch.Tensor, torch.Tensor]:
+        session = backend.open_session("s", 0, 3, max_length=max_length, batch_size=batch)
+        assert session.reserved_bytes == batch * (per_token[1] * max_length + 2 * (per_state[0] + per_state[2]))
+        first = await backend.inference_step(session, 0, x[:, :5])
+        second = await backend.inference_step(session, 5, x[:, 5:])
+        layer = session.cache.span_layers[1]
+        held = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+        held += sum(2 * state.nbytes() for state in session.cache.states.values())  # the state and its copy
+        assert held <= session.reserved_bytes
+        with pytest.raises(ProtocolError, match="replay the session's inputs from position 0"):
+            await backend.inference_step(session, 3, x[:, 3:4])
+        again = await backend.inference_step(session, 5, x[:, 5:])  # the last step resent: exact
+        torch.testing.assert_close(again, second, atol=1e-6, rtol=0)
+        restart = await backend.inference_step(session, 0, x[:, :5])  # position 0: a fresh state
+        torch.testing.assert_close(restart, first, atol=1e-5, rtol=0)
+        return torch.cat([first, second], dim=1), await backend.forward(0, 3, x)
+
+    try:
+        stepped, full = asyncio.run(run())
+    finally:
+        backend.shutdown()
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(stepped, span(x), atol=1e-5, rtol=0)  # one uncached forward, no chunks
+    assert backend.cache_tokens_left() > 0

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConf
 
 from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, TINY_FAMILIES, tiny_config
 from corolla.engine.errors import CorollaError
-from corolla.engine.models.cache_size import token_cache_bytes
+from corolla.engine.models.cache_size import state_cache_bytes, token_cache_bytes
 from corolla.engine.models.checkpoint import Checkpoint, ClientHead, load_client_head, load_span
 from corolla.engine.models.family import ExpertNames, fuse_experts
 from corolla.engine.models.registry import FAMILIES, get_family, sliding_window_of
@@ -36,6 +36,20 @@ CASES = {**{name: (name, overrides) for name, overrides in FAMILY_OVERRIDES.item
 SPLIT = 3  # blocks 0:3 on one "peer", 3:6 on the other (TINY_DEFAULTS has 6 blocks)
 PROMPT_LEN = 8
 DECODE_STEPS = 10
+
+
+def refused_here(family: str) -> bool:
+    """Whether this transformers release is one Corolla refuses ``family`` on: Qwen3-Next before 5.21 (the floor,
+    5.0), whose linear-attention layers restart their state at every multi-token step."""
+    from transformers.cache_utils import Cache
+
+    return family == "qwen3_next" and not hasattr(Cache, "get_conv_state")
+
+
+def assert_refused(family: str) -> None:
+    """What :func:`refused_here` releases do instead: say what to install."""
+    with pytest.raises(CorollaError, match=r"needs transformers 5.21 or newer.*pip install -U"):
+        BlockSpan(tiny_config(family), 0, 2, empty=True)
 
 
 def hf_model(path: Path) -> PreTrainedModel:
@@ -70,6 +84,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.inference_mode()
 def test_prefill_and_cached_decode_match_transformers(case: str, tiny_checkpoint: Callable[..., Path]) -> None:
     family, overrides = CASES[case]
+    if refused_here(family):
+        return assert_refused(family)
     path = tiny_checkpoint(family, **overrides)
     model = hf_model(path)
     head, spans = load_distributed(path)
@@ -157,14 +173,77 @@ def test_unsupported_model_type_names_the_supported_families() -> None:
         BlockSpan(config, 0, 1)
 
 
-def test_qwen3_next_is_refused_with_its_reason() -> None:
-    """Its recurrent-state blocks need a cache the server does not have yet: the error says so, not just "no"."""
-    from transformers import Qwen3NextConfig
+@torch.inference_mode()
+def test_qwen3_next_chunked_prefill_and_multi_token_steps_match_transformers(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    """Recurrent-state blocks continue their state across prompt chunks and multi-token steps exactly."""
+    if refused_here("qwen3_next"):
+        return assert_refused("qwen3_next")
+    path = tiny_checkpoint("qwen3_next", **FAMILY_OVERRIDES["qwen3_next"])
+    model = hf_model(path)
+    head, spans = load_distributed(path)
+    ids = torch.randint(7, 160, (2, 13), generator=torch.Generator().manual_seed(6))
+    expected = model(ids).logits.float()  # [2, 13, vocab]
+    caches = [SpanCache(span.start, span.end - span.start, 16) for span in spans]
+    got = [head.logits(run_spans(spans, head.embed(ids[:, a:b]), caches)) for a, b in [(0, 3), (3, 8), (8, 9), (9, 13)]]
+    assert max_diff(torch.cat(got, dim=1), expected) <= ATOL
+    assert all(
+        sorted(c.states) == [b for b in (0, 2, 4) if span.start <= b < span.end]
+        for c, span in zip(caches, spans, strict=True)
+    )
+    # Control: restarting the state at a chunk (what releases before the linear-attention Cache API did) differs.
+    fresh = [SpanCache(span.start, span.end - span.start, 16) for span in spans]
+    restarted = head.logits(run_spans(spans, head.embed(ids[:, 3:8]), fresh))
+    assert max_diff(restarted, expected[:, 3:8]) > 1e-3
 
-    config = Qwen3NextConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(CorollaError, match="recurrent state") as info:
-        get_family(config)
-    assert "qwen3_next" in str(info.value) and "deepseek_v3" in str(info.value)
+
+@torch.inference_mode()
+def test_recurrent_state_rewinds_only_where_it_is_exact(tiny_checkpoint: Callable[..., Path]) -> None:
+    """A recurrent state goes back to the start of the last step (a resent or failed step) or to 0, nowhere else."""
+    if refused_here("qwen3_next"):
+        return assert_refused("qwen3_next")
+    path = tiny_checkpoint("qwen3_next", **FAMILY_OVERRIDES["qwen3_next"])
+    ckpt = Checkpoint(str(path))
+    span = load_span(ckpt, ckpt.config(), 0, 3, torch.float32, "cpu")
+    x = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(7))
+    cache = SpanCache(0, 3, 8)
+    span(x[:, :4], cache)
+    step = span(x[:, 4:5], cache)
+    assert cache.recurrent and cache.can_rewind(4) and not cache.can_rewind(2)
+    cache.truncate(4)  # the last step again (e.g. a forwarded step the client redoes)
+    assert max_diff(span(x[:, 4:5], cache), step) <= 1e-6
+    with pytest.raises(ValueError, match="replay the inputs from position 0"):
+        cache.truncate(2)
+    # A step that fails half-way leaves the state as it was.
+    cache.begin_step(1)
+    span.layers[0](
+        x[:, 5:6], **span.family.layer_inputs(span.config, span.rotary_emb, x[:, 5:6], 5, range(0, 1))[0], cache=cache
+    )
+    cache.abort_step()
+    cache.begin_step(1)  # a step that raises half-way (never ended nor aborted): the next step starts clean
+    span.layers[0](
+        x[:, 5:6], **span.family.layer_inputs(span.config, span.rotary_emb, x[:, 5:6], 5, range(0, 1))[0], cache=cache
+    )
+    alone = SpanCache(0, 3, 8)
+    span(x[:, :5], alone)
+    assert max_diff(span(x[:, 5:7], cache), span(x[:, 5:7], alone)) <= 1e-6
+    cache.truncate(0)
+    assert not any(state.held for state in cache.states.values())
+    assert max_diff(span(x[:, :3], cache), span(x[:, :3])) <= ATOL
+
+
+def test_qwen3_next_on_a_release_without_the_linear_attention_cache_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Releases before ``Cache.get_conv_state`` restart the state at every multi-token step: refused by name."""
+    from transformers.cache_utils import Cache
+
+    config = tiny_config("qwen3_next")
+    monkeypatch.delattr(Cache, "get_conv_state", raising=False)  # absent on the floor already
+    with pytest.raises(CorollaError, match=r"qwen3_next needs transformers 5.21 or newer.*pip install -U"):
+        BlockSpan(config, 0, 2, empty=True)
+    BlockSpan(tiny_config("llama"), 0, 2, empty=True)  # families without recurrent blocks are unaffected
 
 
 def test_registry_lists_exactly_the_tested_families() -> None:
@@ -183,6 +262,8 @@ def test_registry_lists_exactly_the_tested_families() -> None:
 def test_cache_accounting_matches_the_cached_keys(case: str) -> None:
     """The server reserves cache by the measured bytes per token: exactly what a SpanCache holds after N tokens."""
     family, overrides = CASES[case]
+    if refused_here(family):
+        return assert_refused(family)
     config = tiny_config(family, **overrides)
     batch, prompt, steps = 2, 3, 2
     tokens = prompt + steps
@@ -192,11 +273,17 @@ def test_cache_accounting_matches_the_cached_keys(case: str) -> None:
     for _ in range(steps):
         span(torch.randn(batch, 1, config.hidden_size), cache)
     per_block = token_cache_bytes(config, torch.float32)
-    assert len(per_block) == config.num_hidden_layers
+    per_state = state_cache_bytes(config, torch.float32)  # a linear-attention block's state, per sequence
+    assert len(per_block) == len(per_state) == config.num_hidden_layers
     for block, layer in zip(range(1, 3), cache.span_layers, strict=True):
         held = [t for t in (layer.keys, layer.values) if t is not None]
+        if block in cache.states:  # a recurrent state instead of keys/values: its size does not grow with tokens
+            assert not held and per_block[block] == 0
+            assert cache.states[block].nbytes() == per_state[block] * batch > 0
+            continue
         assert held and all(t.shape[0] == batch and t.shape[2] == tokens for t in held)
         assert sum(t.numel() * t.element_size() for t in held) == per_block[block] * batch * tokens
+        assert per_state[block] == 0
     assert cache_bytes_per_token(per_block[1:3]) * batch * tokens == sum(
         t.numel() * t.element_size() for layer in cache.span_layers for t in (layer.keys, layer.values) if t is not None
     )
@@ -268,6 +355,8 @@ def test_span_cache_is_a_transformers_cache_and_ignores_new_arguments() -> None:
 @pytest.mark.parametrize("name", sorted(FAMILY_OVERRIDES))
 def test_spans_run_without_deprecation_warnings(name: str, recwarn: pytest.WarningsRecorder) -> None:
     """The adapter passes the cache by the keyword the installed release accepts (``cache=`` or not)."""
+    if refused_here(name):
+        return assert_refused(name)
     import warnings
 
     warnings.simplefilter("always")
