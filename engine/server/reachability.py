@@ -189,15 +189,16 @@ def peer_ids(maddrs: Iterable[str]) -> list[str]:
 
 
 def connected_ips(remote_addrs: Iterable[str]) -> list[str]:
-    """The IPv4 addresses a peer's direct connections come from (relayed ones name the relay: skipped)."""
+    """The dialable IPv4 addresses a peer's direct connections come from.
+
+    Relayed connections name the relay, and a loopback source is a proxy on this machine: both skipped.
+    """
     ips: list[str] = []
     for maddr in remote_addrs:
         parts = maddr.split("/")
-        if is_circuit(maddr) or len(parts) < 3 or parts[1] != "ip4":
-            continue
-        if parts[2] not in ips:
+        if not is_circuit(maddr) and len(parts) >= 3 and parts[1] == "ip4":
             ips.append(parts[2])
-    return ips
+    return dialable(ips)
 
 
 def dial_targets(ports: Sequence[Any], ips: Sequence[str]) -> list[tuple[str, int]]:
@@ -209,6 +210,8 @@ def dial_targets(ports: Sequence[Any], ips: Sequence[str]) -> list[tuple[str, in
         raise ValueError(f"a dial-back request names 1 to {MAX_DIAL_PORTS} ports")
     if any(type(port) is not int or not 0 < port < 65536 for port in ports):
         raise ValueError("a dial-back port is an integer 1..65535")
+    if not ips:  # answering "none reachable" would be a guess: say why there is no answer instead
+        raise ValueError("cannot tell: your connection to me comes from no address I could dial back")
     return [(ip, port) for ip in ips[:MAX_DIAL_PORTS] for port in dict.fromkeys(ports)]
 
 

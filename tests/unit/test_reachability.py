@@ -99,10 +99,11 @@ CIRCUIT = f"/ip4/11.26.0.3/tcp/31337/p2p/{RELAY}/p2p-circuit/p2p/{PEER_ID}"
 
 
 def test_a_peer_dials_back_only_the_address_the_asker_connects_from() -> None:
-    ips = connected_ips(["/ip4/203.0.113.7/tcp/51234", CIRCUIT, "/ip6/2001:db8::1/tcp/1"])
-    assert ips == ["203.0.113.7"]  # a relayed connection names the relay, not the asker: skipped
+    ips = connected_ips(["/ip4/203.0.113.7/tcp/51234", CIRCUIT, "/ip6/2001:db8::1/tcp/1", "/ip4/127.0.0.1/tcp/9"])
+    assert ips == ["203.0.113.7"]  # relayed (names the relay) and loopback (a local proxy) connections: skipped
     assert dial_targets([31337, 31337, 4000], ips) == [("203.0.113.7", 31337), ("203.0.113.7", 4000)]
-    assert dial_targets([31337], []) == []  # no direct connection: nothing is dialled
+    with pytest.raises(ValueError, match="cannot tell"):  # no direct connection: no answer, not "unreachable"
+        dial_targets([31337], connected_ips(["/ip4/127.0.0.1/tcp/9", CIRCUIT]))
 
 
 @pytest.mark.parametrize("ports", [[], [0], [70000], ["80"], [1.5], [1, 2, 3, 4, 5], "31337", None])
