@@ -3,7 +3,7 @@
 This kernel has no netem; putting one of these in front of each server (and having the server announce the
 relay's port instead of its own) adds the same one-way delay to every link that reaches that server.
 
-    python benchmarks/_relay.py --delay-ms 25 [--listen-host IP] [--target-host IP] LISTEN_PORT:TARGET_PORT [...]
+    python benchmarks/_relay.py --delay-ms 25 LISTEN_PORT:TARGET_PORT [...]
 
 Prints ``ready`` once every listener is up; SIGUSR1 turns the delay off and SIGUSR2 back on (for chunks read
 from then on); on SIGTERM prints the bytes relayed per listener as JSON.
@@ -55,32 +55,28 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
             writer.close()
 
 
-async def serve(
-    listen: int, target: int, delay: float, host: str = "127.0.0.1", target_host: str = "127.0.0.1"
-) -> asyncio.Server:
+async def serve(listen: int, target: int, delay: float) -> asyncio.Server:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(target_host, target)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
         except OSError:
             writer.close()
             return
         with contextlib.suppress(asyncio.CancelledError):  # cancelled when the relay stops
             await asyncio.gather(pipe(reader, up_writer, delay, listen), pipe(up_reader, writer, delay, listen))
 
-    return await asyncio.start_server(on_client, host, listen)
+    return await asyncio.start_server(on_client, "127.0.0.1", listen)
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay added to every chunk")
-    parser.add_argument("--listen-host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--target-host", default="127.0.0.1", help="address the targets listen on")
     parser.add_argument("pairs", nargs="+", help="LISTEN_PORT:TARGET_PORT")
     args = parser.parse_args()
     servers = []
     for pair in args.pairs:
         listen, target = (int(p) for p in pair.split(":"))
-        servers.append(await serve(listen, target, args.delay_ms / 1000, args.listen_host, args.target_host))
+        servers.append(await serve(listen, target, args.delay_ms / 1000))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PDaemonError
 
 from corolla.engine import procs
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
@@ -136,7 +136,7 @@ class Server:
                 logger.info("peers could not dial this server back: restarting its p2p daemon to serve through a relay")
                 dht.shutdown()
                 self.relayed = True
-                dht = self._start_dht(peers, host, relays=[p for p in peers if "/p2p/" in p])
+                dht = self._start_relayed_dht(peers, host)
         try:
             asyncio.run(self._main(dht))
         finally:
@@ -166,6 +166,18 @@ class Server:
                 f"the p2p daemon runs as {dht.peer_id}, not as this server's key {self.identity.peer_id}"
             )
         return dht
+
+    def _start_relayed_dht(self, peers: Any, host: str, attempts: int = 3) -> Any:
+        """The DHT again, behind relays; the peers may still hold the old daemon's connection: a few tries."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_dht(peers, host, relays=[p for p in peers if "/p2p/" in p])
+            except (RuntimeError, P2PDaemonError) as e:  # hivemind's bootstrap failure is a RuntimeError
+                if attempt == attempts:
+                    raise
+                logger.info("joining through relays failed (%s); trying again", e)
+                time.sleep(2.0 * attempt)
+        raise AssertionError("unreachable")
 
     async def _check_reachability(self, dht: Any) -> Reachability:
         """Ask the initial peers to dial this server's port back (a p2p replica of its own, closed after)."""
