@@ -14,6 +14,8 @@ packages=(
     xvfb trayer dbus-daemon xdotool
     # the monitor page's browser test (tests/swarm/test_monitor*.py): headless Chromium
     chromium chromium-driver
+    # the NAT tests (tests/swarm/test_nat.py): network namespaces, veth pairs, a masquerading router
+    iproute2 nftables
 )
 
 export DEBIAN_FRONTEND=noninteractive

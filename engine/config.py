@@ -136,6 +136,7 @@ LIMITS: dict[str, Limit] = {
     "push_timeout": _SECONDS,
     "throughput": Limit(0, open_low=True),
     "rebalance_period": _SECONDS,
+    "reachability_period": _SECONDS,
     "balance_quality": Limit(0, 1, open_low=True),
     "parent_pid": _COUNT,
     # `corolla api` (ApiSettings), `corolla monitor` and `corolla demo`
@@ -287,6 +288,8 @@ class ServerConfig:
     balance_quality: float = 0.75  # move only if the weakest block would be below this fraction of where we are
     token: str | None = dataclasses.field(default=None, repr=False)  # Hugging Face token for gated repos
     nat_port_map: bool = False  # ask the LAN gateway (UPnP/NAT-PMP) to map a port
+    no_relay: bool = False  # never relay for servers others cannot dial (by default a reachable server relays, bounded)
+    reachability_period: float = 600.0  # seconds between checks that peers can still dial this server back
     status_file: str | None = None  # path of a JSON file the server keeps updated (used by the tray agent)
     swarm_key_file: str | None = None  # key file of a private swarm (`corolla swarm-key new`); None: public swarm
     identity_file: str | None = None  # file keeping this server's key (made if missing): a stable peer id

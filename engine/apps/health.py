@@ -31,6 +31,8 @@ class ServerHealth:
     quant: str = "none"  # weight quantization the server announced: none, int8 or nf4
     adapters: tuple[str, ...] = ()  # LoRA adapters it serves
     tokens_served: int = 0  # tokens this server processed for clients since it started (its record's own count)
+    relayed: bool = False  # peers cannot dial it: clients reach it through a relay
+    relay: str | None = None  # the relay's peer id, when relayed
     reported: str | None = None  # why this machine's clients caught it lying (the latest report), if they did
 
 
@@ -91,6 +93,8 @@ def model_health(dht: Any, model: str, num_blocks: int) -> ModelHealth:
                     quant=r.quant,
                     adapters=tuple(r.adapters),
                     tokens_served=r.tokens_served,
+                    relayed=r.relayed,
+                    relay=r.relay,
                     reported=reported.get(peer_id),
                 ),
             )
@@ -125,6 +129,7 @@ def format_table(reports: Sequence[ModelHealth]) -> str:
                 f"  …{s.peer_id[-8:]:<9} {(s.public_name or '-')[:16]:<16} {f'{s.start}:{s.end}':<9} {s.state:<8} "
                 f"{s.throughput:>9.1f} {s.cache_tokens_left:>10} {s.tokens_served:>9} {weights_label(s.dtype, s.quant):<14} {s.version}"
                 + (f"  adapters: {', '.join(s.adapters)}" if s.adapters else "")
+                + (f"  relayed via …{(s.relay or '?')[-8:]}" if s.relayed else "")
                 + ("  REPORTED" if s.reported else "")
             )
         for s in r.servers:

@@ -163,6 +163,8 @@ def make_dht(
     announce_maddrs: Sequence[str] = (),
     identity_path: str | None = None,
     swarm_keys: SwarmKeys | None = None,
+    relays: Sequence[str] = (),
+    daemon_args: dict[str, Any] | None = None,
 ) -> hivemind.DHT:
     """Start a hivemind DHT peer on ``host`` (loopback by default; no UPnP unless asked).
 
@@ -172,6 +174,10 @@ def make_dht(
     of a private swarm: its values are sealed with the key and values not sealed with one of the keys are
     dropped (see ``swarm_key.py``). Its process and p2p daemon
     exit when this process dies, by any signal (see :class:`OwnedDHT`).
+
+    With ``relays`` (full multiaddrs of peers that relay) it is a peer others cannot dial: its daemon
+    holds a slot at those relays and announces the relay circuit addresses, not its own. ``daemon_args``
+    are extra p2pd flags (the relay service's, see ``reachability.relay_daemon_args``).
     """
     check_initial_peers(initial_peers)  # before the daemon starts: its own error names no address
     kwargs: dict[str, Any] = {"record_validators": [SignedRecordValidator(), SwarmKeyValidator(swarm_keys)]}
@@ -179,6 +185,12 @@ def make_dht(
         kwargs["announce_maddrs"] = list(announce_maddrs)
     if identity_path:
         kwargs.update(identity_path=identity_path, check_if_identity_free=False)  # a fresh key: nobody has it
+    daemon = dict(daemon_args or {})
+    if client_mode:
+        daemon.setdefault("relayService", 0)  # a client relays nobody
+    if relays:  # not dialable: reserve slots at these relays now (static relays: no 3-minute discovery delay)
+        kwargs.update(use_auto_relay=True, force_reachability="private", trusted_relays=list(relays))
+        daemon["relayDiscovery"] = 0
     try:
         return OwnedDHT(
             initial_peers=list(initial_peers),
@@ -187,6 +199,7 @@ def make_dht(
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             nat_port_map=nat_port_map,
             num_workers=4,
+            daemon_args=daemon,
             **kwargs,
         )
     except P2PDaemonError as e:

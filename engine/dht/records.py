@@ -46,6 +46,8 @@ class ServerRecord(BaseModel):
         ge=0,
         description="tokens this server processed for clients since it started (not its machine's total)",
     )
+    relayed: bool = Field(default=False, description="peers cannot dial this server: clients reach it through a relay")
+    relay: str | None = Field(default=None, max_length=64, description="peer id of the relay it is reached through")
     adapters: tuple[Annotated[str, Field(max_length=128)], ...] = Field(default=(), max_length=32)
 
     @model_validator(mode="after")

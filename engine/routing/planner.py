@@ -33,6 +33,7 @@ __all__ = [
     "block_seconds",
     "plan_forward_route",
     "plan_inference_route",
+    "relay_leg_seconds",
 ]
 
 DEFAULT_RTT_S = 0.05
@@ -101,6 +102,15 @@ def _usable_spans(
     return usable
 
 
+def relay_leg_seconds(span: RemoteSpan, rtt: Mapping[str, float], default_rtt: float) -> float:
+    """The extra cost of reaching a relayed server: one more network leg (via its relay), in seconds.
+
+    A measured round trip to it already went through the relay: then nothing more. Unmeasured, it costs
+    ``default_rtt`` on top of the ``default_rtt`` every unmeasured server gets.
+    """
+    return default_rtt if span.record.relayed and span.peer_id not in rtt else 0.0
+
+
 def _rtt_seconds(peer_id: str, rtt: Mapping[str, float], default_rtt: float) -> float:
     value = rtt.get(peer_id, default_rtt)
     return value if math.isfinite(value) and value >= 0 else default_rtt
@@ -160,6 +170,7 @@ def plan_inference_route(
     enter = np.array(
         [
             _rtt_seconds(s.peer_id, rtt, default_rtt)
+            + relay_leg_seconds(s, rtt, default_rtt)
             + hop_overhead
             + (cache_penalty if s.record.cache_tokens_left < cache_tokens_needed else 0.0)
             for s in usable

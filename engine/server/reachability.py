@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import psutil
 from hivemind.utils.multiaddr import Multiaddr
@@ -108,3 +110,144 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((ALL_INTERFACES, 0))
         return int(sock.getsockname()[1])
+
+
+# ---- reachability check and relays ------------------------------------------------------------
+
+MAX_DIAL_PORTS = 4  # ports one dial-back request may name
+DIAL_BACK_TIMEOUT = 3.0  # seconds a peer waits for a TCP connection it was asked to try
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """What one server offering relaying gives the peers it relays (p2pd's relay service flags).
+
+    Attributes:
+        circuits_per_peer: relayed connections open at once, per relayed peer.
+        reservations: peers that may hold a relay slot here at once.
+        buffer_bytes: buffer per relayed connection and direction (memory: about 2 x this x circuits).
+        data_bytes: bytes one relayed connection may carry per direction before it is reset.
+        seconds: how long one relayed connection may last before it is reset (clients then fail over).
+    """
+
+    circuits_per_peer: int = 16
+    reservations: int = 64
+    buffer_bytes: int = 1 << 20
+    data_bytes: int = 1 << 30
+    seconds: int = 3600
+
+
+RELAY_LIMITS = RelayLimits()
+
+
+def relay_daemon_args(offer: bool, limits: RelayLimits = RELAY_LIMITS) -> dict[str, Any]:
+    """p2pd flags: relay for others within ``limits`` (``offer``), or not at all."""
+    if not offer:
+        return {"relayService": 0}
+    return {
+        "relayService": 1,
+        "relayMaxCircuits": limits.circuits_per_peer,
+        "relayMaxReservations": limits.reservations,
+        "relayBufferSize": limits.buffer_bytes,
+        "relayDataLimit": limits.data_bytes,
+        "relayTimeLimit": f"{limits.seconds}s",
+    }
+
+
+def is_circuit(maddr: str) -> bool:
+    """Whether a multiaddr goes through a relay (``.../p2p/RELAY/p2p-circuit/...``)."""
+    return "/p2p-circuit" in maddr
+
+
+def relay_of(maddr: str) -> str | None:
+    """The relay's peer id in a circuit multiaddr, else None."""
+    if not is_circuit(maddr):
+        return None
+    before = maddr.split("/p2p-circuit", 1)[0]
+    return before.rsplit("/p2p/", 1)[1] if "/p2p/" in before else None
+
+
+def relays_in(maddrs: Iterable[str]) -> list[str]:
+    """The relays' peer ids of the circuit addresses among ``maddrs``, in order, once."""
+    found: list[str] = []
+    for maddr in maddrs:
+        relay = relay_of(maddr)
+        if relay and relay not in found:
+            found.append(relay)
+    return found
+
+
+def peer_ids(maddrs: Iterable[str]) -> list[str]:
+    """The peer ids named at the end of ``maddrs`` (``.../p2p/ID``), in order, once."""
+    found: list[str] = []
+    for maddr in maddrs:
+        if "/p2p/" in maddr and not is_circuit(maddr):
+            peer = maddr.rsplit("/p2p/", 1)[1]
+            if peer and peer not in found:
+                found.append(peer)
+    return found
+
+
+def connected_ips(remote_addrs: Iterable[str]) -> list[str]:
+    """The dialable IPv4 addresses a peer's direct connections come from.
+
+    Relayed connections name the relay, and a loopback source is a proxy on this machine: both skipped.
+    """
+    ips: list[str] = []
+    for maddr in remote_addrs:
+        parts = maddr.split("/")
+        if not is_circuit(maddr) and len(parts) >= 3 and parts[1] == "ip4":
+            ips.append(parts[2])
+    return dialable(ips)
+
+
+def dial_targets(ports: Sequence[Any], ips: Sequence[str]) -> list[tuple[str, int]]:
+    """Where a peer asked to be dialled back is tried: the ports it names, at the addresses it connects from.
+
+    Never elsewhere, so nobody can make a server connect to a third machine. Raises ValueError on junk.
+    """
+    if not isinstance(ports, list | tuple) or not 0 < len(ports) <= MAX_DIAL_PORTS:
+        raise ValueError(f"a dial-back request names 1 to {MAX_DIAL_PORTS} ports")
+    if any(type(port) is not int or not 0 < port < 65536 for port in ports):
+        raise ValueError("a dial-back port is an integer 1..65535")
+    if not ips:  # answering "none reachable" would be a guess: say why there is no answer instead
+        raise ValueError("cannot tell: your connection to me comes from no address I could dial back")
+    return [(ip, port) for ip in ips[:MAX_DIAL_PORTS] for port in dict.fromkeys(ports)]
+
+
+@dataclass(frozen=True)
+class Reachability:
+    """What peers found when asked to dial this server back.
+
+    Attributes:
+        asked: peers asked.
+        answered: peers that answered.
+        reachable: multiaddrs (``/ip4/IP/tcp/PORT``) at which some peer opened a fresh connection.
+    """
+
+    asked: int
+    answered: int
+    reachable: tuple[str, ...]
+
+    @property
+    def known(self) -> bool:
+        """Whether any peer answered (else nothing is known: keep serving directly)."""
+        return self.answered > 0
+
+    @property
+    def behind_nat(self) -> bool:
+        """Peers answered and none could connect: only a relay can bring clients here."""
+        return self.known and not self.reachable
+
+
+def reachable_line(found: Reachability) -> str:
+    """The line a server says after a check that found it reachable."""
+    return f"reachable directly at {' '.join(found.reachable)} (checked by {found.answered} peer(s) dialling back)"
+
+
+def relayed_line(circuits: Sequence[str]) -> str:
+    """The line a server that peers cannot dial says (``circuits``: its relay circuit addresses)."""
+    if not circuits:
+        return f"not reachable from outside and no relay took this server yet: open a TCP port or use --nat-port-map ({_README_HINT})"  # fmt: skip
+    relays = ", ".join(relays_in(circuits))
+    return f"not reachable from outside: serving through relay {relays} ({_README_HINT})"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hivemind.p2p import P2P, P2PDaemonError
 
 from corolla.engine import procs
 from corolla.engine.config import PROTOCOL_VERSION, ServerConfig, parse_span
@@ -45,17 +46,25 @@ from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 from corolla.engine.server.backend import SpanBackend
 from corolla.engine.server.block_selection import choose_best_blocks, should_choose_other_blocks
 from corolla.engine.server.contributors import ContributorBook
+from corolla.engine.server.dialback import DialBack, check_reachability
 from corolla.engine.server.handler import Handler
 from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.memory import server_memory_plan
 from corolla.engine.server.reachability import (
     ALL_INTERFACES,
     LOOPBACK,
+    Reachability,
     announce_maddrs,
     free_port,
     interface_addresses,
+    is_circuit,
     listen_host,
+    peer_ids,
     reach_line,
+    reachable_line,
+    relay_daemon_args,
+    relayed_line,
+    relays_in,
 )
 from corolla.engine.server.throughput import Speed, block_speed
 from corolla.engine.version import __version__
@@ -100,6 +109,9 @@ class Server:
         self.swarm_keys = load_keys(cfg.swarm_key_file)  # None: a public swarm
         self.ledger = Ledger()
         self._stop = asyncio.Event()
+        self.reachability: Reachability | None = None  # what peers found dialling back (None: not checked)
+        self.relayed = False  # peers cannot dial this server: it serves through relays
+        self.relays: list[str] = []  # peer ids of the relays a relayed server is reached through now
         # DHT calls block; they get their own threads so a dead DHT cannot stall exit (no waiting on them).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corolla-dht")
 
@@ -113,28 +125,85 @@ class Server:
         # asyncio's handlers would ignore SIGTERM and could never be stopped.
         peers = () if self.cfg.new_swarm else self.cfg.initial_peers
         host = self.cfg.host or LOOPBACK  # resolved in __init__
+        dht = self._start_dht(peers, host)
+        if host != LOOPBACK and peer_ids(peers):
+            # Can peers dial us? Ask them before anything is announced; if not, serve through relays.
+            try:
+                self.reachability = asyncio.run(self._check_reachability(dht))
+            except Exception as e:  # a failed check must not stop the server: it serves directly as before
+                logger.warning("could not check reachability: %s", e or type(e).__name__)
+            if self.reachability is not None and self.reachability.behind_nat:
+                logger.info("peers could not dial this server back: restarting its p2p daemon to serve through a relay")
+                dht.shutdown()
+                self.relayed = True
+                dht = self._start_relayed_dht(peers, host)
+        try:
+            asyncio.run(self._main(dht))
+        finally:
+            self._io.shutdown(wait=False, cancel_futures=True)
+            dht.shutdown()
+
+    def _start_dht(self, peers: Any, host: str, relays: list[str] | None = None) -> Any:
+        """Start this server's DHT peer and p2p daemon (through ``relays`` if peers cannot dial it)."""
+        announce = announce_maddrs(
+            host, self.cfg.port, interface_addresses(), self.cfg.announce_host, self.cfg.announce_port
+        )
         with self.identity.identity_file() as identity_path:  # removed once the daemon has read it
             dht = make_dht(
                 peers,
                 host,
                 self.cfg.port,
                 nat_port_map=self.cfg.nat_port_map,
-                announce_maddrs=announce_maddrs(
-                    host, self.cfg.port, interface_addresses(), self.cfg.announce_host, self.cfg.announce_port
-                ),
+                announce_maddrs=() if relays else announce,  # never announce addresses nobody can dial
                 identity_path=identity_path,
                 swarm_keys=self.swarm_keys,
+                relays=relays or (),
+                daemon_args=relay_daemon_args(offer=not self.cfg.no_relay and not relays),
             )
         if dht.peer_id.to_base58() != self.identity.peer_id:  # its records would carry no valid signature
             dht.shutdown()
             raise CorollaError(
                 f"the p2p daemon runs as {dht.peer_id}, not as this server's key {self.identity.peer_id}"
             )
+        return dht
+
+    def _start_relayed_dht(self, peers: Any, host: str, attempts: int = 3) -> Any:
+        """The DHT again, behind relays; the peers may still hold the old daemon's connection: a few tries."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_dht(peers, host, relays=[p for p in peers if "/p2p/" in p])
+            except (RuntimeError, P2PDaemonError) as e:  # hivemind's bootstrap failure is a RuntimeError
+                if attempt == attempts:
+                    raise
+                logger.info("joining through relays failed (%s); trying again", e)
+                time.sleep(2.0 * attempt)
+        raise AssertionError("unreachable")
+
+    async def _check_reachability(self, dht: Any) -> Reachability:
+        """Ask the initial peers to dial this server's port back (a p2p replica of its own, closed after)."""
+        p2p = await P2P.replicate(dht.run_coroutine(_daemon_listen_maddr))
         try:
-            asyncio.run(self._main(dht))
+            return await self._ask_dial_back(p2p)
         finally:
-            self._io.shutdown(wait=False, cancel_futures=True)
-            dht.shutdown()
+            await p2p.shutdown()
+
+    async def _ask_dial_back(self, p2p: Any) -> Reachability:
+        ports = [self.cfg.port] + ([self.cfg.announce_port] if self.cfg.announce_port else [])
+        return await check_reachability(p2p, peer_ids(self.cfg.initial_peers), ports)
+
+    def _visible_maddrs(self, dht: Any) -> list[str]:
+        """This server's addresses as its daemon says them now (a relayed server's: its circuits)."""
+        maddrs = [str(a) for a in dht.get_visible_maddrs(latest=True)]
+        return [m for m in maddrs if is_circuit(m)] if self.relayed else maddrs
+
+    async def _wait_for_circuits(self, dht: Any, timeout: float = 30.0) -> list[str]:
+        """A relayed server's circuit addresses, once a relay took it (empty after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            circuits = await self._run_io(self._visible_maddrs, dht)
+            if circuits or time.monotonic() >= deadline:
+                return list(circuits)
+            await asyncio.sleep(0.5)
 
     # ---- placement --------------------------------------------------------------------------
     @property
@@ -178,6 +247,8 @@ class Server:
             quant=self.quant,
             tokens_served=self.ledger.served,  # this server's own count; the machine's totals go to the status file
             adapters=tuple(adapter.name for adapter in self.adapters),
+            relayed=self.relayed,
+            relay=self.relays[0] if self.relays else None,
         )
 
     # ---- main loop --------------------------------------------------------------------------
@@ -189,10 +260,23 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
         peer_id = dht.peer_id.to_base58()
-        maddrs = [str(a) for a in dht.get_visible_maddrs()]
-        announced = [m.split("/p2p/")[0] for m in maddrs]
-        port = self.cfg.port or next((e[1] for m in maddrs if (e := tcp_endpoint(m))), 0)
-        logger.info("%s", reach_line(self.cfg.host or LOOPBACK, port, announced))
+        p2p = await dht.replicate_p2p()
+        await DialBack.register(p2p)  # every server answers other servers' reachability checks
+        if self.relayed:
+            maddrs = await self._wait_for_circuits(dht)
+            self.relays = relays_in(maddrs)
+            logger.info("%s", relayed_line(maddrs))
+        else:
+            maddrs = [str(a) for a in dht.get_visible_maddrs()]
+            announced = [m.split("/p2p/")[0] for m in maddrs]
+            port = self.cfg.port or next((e[1] for m in maddrs if (e := tcp_endpoint(m))), 0)
+            found = self.reachability
+            line = (
+                reachable_line(found)
+                if found and found.reachable
+                else reach_line(self.cfg.host or LOOPBACK, port, announced)
+            )
+            logger.info("%s", line)
         if self.cfg.new_swarm:
             logger.info("new swarm: others join with --initial-peers %s", " ".join(maddrs))
         else:
@@ -202,7 +286,6 @@ class Server:
                 block_speed, self.model_config, self.cfg.device, self.dtype, cache_root() / "throughput", self.quant
             )
         self.num_blocks = self.memory.num_blocks
-        p2p = await dht.replicate_p2p()
         handler = await Handler.create(
             p2p,
             self.cfg,
@@ -212,13 +295,13 @@ class Server:
         start, end = await self._run_io(self._choose_span, dht, peer_id)
         self.num_blocks = end - start
         while True:
-            moved_to = await self._serve_span(dht, handler, peer_id, maddrs, start, end)
+            moved_to = await self._serve_span(dht, handler, p2p, peer_id, maddrs, start, end)
             if moved_to is None:
                 return
             start, end = moved_to
 
     async def _serve_span(
-        self, dht: Any, handler: Handler, peer_id: str, maddrs: list[str], start: int, end: int
+        self, dht: Any, handler: Handler, p2p: Any, peer_id: str, maddrs: list[str], start: int, end: int
     ) -> tuple[int, int] | None:
         """Load and serve ``start:end`` until stopped (None) or until moving pays off (the new span)."""
         backend: SpanBackend | None = None
@@ -236,7 +319,13 @@ class Server:
                 "serving blocks %d:%d of %s as %s at %s", start, end, self.dht_prefix, peer_id, " ".join(maddrs)
             )
             next_check = time.monotonic() + self._rebalance_delay()
+            next_reach = time.monotonic() + self.cfg.reachability_period
             while not self._stop.is_set():
+                if self.relayed:
+                    await self._follow_relays(dht, maddrs)
+                elif self.reachability is not None and time.monotonic() >= next_reach:
+                    next_reach = time.monotonic() + self.cfg.reachability_period
+                    await self._recheck_reachability(p2p)
                 await self._run_io(self.ledger.save)
                 record = self._record(backend, ServerState.ONLINE, start, end)
                 await self._run_io(announce_span, dht, self.dht_prefix, self.identity, record, self.cfg.record_ttl)
@@ -268,6 +357,33 @@ class Server:
             if backend is not None:
                 self._write_status(backend, start, end, "stopped" if self._stop.is_set() else "moving", maddrs, peer_id)
                 backend.shutdown()
+
+    async def _follow_relays(self, dht: Any, maddrs: list[str]) -> None:
+        """A relayed server: take the circuits its daemon has now (another relay once one dies) and say so."""
+        now = await self._run_io(self._visible_maddrs, dht)
+        if relays_in(now) != self.relays:
+            self.relays = relays_in(now)
+            maddrs[:] = now
+            logger.info("%s", relayed_line(now))
+
+    async def _recheck_reachability(self, p2p: Any) -> None:
+        """Ask peers again (the network may have changed); say the new state if it did."""
+        try:
+            found = await self._ask_dial_back(p2p)
+        except Exception as e:  # a failed re-check changes nothing
+            logger.debug("reachability re-check failed: %s", e)
+            return
+        before = self.reachability
+        if found.known and before is not None and (found.behind_nat != before.behind_nat):
+            if found.behind_nat:
+                logger.warning(
+                    "peers can no longer dial this server back (network changed?): clients may not reach it; "
+                    "restart it to serve through a relay"
+                )
+            else:
+                logger.info("%s", reachable_line(found))
+        if found.known:
+            self.reachability = found
 
     def _rebalance_delay(self) -> float:
         return self.cfg.rebalance_period * random.uniform(0.75, 1.25)
@@ -314,6 +430,8 @@ class Server:
             **backend.prefix_counters(),
             "maddrs": maddrs,
             "peer_id": peer_id,
+            "relayed": self.relayed,
+            "relays": list(self.relays),
             "pid": os.getpid(),
             "memory": {**dataclasses.asdict(self.memory), "weights_loaded": tensor_bytes(backend.span.layers)},
             "time": time.time(),
@@ -323,3 +441,8 @@ class Server:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status))
         tmp.replace(path)
+
+
+async def _daemon_listen_maddr(dht: Any, node: Any) -> Any:
+    """Where this DHT's p2p daemon takes control connections (run inside the DHT process)."""
+    return node.p2p.daemon_listen_maddr

@@ -18,6 +18,7 @@ from corolla.engine.routing.planner import (
     block_seconds,
     plan_forward_route,
     plan_inference_route,
+    relay_leg_seconds,
 )
 from corolla.engine.routing.spans import RemoteSpan, block_coverage, missing_blocks, spans_from_records
 
@@ -247,3 +248,13 @@ def test_no_route_error_when_only_banned_servers_host_blocks() -> None:
         plan_inference_route(swarm(span("a", 0, 4), span("b", 5, 8)), 0, 8, banned={"b"})
     assert not isinstance(missing.value, NoRouteError)
     assert missing.value.blocks == [4, 5, 6, 7]
+
+
+def test_a_relayed_server_costs_one_more_leg_until_measured() -> None:
+    relayed = RemoteSpan("relayed", 0, 8, record(0, 8).model_copy(update={"relayed": True, "relay": "R"}))
+    spans = swarm(relayed, span("direct", 0, 8, rps=9.8))  # the direct one is a little slower per block
+    assert relay_leg_seconds(relayed, {}, DEFAULT_RTT_S) == DEFAULT_RTT_S
+    assert plan_inference_route(spans, 0, 8) == [RouteHop("direct", 0, 8)]  # the relay's leg outweighs it
+    # A measured round trip already went through the relay: then only the measurement counts.
+    assert relay_leg_seconds(relayed, {"relayed": 0.01}, DEFAULT_RTT_S) == 0.0
+    assert plan_inference_route(spans, 0, 8, rtt={"relayed": 0.01, "direct": 0.01}) == [RouteHop("relayed", 0, 8)]

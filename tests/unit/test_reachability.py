@@ -5,7 +5,24 @@ from __future__ import annotations
 import pytest
 
 from corolla.engine.config import ServerConfig
-from corolla.engine.server.reachability import announce_maddrs, dialable, listen_host, reach_line
+from corolla.engine.dht.records import ServerRecord, ServerState
+from corolla.engine.server.reachability import (
+    RELAY_LIMITS,
+    Reachability,
+    announce_maddrs,
+    connected_ips,
+    dial_targets,
+    dialable,
+    is_circuit,
+    listen_host,
+    peer_ids,
+    reach_line,
+    reachable_line,
+    relay_daemon_args,
+    relay_of,
+    relayed_line,
+    relays_in,
+)
 
 PEER_ID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
 
@@ -73,3 +90,77 @@ def test_the_reach_line_says_who_can_reach_the_server() -> None:
     assert line.startswith("listening on all interfaces (port 4000); announcing /ip4/192.0.2.5/tcp/4000")
     assert "127.0.0.1" not in line
     assert "--announce-host" in reach_line("0.0.0.0", 4000, [])
+
+
+# ---- reachability check and relays (items 2-3) -------------------------------------------------------
+
+RELAY = "12D3KooWRKuQw8Rsd1LL2GhiqAhP6bGr12buHiqKaGXwz1oebzG4"
+CIRCUIT = f"/ip4/11.26.0.3/tcp/31337/p2p/{RELAY}/p2p-circuit/p2p/{PEER_ID}"
+
+
+def test_a_peer_dials_back_only_the_address_the_asker_connects_from() -> None:
+    ips = connected_ips(["/ip4/203.0.113.7/tcp/51234", CIRCUIT, "/ip6/2001:db8::1/tcp/1", "/ip4/127.0.0.1/tcp/9"])
+    assert ips == ["203.0.113.7"]  # relayed (names the relay) and loopback (a local proxy) connections: skipped
+    assert dial_targets([31337, 31337, 4000], ips) == [("203.0.113.7", 31337), ("203.0.113.7", 4000)]
+    with pytest.raises(ValueError, match="cannot tell"):  # no direct connection: no answer, not "unreachable"
+        dial_targets([31337], connected_ips(["/ip4/127.0.0.1/tcp/9", CIRCUIT]))
+
+
+@pytest.mark.parametrize("ports", [[], [0], [70000], ["80"], [1.5], [1, 2, 3, 4, 5], "31337", None])
+def test_a_malformed_dial_back_request_is_refused(ports: object) -> None:
+    with pytest.raises(ValueError):
+        dial_targets(ports, ["203.0.113.7"])  # type: ignore[arg-type]
+
+
+def test_circuit_addresses_name_their_relay() -> None:
+    assert is_circuit(CIRCUIT) and relay_of(CIRCUIT) == RELAY
+    assert relay_of(f"/ip4/11.26.0.3/tcp/31337/p2p/{PEER_ID}") is None
+    assert relays_in([CIRCUIT, CIRCUIT, "/ip4/1.2.3.4/tcp/1"]) == [RELAY]
+    assert peer_ids([f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_ID}", CIRCUIT, "/ip4/1.2.3.4/tcp/1"]) == [PEER_ID]
+
+
+def test_the_verdict_and_its_line() -> None:
+    nobody = Reachability(asked=2, answered=0, reachable=())
+    assert not nobody.known and not nobody.behind_nat  # nobody answered: keep serving directly
+    natted = Reachability(asked=2, answered=2, reachable=())
+    assert natted.behind_nat
+    public = Reachability(asked=1, answered=1, reachable=("/ip4/11.26.0.2/tcp/31337",))
+    assert not public.behind_nat
+    assert reachable_line(public).startswith("reachable directly at /ip4/11.26.0.2/tcp/31337")
+    assert relayed_line([CIRCUIT]).startswith(f"not reachable from outside: serving through relay {RELAY}")
+    assert "no relay took this server yet" in relayed_line([])
+
+
+def test_relaying_is_bounded_or_off() -> None:
+    args = relay_daemon_args(offer=True)
+    assert args["relayService"] == 1
+    assert args["relayMaxCircuits"] == RELAY_LIMITS.circuits_per_peer
+    assert args["relayDataLimit"] == RELAY_LIMITS.data_bytes
+    assert args["relayTimeLimit"] == f"{RELAY_LIMITS.seconds}s"
+    assert relay_daemon_args(offer=False) == {"relayService": 0}
+    assert ServerConfig().no_relay is False  # servers relay unless told not to
+
+
+def test_records_say_whether_a_server_is_relayed() -> None:
+    record = ServerRecord(state=ServerState.ONLINE, start=0, end=2, relayed=True, relay=RELAY)
+    back = ServerRecord.from_dht(record.to_dict())
+    assert back is not None and back.relayed and back.relay == RELAY
+    old = {k: v for k, v in record.to_dict().items() if k not in ("relayed", "relay")}  # an older server's
+    assert ServerRecord.from_dht(old) == record.model_copy(update={"relayed": False, "relay": None})
+    assert ServerRecord.from_dht({**record.to_dict(), "relay": "x" * 65}) is None  # bounded
+
+
+def test_health_and_the_monitor_show_relayed_servers() -> None:
+    from corolla.engine.apps.health import ModelHealth, ServerHealth, format_table
+    from corolla.engine.apps.monitor.state import server_entry
+
+    record = ServerRecord(state=ServerState.ONLINE, start=0, end=2, relayed=True, relay=RELAY)
+    entry = server_entry(PEER_ID, record)
+    assert entry["relayed"] is True and entry["relay"] == RELAY
+    assert server_entry(PEER_ID, record.model_copy(update={"relayed": False, "relay": None}))["relayed"] is False
+    row = dict(peer_id=PEER_ID, public_name=None, start=0, end=2, state="online", throughput=1.0)
+    row.update(cache_tokens_left=1, version="", dtype="float32")
+    servers = [ServerHealth(**row, relayed=True, relay=RELAY), ServerHealth(**{**row, "peer_id": "direct"})]  # type: ignore[arg-type]
+    table = format_table([ModelHealth("m", 2, servers, [2, 2])])
+    assert f"relayed via …{RELAY[-8:]}" in table
+    assert table.count("relayed via") == 1

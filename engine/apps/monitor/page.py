@@ -96,6 +96,7 @@ function drawModel(m) {
   const head = el("tr");
   [["Name", ""], ["Peer", ""], ["Span", ""], ["State", ""], ["Throughput (tok/s)", "num"],
    ["Free cache (tokens)", "num"], ["Weights", ""], ["Version", ""],
+   ["Reached", "", "direct, or through a relay (peers cannot dial the server)"],
    ["Tokens served", "num", "tokens this server processed for clients since it started"]].forEach(([h, c, t]) => {
     head.appendChild(el("th", { ...(c ? { "class": c } : {}), ...(t ? { "title": t } : {}) }, h));
   });
@@ -112,6 +113,8 @@ function drawModel(m) {
     row.appendChild(el("td", { "class": "num" }, fmt(s.cache_tokens_left)));
     row.appendChild(el("td", { "class": "weights", "title": (s.adapters || []).join(", ") }, s.weights || "\\u2014"));
     row.appendChild(el("td", {}, s.version || "\\u2014"));
+    row.appendChild(el("td", s.relayed ? { "class": "relayed", "title": "relay " + (s.relay || "?") } : {},
+                       s.relayed ? "relayed" : "direct"));
     row.appendChild(el("td", { "class": "num" }, fmt(s.tokens_served)));
     body.appendChild(row);
   }

@@ -37,6 +37,8 @@ def server_entry(peer_id: str, record: ServerRecord) -> dict[str, Any]:
         "weights": weights_label(record.dtype, record.quant),
         "adapters": list(record.adapters),
         "tokens_served": tokens if isinstance(tokens, int) else None,
+        "relayed": bool(getattr(record, "relayed", False)),
+        "relay": getattr(record, "relay", None),
     }
 
 
