@@ -335,9 +335,13 @@ class SpanBackend:
             trail = session.trail = None  # rewound: the positions before no longer match the chain
         outputs: list[torch.Tensor] = []
         end = position + x.shape[1]
+        # Spans with recurrent state keep no prefix cache; their jobs count from the step's own position, so a step
+        # short enough for one job stays one job and can be resent (a recurrent state goes back only to where the
+        # last job began).
+        origin = position if session.cache.recurrent or any(self.state_bytes[session.start : session.end]) else 0
         lo = position
         while lo < end:
-            base = lo - lo % size  # the block's first position
+            base = lo - (lo - origin) % size  # the block's first position
             hi = min(end, base + size)
             name, hit = None, None
             if trail is not None and self.prefix is not None:
