@@ -24,7 +24,7 @@ from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.route_autograd import RemoteBlocks
 from corolla.engine.client.sampling import SamplingParams, sampling_params
 from corolla.engine.client.session import ActiveSession, InferenceSession
-from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
+from corolla.engine.client.text import FinishReason, GenerationResult, Rewind, TextStream
 from corolla.engine.client.training import (
     TrainingPath,
     check_tuned_generate,
@@ -229,7 +229,7 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         max_new_tokens: int,
         eos: set[int],
         prefix: torch.Tensor | None = None,
-    ) -> Generator[torch.Tensor, None, FinishReason]:
+    ) -> Generator[torch.Tensor | Rewind, None, FinishReason]:
         """:func:`~corolla.engine.client.generation.token_loop` with this model's head, padding and wire dtype."""
         pad_id = self._tokenizer.pad_token_id if self._tokenizer is not None else None
         wire = self.client_config.wire_dtype
@@ -298,6 +298,11 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
             if streamer is not None:
                 streamer.put(input_ids)
             for token in self._token_loop(session, input_ids, params, max_new_tokens, eos_ids, prefix):
+                if isinstance(token, Rewind):  # an audit caught a liar: these tokens came from its outputs
+                    if streamer is not None and len(tokens) > token.kept:
+                        logger.warning("the streamer showed %d tokens that were withdrawn", len(tokens) - token.kept)
+                    del tokens[token.kept :]
+                    continue
                 tokens.append(token)
                 if streamer is not None:
                     streamer.put(token)
@@ -365,13 +370,21 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None), prefix)
         eos = self._eos_ids(None)
 
-        def tokens() -> Generator[int, None, FinishReason]:
+        def tokens() -> Generator[int | Rewind, None, FinishReason]:
             reason: FinishReason = "length"
             try:
                 while True:
-                    token = int(next(loop)[0])
-                    if token in eos:
-                        return "eos"
+                    item = next(loop)
+                    if isinstance(item, Rewind):
+                        yield item
+                        continue
+                    token = int(item[0])
+                    if token in eos:  # the loop audits before it ends: it returns, or withdraws the eos too
+                        try:
+                            yield next(loop)  # a Rewind
+                        except StopIteration:
+                            return "eos"
+                        continue
                     yield token
             except StopIteration as stop:
                 reason = stop.value or "length"
