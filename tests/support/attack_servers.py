@@ -22,6 +22,37 @@ LYING_SERVER: tuple[str, ...] = (sys.executable, "-c", _LYING_SERVER_CODE)
 and scale (its forwards stay honest): an attacker for the verification tests and benchmarks."""
 
 
+_SCHEDULED_LIAR_CODE = """
+import sys
+from corolla.engine.apps.cli import main
+from corolla.engine.server.backend import SpanBackend
+LIE_STEPS = {steps!r}  # 1-based steps of each session that get a lie (None: every step)
+COLLUDE = {collude!r}  # stateless forwards lie too (the forwards audits use)
+honest_step, honest_forward = SpanBackend.inference_step, SpanBackend.forward
+seen = {{}}
+def lie(out):
+    return out.roll(1, dims=-1)  # a function of the honest output: every colluder tells the same lie
+async def step(self, session, position, hidden):
+    out = await honest_step(self, session, position, hidden)
+    n = seen[id(session)] = seen.get(id(session), 0) + 1
+    return lie(out) if LIE_STEPS is None or n in LIE_STEPS else out
+async def forward(self, *args, **kwargs):
+    out = await honest_forward(self, *args, **kwargs)
+    return lie(out) if COLLUDE else out
+SpanBackend.inference_step = step
+SpanBackend.forward = forward
+sys.exit(main())
+"""
+
+
+def scheduled_liar(steps: tuple[int, ...] | None = None, *, collude: bool = False) -> tuple[str, ...]:
+    """Launcher of a ``corolla server`` that lies on the given 1-based ``steps`` of every session (None: all),
+    with a lie that is a function of the honest output (``collude``: on stateless forwards too), so two such
+    servers tell the same lie and vouch for each other."""
+    code = _SCHEDULED_LIAR_CODE.format(steps=set(steps) if steps is not None else None, collude=collude)
+    return (sys.executable, "-c", code)
+
+
 def tree_rss(pid: int) -> int:
     """RSS of a process and its children, in bytes (a server with its DHT process and p2p daemon)."""
     import psutil
