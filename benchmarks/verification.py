@@ -170,7 +170,7 @@ def tolerance(args: argparse.Namespace) -> None:
 
 def swarm(args: argparse.Namespace) -> None:
     from attack_servers import scheduled_liar
-    from swarm_helpers import hf_greedy, hf_model
+    from transformers import AutoModelForCausalLM
 
     from corolla.engine import DistributedModelForCausalLM
     from corolla.engine.apps.local_swarm import Swarm
@@ -178,7 +178,15 @@ def swarm(args: argparse.Namespace) -> None:
 
     path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llama", "llama", seed=0)
     ids = torch.randint(7, 150, (1, 8), generator=torch.Generator().manual_seed(args.seed))
-    hf = hf_model(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def hf_greedy(ids: torch.Tensor, new: int) -> torch.Tensor:
+        with torch.inference_mode():
+            out: torch.Tensor = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, eos_token_id=[]
+            )
+        return out
+
     with Swarm(path, spans=[]) as swarm:
         for address in ("127.0.1.1", "127.0.2.1"):
             swarm.add_server("0:6", wait=False, extra_args=["--throughput", "50", "--host", address])
@@ -186,7 +194,7 @@ def swarm(args: argparse.Namespace) -> None:
         off = DistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers, verify_rate=0.0)
         on = DistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
         try:
-            reference = hf_greedy(hf, ids, args.tokens, eos=False)
+            reference = hf_greedy(ids, args.tokens)
             on.generate(ids, max_new_tokens=4, eos_token_id=[])  # both servers' first audits
             times: dict[str, list[float]] = {"off": [], "on": []}
             for _ in range(args.rounds):
@@ -218,7 +226,7 @@ def swarm(args: argparse.Namespace) -> None:
             try:
                 with fresh.inference_session(8 + 50) as session:
                     out = fresh.generate(run_ids, max_new_tokens=50, eos_token_id=[], session=session)
-                honest += torch.equal(out, hf_greedy(hf, run_ids, 50, eos=False))
+                honest += torch.equal(out, hf_greedy(run_ids, 50))
                 caught += bool(session.liars)
             finally:
                 fresh.close()

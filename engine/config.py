@@ -227,7 +227,7 @@ class ClientConfig:
     contributor_key_file: str | None = None  # your server's --identity-file: be served first as a contributor
     verify_rate: float = 0.05  # chance a hop's unaudited steps are audited after a step; 0 turns audits off
     verify_first_steps: int = 2  # audits a new server gets after each of its first steps, before the schedule
-    audit_every: int = 16  # steps a hop's outputs stay unaudited at most (0: no bound); generations end audited
+    audit_every: int = 32  # steps a hop's outputs stay unaudited at most (0: no bound); generations end audited
     liar_ban: float = 3600.0  # seconds this client avoids a server it caught lying
     report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
     active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it
