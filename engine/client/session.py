@@ -222,9 +222,12 @@ class InferenceSession(OnClient):
         if self._auditing:
             for i in range(len(self.hops)):
                 hop = self.hops[i]
+                passed = self.manager.checks_passed(hop.stream.peer_id)
+                if (hop.start, hop.end) in self.unverified:  # no replica of another group: on the schedule only
+                    passed = max(passed, self.config.verify_first_steps)
                 due = audit_due(
                     hop.steps,
-                    passed=self.manager.checks_passed(hop.stream.peer_id),
+                    passed=passed,
                     first_steps=self.config.verify_first_steps,
                     every=self.config.audit_every,
                     rate=self.config.verify_rate,

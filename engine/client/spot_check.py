@@ -67,19 +67,28 @@ async def recompute(context: ClientContext, route: list[tuple[str, int, int]], x
     return x
 
 
+_KNOWN_GROUPS: dict[str, str] = {}
+"""Last address group seen for each peer in this process (a peer that hung up keeps its group)."""
+MAX_KNOWN_GROUPS = 10_000
+"""Peers remembered at most (the oldest are forgotten first)."""
+
+
 async def peer_groups(context: ClientContext) -> dict[str, str]:
-    """Address group of every peer this client is connected to, from the addresses the p2p daemon connected to."""
+    """Address group of every peer this process has been connected to, from the addresses the p2p daemon
+    connected to (the last seen; a peer whose connection closed keeps the group it had)."""
     try:
         peers = await asyncio.wait_for(context.p2p.list_peers(), PEERS_TIMEOUT_S)
     except Exception as e:  # unknown origins: each peer counts as its own group
         logger.debug("listing connected peers: %s", e)
-        return {}
-    groups = {}
+        peers = []
     for info in peers:
         group = addrs_group([str(a) for a in info.addrs])
         if group is not None:
-            groups[str(info.peer_id)] = group
-    return groups
+            _KNOWN_GROUPS.pop(str(info.peer_id), None)
+            _KNOWN_GROUPS[str(info.peer_id)] = group
+    while len(_KNOWN_GROUPS) > MAX_KNOWN_GROUPS:
+        _KNOWN_GROUPS.pop(next(iter(_KNOWN_GROUPS)))
+    return dict(_KNOWN_GROUPS)
 
 
 async def audit(

@@ -298,10 +298,9 @@ class SequenceManager:
 
     def replicas(self, start: int, end: int, exclude: Collection[str], *, adapter: str | None, quant: str) -> list[str]:
         """Servers that alone hold all of ``[start, end)`` with the same ``adapter`` and ``quant``, from the swarm
-        as last read: the candidate auditors of a hop (never convicted liars, nor ``exclude``; bans put aside,
-        as in :meth:`plan_replica`)."""
+        as last read: the candidate auditors of a hop (never banned servers, convicted liars, nor ``exclude``)."""
         with self._lock:
-            skip = set(self._convicted) | set(exclude)
+            skip = self.banned() | set(self._convicted) | set(exclude)
             return sorted(
                 p
                 for p, s in with_adapter(self._spans, adapter).items()
