@@ -155,7 +155,11 @@ def liars(path: Path, args: argparse.Namespace) -> None:
     blocks = int(config.num_hidden_layers)
     ids = torch.randint(7, min(int(config.vocab_size), 150), (1, 8), generator=torch.Generator().manual_seed(0))
     span = f"0:{blocks}"
-    with Swarm(path, spans=[span, span], extra_args=["--throughput", "50"]) as swarm:
+    with Swarm(path, spans=[]) as swarm:
+        # Each server in its own /24 of loopback: audits ask only replicas of another address group.
+        for address in ("127.0.1.1", "127.0.2.1"):
+            swarm.add_server(span, wait=False, extra_args=["--throughput", "50", "--host", address])
+        swarm.wait_ready()
         off = DistributedModelForCausalLM.from_pretrained(
             str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, verify_first_steps=0
         )
@@ -173,7 +177,7 @@ def liars(path: Path, args: argparse.Namespace) -> None:
             t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
             rate = on.client_config.verify_rate
             print(
-                f"spot checks at verify_rate={rate:g} (two honest replicas, {args.cost_tokens} tokens a run, "
+                f"audits at verify_rate={rate:g} (two honest replicas in two address groups, {args.cost_tokens} tokens a run, "
                 f"median of {args.cost_rounds}): {t_off:.1f} ms/token off, {t_on:.1f} ms/token on, "
                 f"decode slowdown {100 * (t_on / t_off - 1):+.1f}% (target <= 10%)"
             )
@@ -181,8 +185,12 @@ def liars(path: Path, args: argparse.Namespace) -> None:
             off.close()
             on.close()
         fast = ["--throughput", "1e6"]
-        random_liar = swarm.add_server(span, wait=False, extra_args=fast, launcher=LYING_SERVER)
-        weights_liar = swarm.add_server(span, wait=False, extra_args=fast, model=other_weights(path))
+        random_liar = swarm.add_server(
+            span, wait=False, extra_args=[*fast, "--host", "127.0.3.1"], launcher=LYING_SERVER
+        )
+        weights_liar = swarm.add_server(
+            span, wait=False, extra_args=[*fast, "--host", "127.0.4.1"], model=other_weights(path)
+        )
         swarm.wait_ready()
         names = {str(random_liar.peer_id): "random tensors", str(weights_liar.peer_id): "other weights"}
         reports = Path(tempfile.mkdtemp()) / "reports.jsonl"

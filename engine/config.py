@@ -104,6 +104,7 @@ LIMITS: dict[str, Limit] = {
     "num_threads": _NON_NEGATIVE,
     "verify_rate": Limit(0, 1),
     "verify_first_steps": _NON_NEGATIVE,
+    "audit_every": _NON_NEGATIVE,
     "liar_ban": _NON_NEGATIVE,
     "micro_batch_size": _COUNT,
     # ServerConfig
@@ -228,8 +229,9 @@ class ClientConfig:
     require_exact: bool = False  # route only through servers whose blocks are not quantized (no --quant)
     swarm_key_file: str | None = None  # key file of a private swarm (`corolla swarm-key new`); None: public swarm
     contributor_key_file: str | None = None  # your server's --identity-file: be served first as a contributor
-    verify_rate: float = 0.05  # share of steps whose output a hop's independent replica recomputes (0: off)
-    verify_first_steps: int = 2  # steps of each new server always recomputed before it is trusted at verify_rate
+    verify_rate: float = 0.05  # chance a hop's unaudited steps are audited after a step; 0 turns audits off
+    verify_first_steps: int = 2  # audits a new server gets after each of its first steps, before the schedule
+    audit_every: int = 32  # steps a hop's outputs stay unaudited at most (0: no bound); generations end audited
     liar_ban: float = 3600.0  # seconds this client avoids a server it caught lying
     report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
     active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it

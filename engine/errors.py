@@ -134,6 +134,23 @@ class PrivateSwarmError(PeerError):
     """The swarm (or a server) is private and this peer does not hold its swarm key, or its proof failed."""
 
 
+class OutputRetracted(CorollaError):
+    """An audit caught a server lying: the session's outputs from ``position`` on were untrue and are dropped.
+
+    The session has already rewound to ``position`` (every earlier position is audited) and moved off the
+    liar. Whoever sampled tokens from outputs at ``position`` or later must drop them and feed the session
+    again from there (the token loop of ``generate`` and ``stream_text`` does).
+    """
+
+    def __init__(self, position: int, liars: tuple[str, ...]) -> None:
+        super().__init__(
+            f"an audit caught {', '.join(short_peer(p) for p in liars) or 'a server'} lying: outputs from position "
+            f"{position} on were dropped; the session has rewound there, feed it again from that position"
+        )
+        self.position = position
+        self.liars = liars
+
+
 class InitialPeerError(CorollaError):
     """An initial peer address is malformed, or no initial peer could be reached.
 

@@ -30,10 +30,43 @@ RETRYABLE = (PeerUnavailableError, CacheFullError, SessionClosedError, ProtocolE
 
 @dataclass
 class Hop:
-    """One hop of the live route and every input it has been sent (for replay)."""
+    """One hop of the live route, every input it has been sent (for replay and audits), and the outputs
+    its server claimed since ``audited`` (the position up to which its outputs are audited, or were never
+    the server's: a replayed history's outputs fed nobody)."""
 
     stream: HopStream
     inputs: list[torch.Tensor] = field(default_factory=list)  # each [batch, new, hidden]
+    audited: int = 0
+    claims: list[torch.Tensor] = field(
+        default_factory=list
+    )  # outputs of positions audited.., each [batch, new, hidden]
+    steps: int = 0  # steps of the server since its last audit
+
+    def record(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The server answered ``out`` for inputs ``x`` (both [batch, new, hidden]); the next hop takes ``out``."""
+        self.inputs.append(x)
+        self.claims.append(out)
+        self.steps += 1
+
+    def claimed(self) -> torch.Tensor | None:
+        """Unaudited outputs, [batch, position - audited, hidden] (None if there are none)."""
+        return torch.cat(self.claims, dim=1) if self.claims else None
+
+    def mark_audited(self, position: int) -> None:
+        """Every output before ``position`` is audited (or fed nobody)."""
+        self.audited, self.claims, self.steps = position, [], 0
+
+    def postpone(self) -> None:
+        """No replica could audit the claims: keep them, restart the schedule's count."""
+        self.steps = 0
+
+    def rewind(self, position: int) -> None:
+        """Forget inputs and claims from ``position`` on."""
+        self.truncate(position)
+        if position <= self.audited:
+            self.mark_audited(position)
+        elif self.claims:
+            self.claims = [torch.cat(self.claims, dim=1)[:, : position - self.audited]]
 
     @property
     def start(self) -> int:

@@ -31,7 +31,7 @@ from corolla.engine.client.speculative import (
     check_draft_tokens,
     speculative_loop,
 )
-from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
+from corolla.engine.client.text import FinishReason, GenerationResult, Rewind, TextStream
 from corolla.engine.client.training import (
     TrainingPath,
     check_tuned_generate,
@@ -251,7 +251,7 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         prefix: torch.Tensor | None = None,
         drafter: Drafter | None = None,
         num_draft_tokens: int | None = None,
-    ) -> Generator[torch.Tensor, None, FinishReason]:
+    ) -> Generator[torch.Tensor | Rewind, None, FinishReason]:
         """:func:`~corolla.engine.client.generation.token_loop` with this model's head, padding and wire dtype;
         :func:`~corolla.engine.client.speculative.speculative_loop` with a ``drafter``."""
         pad_id = self._tokenizer.pad_token_id if self._tokenizer is not None else None
@@ -357,6 +357,11 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
                 session, input_ids, params, max_new_tokens, eos_ids, prefix, drafter, num_draft_tokens
             )
             for token in loop:
+                if isinstance(token, Rewind):  # an audit caught a liar: these tokens came from its outputs
+                    if streamer is not None and len(tokens) > token.kept:
+                        logger.warning("the streamer showed %d tokens that were withdrawn", len(tokens) - token.kept)
+                    del tokens[token.kept :]
+                    continue
                 tokens.append(token)
                 if streamer is not None:
                     streamer.put(token)
@@ -443,13 +448,21 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         loop = self._token_loop(session, new_ids, params, max_new_tokens, self._eos_ids(None), prefix, self.drafter)
         eos = self._eos_ids(None)
 
-        def tokens() -> Generator[int, None, FinishReason]:
+        def tokens() -> Generator[int | Rewind, None, FinishReason]:
             reason: FinishReason = "length"
             try:
                 while True:
-                    token = int(next(loop)[0])
-                    if token in eos:
-                        return "eos"
+                    item = next(loop)
+                    if isinstance(item, Rewind):
+                        yield item
+                        continue
+                    token = int(item[0])
+                    if token in eos:  # the loop audits before it ends: it returns, or withdraws the eos too
+                        try:
+                            yield next(loop)  # a Rewind
+                        except StopIteration:
+                            return "eos"
+                        continue
                     yield token
             except StopIteration as stop:
                 reason = stop.value or "length"

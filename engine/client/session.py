@@ -3,7 +3,14 @@ the inputs it sent to every hop, so a failed hop can be re-planned and its histo
 
 This module holds the session's state and its step loop; opening a route is in
 :mod:`~corolla.engine.client.opening`, repairing a hop in :mod:`~corolla.engine.client.failover`,
-spot checks in :mod:`~corolla.engine.client.spot_check`.
+audits in :mod:`~corolla.engine.client.spot_check`.
+
+Every hop's outputs are kept until audited: after a step, a hop whose run of unaudited steps is due
+(:func:`~corolla.engine.routing.trust.audit_due`) has that whole run recomputed on an independent replica
+in one stateless forward; :meth:`InferenceSession.audit` audits everything left (the token loop calls it
+before a generation ends). When a server is caught, the session rewinds to its first unaudited position,
+moves off the liar, and raises :class:`~corolla.engine.errors.OutputRetracted`: the caller feeds again
+from there, so no lie survives in what the user gets.
 """
 
 from __future__ import annotations
@@ -29,11 +36,18 @@ from corolla.engine.client.forwarding import (
 from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, first_silent, step_timeout
 from corolla.engine.client.notices import NOTICES
 from corolla.engine.client.opening import open_route
-from corolla.engine.client.spot_check import spot_check
+from corolla.engine.client.spot_check import audit
 from corolla.engine.client.verify import output_problem
 from corolla.engine.config import ClientConfig
-from corolla.engine.errors import PeerError, PeerUnavailableError, ProtocolError, SessionClosedError, short_peer
-from corolla.engine.routing.trust import Verdict, should_verify
+from corolla.engine.errors import (
+    OutputRetracted,
+    PeerError,
+    PeerUnavailableError,
+    ProtocolError,
+    SessionClosedError,
+    short_peer,
+)
+from corolla.engine.routing.trust import Verdict, audit_due
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +79,8 @@ class InferenceSession(OnClient):
         self.avoid: set[str] = set()  # peers caught lying (or on a route that lied) in this session: never again
         self.liars: set[str] = set()  # peers this session convicted
         self.unverified: dict[tuple[int, int], str] = {}  # (start, end) of hops whose output no replica could check
-        self.checks = 0  # spot checks run
+        self.checks = 0  # audits run
+        self.retractions = 0  # times an audit caught a liar and the session rewound
         # servers push each hop's output to the next (off after a mismatch)
         self._forwarding = context.config.forwarding
         self.forwarded_steps = 0  # steps whose every hop ran forwarded
@@ -79,7 +94,12 @@ class InferenceSession(OnClient):
 
     # ---- public API -------------------------------------------------------------------------
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run [batch, new, hidden] inputs of block 0 through the route; return last block's outputs."""
+        """Run [batch, new, hidden] inputs of block 0 through the route; return last block's outputs.
+
+        Raises:
+            OutputRetracted: an audit after the step caught a server lying in this or an earlier step; the
+                session rewound to ``error.position``: drop what came from later outputs, feed again from there.
+        """
         if self.closed:
             raise SessionClosedError("this inference session is closed; open a new one")
         if hidden.ndim != 3:
@@ -103,7 +123,18 @@ class InferenceSession(OnClient):
             self._replay_due = True
         self.position = position
         for hop in self.hops:
-            hop.truncate(position)
+            hop.rewind(position)
+
+    def audit(self) -> None:
+        """Audit every hop's unaudited outputs now (a no-op with ``verify_rate=0``).
+
+        Raises:
+            OutputRetracted: a server was caught lying (see :meth:`step`).
+        """
+        if self.closed:
+            raise SessionClosedError("this inference session is closed; open a new one")
+        if self._auditing and self.hops:
+            self.loop.run(self._audit_all())
 
     def close(self) -> None:
         """Free the servers' caches (idempotent, never raises)."""
@@ -188,48 +219,79 @@ class InferenceSession(OnClient):
         self._step_id += 1
         return self._step_id
 
+    @property
+    def _auditing(self) -> bool:
+        return self.config.verify_rate > 0
+
     async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
         for chunk in chunks(hidden, self.config.max_chunk_bytes):
             outputs.append(await self._step_chunk(chunk))
+        if self._auditing:
+            for i in range(len(self.hops)):
+                hop = self.hops[i]
+                passed = self.manager.checks_passed(hop.stream.peer_id)
+                if (hop.start, hop.end) in self.unverified:  # no replica of another group: on the schedule only
+                    passed = max(passed, self.config.verify_first_steps)
+                due = audit_due(
+                    hop.steps,
+                    passed=passed,
+                    first_steps=self.config.verify_first_steps,
+                    every=self.config.audit_every,
+                    rate=self.config.verify_rate,
+                    draw=self._rng.random(),
+                )
+                if due:
+                    await self._audit_hop(i)
         return torch.cat(outputs, dim=1)
 
-    async def _verify(self, hop: Hop, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Spot-check ``out`` when due; False if the hop's server lied (convicted) or is suspect (avoided)."""
+    async def _audit_all(self) -> None:
+        for i in range(len(self.hops)):
+            await self._audit_hop(i)
+
+    async def _audit_hop(self, i: int) -> None:
+        """Audit hop ``i``'s unaudited outputs; on a lie, rewind, move off the liar, raise OutputRetracted."""
+        hop = self.hops[i]
+        claimed = hop.claimed()
+        if claimed is None:
+            return
         peer = hop.stream.peer_id
-        # A hop already known to have no independent replica is checked at the rate only (it may gain one).
-        seen = self.config.verify_first_steps if (hop.start, hop.end) in self.unverified else 0
-        due = should_verify(
-            max(self.manager.checks_passed(peer), seen),
-            first_steps=self.config.verify_first_steps,
-            rate=self.config.verify_rate,
-            draw=self._rng.random(),
-        )
-        if not due:
-            return True
+        end = hop.audited + claimed.shape[1]
+        inputs = hop.history(end)
+        assert inputs is not None  # claims exist, so inputs do
         self.checks += 1
-        history = hop.history(self.position)
-        inputs = x if history is None else torch.cat([history, x], dim=1)
-        judgement = await spot_check(self.context, peer, (hop.start, hop.end), inputs, out, self.avoid)
+        judgement = await audit(self.context, peer, (hop.start, hop.end), inputs, claimed, self.avoid, self._rng)
         self.avoid.update(judgement.liars, judgement.suspects)
         for liar in judgement.liars:
             self.liars.add(liar)
-            reason = "its output differed from two independent replicas'"
-            self.manager.convict(liar, hop.start, hop.end, reason)
+            self.manager.convict(liar, hop.start, hop.end, "its output differed from two independent replicas'")
         if judgement.verdict is Verdict.AGREE:
             self.manager.passed_check(peer)
-        elif judgement.verdict is Verdict.UNVERIFIED and (hop.start, hop.end) not in self.unverified:
-            why = f"only {short_peer(peer)} serves blocks {hop.start}:{hop.end}"
-            self.unverified[(hop.start, hop.end)] = why
-            await NOTICES.report(self.context, peer, hop.start, hop.end, why)
-        elif judgement.verdict is Verdict.DISPUTED:
-            logger.warning(
-                "replicas of blocks %d:%d disagree with %s and none settles it: moving off it",
-                hop.start,
-                hop.end,
-                short_peer(peer),
-            )
-        return judgement.verdict in (Verdict.AGREE, Verdict.UNVERIFIED)
+            hop.mark_audited(end)
+            return
+        if judgement.verdict is Verdict.UNVERIFIED:
+            hop.postpone()  # kept: a replica that joins later may still check them
+            if (hop.start, hop.end) not in self.unverified:
+                why = f"only {short_peer(peer)}'s address group serves blocks {hop.start}:{hop.end}"
+                self.unverified[(hop.start, hop.end)] = why
+                await NOTICES.report(self.context, peer, hop.start, hop.end, why)
+            return
+        if judgement.verdict is Verdict.DISPUTED:
+            why = f"replicas of blocks {hop.start}:{hop.end} disagree with {short_peer(peer)} and no third group settles it"
+            logger.warning("%s: moving off it", why)
+            self.unverified.setdefault((hop.start, hop.end), why)
+        position = hop.audited
+        logger.warning(
+            "rewinding to position %d: %s's outputs on blocks %d:%d since then are recomputed",
+            position,
+            short_peer(peer),
+            hop.start,
+            hop.end,
+        )
+        self.rewind(position)
+        self.retractions += 1
+        await self._replace(i)
+        raise OutputRetracted(position, judgement.liars or (peer,))
 
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
         if not self.hops:
@@ -265,11 +327,8 @@ class InferenceSession(OnClient):
                 self.manager.ban(peer, str(e))
                 await self._repair(i)
                 continue  # retry the same hop index: the replacement route starts there
-            if not await self._verify(hop, x, out):
-                await self._repair(i)
-                continue  # the liar's answer is dropped; its replacement recomputes the step
             self.manager.mark_ok(peer)
-            hop.inputs.append(x)
+            hop.record(x, out)
             x = out
             i += 1
         self.position += x.shape[1]
@@ -329,11 +388,8 @@ class InferenceSession(OnClient):
         for k in range(verdict.done):
             answer = answers[k]
             assert isinstance(answer, HopAnswer)
-            if not await self._verify(hops[k], x, answer.out):
-                await self._repair(k)  # the liar's answer is dropped; its replacement recomputes the step
-                return k, x
             self.manager.mark_ok(peers[k])
-            hops[k].inputs.append(x)
+            hops[k].record(x, answer.out)
             x = answer.out
         if verdict.done == len(hops):
             self.forwarded_steps += 1
@@ -371,6 +427,12 @@ class InferenceSession(OnClient):
         logger.info("rewound to %d: replayed the recurrent states of %d hops", self.position, len(self.hops))
 
     async def _repair(self, index: int) -> None:
+        """Replace a failed hop ``index``; its unaudited outputs are audited first (they fed the later hops)."""
+        if self._auditing:
+            await self._audit_hop(index)  # raises OutputRetracted (after replacing it) if the server lied
+        await self._replace(index)
+
+    async def _replace(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over the same blocks and replay its history into it."""
         new_hops = await replace_hop(
             self.context,
@@ -382,6 +444,8 @@ class InferenceSession(OnClient):
             avoid=self.avoid,
             next_step_id=self._next_step_id,
         )
+        for hop in new_hops:
+            hop.mark_audited(self.position)  # the replay's outputs fed nobody
         self.hops[index : index + 1] = new_hops
         self.failovers += 1
 

@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 
+from corolla.engine.client.generation import MAX_RETRACTIONS
 from corolla.engine.client.inputs import to_wire
 from corolla.engine.client.sampling import SamplingParams, next_tokens, token_probs
 from corolla.engine.client.session import InferenceSession
-from corolla.engine.client.text import FinishReason
+from corolla.engine.client.text import FinishReason, Rewind
+from corolla.engine.errors import CorollaError, OutputRetracted
 from corolla.engine.models.checkpoint import ClientHead
 
 DEFAULT_DRAFT_TOKENS = 4  # tokens the draft proposes per round
@@ -259,9 +261,13 @@ def speculative_loop(
     num_tokens: int,
     wire_dtype: str,
     prefix: torch.Tensor | None = None,
-) -> Generator[torch.Tensor, None, FinishReason]:
+) -> Generator[torch.Tensor | Rewind, None, FinishReason]:
     """Like :func:`~corolla.engine.client.generation.token_loop` for one sequence, with a draft model:
-    feed ``new_ids`` [1, n] (CPU), then yield tokens ([1], CPU), several per round trip when the draft is right."""
+    feed ``new_ids`` [1, n] (CPU), then yield tokens ([1], CPU), several per round trip when the draft is right.
+
+    Audits work as in ``token_loop``: when one catches a server lying, the loop yields :class:`Rewind` (the
+    generated tokens that stay) and goes on from the first untrue output; it ends only once every output it
+    used is audited."""
     if new_ids.shape[0] != 1:
         raise ValueError(
             f"speculative decoding runs one sequence at a time, got a batch of {new_ids.shape[0]}: "
@@ -273,34 +279,80 @@ def speculative_loop(
     feed = session.take_pending(new_ids)
     if feed.shape[1] == 0:
         raise ValueError("nothing to generate from: give at least one input token")
-    seen = feed if session.token_ids is None else torch.cat([session.token_ids, feed], dim=1)
+    held = 0 if session.token_ids is None else session.token_ids.shape[1]
+    seen = feed[:, :0] if session.token_ids is None else session.token_ids  # ids the servers hold
+    prompt = held + feed.shape[1]  # ids given (or fed before): never withdrawn
+    first = session.position  # position of the first fed id (after the prefix, if any)
+    pre = 0 if prefix is None else prefix.shape[1]
     if max_new_tokens < 1:
         return "length"
     draft = drafter.run(head.lm_head.out_features)
-    embeds = head.embed(feed.to(device))
-    if prefix is not None:
-        embeds = torch.cat([prefix.detach().to(embeds.device, embeds.dtype), embeds], dim=1)
-    hidden = session.step(to_wire(embeds, wire_dtype))
-    session.record_fed(seen)
-    logits = head.logits(hidden[:, -1:].to(device))[:, -1].float().cpu()
-    emitted = [int(next_tokens(logits, seen, params, generator)[0])]
-    produced = 0
+    produced = retractions = 0
+    pending: torch.Tensor | None = feed  # ids to feed as a plain step (the prompt, or again after a rewind)
+    emitted: list[int] = []
+    done: FinishReason | None = None
+
+    def withdrawn(e: OutputRetracted, upto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After a retraction (the session rewound to ``e.position``): the ids still held and those to feed."""
+        if e.position < first + pre:
+            raise CorollaError("an audit withdrew outputs before this generation's tokens; start a new session") from e
+        index = held + e.position - first - pre  # the id at position e.position (computed from true outputs)
+        keep = min(upto.shape[1], max(prompt, index + 1))
+        session.record_fed(upto[:, :index])
+        return upto[:, :index], upto[:, index:keep]
+
     while True:
-        session.hold_pending(torch.tensor([[emitted[-1]]]))  # sampled, not yet in the servers' caches
-        for token in emitted:
-            produced += 1
-            yield torch.tensor([token])
-            if token in eos_ids:
-                return "eos"
-        if produced >= max_new_tokens:
-            return "length"
-        last = torch.tensor([[emitted[-1]]])
-        context = torch.cat([seen, last], dim=1)
-        room = session.max_length - session.position - 1  # drafts the session can take after ``last``
-        k = max(0, min(num_tokens, max_new_tokens - produced - 1, room))
-        drafts, q = draft.propose(context, k, params, generator) if k else (last[:, :0], None)
-        position = session.position
-        hidden = session.step(to_wire(head.embed(torch.cat([last, drafts], dim=1).to(device)), wire_dtype))
+        try:
+            if pending is not None:
+                embeds = head.embed(pending.to(device))
+                if prefix is not None:
+                    embeds = torch.cat([prefix.detach().to(embeds.device, embeds.dtype), embeds], dim=1)
+                hidden = session.step(to_wire(embeds, wire_dtype))
+                prefix = None
+                seen = torch.cat([seen, pending], dim=1)
+                session.record_fed(seen)
+                pending = None
+                logits = head.logits(hidden[:, -1:].to(device))[:, -1].float().cpu()
+                emitted = [int(next_tokens(logits, seen, params, generator)[0])]
+                done = None
+            if done is None:
+                session.hold_pending(torch.tensor([[emitted[-1]]]))  # sampled, not yet in the servers' caches
+                for token in emitted:
+                    produced += 1
+                    yield torch.tensor([token])
+                    if token in eos_ids:
+                        done = "eos"
+                        break
+                if done is None and produced >= max_new_tokens:
+                    done = "length"
+            if done is not None:
+                session.audit()  # raises if a server lied: the tokens from its outputs are withdrawn below
+                return done
+            last = torch.tensor([[emitted[-1]]])
+            context = torch.cat([seen, last], dim=1)
+            room = session.max_length - session.position - 1  # drafts the session can take after ``last``
+            k = max(0, min(num_tokens, max_new_tokens - produced - 1, room))
+            drafts, q = draft.propose(context, k, params, generator) if k else (last[:, :0], None)
+            position = session.position
+            hidden = session.step(to_wire(head.embed(torch.cat([last, drafts], dim=1).to(device)), wire_dtype))
+        except OutputRetracted as e:
+            retractions += 1
+            if retractions > MAX_RETRACTIONS:
+                raise CorollaError(
+                    f"audits caught servers lying {retractions} times in one generation; the swarm may be under "
+                    "attack: try again later or use servers you trust (a private swarm)"
+                ) from e
+            if pending is not None:  # the plain step failed: its ids were never held
+                upto = torch.cat([seen, pending], dim=1)
+            else:  # ``emitted[-1]`` was sampled and not yet fed
+                upto = torch.cat([seen, torch.tensor([emitted[-1:]])], dim=1)
+            seen, pending = withdrawn(e, upto)
+            kept = seen.shape[1] + pending.shape[1] - prompt
+            emitted, done = [], None
+            if kept < produced:
+                produced = kept
+                yield Rewind(produced)
+            continue
         logits = head.logits(hidden.to(device))[0].float().cpu()  # [k + 1, vocab]: after last, d1, .., dk
         ids = [int(t) for t in drafts[0]]
         befores = [torch.cat([context, drafts[:, :i]], dim=1) for i in range(k + 1)]  # what position i follows

@@ -1,14 +1,16 @@
-"""Spot checks: recompute one hop's step on independent replicas and judge who told the truth.
+"""Audits: recompute a hop's run of unaudited steps on independent replicas and judge who told the truth.
 
 The shell around the pure parts (:mod:`corolla.engine.client.verify` compares tensors,
-:mod:`corolla.engine.routing.trust` schedules checks and judges): it plans routes over the hop's
-blocks that avoid every peer already heard, runs the hop's whole history through them as a stateless
-forward, and stops once two independent sources agree.
+:mod:`corolla.engine.routing.trust` schedules audits, picks auditors and judges,
+:mod:`corolla.engine.routing.groups` groups addresses): it asks replicas of address groups not yet heard,
+runs the hop's whole history through them as one stateless forward, and stops once two groups agree.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Collection
 
 import torch
@@ -17,10 +19,22 @@ from corolla.engine.client.context import ClientContext
 from corolla.engine.client.remote import remote_forward
 from corolla.engine.client.verify import output_problem, outputs_agree, tolerance
 from corolla.engine.errors import PeerError, short_peer
+from corolla.engine.routing.groups import addrs_group
 from corolla.engine.routing.sequence_manager import SequenceManager
-from corolla.engine.routing.trust import MAX_OPINIONS, Judgement, Opinion, judge, settled, silent_bound
+from corolla.engine.routing.trust import (
+    MAX_OPINIONS,
+    Judgement,
+    Opinion,
+    choose_auditor,
+    judge,
+    settled,
+    silent_bound,
+)
 
 logger = logging.getLogger(__name__)
+
+PEERS_TIMEOUT_S = 2.0
+"""Seconds to ask the p2p daemon where its connections come from (else every peer is its own group)."""
 
 
 async def recompute(context: ClientContext, route: list[tuple[str, int, int]], x: torch.Tensor) -> torch.Tensor:
@@ -53,56 +67,108 @@ async def recompute(context: ClientContext, route: list[tuple[str, int, int]], x
     return x
 
 
-async def spot_check(
+_KNOWN_GROUPS: dict[str, str] = {}
+"""Last address group seen for each peer in this process (a peer that hung up keeps its group)."""
+MAX_KNOWN_GROUPS = 10_000
+"""Peers remembered at most (the oldest are forgotten first)."""
+
+
+async def peer_groups(context: ClientContext) -> dict[str, str]:
+    """Address group of every peer this process has been connected to, from the addresses the p2p daemon
+    connected to (the last seen; a peer whose connection closed keeps the group it had)."""
+    try:
+        peers = await asyncio.wait_for(context.p2p.list_peers(), PEERS_TIMEOUT_S)
+    except Exception as e:  # unknown origins: each peer counts as its own group
+        logger.debug("listing connected peers: %s", e)
+        peers = []
+    for info in peers:
+        group = addrs_group([str(a) for a in info.addrs])
+        if group is not None:
+            _KNOWN_GROUPS.pop(str(info.peer_id), None)
+            _KNOWN_GROUPS[str(info.peer_id)] = group
+    while len(_KNOWN_GROUPS) > MAX_KNOWN_GROUPS:
+        _KNOWN_GROUPS.pop(next(iter(_KNOWN_GROUPS)))
+    return dict(_KNOWN_GROUPS)
+
+
+async def audit(
     context: ClientContext,
     server: str,
     blocks: tuple[int, int],
     inputs: torch.Tensor,
-    output: torch.Tensor,
+    claimed: torch.Tensor,
     avoid: Collection[str],
+    rng: random.Random,
 ) -> Judgement:
-    """Judge ``server``'s ``output`` [batch, new, hidden] for blocks ``blocks`` given the hop's ``inputs``.
+    """Judge ``server``'s ``claimed`` outputs [batch, n, hidden] of the last ``n`` positions of ``inputs``.
+
+    The hop's whole history ``inputs`` [batch, position, hidden] goes through an independent replica in one
+    stateless forward (a prefill: far cheaper per token than the decode steps it checks). The replica is
+    never of the server's address group; among the others, one with the longest honest record is picked at
+    random (:func:`~corolla.engine.routing.trust.choose_auditor`). A disagreement asks further replicas of
+    yet other groups until two groups agree (:func:`~corolla.engine.routing.trust.settled`).
 
     Args:
-        context: The client: its routes (replicas of the hop's blocks, measurements), P2P peer, timeouts.
-        server: Peer id whose output is checked.
+        context: The client: its routes (replicas of the hop's blocks, records), P2P peer, timeouts.
+        server: Peer id whose outputs are checked.
         blocks: The hop's ``(start, end)``.
-        inputs: Every input the hop has held, this step's last: [batch, position + new, hidden].
-        output: What the server answered for this step's ``new`` positions.
+        inputs: Every input the hop has held, [batch, position, hidden].
+        claimed: What the server answered for the last ``n`` positions.
         avoid: Peers never to ask (already convicted or suspected in this session).
+        rng: The session's generator (auditor choice).
     """
     manager, config = context.manager, context.config
     start, end = blocks
-    new = output.shape[1]
-    opinions = [Opinion((server,), 0)]
-    outputs = [output]
+    n = claimed.shape[1]
+    groups = await peer_groups(context)
+    operator = groups.get(server, server)
+    opinions = [Opinion((server,), 0, operator)]
+    outputs = [claimed]
+    heard = {operator}
     used = {server, *avoid, *manager.failed_within(config.update_period)}
     dtypes = {_dtype(manager, server)}
+    adapter, quant = config.active_adapter, _quant(manager, server)
     while not settled(opinions) and len(opinions) < MAX_OPINIONS:
-        route = manager.plan_replica(
-            start, end, exclude=used, adapter=config.active_adapter, quant=_quant(manager, server)
-        )
-        if route is None:
-            break
-        peers = tuple(h.peer_id for h in route)
+        record = {p: manager.checks_passed(p) for p in manager.replicas(start, end, used, adapter=adapter, quant=quant)}
+        pick = choose_auditor(record, record=record, groups=groups, exclude_groups=heard, rng=rng)
+        if pick is not None:
+            route = [(pick, start, end)]
+        else:  # no single server of another group holds the whole hop: a route of several, if any
+            hops = manager.plan_replica(start, end, exclude=used, adapter=adapter, quant=quant)
+            if hops is None or any(groups.get(h.peer_id, h.peer_id) in heard for h in hops):
+                break
+            route = [(h.peer_id, h.start, h.end) for h in hops]
+        peers = tuple(p for p, _, _ in route)
         used.update(peers)
         try:
-            full = await recompute(context, [(h.peer_id, h.start, h.end) for h in route], inputs)
+            full = await recompute(context, route, inputs)
         except PeerError as e:  # a replica that fails is no opinion; try another
             culprit = e.peer_id if e.peer_id in peers else peers[0]
-            manager.ban(culprit, f"spot check: {e}")
+            manager.ban(culprit, f"audit: {e}")
             continue
+        groups = await peer_groups(context)  # now connected: where the replica really is
+        who = "+".join(sorted({groups.get(p, p) for p in peers}))
+        if any(groups.get(p, p) in heard for p in peers):
+            logger.debug("audit of %s: %s shares an address group already heard", short_peer(server), who)
+            continue  # one operator's second opinion is no opinion
+        heard.update(groups.get(p, p) for p in peers)
         dtypes.update(_dtype(manager, p) for p in peers)
-        mine = full[:, -new:]
+        mine = full[:, -n:]
         rel_tol = tolerance(dtypes)
         group = next((g for g, seen in enumerate(outputs) if outputs_agree(mine, seen, rel_tol)), None)
         if group is None:
             outputs.append(mine)
             group = len(outputs) - 1
-        opinions.append(Opinion(peers, group))
+        opinions.append(Opinion(peers, group, who))
     judgement = judge(opinions)
     logger.debug(
-        "spot check of %s on %d:%d: %s (%d opinions)", short_peer(server), start, end, judgement.verdict, len(opinions)
+        "audit of %s on %d:%d, %d steps: %s (%d opinions)",
+        short_peer(server),
+        start,
+        end,
+        n,
+        judgement.verdict,
+        len(opinions),
     )
     return judgement
 

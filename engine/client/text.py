@@ -20,6 +20,14 @@ class GenerationResult:
     unverified: tuple[str, ...] = ()  # why parts of the route could not be checked on an independent replica
 
 
+@dataclass(frozen=True)
+class Rewind:
+    """Yielded by the token loop when an audit caught a server lying: tokens yielded from ``kept`` on are
+    withdrawn (they came from its untrue outputs); the tokens that follow replace them."""
+
+    kept: int  # tokens of this generation still valid
+
+
 def held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that could still grow into one of ``stops``."""
     best = 0
@@ -34,18 +42,26 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 class TextStream(Iterator[str]):
     """An iterator of text pieces; ``prompt_tokens``, ``completion_tokens`` and ``finish_reason`` fill in
     as it goes. Text that could be the start of a stop string is held back until it is decided.
+
+    Rewinds: when an audit catches a server lying, text already given out may be withdrawn. ``text`` is
+    then cut back to the honest part, the cut (a character offset into the completion) is appended to
+    ``rewinds`` and passed to ``on_rewind``, and the pieces that follow continue from that offset. Who
+    joins pieces must honour it (``result()`` and ``text`` always hold the honest completion).
     """
 
     def __init__(
         self,
-        tokens: Iterator[int],
+        tokens: Iterator[int | Rewind],
         decode: Callable[[list[int]], str],
         prompt_tokens: int,
         stop: Sequence[str] = (),
         on_close: Callable[[], Any] | None = None,
         unverified: Callable[[], Sequence[str]] | None = None,
+        on_rewind: Callable[[int], Any] | None = None,
     ) -> None:
         self._unverified = unverified
+        self._on_rewind = on_rewind
+        self.rewinds: list[int] = []
         self._tokens = tokens
         self._decode = decode
         self._stops = [s for s in stop if s]
@@ -71,6 +87,9 @@ class TextStream(Iterator[str]):
                 if piece:
                     return piece
                 break
+            if isinstance(token, Rewind):
+                self._rewind(token.kept)
+                continue
             self._ids.append(token)
             self.completion_tokens += 1
             piece = self._flush(final=False)
@@ -95,6 +114,22 @@ class TextStream(Iterator[str]):
         self._emitted = max(self._emitted, len(decoded))
         self.text += piece
         return piece
+
+    def _rewind(self, kept: int) -> None:
+        self._ids = self._ids[:kept]
+        self.completion_tokens = len(self._ids)
+        honest = self._decode(self._ids)
+        cut = 0
+        for a, b in zip(self.text, honest, strict=False):  # what was given out and is still true
+            if a != b:
+                break
+            cut += 1
+        if cut < len(self.text):
+            self.text = self.text[:cut]
+            self.rewinds.append(cut)
+            if self._on_rewind is not None:
+                self._on_rewind(cut)
+        self._emitted = min(self._emitted, cut)
 
     def close(self) -> None:
         """Stop generating and release the session (idempotent)."""

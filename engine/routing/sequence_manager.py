@@ -296,6 +296,17 @@ class SequenceManager:
                 continue
         return None
 
+    def replicas(self, start: int, end: int, exclude: Collection[str], *, adapter: str | None, quant: str) -> list[str]:
+        """Servers that alone hold all of ``[start, end)`` with the same ``adapter`` and ``quant``, from the swarm
+        as last read: the candidate auditors of a hop (never banned servers, convicted liars, nor ``exclude``)."""
+        with self._lock:
+            skip = self.banned() | set(self._convicted) | set(exclude)
+            return sorted(
+                p
+                for p, s in with_adapter(self._spans, adapter).items()
+                if p not in skip and s.record.quant == quant and s.start <= start and end <= s.end
+            )
+
     def plan_forward(self, start: int = 0, end: int | None = None, exclude: Collection[str] = ()) -> list[RouteHop]:
         """A load-spreading route for a stateless forward (avoiding banned servers and ``exclude``; via servers
         with the configured adapter, if any)."""

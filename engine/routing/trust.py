@@ -8,7 +8,10 @@ the swarm simulator (``benchmarks/swarm_simulation.py``), so both route, verify 
 * :func:`probe_problem`: a new server answers ``info`` before it carries a session; its protocol
   version, model and span must match what its record said.
 * :func:`should_verify`: which steps get their output recomputed on an independent replica.
-* :func:`judge`: who lied, from the outputs of independent replicas (two that agree settle it).
+* :func:`audit_due`: when a hop's run of unaudited steps is recomputed (in one stateless forward).
+* :func:`choose_auditor`: which replica recomputes it: never one of the checked server's address group,
+  at random among those with the longest honest record (never "the fastest announced").
+* :func:`judge`: who lied, from the outputs of independent replicas (two address groups that agree settle it).
 * :func:`silent_bound`: how long to wait for a step before a server counts as silent.
 * :func:`on_this_machine`, :func:`warn_unverified`: whether a hop nobody could check is worth a warning.
 """
@@ -16,6 +19,7 @@ the swarm simulator (``benchmarks/swarm_simulation.py``), so both route, verify 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -27,8 +31,10 @@ __all__ = [
     "Judgement",
     "Opinion",
     "Verdict",
+    "audit_due",
     "ban_seconds",
     "believed_block_seconds",
+    "choose_auditor",
     "judge",
     "on_this_machine",
     "probe_problem",
@@ -105,6 +111,50 @@ def should_verify(checked_steps: int, *, first_steps: int, rate: float, draw: fl
     return checked_steps < first_steps or draw < rate
 
 
+def audit_due(unaudited: int, *, passed: int, first_steps: int, every: int, rate: float, draw: float) -> bool:
+    """Whether to audit a hop now: recompute its whole run of ``unaudited`` steps on an independent replica.
+
+    An audit checks every unaudited step at once, so a liar is caught at the first audit after its first lie
+    however rarely it lies; the schedule only bounds how long a lie can stand.
+
+    Args:
+        unaudited: Steps of the hop's server since its last audit (0: nothing to audit).
+        passed: Audits the server passed with this client (a new server is audited after each of its first steps).
+        first_steps: Audits a new server gets after every step before the rest of the schedule applies.
+        every: Audit at the latest after this many unaudited steps (0: no such bound).
+        rate: Chance of an audit after any other step (0 never, 1 always).
+        draw: A uniform random number in ``[0, 1)`` (the caller's generator, for reproducibility).
+    """
+    if unaudited <= 0:
+        return False
+    return passed < first_steps or (every > 0 and unaudited >= every) or draw < rate
+
+
+def choose_auditor(
+    candidates: Collection[str],
+    *,
+    record: Mapping[str, int],
+    groups: Mapping[str, str],
+    exclude_groups: Collection[str],
+    rng: random.Random,
+) -> str | None:
+    """The replica to recompute a hop: outside ``exclude_groups``, longest honest record, ties at random.
+
+    Args:
+        candidates: Peers serving the hop's blocks with the same weights (the checked server excluded).
+        record: Audits each peer passed with this client (missing: 0).
+        groups: Each peer's address group, from the addresses this client's connections to it came from
+            (missing: the peer is its own group, so an unseen peer is never mistaken for a known one).
+        exclude_groups: Groups whose opinion is already counted (the checked server's, earlier auditors').
+        rng: The caller's generator: an attacker cannot predict which replica checks it.
+    """
+    eligible = sorted(p for p in candidates if groups.get(p, p) not in exclude_groups)
+    if not eligible:
+        return None
+    best = max(record.get(p, 0) for p in eligible)
+    return rng.choice([p for p in eligible if record.get(p, 0) == best])
+
+
 class Verdict(Enum):
     """Outcome of a spot check."""
 
@@ -119,10 +169,25 @@ class Opinion:
     """One output of a hop: the peers of the route that computed it, and which outputs it matched.
 
     ``group`` numbers the distinct outputs seen: opinions with the same group matched each other.
+    ``operator`` is the route's address group(s): a later opinion of an operator already heard is ignored
+    (colluders in one /24 are one opinion). Empty: the peers themselves are the operator.
     """
 
     peers: tuple[str, ...]
     group: int
+    operator: str = ""
+
+
+def _independent(opinions: list[Opinion]) -> list[Opinion]:
+    """The first opinion of each operator, in order."""
+    seen: set[str] = set()
+    kept = []
+    for o in opinions:
+        who = o.operator or "+".join(o.peers)
+        if who not in seen:
+            seen.add(who)
+            kept.append(o)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -140,8 +205,8 @@ class Judgement:
 
 
 def settled(opinions: list[Opinion]) -> bool:
-    """Whether some output is backed by two independent routes (stop asking more replicas)."""
-    groups = [o.group for o in opinions]
+    """Whether some output is backed by two independent operators (stop asking more replicas)."""
+    groups = [o.group for o in _independent(opinions)]
     return any(groups.count(g) >= 2 for g in set(groups))
 
 
@@ -149,8 +214,10 @@ def judge(opinions: list[Opinion]) -> Judgement:
     """Decide a spot check from the opinions gathered; ``opinions[0]`` is the checked server's own output.
 
     Every later opinion came from a route that avoids the peers of all earlier ones, so two matching
-    opinions are two independent sources. The output backed by two of them is the truth.
+    opinions are two independent sources, unless one operator (address group) gave both: only an operator's
+    first opinion counts. The output backed by two operators is the truth.
     """
+    opinions = _independent(opinions)
     if len(opinions) < 2:
         return Judgement(Verdict.UNVERIFIED)
     groups = [o.group for o in opinions]

@@ -22,6 +22,50 @@ LYING_SERVER: tuple[str, ...] = (sys.executable, "-c", _LYING_SERVER_CODE)
 and scale (its forwards stay honest): an attacker for the verification tests and benchmarks."""
 
 
+_SCHEDULED_LIAR_CODE = """
+import random, sys
+from corolla.engine.apps.cli import main
+from corolla.engine.server.backend import SpanBackend
+LIE_STEPS = {steps!r}  # 1-based steps of each session that get a lie (None: every step, or at RATE)
+RATE, AFTER = {rate!r}, {after!r}  # with LIE_STEPS None: lie on this share of the steps after a session's first AFTER
+draw = random.Random({seed!r}).random
+COLLUDE = {collude!r}  # stateless forwards lie too (the forwards audits use)
+honest_step, honest_forward = SpanBackend.inference_step, SpanBackend.forward
+seen = {{}}
+def lie(out):
+    return out.roll(1, dims=-1)  # a function of the honest output: every colluder tells the same lie
+async def step(self, session, position, hidden):
+    out = await honest_step(self, session, position, hidden)
+    n = seen[id(session)] = seen.get(id(session), 0) + 1
+    due = n in LIE_STEPS if LIE_STEPS is not None else n > AFTER and draw() < RATE
+    return lie(out) if due else out
+async def forward(self, *args, **kwargs):
+    out = await honest_forward(self, *args, **kwargs)
+    return lie(out) if COLLUDE else out
+SpanBackend.inference_step = step
+SpanBackend.forward = forward
+sys.exit(main())
+"""
+
+
+def scheduled_liar(
+    steps: tuple[int, ...] | None = None,
+    *,
+    collude: bool = False,
+    rate: float = 1.0,
+    after: int = 0,
+    seed: int = 0,
+) -> tuple[str, ...]:
+    """Launcher of a ``corolla server`` that lies on the given 1-based ``steps`` of every session (None: on a
+    ``rate`` share of the steps after each session's first ``after``, drawn from ``seed``), with a lie that is a
+    function of the honest output (``collude``: on stateless forwards too), so two such servers tell the same
+    lie and vouch for each other."""
+    code = _SCHEDULED_LIAR_CODE.format(
+        steps=set(steps) if steps is not None else None, collude=collude, rate=rate, after=after, seed=seed
+    )
+    return (sys.executable, "-c", code)
+
+
 def tree_rss(pid: int) -> int:
     """RSS of a process and its children, in bytes (a server with its DHT process and p2p daemon)."""
     import psutil

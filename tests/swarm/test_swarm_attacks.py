@@ -281,4 +281,4 @@ def test_output_of_a_single_replica_is_flagged_unverified(attack: Attack) -> Non
     with attack.model.inference_session(16) as session:
         attack.model.generate(random_ids(1, 4, seed=15), max_new_tokens=2, eos_token_id=[], session=session)
     assert not session.verified
-    assert session.unverified == {(0, 6): f"only …{attack.server[-6:]} serves blocks 0:6"}
+    assert session.unverified == {(0, 6): f"only …{attack.server[-6:]}'s address group serves blocks 0:6"}

@@ -67,13 +67,18 @@ def liars(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPat
     other = make_tiny_checkpoint(tmp_path_factory.mktemp("other") / "tiny-llama", seed=1)
     reports = tmp_path_factory.mktemp("reports") / "reports.jsonl"
     with running_swarm(path, [], tmp_path_factory) as swarm:
-        first = swarm.add_server("0:6", wait=False, extra_args=["--throughput", "50"])
+        # Four operators: each server in its own /24 of loopback (one address group counts as one opinion).
+        first = swarm.add_server("0:6", wait=False, extra_args=["--throughput", "50", "--host", "127.0.1.1"])
         second = swarm.add_server(
-            "0:6", wait=False, extra_args=["--throughput", "50", "--forward-timeout", str(FORWARD_TIMEOUT)]
+            "0:6",
+            wait=False,
+            extra_args=["--throughput", "50", "--forward-timeout", str(FORWARD_TIMEOUT), "--host", "127.0.2.1"],
         )
         fast = ["--throughput", "1e6"]
-        random_liar = swarm.add_server("0:6", wait=False, extra_args=fast, launcher=LYING_SERVER)
-        weights_liar = swarm.add_server("0:6", wait=False, extra_args=fast, model=other)
+        random_liar = swarm.add_server(
+            "0:6", wait=False, extra_args=[*fast, "--host", "127.0.3.1"], launcher=LYING_SERVER
+        )
+        weights_liar = swarm.add_server("0:6", wait=False, extra_args=[*fast, "--host", "127.0.4.1"], model=other)
         swarm.wait_ready()
         with stranger(swarm) as (_, loop, p2p):  # a fresh server's first compute is slow: not in its 3 s
             loop.run(remote_forward(p2p, peer_id(second), 0, 6, torch.zeros(1, 1, HIDDEN), 2**20, 60.0), 120)

@@ -210,13 +210,12 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
             stream = await in_thread(make_stream)
             if not stream_requested:
                 try:
-                    pieces = []
-                    while (piece := await in_thread(_next_piece, stream, deadline)) is not None:
-                        pieces.append(piece)
+                    while await in_thread(_next_piece, stream, deadline) is not None:
+                        pass
                 finally:
                     await in_thread(stream.close)
                     release_slot()
-                text = "".join(pieces)
+                text = stream.text  # the honest completion: an audit may have withdrawn pieces given out
                 metrics.in_progress.dec()
                 metrics.latency.labels(endpoint).observe(time.monotonic() - began)
                 metrics.tokens.labels("prompt").inc(stream.prompt_tokens)
@@ -251,16 +250,29 @@ def create_app(model: DistributedModelForCausalLM, settings: ApiSettings) -> Fas
                 return protocol.chat_chunk(rid, model_id, {"content": piece} if piece or not reason else {}, reason)
             return protocol.text_chunk(rid, model_id, piece, reason)
 
+        def rewind_chunk(cut: int) -> dict[str, Any]:
+            # Corolla's extension: the completion's text so far is cut back to ``cut`` characters, and the
+            # content of the next chunks continues from there (a caught liar's tokens were withdrawn).
+            body = chunk("")
+            body["corolla_rewind"] = {"position": cut}
+            return body
+
         async def events() -> AsyncIterator[bytes]:
             finished = False
             try:
                 if kind == "chat":
                     yield _sse(protocol.chat_chunk(rid, model_id, {"role": "assistant", "content": ""}))
                 piece = first
+                told = 0  # rewinds sent
                 while piece is not None:
+                    for cut in live.rewinds[told:]:  # an audit withdrew text already sent: say where to cut
+                        yield _sse(rewind_chunk(cut))
+                    told = len(live.rewinds)
                     if piece:
                         yield _sse(chunk(piece))
                     piece = await in_thread(_next_piece, live, deadline)
+                for cut in live.rewinds[told:]:
+                    yield _sse(rewind_chunk(cut))
                 yield _sse(chunk("", live.finish_reason or "stop"))
                 if include_usage:
                     object_kind = "chat.completion.chunk" if kind == "chat" else "text_completion"

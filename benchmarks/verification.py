@@ -1,0 +1,262 @@
+"""Audits against liars: catch rates, false positives of honest recomputation, and the cost in tokens/s.
+
+Three parts (``--part``):
+
+* ``schedule``: a pure simulation of the client's audit schedule (``corolla.engine.routing.trust``:
+  ``audit_due``, ``choose_auditor``) over ``--runs`` runs per scenario: a liar lying on a share of its steps
+  (10%, 2%), from its first step or only after each session's first 3, alone or with a colluder in its address
+  group next to one honest replica. A run is *caught within 50* when the first audit of the liar that covers
+  its first lie comes at most 50 of the liar's steps after that lie (the lie's own step counted as 1). The
+  spot-check schedule this replaces (only the checked step recomputed, any replica) is simulated for contrast.
+* ``tolerance``: honest recomputation must never look like a lie. A tiny Llama decodes sequences step by step
+  with its attention cache (what a server answers) and the same sequences go through one stateless forward
+  (what an auditor recomputes); each step's output is compared with ``outputs_agree`` at the dtype's tolerance,
+  in float32, bfloat16 and int8 weights (``--quant int8`` servers; audits only compare servers of one quant).
+* ``swarm``: real server processes in three address groups (127.0.1.1, 127.0.2.1, liar 127.0.3.1): tokens/s of
+  a client with audits off and on (same swarm, alternating), then ``--swarm-runs`` fresh clients each generating
+  50 tokens next to a liar lying on 10% of its steps: caught, and text equal to transformers' greedy.
+
+Run: ``.venv/bin/python benchmarks/verification.py`` (all parts; ``--part schedule`` alone takes seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common
+import torch
+
+from corolla.engine.config import ClientConfig
+from corolla.engine.routing.trust import audit_due, choose_auditor, should_verify
+
+WITHIN = 50  # liar steps after its first lie
+HORIZON = 2000  # liar steps simulated at most per run
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    lie_rate: float  # share of the liar's steps that lie
+    wait: int  # steps of each session the liar is honest on
+    colluder: bool  # a second liar in the same address group (same lie), next to one honest replica
+
+
+def simulate_audits(s: Scenario, rng: random.Random, config: ClientConfig, gen_steps: int) -> int | None:
+    """Liar steps from its first lie to the audit that catches it (None: not caught within HORIZON)."""
+    groups = {"liar": "A", "colluder": "A", "honest": "B"}
+    candidates = ["honest", "colluder"] if s.colluder else ["honest"]
+    passed, unaudited, first_lie, lied = 0, 0, None, False
+    for step in range(1, HORIZON + 1):
+        in_session = (step - 1) % gen_steps + 1
+        if in_session > s.wait and rng.random() < s.lie_rate:
+            lied = True
+            first_lie = first_lie or step
+        unaudited += 1
+        end = in_session == gen_steps  # a generation ends audited
+        due = end or audit_due(
+            unaudited,
+            passed=passed,
+            first_steps=config.verify_first_steps,
+            every=config.audit_every,
+            rate=config.verify_rate,
+            draw=rng.random(),
+        )
+        if not due:
+            continue
+        record = {"honest": passed, "colluder": passed}
+        auditor = choose_auditor(candidates, record=record, groups=groups, exclude_groups={"A"}, rng=rng)
+        if lied and auditor == "honest":  # the whole unaudited run is recomputed: any lie in it shows
+            assert first_lie is not None
+            return step - first_lie + 1
+        if not lied:
+            passed += 1
+        unaudited = 0
+    return None
+
+
+def simulate_spot_checks(s: Scenario, rng: random.Random, first_steps: int, rate: float, gen_steps: int) -> int | None:
+    """The replaced schedule: only the checked step is recomputed, by the fastest replica (the colluder, if any)."""
+    checked, first_lie = 0, None
+    for step in range(1, HORIZON + 1):
+        in_session = (step - 1) % gen_steps + 1
+        lie = in_session > s.wait and rng.random() < s.lie_rate
+        if lie:
+            first_lie = first_lie or step
+        if should_verify(checked, first_steps=first_steps, rate=rate, draw=rng.random()):
+            if lie and not s.colluder:
+                assert first_lie is not None
+                return step - first_lie + 1
+            checked += 1
+    return None
+
+
+def schedule(args: argparse.Namespace) -> None:
+    config = ClientConfig()
+    scenarios = [
+        Scenario("10% from the start", 0.10, 0, False),
+        Scenario("2% from the start", 0.02, 0, False),
+        Scenario("10% after 3 steps", 0.10, 3, False),
+        Scenario("2% after 3 steps", 0.02, 3, False),
+        Scenario("10%, colluding pair", 0.10, 0, True),
+        Scenario("2% after 3, colluding pair", 0.02, 3, True),
+    ]
+    print(
+        f"audit schedule: first {config.verify_first_steps} steps of a new server, then at most every "
+        f"{config.audit_every} steps, at random {config.verify_rate:g}, and at each generation's end "
+        f"({args.gen_steps} steps); {args.runs} runs each"
+    )
+    for s in scenarios:
+        rng = random.Random(args.seed)
+        new = [simulate_audits(s, rng, config, args.gen_steps) for _ in range(args.runs)]
+        old = [simulate_spot_checks(s, rng, 2, 0.05, args.gen_steps) for _ in range(args.runs)]
+        caught = [d for d in new if d is not None and d <= WITHIN]
+        before = sum(d is not None and d <= WITHIN for d in old)
+        mean = statistics.mean(caught) if caught else float("nan")
+        print(
+            f"  {s.name:28s} caught within {WITHIN}: audits {len(caught) / args.runs:7.2%} "
+            f"(mean {mean:4.1f} steps after the first lie, max {max(caught, default=0)}); "
+            f"old spot checks {before / args.runs:7.2%}"
+        )
+
+
+def tolerance(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from corolla.engine.apps.tiny_models import make_tiny_checkpoint
+    from corolla.engine.client.verify import outputs_agree
+    from corolla.engine.client.verify import tolerance as dtype_tolerance
+    from corolla.engine.models.quant import quantize_linears
+
+    path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llama", "llama", seed=0)
+    for name, dtype, quant in (
+        ("float32", torch.float32, None),
+        ("bfloat16", torch.bfloat16, None),
+        ("int8", torch.float32, "int8"),
+    ):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        if quant is not None:
+            quantize_linears(model.model.layers, quant)
+        model.model.norm = torch.nn.Identity()  # the last hidden state is the last block's output, as servers send
+        tol = dtype_tolerance({str(dtype).removeprefix("torch.")})
+        steps = bad = 0
+        worst = 0.0
+        gen = torch.Generator().manual_seed(args.seed)
+        vocab = int(model.config.vocab_size)
+        with torch.inference_mode():
+            for _ in range(args.sequences):
+                ids = torch.randint(0, vocab, (1, args.length), generator=gen)
+                full = model(ids, output_hidden_states=True).hidden_states[-1]  # the auditor: one forward
+                cache = None
+                for t in range(args.length):
+                    out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True, output_hidden_states=True)
+                    cache = out.past_key_values
+                    mine = out.hidden_states[-1]
+                    ref = full[:, t : t + 1]
+                    steps += 1
+                    bad += not outputs_agree(mine, ref, tol)
+                    scale = ref.float().pow(2).mean().sqrt().clamp_min(1e-6)
+                    worst = max(worst, float((mine.float() - ref.float()).abs().max() / scale))
+        print(
+            f"  {name:9s} {steps} checked steps, {bad} beyond tolerance {tol:g} (honest steps that would "
+            f"look like lies); worst difference {worst:.2e} x RMS"
+        )
+
+
+def swarm(args: argparse.Namespace) -> None:
+    from attack_servers import scheduled_liar
+    from transformers import AutoModelForCausalLM
+
+    from corolla.engine import DistributedModelForCausalLM
+    from corolla.engine.apps.local_swarm import Swarm
+    from corolla.engine.apps.tiny_models import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llama", "llama", seed=0)
+    ids = torch.randint(7, 150, (1, 8), generator=torch.Generator().manual_seed(args.seed))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def hf_greedy(ids: torch.Tensor, new: int) -> torch.Tensor:
+        with torch.inference_mode():
+            out: torch.Tensor = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, eos_token_id=[]
+            )
+        return out
+
+    with Swarm(path, spans=[]) as swarm:
+        for address in ("127.0.1.1", "127.0.2.1"):
+            swarm.add_server("0:6", wait=False, extra_args=["--throughput", "50", "--host", address])
+        swarm.wait_ready()
+        off = DistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers, verify_rate=0.0)
+        on = DistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        try:
+            reference = hf_greedy(ids, args.tokens)
+            on.generate(ids, max_new_tokens=4, eos_token_id=[])  # both servers' first audits
+            times: dict[str, list[float]] = {"off": [], "on": []}
+            for _ in range(args.rounds):
+                for name, model in (("off", off), ("on", on)):
+                    start = time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
+                    times[name].append(args.tokens / (time.perf_counter() - start))
+                    assert torch.equal(out, reference), f"audits {name}: output changed"
+            t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
+            print(
+                f"  tokens/s, {args.tokens} tokens x {args.rounds} rounds, two honest servers in two groups: audits "
+                f"off {t_off:.1f}, on {t_on:.1f} (cost {1 - t_on / t_off:.1%}); load {_common.load_average()}"
+            )
+        finally:
+            off.close()
+            on.close()
+        swarm.add_server(
+            "0:6",
+            wait=True,
+            extra_args=["--throughput", "1e6", "--host", "127.0.3.1"],
+            launcher=scheduled_liar(rate=0.1, seed=args.seed),
+        )
+        honest = caught = 0
+        for run in range(args.swarm_runs):
+            run_ids = torch.randint(7, 150, (1, 8), generator=torch.Generator().manual_seed(args.seed + run))
+            fresh = DistributedModelForCausalLM.from_pretrained(
+                str(path), initial_peers=swarm.initial_peers, report_file=str(Path(tempfile.mkdtemp()) / "r.jsonl")
+            )
+            try:
+                with fresh.inference_session(8 + 50) as session:
+                    out = fresh.generate(run_ids, max_new_tokens=50, eos_token_id=[], session=session)
+                honest += torch.equal(out, hf_greedy(run_ids, 50))
+                caught += bool(session.liars)
+            finally:
+                fresh.close()
+        print(
+            f"  real swarm, liar lying on 10% of its steps, {args.swarm_runs} fresh clients x 50 tokens: "
+            f"caught {caught}/{args.swarm_runs}, text equal to transformers' greedy {honest}/{args.swarm_runs}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["schedule", "tolerance", "swarm", "all"], default="all")
+    parser.add_argument("--runs", type=int, default=2000, help="simulated runs per scenario")
+    parser.add_argument("--gen-steps", type=int, default=64, help="steps of one simulated generation")
+    parser.add_argument("--sequences", type=int, default=50, help="sequences per dtype (tolerance)")
+    parser.add_argument("--length", type=int, default=200, help="tokens per sequence (tolerance)")
+    parser.add_argument("--tokens", type=int, default=40, help="tokens per timed generation (swarm)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations per setting (swarm)")
+    parser.add_argument("--swarm-runs", type=int, default=5, help="fresh clients next to a real liar (swarm)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.part in ("schedule", "all"):
+        schedule(args)
+    if args.part in ("tolerance", "all"):
+        print(f"honest recomputation, {args.sequences} sequences x {args.length} tokens per dtype:")
+        tolerance(args)
+    if args.part in ("swarm", "all"):
+        print("real swarm:")
+        swarm(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Pure parts of audits: address groups, the audit schedule, auditor choice, one opinion per operator, rewinds."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import torch
+
+from corolla.engine.client.hops import Hop
+from corolla.engine.client.remote import HopStream
+from corolla.engine.client.text import Rewind, TextStream
+from corolla.engine.routing.groups import address_group, addrs_group
+from corolla.engine.routing.trust import Opinion, Verdict, audit_due, choose_auditor, judge, settled
+
+
+def test_address_groups_are_slash_24_and_slash_48() -> None:
+    assert address_group("203.0.113.7") == address_group("203.0.113.200") == "203.0.113.0/24"
+    assert address_group("203.0.114.7") != address_group("203.0.113.7")
+    assert address_group("127.0.1.1") != address_group("127.0.2.1")  # the tests' operators on loopback
+    assert address_group("2001:db8:1:2::5") == address_group("2001:db8:1:ffff::1") == "2001:db8:1::/48"
+    assert address_group("::ffff:198.51.100.9") == "198.51.100.0/24"  # IPv4-mapped counts as IPv4
+    assert address_group("Example.COM") == "example.com"  # a name is its own group
+
+
+def test_group_of_observed_addresses_skips_relays() -> None:
+    relayed = "/ip4/198.51.100.1/tcp/4001/p2p/QmRelay/p2p-circuit"
+    assert addrs_group([relayed, "/ip4/203.0.113.9/tcp/31337"]) == "203.0.113.0/24"
+    assert addrs_group(["/ip6/2001:db8::1/tcp/1"]) == "2001:db8::/48"
+    assert addrs_group([relayed]) is None and addrs_group([]) is None
+
+
+def test_audit_schedule() -> None:
+    kw = {"first_steps": 2, "every": 16, "rate": 0.05}
+    assert not audit_due(0, passed=0, draw=0.0, **kw)  # nothing unaudited
+    assert audit_due(1, passed=1, draw=0.99, **kw)  # a new server: after each of its first steps
+    assert not audit_due(15, passed=2, draw=0.99, **kw)
+    assert audit_due(16, passed=2, draw=0.99, **kw)  # a lie never stands more than `every` steps
+    assert audit_due(3, passed=2, draw=0.01, **kw)  # and at random in between
+    assert not audit_due(100, passed=2, draw=0.99, first_steps=2, every=0, rate=0.05)
+
+
+def test_auditor_is_never_of_the_checked_group_and_has_the_longest_record() -> None:
+    groups = {"s": "A", "colluder": "A", "h1": "B", "h2": "C", "new": "D"}
+    record = {"h1": 5, "h2": 5, "new": 0, "colluder": 99}
+    rng = random.Random(0)
+    picks = Counter(
+        choose_auditor(["colluder", "h1", "h2", "new"], record=record, groups=groups, exclude_groups={"A"}, rng=rng)
+        for _ in range(200)
+    )
+    assert set(picks) == {"h1", "h2"} and min(picks.values()) > 50  # ties at random, never the colluder
+    assert choose_auditor(["colluder"], record=record, groups=groups, exclude_groups={"A"}, rng=rng) is None
+    # A peer whose group is unknown is its own group: never mistaken for a known one.
+    assert choose_auditor(["x"], record={}, groups={}, exclude_groups={"A"}, rng=rng) == "x"
+
+
+def test_one_operator_is_one_opinion() -> None:
+    # The checked server and its colluder (same /24) agree; an honest operator disagrees: no proof either way.
+    opinions = [Opinion(("s",), 0, "A"), Opinion(("colluder",), 0, "A"), Opinion(("h",), 1, "B")]
+    assert not settled(opinions[:2])
+    assert judge(opinions).verdict is Verdict.DISPUTED
+    # Two more operators agree with each other against it: convicted.
+    lied = judge([*opinions, Opinion(("h2",), 1, "C")])
+    assert lied.verdict is Verdict.SERVER_LIED and lied.liars == ("s",)
+    # Without operators (unknown origins) every route counts, as before.
+    assert judge([Opinion(("s",), 0), Opinion(("a",), 0)]).verdict is Verdict.AGREE
+
+
+def test_hop_claims_follow_rewinds_and_audits() -> None:
+    hop = Hop(HopStream("peer", 0, 6))
+    for t in range(5):
+        hop.record(torch.full((1, 1, 2), float(t)), torch.full((1, 1, 2), 10.0 + t))
+    claimed = hop.claimed()
+    assert claimed is not None and claimed.shape == (1, 5, 2) and hop.steps == 5
+    hop.mark_audited(3)  # audited up to 3 (claims are dropped, as after a passed audit)
+    hop.record(torch.zeros(1, 1, 2), torch.ones(1, 1, 2))
+    hop.rewind(2)  # before the audited position: nothing unaudited is left
+    assert hop.claimed() is None and hop.audited == 2
+    history = hop.history(2)
+    assert history is not None and history[0, :, 0].tolist() == [0.0, 1.0]
+
+
+def test_text_stream_withdraws_rewound_text() -> None:
+    cuts: list[int] = []
+    stream = TextStream(
+        iter([1, 2, 3, Rewind(1), 4, 5]),
+        lambda ids: "".join("abcdef"[i] for i in ids),
+        prompt_tokens=2,
+        on_rewind=cuts.append,
+    )
+    shown = ""
+    told = 0
+    for piece in stream:
+        for cut in stream.rewinds[told:]:
+            shown = shown[:cut]
+        told = len(stream.rewinds)
+        shown += piece
+    result = stream.result()
+    assert shown == result.text == "bef" and cuts == [1] and result.completion_tokens == 3
