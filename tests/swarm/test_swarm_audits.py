@@ -98,3 +98,29 @@ def test_colluders_in_one_address_group_do_not_vouch_for_each_other(
     assert {peer_id(c) for c in colluders} <= session.avoid
     # Two operators disagree and no third settles it: nobody is convicted, and the answer says it is unverified.
     assert not session.verified and not session.liars and not read_reports(reports)
+
+
+@pytest.mark.timeout(120)
+def test_speculative_decoding_withdraws_a_liars_tokens_too(
+    tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A draft (here the target's own weights) makes each step verify several tokens; a liar on one of those
+    steps is caught when the generation ends and the tokens from its outputs are generated again."""
+    path = tiny_checkpoint("llama")
+    with running_swarm(path, [], tmp_path_factory) as swarm:
+        swarm.add_server("0:6", wait=False, extra_args=[*HONEST, *host("127.0.1.1")])
+        swarm.add_server("0:6", wait=False, extra_args=[*HONEST, *host("127.0.2.1")])
+        liar = swarm.add_server(
+            "0:6", wait=False, extra_args=[*FAST, *host("127.0.3.1")], launcher=scheduled_liar((LIE_STEP - 1,))
+        )
+        swarm.wait_ready()
+        model = client(path, swarm, **ONLY_END_AUDITS)
+        hf = hf_model(path)
+        try:
+            ids = random_ids(1, 5, seed=4)
+            with model.inference_session(64) as session:
+                out = model.generate(ids, max_new_tokens=16, do_sample=False, draft_model=hf, session=session)
+                assert session.retractions == 1 and session.liars == {peer_id(liar)}
+        finally:
+            model.close()
+    assert torch.equal(out, hf_greedy(hf, ids, 16)), "a lie survived speculative decoding"
