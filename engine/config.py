@@ -119,12 +119,15 @@ LIMITS: dict[str, Limit] = {
     "max_forward_parts": _COUNT,
     "forward_timeout": _SECONDS,
     "max_sessions_per_peer": _COUNT,
+    "max_sessions_per_group": _COUNT,
     "session_max_lifetime": _SECONDS,
     "session_reclaim_idle": _NON_NEGATIVE,
     "max_streams_per_peer": _COUNT,
+    "max_streams_per_group": _COUNT,
     "max_streams": _COUNT,
     "max_tokens_in_flight": _COUNT,
     "max_tokens_in_flight_per_peer": _COUNT,
+    "max_tokens_in_flight_per_group": _COUNT,
     "compute_chunk_tokens": _COUNT,
     "batch_rows": _COUNT,
     "announce_period": _SECONDS,
@@ -264,12 +267,15 @@ class ServerConfig:
     max_forward_parts: int = 1024  # messages one stateless forward may be split into
     forward_timeout: float = 300.0  # seconds a stateless forward may take from its first message to its answer
     max_sessions_per_peer: int = 8  # open inference sessions one client peer may hold at once
+    max_sessions_per_group: int = 16  # open sessions all peers of one address group (IPv4 /24, IPv6 /48) may hold
     session_max_lifetime: float = 6 * 3600.0  # seconds a session may stay open in all, however busy
-    session_reclaim_idle: float = 60.0  # seconds without a step after which a session yields to a new one if full
+    session_reclaim_idle: float = 15.0  # seconds without a step adding tokens before a session yields if full
     max_streams_per_peer: int = 16  # streams (sessions and forwards) one client peer may have open at once
+    max_streams_per_group: int = 32  # streams all peers of one address group may have open at once
     max_streams: int = 128  # streams all peers may have open at once
     max_tokens_in_flight: int = 65536  # tokens (batch x length) received and not yet answered, all peers together
     max_tokens_in_flight_per_peer: int = 16384  # tokens received and not yet answered, per client peer
+    max_tokens_in_flight_per_group: int = 32768  # tokens received and not yet answered, per address group
     compute_chunk_tokens: int = 512  # tokens per compute job of a long forward or prompt (steps run between chunks)
     batch_rows: int = 32  # sequences one batched decode step may run for several sessions together (1: no batching)
     announce_period: float = 30.0  # seconds between re-announcements on the DHT
