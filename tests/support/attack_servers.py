@@ -1,10 +1,13 @@
-"""Attackers and meters for the verification tests and the attacks benchmark: a lying server and the
-memory a server's process tree holds."""
+"""Attackers and meters for the attack tests and benchmark: a lying server, the memory a server's process
+tree holds, and many identities from one address holding sessions alive without progress."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 _LYING_SERVER_CODE = """
 import sys, torch
@@ -58,3 +61,84 @@ class PeakRss:
         self._stop.set()
         self._thread.join(5)
         return self.peak
+
+
+# ---- many identities, few addresses ----------------------------------------------------------------------------
+async def identities(count: int, host: str, initial_peers: list[str]) -> list[Any]:
+    """``count`` bare hivemind P2P peers (each its own peer id) listening on, and dialling from, ``host``: one
+    operator's identities in one address group (loopback hosts 127.0.N.1 are other /24s on one machine)."""
+    from hivemind.p2p import P2P
+
+    return list(
+        await asyncio.gather(
+            *(P2P.create(host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=initial_peers) for _ in range(count))
+        )
+    )
+
+
+@dataclass
+class KeptAlive:
+    """Sessions one identity holds open with a step now and then that adds nothing (the same position again)."""
+
+    opened: int = 0
+    refused: list[str] = field(default_factory=list)  # the errors of opens the server refused
+    closed: list[str] = field(default_factory=list)  # the errors of keep-alive steps (sessions the server closed)
+    streams: list[tuple[asyncio.Queue[Any], Any]] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Stop stepping and close every stream."""
+        for task in self.tasks:
+            task.cancel()
+        for queue, responses in self.streams:
+            queue.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await responses.aclose()
+
+
+async def hold_sessions(
+    p2p: Any, server: str, prefix: str, count: int, *, end: int, hidden: int, period: float
+) -> KeptAlive:
+    """Open ``count`` sessions of blocks ``0:end`` on ``server``, each kept alive by a one-token step at
+    position 0 every ``period`` seconds (alive, never progressing), until :meth:`KeptAlive.close`."""
+    import torch
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+
+    from corolla.engine.wire.messages import RPC_INFERENCE, OpenSession, Step, StepResult
+    from corolla.engine.wire.tensors import serialize
+
+    held = KeptAlive()
+    x = serialize(torch.zeros(1, 1, hidden))
+
+    async def keep(session_id: str, queue: asyncio.Queue[Any], responses: Any) -> None:
+        for step_id in range(1, 1_000_000):
+            await asyncio.sleep(period)
+            step = Step(session_id=session_id, position=0, step_id=step_id)
+            queue.put_nowait(runtime_pb2.ExpertRequest(tensors=[x], metadata=step.encode()))
+            answer = StepResult.decode((await anext(responses)).metadata)
+            if not answer.ok:
+                held.closed.append(str(answer.error))
+                return
+
+    for i in range(count):
+        session_id = f"{prefix}{i}"
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        msg = OpenSession(session_id=session_id, start=0, end=end, max_length=64, batch_size=1)
+        queue.put_nowait(runtime_pb2.ExpertRequest(metadata=msg.encode()))
+
+        async def requests(q: asyncio.Queue[Any] = queue) -> Any:
+            while (item := await q.get()) is not None:
+                yield item
+
+        responses = await p2p.iterate_protobuf_handler(
+            PeerID.from_base58(server), RPC_INFERENCE, requests(), runtime_pb2.ExpertResponse
+        )
+        held.streams.append((queue, responses))
+        answer = StepResult.decode((await anext(responses)).metadata)
+        if not answer.ok:
+            held.refused.append(str(answer.error))
+            continue
+        held.opened += 1
+        held.tasks.append(asyncio.ensure_future(keep(session_id, queue, responses)))
+    return held
