@@ -100,6 +100,7 @@ LIMITS: dict[str, Limit] = {
     "max_backoff": _NON_NEGATIVE,
     "update_period": _NON_NEGATIVE,  # 0: every new route re-reads the swarm
     "max_chunk_bytes": _COUNT,
+    "probe_per_group": _COUNT,
     "num_threads": _NON_NEGATIVE,
     "verify_rate": Limit(0, 1),
     "verify_first_steps": _NON_NEGATIVE,
@@ -219,6 +220,7 @@ class ClientConfig:
     max_retries: int = 8  # route re-plans allowed within one call before giving up
     min_backoff: float = 0.5  # seconds of the first ban of a failed server (doubles on repeats)
     max_backoff: float = 60.0  # seconds: cap of a ban
+    probe_per_group: int = 2  # new servers of one address group (IPv4 /24, IPv6 /48) probed at once for a route
     update_period: float = 30.0  # seconds between route refreshes from the DHT (0: before every new route)
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
     wire_dtype: str = "auto"  # dtype activations travel in: auto (the model's), or bfloat16/float16 to halve fp32

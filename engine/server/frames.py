@@ -25,7 +25,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
 from corolla.engine.errors import CacheFullError, CorollaError, ProtocolError
-from corolla.engine.routing.groups import address_group
+from corolla.engine.routing.peer_groups import connection_group
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +58,6 @@ class FrameLimits:
     max_streams_per_group: int | None = None  # streams all peers of one address group may have open (None: no cap)
     drain_seconds: float = 5.0  # seconds to keep reading (and dropping) a refused stream's bytes before closing
     drain_bytes: int = 64 * 1024 * 1024  # bytes to read and drop at most before closing a refused stream
-
-
-def connection_group(addr: str, peer: str) -> str:
-    """The address group of a connection seen coming from multiaddr ``addr`` (``/ip4/1.2.3.4/tcp/5``).
-
-    A relayed connection (``/p2p-circuit``) shows the relay's address, not the peer's: it counts as the
-    peer's own group (``relayed:<peer id>``). An address without an IP or DNS host is the peer's too.
-    """
-    parts = addr.split("/")
-    if "p2p-circuit" in parts or len(parts) < 3 or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6"):
-        return f"relayed:{peer}"
-    return address_group(parts[2])
 
 
 def check_frame_length(length: int, max_bytes: int) -> None:

@@ -142,3 +142,74 @@ async def hold_sessions(
         held.opened += 1
         held.tasks.append(asyncio.ensure_future(keep(session_id, queue, responses)))
     return held
+
+
+@dataclass
+class SilentIdentities:
+    """Records of servers that claim to be fast: ``live`` of them answer ``info`` like the honest server they
+    copy and take inference streams without ever answering; the rest are records whose peers do not exist."""
+
+    dht: Any  # the attacker's DHT peer (it stores and refreshes nothing: the records live for ``ttl``)
+    live: list[Any]  # the live identities' P2P peers
+
+    async def shutdown(self) -> None:
+        """Stop the live identities (the records expire on their own)."""
+        await asyncio.gather(*(p.shutdown() for p in self.live), return_exceptions=True)
+        self.dht.shutdown()
+
+
+async def silent_identities(
+    model: str, info: dict[str, Any], *, live: int, dead: int, host: str, initial_peers: list[str], ttl: float = 600.0
+) -> SilentIdentities:
+    """Announce ``live + dead`` records of blocks ``info['start']:info['end']`` at 1e6 tokens/s, all from
+    ``host`` (one address group); ``info`` is what the live ones answer (an honest server's copy)."""
+    import msgpack
+    from hivemind.p2p import P2P
+    from hivemind.proto import runtime_pb2
+
+    from corolla.engine.dht.announce import announce_span, make_dht
+    from corolla.engine.dht.records import ServerRecord, ServerState
+    from corolla.engine.dht.signing import PeerIdentity
+    from corolla.engine.wire.messages import RPC_INFERENCE, RPC_INFO
+
+    record = ServerRecord(
+        state=ServerState.ONLINE,
+        start=info["start"],
+        end=info["end"],
+        throughput=1e6,
+        inference_rps=1e6,
+        cache_tokens_left=10**6,
+        dtype=str(info.get("dtype", "")),
+    )
+    packed = msgpack.packb(info, use_bin_type=True)
+
+    async def answer_info(_: Any, __: Any) -> Any:
+        return runtime_pb2.ExpertInfo(serialized_info=packed)
+
+    async def never_answer(_: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while await reader.read(65536):  # read everything, answer nothing
+                pass
+        await asyncio.sleep(3600)
+
+    async def start(identity: PeerIdentity) -> Any:
+        with identity.identity_file() as path:
+            p2p = await P2P.create(
+                identity_path=path,
+                check_if_identity_free=False,
+                host_maddrs=[f"/ip4/{host}/tcp/0"],
+                initial_peers=initial_peers,
+            )
+        await p2p.add_protobuf_handler(RPC_INFO, answer_info, runtime_pb2.ExpertUID)
+        await p2p.add_binary_stream_handler(RPC_INFERENCE, never_answer)
+        return p2p
+
+    identities = [PeerIdentity.generate() for _ in range(live + dead)]
+    peers: list[Any] = []
+    for i in range(0, live, 4):  # a few daemons at a time: each must start within hivemind's 15 s
+        peers += await asyncio.gather(*(start(identity) for identity in identities[i : min(i + 4, live)]))
+    dht = make_dht(initial_peers, host)
+    loop = asyncio.get_running_loop()
+    for identity in identities:
+        await loop.run_in_executor(None, announce_span, dht, model, identity, record, ttl)
+    return SilentIdentities(dht, peers)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from attack_servers import KeptAlive, hold_sessions, identities
+from attack_servers import KeptAlive, hold_sessions, identities, silent_identities
 from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 from transformers import PreTrainedModel
 
@@ -24,6 +24,7 @@ from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.apps.tiny_models import TINY_DEFAULTS
 from corolla.engine.client.loop import LoopThread
+from corolla.engine.client.remote import remote_info
 
 pytestmark = pytest.mark.swarm
 
@@ -120,3 +121,33 @@ def test_sessions_kept_alive_without_progress_yield_to_a_waiting_client(setup: S
         assert closed and all("added no tokens" in e and "while the server was full" in e for e in closed)
     finally:
         stop(setup, peers, held)
+
+
+@pytest.mark.timeout(300)
+def test_silent_identities_of_one_address_cost_a_fresh_client_one_parallel_probe(
+    setup: Setup, tiny_checkpoint: Callable[..., Path]
+) -> None:
+    """4 live identities that answer info and never serve inference, and 8 dead records, all from one /24 and
+    all claiming 1e6 tokens/s: a fresh client's probes (info and a one-token step, in parallel, at most 2 per
+    group) find the honest server without waiting for each silence in turn (1.5 s each before)."""
+
+    info = setup.model.loop.run(remote_info(setup.model.p2p, setup.server, 30.0), 60)
+    attackers = setup.loop.run(
+        silent_identities(
+            info["model"], info, live=4, dead=8, host="127.0.4.1", initial_peers=setup.swarm.initial_peers
+        ),
+        180,
+    )
+    path = tiny_checkpoint("llama")
+    try:
+        with client(path, setup.swarm, host="127.0.1.1") as fresh:
+            fresh.manager.refresh()
+            assert len(fresh.manager.spans) >= 13  # the records are in the swarm: 12 and the honest server
+            ids = random_ids(1, 6, seed=4)
+            began = time.perf_counter()
+            out = fresh.generate(ids, max_new_tokens=1, eos_token_id=[])
+            elapsed = time.perf_counter() - began
+            assert torch.equal(out, hf_greedy(setup.reference, ids, 1, eos=False))
+            assert elapsed < 4 * 1.5, f"first token took {elapsed:.1f} s"
+    finally:
+        setup.loop.run(attackers.shutdown(), 60)

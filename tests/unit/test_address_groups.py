@@ -15,8 +15,9 @@ from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, SessionClosedError
 from corolla.engine.models.span import BlockSpan
 from corolla.engine.routing.groups import address_group
+from corolla.engine.routing.peer_groups import cap_per_group, connection_group, peer_group
 from corolla.engine.server.backend import SpanBackend
-from corolla.engine.server.frames import FrameLimits, StreamCounter, connection_group
+from corolla.engine.server.frames import FrameLimits, StreamCounter
 from corolla.engine.server.limits import PeerBudget
 
 
@@ -47,6 +48,14 @@ def test_connection_group_from_observed_multiaddrs() -> None:
     # A relayed connection shows the relay's address: the peer is its own group.
     assert connection_group("/ip4/1.2.3.4/tcp/1/p2p/QmR/p2p-circuit", "QmA") == "relayed:QmA"
     assert connection_group("", "QmA") == "relayed:QmA"
+
+
+def test_candidates_hold_a_few_of_each_known_group() -> None:
+    groups = {"a1": "g1", "a2": "g1", "a3": "g1", "h1": "g0", "d1": None, "d2": None}
+    peers = ["a1", "d1", "a2", "a3", "d2", "h1"]  # best first: the attacker's identities claim to be fastest
+    assert cap_per_group(peers, groups, 2) == ["a1", "a2", "h1", "d1", "d2"]
+    assert peer_group(["/ip4/127.0.2.1/tcp/1", "/ip4/127.0.2.9/tcp/2"], "a1") == "127.0.2.0/24"
+    assert peer_group([], "a1") is None
 
 
 def test_peer_budget_caps_each_group() -> None:
