@@ -9,8 +9,15 @@ join (one answers random tensors, one serves other weights). Printed: the decode
 the default rate (ms/token with verification off and on, two honest replicas), and how long a fresh client
 takes to catch each liar, with its output compared to the honest one.
 
+Then address groups (``--part groups``): one honest server (default limits), a normal client on 127.0.1.1.
+8 identities on 127.0.2.1 open 8 sessions each and keep them alive with a step every 20 s that adds nothing;
+printed: the sessions they got and the normal client's time and ms/token against the unattacked run. Then
+34 dead records and 16 live identities that answer info but never inference, all on 127.0.3.1, claiming
+1e6 tokens/s: printed, a fresh client's first-token time against a fresh client's in the same swarm before.
+
     python benchmarks/attacks.py [--model smollm2|tiny] [--tokens 16] [--forwards 16] [--forward-tokens 8192]
-                                 [--part all|floods|liars] [--cost-tokens 64] [--cost-rounds 5]
+                                 [--part all|floods|liars|groups] [--cost-tokens 64] [--cost-rounds 5]
+                                 [--fresh-rounds 5]
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 
 import _common  # noqa: F401 - first: the thread environment before torch, tests/support on sys.path
 import torch
-from attack_servers import LYING_SERVER, PeakRss, tree_rss
+from attack_servers import LYING_SERVER, PeakRss, hold_sessions, identities, silent_identities, tree_rss
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -36,7 +43,7 @@ from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint
 from corolla.engine.apps.tiny_models import make_tiny_checkpoint
 from corolla.engine.client.loop import LoopThread
-from corolla.engine.client.remote import remote_forward
+from corolla.engine.client.remote import remote_forward, remote_info
 from corolla.engine.dht.announce import make_dht
 from corolla.engine.wire.messages import RPC_FORWARD, RPC_INFERENCE, ForwardRequest, OpenSession, StepResult
 
@@ -120,15 +127,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="tokens the normal client generates per run")
     parser.add_argument("--forwards", type=int, default=16, help="long forwards the attacker queues at once")
     parser.add_argument("--forward-tokens", type=int, default=8192, help="tokens of each of them")
-    parser.add_argument("--part", choices=["all", "floods", "liars"], default="all")
+    parser.add_argument("--part", choices=["all", "floods", "liars", "groups"], default="all")
     parser.add_argument("--cost-tokens", type=int, default=64, help="tokens per run when timing spot checks")
     parser.add_argument("--cost-rounds", type=int, default=5, help="runs with verification off and on, alternated")
+    parser.add_argument("--fresh-rounds", type=int, default=5, help="fresh clients timed before and under attack")
     args = parser.parse_args()
     path = smollm2_checkpoint() if args.model == "smollm2" else make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
     if args.part in ("all", "floods"):
         floods(path, args)
     if args.part in ("all", "liars"):
         liars(path, args)
+    if args.part in ("all", "groups"):
+        groups(path, args)
 
 
 def other_weights(path: Path) -> Path:
@@ -287,6 +297,92 @@ def floods(path: Path, args: argparse.Namespace) -> None:
             loop.run(p2p.shutdown(), 10)
             loop.stop()
             dht.shutdown()
+
+
+HONEST_HOST = "127.0.1.1"  # the normal clients' address (its own /24 on loopback)
+
+
+def fresh_first_token(path: Path, swarm: Swarm, ids: torch.Tensor, rounds: int) -> list[float]:
+    """Seconds from a fresh client's first request to its first token, once per fresh client."""
+    times = []
+    for _ in range(rounds):
+        fresh = DistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, host=HONEST_HOST
+        )
+        try:
+            start = time.perf_counter()
+            fresh.generate(ids, max_new_tokens=1, eos_token_id=[])
+            times.append(time.perf_counter() - start)
+        finally:
+            fresh.close()
+    return times
+
+
+def groups(path: Path, args: argparse.Namespace) -> None:
+    """Many identities from one address: kept-alive sessions, then dead and silent records."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    blocks, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+    ids = torch.randint(7, min(int(config.vocab_size), 150), (1, 8), generator=torch.Generator().manual_seed(0))
+    with Swarm(path, spans=[f"0:{blocks}"]) as swarm:
+        server = str(swarm.servers[0].peer_id)
+        loop = LoopThread("attackers")
+        model = DistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, host=HONEST_HOST
+        )
+        try:
+            reference = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
+            calm = time.perf_counter() - start
+            before = fresh_first_token(path, swarm, ids, args.fresh_rounds)
+
+            async def keep() -> tuple[list[Any], list[Any]]:
+                peers = await identities(8, "127.0.2.1", swarm.initial_peers)
+                held = [
+                    await hold_sessions(p, server, f"k{i}-", 8, end=blocks, hidden=hidden, period=20.0)
+                    for i, p in enumerate(peers)
+                ]
+                return peers, held
+
+            peers, held = loop.run(keep(), 300)
+            try:
+                start = time.perf_counter()
+                out = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
+                busy = time.perf_counter() - start
+            finally:
+
+                async def drop() -> None:
+                    for h in held:
+                        await h.close()
+                    await asyncio.gather(*(p.shutdown() for p in peers), return_exceptions=True)
+
+                loop.run(drop(), 120)
+            print(
+                f"{'8 identities x 8 kept-alive sessions':44} attacker got {sum(h.opened for h in held)} of 64 "
+                f"sessions; normal client served in {busy:.2f} s ({busy / calm:.2f}x the unattacked "
+                f"{calm:.2f} s for {args.tokens} tokens), identical {torch.equal(out, reference)}"
+            )
+            info = model.loop.run(remote_info(model.p2p, server, 30.0), 60)
+            silent = loop.run(
+                silent_identities(
+                    info["model"], info, live=16, dead=34, host="127.0.3.1", initial_peers=swarm.initial_peers
+                ),
+                600,
+            )
+            try:
+                under = fresh_first_token(path, swarm, ids, args.fresh_rounds)
+            finally:
+                loop.run(silent.shutdown(), 120)
+            b, u = statistics.median(before), statistics.median(under)
+            print(
+                f"{'34 dead + 16 live silent identities, 1 addr':44} fresh client's first token {u:.2f} s "
+                f"(median of {args.fresh_rounds}) vs {b:.2f} s before the attack: {u / b:.2f}x (target <= 1.2x)"
+            )
+        finally:
+            model.close()
+            loop.stop()
 
 
 if __name__ == "__main__":

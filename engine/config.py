@@ -101,6 +101,7 @@ LIMITS: dict[str, Limit] = {
     "max_backoff": _NON_NEGATIVE,
     "update_period": _NON_NEGATIVE,  # 0: every new route re-reads the swarm
     "max_chunk_bytes": _COUNT,
+    "probe_per_group": _COUNT,
     "num_threads": _NON_NEGATIVE,
     "verify_rate": Limit(0, 1),
     "verify_first_steps": _NON_NEGATIVE,
@@ -121,12 +122,15 @@ LIMITS: dict[str, Limit] = {
     "max_forward_parts": _COUNT,
     "forward_timeout": _SECONDS,
     "max_sessions_per_peer": _COUNT,
+    "max_sessions_per_group": _COUNT,
     "session_max_lifetime": _SECONDS,
     "session_reclaim_idle": _NON_NEGATIVE,
     "max_streams_per_peer": _COUNT,
+    "max_streams_per_group": _COUNT,
     "max_streams": _COUNT,
     "max_tokens_in_flight": _COUNT,
     "max_tokens_in_flight_per_peer": _COUNT,
+    "max_tokens_in_flight_per_group": _COUNT,
     "compute_chunk_tokens": _COUNT,
     "prefix_block_tokens": _COUNT,
     "prefix_cache_tokens": _NON_NEGATIVE,
@@ -221,6 +225,7 @@ class ClientConfig:
     max_retries: int = 8  # route re-plans allowed within one call before giving up
     min_backoff: float = 0.5  # seconds of the first ban of a failed server (doubles on repeats)
     max_backoff: float = 60.0  # seconds: cap of a ban
+    probe_per_group: int = 2  # new servers of one address group (IPv4 /24, IPv6 /48) probed at once for a route
     update_period: float = 30.0  # seconds between route refreshes from the DHT (0: before every new route)
     max_chunk_bytes: int = 2 * 1024 * 1024  # bytes of hidden states per message (peers cap messages at 4 MiB)
     wire_dtype: str = "auto"  # dtype activations travel in: auto (the model's), or bfloat16/float16 to halve fp32
@@ -270,12 +275,15 @@ class ServerConfig:
     max_forward_parts: int = 1024  # messages one stateless forward may be split into
     forward_timeout: float = 300.0  # seconds a stateless forward may take from its first message to its answer
     max_sessions_per_peer: int = 8  # open inference sessions one client peer may hold at once
+    max_sessions_per_group: int = 16  # open sessions all peers of one address group (IPv4 /24, IPv6 /48) may hold
     session_max_lifetime: float = 6 * 3600.0  # seconds a session may stay open in all, however busy
-    session_reclaim_idle: float = 60.0  # seconds without a step after which a session yields to a new one if full
+    session_reclaim_idle: float = 15.0  # seconds without a step adding tokens before a session yields if full
     max_streams_per_peer: int = 16  # streams (sessions and forwards) one client peer may have open at once
+    max_streams_per_group: int = 32  # streams all peers of one address group may have open at once
     max_streams: int = 128  # streams all peers may have open at once
     max_tokens_in_flight: int = 65536  # tokens (batch x length) received and not yet answered, all peers together
     max_tokens_in_flight_per_peer: int = 16384  # tokens received and not yet answered, per client peer
+    max_tokens_in_flight_per_group: int = 32768  # tokens received and not yet answered, per address group
     compute_chunk_tokens: int = 512  # tokens per compute job of a long stateless forward (steps run between chunks)
     prefix_block_tokens: int = 128  # prompts run as jobs of this many positions, and prefixes are shared in such blocks
     prefix_cache_tokens: int = 4096  # prompt positions kept to share with later sessions (in the cache budget); 0: off

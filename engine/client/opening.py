@@ -8,9 +8,11 @@ planning goes on while untried servers remain.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection
 
+from corolla.engine.client.challenge import challenge, observed_groups
 from corolla.engine.client.context import ClientContext
 from corolla.engine.client.hops import RETRYABLE, Hop, close_hops, step_timeout
 from corolla.engine.client.remote import HopStream, remote_info
@@ -20,13 +22,21 @@ from corolla.engine.errors import (
     MissingBlocksError,
     NoRouteError,
     PeerError,
+    PeerUnavailableError,
     ProtocolError,
     short_peer,
 )
+from corolla.engine.routing.peer_groups import cap_per_group
 from corolla.engine.routing.trust import probe_problem, silent_bound
 
 PROBE_BATCH = 16
 """Servers probed at once when a route needs a new one (the route's own, then other candidates)."""
+RACE_GRACE_S = 0.05
+"""Seconds the route's own probes get, at least, once other candidates passed theirs (then as long again as
+the probing took so far) before the route is planned through servers already probed instead."""
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # probes left running by a race (each bounded by its timeout)
+logger = logging.getLogger(__name__)
 
 
 def probe_timeout(context: ClientContext) -> float:
@@ -42,47 +52,108 @@ def probe_timeout(context: ClientContext) -> float:
     return silent_bound(typical, 0, 0, 0.0, floor_s=config.stall_timeout, ceiling_s=config.connect_timeout)
 
 
+def _ban_if_failed(context: ClientContext, task: asyncio.Task[None]) -> None:
+    """A probe left running ended: ban its server if it failed (it is then left out of later routes)."""
+    _BACKGROUND.discard(task)
+    if task.cancelled():
+        return
+    error = task.exception()
+    if isinstance(error, PeerError) and error.peer_id is not None:
+        context.manager.ban(error.peer_id, str(error))
+    elif error is not None:
+        logger.debug("probe failed: %s", error)
+
+
 async def probe(
     context: ClientContext, hops: list[Hop], start: int, end: int, exclude: set[str]
-) -> list[tuple[Hop, PeerError]]:
-    """Ask every server of ``hops`` not yet probed for its info; the hops whose server failed, and why.
+) -> tuple[list[tuple[Hop, PeerError]], bool]:
+    """Probe every server of ``hops`` not yet probed; the hops whose server failed and why, and whether the
+    route's own probes were left running because servers already probed cover the blocks.
 
-    A server carries a session only once it answered with this client's protocol version, this model
-    and a span that holds the hop's blocks (a record alone is a claim anyone could make). Up to
-    :data:`PROBE_BATCH` other unprobed servers of the same blocks are probed at the same time, so a
-    swarm full of fake records costs a few rounds of probes, not one round per fake; those that fail
-    join ``exclude``.
+    A server carries a session only once it answered its info with this client's protocol version, this
+    model and a span that holds the hop's blocks (a record alone is a claim anyone could make), and ran one
+    real one-token step within the probe's time bound (``challenge.py``: a server that answers info but
+    never serves inference fails here). Up to :data:`PROBE_BATCH` other unprobed servers of the same blocks
+    are probed at the same time, at most ``probe_per_group`` of any address group the client is connected to
+    (identities are free, addresses are not), so a swarm full of fake or silent identities costs one round of
+    parallel probes, not one silence per identity; those that fail are banned and join ``exclude``. When some
+    of them pass and cover the blocks while the route's own probes are still running, this returns without
+    waiting for a silent server (True): the caller plans through probed servers; the probes left running ban
+    their servers if they fail.
     """
-    manager = context.manager
+    manager, config = context.manager, context.config
     new = [hop for hop in hops if not manager.is_probed(hop.stream.peer_id)]
     if not new:
-        return []
-    extra = manager.unprobed(start, end, exclude | {h.stream.peer_id for h in hops}, PROBE_BATCH - len(new))
-    candidates = [*new, *(Hop(HopStream(p, max(start, s), min(end, e))) for p, s, e in extra)]
+        return [], False
+    route_peers = {h.stream.peer_id for h in hops}
+    others = manager.unprobed(start, end, exclude | route_peers, 4 * PROBE_BATCH)
+    groups = await observed_groups(context)
+    keep = cap_per_group([p for p, _, _ in others], groups, config.probe_per_group)[: PROBE_BATCH - len(new)]
+    spans = {p: (s, e) for p, s, e in others}
+    extra = [Hop(HopStream(p, max(start, spans[p][0]), min(end, spans[p][1]))) for p in keep]
+    candidates = [*new, *extra]
+    timeout = probe_timeout(context)
 
     async def probe_one(hop: Hop) -> None:
         peer = hop.stream.peer_id
-        began = time.perf_counter()
-        info = await remote_info(context.p2p, peer, probe_timeout(context), proof=context.proof(peer))
-        problem = probe_problem(info, version=PROTOCOL_VERSION, model=manager.model, start=hop.start, end=hop.end)
-        if problem is not None:
-            raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
-        manager.record_probe(peer, time.perf_counter() - began)
+        try:
+            async with asyncio.timeout(timeout):
+                began = time.perf_counter()
+                info = await remote_info(context.p2p, peer, timeout, proof=context.proof(peer))
+                ping = time.perf_counter() - began
+                problem = probe_problem(
+                    info, version=PROTOCOL_VERSION, model=manager.model, start=hop.start, end=hop.end
+                )
+                if problem is not None:
+                    raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
+                await challenge(context, peer, hop.start, info, timeout)
+        except TimeoutError as e:
+            raise PeerUnavailableError(
+                peer, f"it did not answer its probe (info and a one-token step) within {timeout:.1f} s"
+            ) from e
+        manager.record_probe(peer, ping)
         if info.get("forwarding") is True:  # servers of older versions relay through the client only
             manager.note_forwarder(peer)
 
-    results = await asyncio.gather(*(probe_one(hop) for hop in candidates), return_exceptions=True)
+    tasks = [asyncio.ensure_future(probe_one(hop)) for hop in candidates]
+    ours, theirs = tasks[: len(new)], tasks[len(new) :]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    raced = False
+    while not all(t.done() for t in ours):
+        await asyncio.wait([t for t in tasks if not t.done()], return_when=asyncio.FIRST_COMPLETED)
+        if any(t.done() and t.exception() is not None for t in ours):
+            # The route fails anyway: give the other candidates a moment (the next plan prefers those that
+            # passed), then re-plan.
+            waiting = [t for t in theirs if not t.done()]
+            if waiting:
+                await asyncio.wait(waiting, timeout=max(RACE_GRACE_S, loop.time() - began))
+            break
+        if not any(t.done() and t.exception() is None for t in theirs):
+            continue
+        waiting = [t for t in ours if not t.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=max(RACE_GRACE_S, loop.time() - began))
+        silent = {h.stream.peer_id for h, t in zip(new, ours, strict=True) if not t.done()}
+        if silent and manager.plan_probed(start, end, exclude | silent, config.active_adapter) is not None:
+            raced = True
+            break
     failed = []
-    for i, (hop, result) in enumerate(zip(candidates, results, strict=True)):
-        if isinstance(result, PeerError):
+    for i, (hop, task) in enumerate(zip(candidates, tasks, strict=True)):
+        if not task.done():
+            _BACKGROUND.add(task)
+            task.add_done_callback(lambda t: _ban_if_failed(context, t))
+            continue
+        error = task.exception()
+        if isinstance(error, PeerError):
             if i < len(new):
-                failed.append((hop, result))
+                failed.append((hop, error))
             else:
-                manager.ban(hop.stream.peer_id, str(result))
+                manager.ban(hop.stream.peer_id, str(error))
                 exclude.add(hop.stream.peer_id)
-        elif isinstance(result, BaseException):
-            raise result
-    return failed
+        elif error is not None:
+            raise error
+    return failed, raced
 
 
 async def open_route(
@@ -116,17 +187,26 @@ async def open_route(
     tried: set[str] = set()
     last_error: BaseException | None = None  # the last failure of a tried server: the cause we report
     left_out = {*exclude, *avoid}
-    while True:  # each round leaves out at least one more server, so it ends
+    probed_only = False  # a race left the route's probes running: plan through probed servers while they cover
+    while True:  # each round leaves out at least one more server (or plans through probed ones only), so it ends
         try:
-            route = await loop.run_in_executor(
-                None,
-                manager.plan_inference,
-                start,
-                end,
-                max_length,
-                frozenset(left_out),
-                last_chance,
-                config.active_adapter,
+            planned = (
+                manager.plan_probed(start, end, left_out, config.active_adapter, max_length) if probed_only else None
+            )
+            probed_only = False
+            route = (
+                planned
+                if planned is not None
+                else await loop.run_in_executor(
+                    None,
+                    manager.plan_inference,
+                    start,
+                    end,
+                    max_length,
+                    frozenset(left_out),
+                    last_chance,
+                    config.active_adapter,
+                )
             )
         except MissingBlocksError as e:
             if cache_full is not None:
@@ -144,7 +224,11 @@ async def open_route(
             continue
         hops = [Hop(HopStream(h.peer_id, h.start, h.end)) for h in route]
         tried.update(h.peer_id for h in route)
-        failed: list[tuple[Hop, BaseException]] = list(await probe(context, hops, start, end, left_out))
+        probe_failed, raced = await probe(context, hops, start, end, left_out)
+        failed: list[tuple[Hop, BaseException]] = list(probe_failed)
+        probed_only = raced or bool(failed)  # a server failed its probe: plan through probed ones first
+        if raced:
+            continue
         if not failed:
             # Open every hop at once: one round trip for the whole route, not one per server.
             results = await asyncio.gather(

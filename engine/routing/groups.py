@@ -18,7 +18,7 @@ def address_group(host: str) -> str:
     A host name (not an IP address) is its own group, lower-cased. IPv4-mapped IPv6 addresses count as IPv4.
     """
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
     except ValueError:
         return host.lower()
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

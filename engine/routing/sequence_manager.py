@@ -307,6 +307,29 @@ class SequenceManager:
                 if p not in skip and s.record.quant == quant and s.start <= start and end <= s.end
             )
 
+    def plan_probed(
+        self, start: int, end: int, exclude: Collection[str], adapter: str | None = None, cache_tokens_needed: int = 0
+    ) -> list[RouteHop] | None:
+        """The fastest route over ``[start, end)`` through probed servers only, avoiding ``exclude`` and bans,
+        from the swarm as last read; None if they do not cover the blocks (no DHT read: it must stay cheap)."""
+        with self._lock:
+            spans = {p: s for p, s in with_adapter(self._spans, adapter).items() if p in self._probed}
+            rtt = dict(self._rtt)
+            measured = dict(self._block_s)
+        try:
+            return plan_inference_route(
+                spans,
+                start,
+                end,
+                model=self.model,
+                rtt=rtt,
+                banned=self.banned() | set(exclude),
+                cache_tokens_needed=cache_tokens_needed,
+                measured_block_s=measured,
+            )
+        except MissingBlocksError:
+            return None
+
     def plan_forward(self, start: int = 0, end: int | None = None, exclude: Collection[str] = ()) -> list[RouteHop]:
         """A load-spreading route for a stateless forward (avoiding banned servers and ``exclude``; via servers
         with the configured adapter, if any)."""

@@ -1,4 +1,5 @@
-"""Running a span: input checks, sessions with reserved cache and per-peer caps, and one fair compute thread."""
+"""Running a span: input checks, sessions with reserved cache and per-peer and per-address-group caps, and one
+fair compute thread."""
 
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ class ServerSession:
     reserved_bytes: int
     cache: SpanCache
     peer: str = ""  # the client peer that opened it
+    group: str = ""  # the address group its stream came from (routing/groups.py; "" if unknown)
     opened: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)  # its last step that added tokens to its cache
     closed_because: str | None = None  # why the server closed it (reclaimed, lifetime over), if it did
     favored: bool = False  # its client proved it also serves (server/contributors.py): its steps go first
     adapter: str | None = None  # the LoRA adapter its steps run with
@@ -85,7 +88,10 @@ class SpanBackend:
         self.ledger = ledger
         # Hidden states received and not yet answered (activations besides the cache), per peer and in total.
         self.tokens_in_flight = PeerBudget(
-            "tokens in flight", cfg.max_tokens_in_flight_per_peer, cfg.max_tokens_in_flight
+            "tokens in flight",
+            cfg.max_tokens_in_flight_per_peer,
+            cfg.max_tokens_in_flight,
+            cfg.max_tokens_in_flight_per_group,
         )
         self._lock = threading.Lock()
         # One compute thread: requests run one at a time on the device, inference steps first, peers in turn.
@@ -145,11 +151,16 @@ class SpanBackend:
         batch_size: int,
         peer: str = "",
         adapter: str | None = None,
+        *,
+        group: str = "",
     ) -> ServerSession:
-        """Reserve cache for a new session of ``peer`` or raise CacheFullError / ProtocolError.
+        """Reserve cache for a new session of ``peer`` (from address ``group``) or raise CacheFullError /
+        ProtocolError.
 
-        When the server is full, sessions idle for ``session_reclaim_idle`` seconds or older than
-        ``session_max_lifetime`` give their slot and cache to the new one (longest idle first).
+        When the server is full, sessions that made no progress (no step adding tokens to their cache) for
+        ``session_reclaim_idle`` seconds give their slot and cache to the new one (least recent progress first):
+        a step every now and then that keeps a session alive is not progress. Sessions older than
+        ``session_max_lifetime`` are closed.
         """
         self.check_span(start, end)
         self.check_adapter(adapter)
@@ -171,6 +182,12 @@ class SpanBackend:
                     f"you already have {mine} open sessions on this server, its limit per peer; "
                     "close sessions you no longer use"
                 )
+            ours = sum(1 for s in self.sessions.values() if s.group == group) if group else 0
+            if ours >= self.cfg.max_sessions_per_group:
+                raise CacheFullError(
+                    f"peers of your address group {group} already hold {ours} open sessions on this server, its "
+                    "limit per group; close sessions you no longer use or use another server"
+                )
             if self.prefix is not None and nbytes <= self.budget.capacity:  # prefix blocks give way to sessions first
                 self.prefix.make_room(nbytes)
             while nbytes <= self.budget.capacity and (
@@ -190,6 +207,7 @@ class SpanBackend:
                 nbytes,
                 SpanCache(start, end - start, max_length),
                 peer=peer,
+                group=group,
                 adapter=adapter,
             )
             if self.prefix is not None:
@@ -207,13 +225,17 @@ class SpanBackend:
                 self._drop(session, f"it was open longer than {self.cfg.session_max_lifetime:.0f} s, the limit")
 
     def _reclaim_one(self) -> bool:
-        """Close the session idle longest if it has been idle ``session_reclaim_idle`` s (lock held)."""
+        """Close the session with the least recent progress if it made none for ``session_reclaim_idle`` s
+        (lock held)."""
         now = time.monotonic()
-        idle = [s for s in self.sessions.values() if now - s.last_used >= self.cfg.session_reclaim_idle]
-        if not idle:
+        stale = [s for s in self.sessions.values() if now - s.last_progress >= self.cfg.session_reclaim_idle]
+        if not stale:
             return False
-        victim = min(idle, key=lambda s: s.last_used)
-        self._drop(victim, f"it was idle for {now - victim.last_used:.0f} s while the server was full")
+        victim = min(stale, key=lambda s: s.last_progress)
+        self._drop(
+            victim,
+            f"it added no tokens for {now - victim.last_progress:.0f} s while the server was full and others waited",
+        )
         return True
 
     def _drop(self, session: ServerSession, reason: str) -> None:
@@ -284,8 +306,9 @@ class SpanBackend:
                 "open the session with a larger max_length"
             )
         session.last_used = time.monotonic()
+        grows = position + x.shape[1] > session.cache.length  # a step that adds tokens: progress
         tokens = x.shape[0] * x.shape[1]
-        with self.tokens_in_flight.holding(session.peer, tokens):
+        with self.tokens_in_flight.holding(session.peer, tokens, session.group):
             if x.shape[1] == 1 and position > 0 and self.cfg.batch_rows > 1:
                 # A decode step: it may run in one forward with other sessions' steps over the same blocks.
                 # Sessions of similar lengths only, so that padding every row to the longest one (one block's
@@ -310,6 +333,8 @@ class SpanBackend:
                     session.trail = None  # the cache may hold part of a failed step
                     raise
         session.last_used = time.monotonic()
+        if grows:
+            session.last_progress = session.last_used
         self.tokens_processed += tokens
         if self.ledger is not None:
             self.ledger.add(session.peer, tokens)

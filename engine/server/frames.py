@@ -7,7 +7,8 @@ server reads the frames itself: a header that declares more than ``max_message_b
 answer and the stream is closed without its body being buffered (the bytes still arriving are read in small
 pieces and dropped for a bounded time, so the peer can finish writing and read the answer).
 
-The number of streams open at once is capped per client peer and in total, and each stream keeps at most one
+The number of streams open at once is capped per client peer, per address group (``routing/groups.py``:
+the group of the address the p2p daemon saw the stream's connection come from) and in total, and each stream keeps at most one
 decoded message waiting for its handler, so the memory that peers' requests take is bounded.
 """
 
@@ -24,6 +25,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
 from corolla.engine.errors import CacheFullError, CorollaError, ProtocolError
+from corolla.engine.routing.peer_groups import connection_group
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +34,16 @@ ERROR_MARKER = b"\x01"  # hivemind's P2P.ERROR_MARKER (an empty one is the end o
 HEADER_BYTES = 8  # big-endian body length
 DRAIN_CHUNK = 64 * 1024  # bytes read at once while dropping the rest of a refused stream
 
+
+@dataclass(frozen=True)
+class StreamContext(P2PContext):
+    """A stream's context with the address group of the connection it came over ("" if unknown)."""
+
+    group: str = ""
+
+
 StreamHandler = Callable[
-    [AsyncIterator[runtime_pb2.ExpertRequest], P2PContext], AsyncIterator[runtime_pb2.ExpertResponse]
+    [AsyncIterator[runtime_pb2.ExpertRequest], StreamContext], AsyncIterator[runtime_pb2.ExpertResponse]
 ]
 ErrorAnswer = Callable[[Exception], runtime_pb2.ExpertResponse]
 
@@ -45,6 +55,7 @@ class FrameLimits:
     max_message_bytes: int  # bytes of one message body
     max_streams_per_peer: int  # streams one client peer may have open at once
     max_streams: int  # streams all peers may have open at once
+    max_streams_per_group: int | None = None  # streams all peers of one address group may have open (None: no cap)
     drain_seconds: float = 5.0  # seconds to keep reading (and dropping) a refused stream's bytes before closing
     drain_bytes: int = 64 * 1024 * 1024  # bytes to read and drop at most before closing a refused stream
 
@@ -110,31 +121,42 @@ class StreamCounter:
 
     limits: FrameLimits
     by_peer: dict[str, int] = field(default_factory=dict)
+    by_group: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         """Streams open now."""
         return sum(self.by_peer.values())
 
-    def open(self, peer: str) -> None:
-        """Count a new stream of ``peer`` or raise CacheFullError if a cap is reached."""
+    def open(self, peer: str, group: str = "") -> None:
+        """Count a new stream of ``peer`` (of address ``group``) or raise CacheFullError if a cap is reached."""
         mine = self.by_peer.get(peer, 0)
         if mine >= self.limits.max_streams_per_peer:
             raise CacheFullError(
                 f"you have {mine} streams open on this server, its limit per peer; "
                 "close sessions you no longer use or wait for running requests to finish"
             )
+        ours = self.by_group.get(group, 0)
+        cap = self.limits.max_streams_per_group
+        if group and cap is not None and ours >= cap:
+            raise CacheFullError(
+                f"peers of your address group {group} have {ours} streams open on this server, its limit per "
+                "group; close sessions you no longer use or wait for running requests to finish"
+            )
         if self.total >= self.limits.max_streams:
             raise CacheFullError(f"this server has {self.total} streams open, its limit; retry later or elsewhere")
         self.by_peer[peer] = mine + 1
+        if group:
+            self.by_group[group] = ours + 1
 
-    def close(self, peer: str) -> None:
-        """Forget one stream of ``peer``."""
-        left = self.by_peer.get(peer, 0) - 1
-        if left > 0:
-            self.by_peer[peer] = left
-        else:
-            self.by_peer.pop(peer, None)
+    def close(self, peer: str, group: str = "") -> None:
+        """Forget one stream of ``peer`` (of ``group``, as opened)."""
+        for table, key in ((self.by_peer, peer), (self.by_group, group)):
+            left = table.get(key, 0) - 1
+            if left > 0:
+                table[key] = left
+            else:
+                table.pop(key, None)
 
 
 class BoundedStreams:
@@ -149,22 +171,23 @@ class BoundedStreams:
         """Serve ``handler`` (requests in, responses out) as the stream RPC ``name``."""
 
         async def on_stream(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=info.peer_id)
+            group = connection_group(str(info.addr), str(info.peer_id))
+            context = StreamContext(handle_name=name, local_id=p2p.peer_id, remote_id=info.peer_id, group=group)
             await self.serve(context, reader, writer, handler)
 
         await p2p.add_binary_stream_handler(name, on_stream)
 
     async def serve(
         self,
-        context: P2PContext,
+        context: StreamContext,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         handler: StreamHandler,
     ) -> None:
         """Run one stream: read frames into a one-message queue, send the handler's answers back."""
-        peer = str(context.remote_id)
+        peer, group = str(context.remote_id), context.group
         try:
-            self.streams.open(peer)
+            self.streams.open(peer, group)
         except CorollaError as e:
             logger.info("refused a stream from %s: %s", peer[-6:], e)
             with contextlib.suppress(Exception):
@@ -232,4 +255,4 @@ class BoundedStreams:
                 writer.close()
             else:  # the handler answered early (an error) while the peer may still be writing
                 await drain_and_close(reader, writer, self.limits)
-            self.streams.close(peer)
+            self.streams.close(peer, group)

@@ -1,7 +1,8 @@
 """RPC handlers: inference stream, stateless forward, info. Peer input never crashes the server.
 
 Every request is bounded before the work is done: message size from the frame header (frames.py), streams and
-sessions per peer, parts and time per forward, tokens in flight per peer and in total (backend.py).
+sessions per peer and per address group, parts and time per forward, tokens in flight per peer, per address
+group and in total (backend.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from corolla.engine.errors import (
 from corolla.engine.server.backend import ServerSession, SpanBackend
 from corolla.engine.server.contributors import ContributorBook
 from corolla.engine.server.forwarding import Forwarder, Inbox
-from corolla.engine.server.frames import BoundedStreams, FrameLimits
+from corolla.engine.server.frames import BoundedStreams, FrameLimits, StreamContext
 from corolla.engine.server.training import TrainingRPCs
 from corolla.engine.wire.forwarding import Pushed, tensor_digest
 from corolla.engine.wire.membership import MembershipGate
@@ -99,7 +100,9 @@ class Handler:
         self._backend: SpanBackend | None = None  # None while loading or moving to another span
         self._info: dict[str, Any] = {}
         self.idle_timeout = cfg.session_idle_timeout
-        limits = FrameLimits(cfg.max_message_bytes, cfg.max_streams_per_peer, cfg.max_streams)
+        limits = FrameLimits(
+            cfg.max_message_bytes, cfg.max_streams_per_peer, cfg.max_streams, cfg.max_streams_per_group
+        )
         self.streams = BoundedStreams(limits, error_answer)
         self.inbox = Inbox()  # inputs pushed by sessions' previous hops (forwarding)
 
@@ -184,7 +187,7 @@ class Handler:
             return None
 
     async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: StreamContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One stream per session: ``open``, then ``step``s, then ``close`` (or the stream ends)."""
         session: ServerSession | None = None
@@ -214,7 +217,14 @@ class Handler:
                         if backend is None:
                             backend = self._serving()
                         session = backend.open_session(
-                            msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, peer, msg.adapter
+                            msg.session_id,
+                            msg.start,
+                            msg.end,
+                            msg.max_length,
+                            msg.batch_size,
+                            peer,
+                            msg.adapter,
+                            group=context.group,
                         )
                         if self.contributors is not None:
                             session.favored = await self.contributors.is_contributor(
@@ -268,7 +278,7 @@ class Handler:
         return runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
 
     async def rpc_push(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: StreamContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Inputs another server pushes for the sessions it precedes (one stream per pushing server).
 
@@ -307,7 +317,7 @@ class Handler:
                 yield error_answer(e, step_id)
 
     async def rpc_forward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: StreamContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Stateless forward: metadata in the first part, hidden states split into parts along length."""
         peer = str(context.remote_id)
@@ -317,7 +327,7 @@ class Handler:
             backend = self._serving()
             try:
                 out = await asyncio.wait_for(
-                    self._forward(backend, requests, peer, str(context.local_id), held), self.cfg.forward_timeout
+                    self._forward(backend, requests, peer, context, held), self.cfg.forward_timeout
                 )
             except TimeoutError as e:
                 raise PeerUnavailableError(
@@ -334,14 +344,14 @@ class Handler:
             yield error_answer(e)
         finally:
             if backend is not None and held[0]:
-                backend.tokens_in_flight.release(peer, held[0])
+                backend.tokens_in_flight.release(peer, held[0], context.group)
 
     async def _forward(
         self,
         backend: SpanBackend,
         requests: AsyncIterator[runtime_pb2.ExpertRequest],
         peer: str,
-        server_id: str,
+        context: StreamContext,
         held: list[int],
     ) -> Any:
         """Read a forward's parts (each counted against the caps as it arrives) and run it."""
@@ -360,14 +370,14 @@ class Handler:
             if meta is None:
                 meta = ForwardRequest.decode(request.metadata)
                 check_version(meta.version)
-                self.gate.admit(meta.proof, peer, server_id)
+                self.gate.admit(meta.proof, peer, str(context.local_id))
             for proto in request.tensors:
                 t = deserialize(proto)
                 total += t.numel()
                 if total > backend.cfg.max_chunk_tokens * backend.hidden_size:
                     raise ProtocolError("forward request too large; split the batch")
                 tokens = max(1, t.numel() // backend.hidden_size)
-                backend.tokens_in_flight.acquire(peer, tokens)
+                backend.tokens_in_flight.acquire(peer, tokens, context.group)
                 held[0] += tokens
                 parts.append(t)
         if meta is None or not parts:

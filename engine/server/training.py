@@ -14,12 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import torch
-from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CorollaError, PeerUnavailableError, ProtocolError
 from corolla.engine.server.backend import SpanBackend
+from corolla.engine.server.frames import StreamContext
 from corolla.engine.wire.messages import StepResult, check_version
 from corolla.engine.wire.tensors import ANSWER_PART_BYTES
 from corolla.engine.wire.training import Assembler, TrainRequest, answer_shapes, pieces, request_shapes
@@ -116,21 +116,21 @@ class TrainingRPCs:
         self.admit = admit  # a private swarm's membership check: (proof, client id, server id); raises if refused
 
     async def rpc_train_forward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: StreamContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Forward through frozen blocks with optional deep prompts."""
         async for response in self._serve("forward", requests, context):
             yield response
 
     async def rpc_backward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: StreamContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Gradients of a span's inputs (and deep prompts) given its inputs and its outputs' gradients."""
         async for response in self._serve("backward", requests, context):
             yield response
 
     async def _serve(
-        self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: StreamContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         peer = str(context.remote_id)
         held = [0]
@@ -139,7 +139,7 @@ class TrainingRPCs:
             backend = self.serving()
             try:
                 outs = await asyncio.wait_for(
-                    self._run(kind, backend, requests, peer, str(context.local_id), held), self.cfg.forward_timeout
+                    self._run(kind, backend, requests, peer, context, held), self.cfg.forward_timeout
                 )
             except TimeoutError as e:
                 raise PeerUnavailableError(
@@ -155,7 +155,7 @@ class TrainingRPCs:
             yield self.error_answer(e)
         finally:
             if backend is not None and held[0]:
-                backend.tokens_in_flight.release(peer, held[0])
+                backend.tokens_in_flight.release(peer, held[0], context.group)
 
     async def _run(
         self,
@@ -163,7 +163,7 @@ class TrainingRPCs:
         backend: SpanBackend,
         requests: AsyncIterator[runtime_pb2.ExpertRequest],
         peer: str,
-        server_id: str,
+        context: StreamContext,
         held: list[int],
     ) -> list[torch.Tensor]:
         """Read the header, check it, reserve the tokens, read the pieces, run the job."""
@@ -179,12 +179,12 @@ class TrainingRPCs:
                 )
             if req is None:
                 req = TrainRequest.decode(request.metadata)
-                self.admit(req.proof, peer, server_id)  # before anything else is looked at
+                self.admit(req.proof, peer, str(context.local_id))  # before anything else is looked at
                 if req.kind != kind:
                     raise ProtocolError(f"a {req.kind} header sent to the {kind} RPC")
                 check_request(backend, req)
                 tokens = req.batch * req.length
-                backend.tokens_in_flight.acquire(peer, tokens)
+                backend.tokens_in_flight.acquire(peer, tokens, context.group)
                 held[0] = tokens
                 collected = Assembler(request_shapes(req, backend.hidden_size))
             for proto in request.tensors:
