@@ -24,6 +24,7 @@ from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.route_autograd import RemoteBlocks
 from corolla.engine.client.sampling import SamplingParams, sampling_params
 from corolla.engine.client.session import ActiveSession, InferenceSession
+from corolla.engine.client.step_batch import DecodeBatcher
 from corolla.engine.client.text import FinishReason, GenerationResult, TextStream
 from corolla.engine.client.training import (
     TrainingPath,
@@ -71,6 +72,8 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         self.dht = dht
         self._training_path = TrainingPath(head, context)  # differentiable forwards (training, prompt tuning)
         self._active = threading.local()  # per thread: the sessions entered with `with`, innermost last
+        # One-token steps of this model's concurrent sessions (one thread each) travel together.
+        self.decode_batcher = DecodeBatcher(head, context, context.config.wire_dtype)
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
         # finalizers would complain about a missing event loop).
         self._finalizer = weakref.finalize(self, release, context.loop, context.p2p, dht)
@@ -234,7 +237,16 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         pad_id = self._tokenizer.pad_token_id if self._tokenizer is not None else None
         wire = self.client_config.wire_dtype
         return token_loop(
-            self.head, session, new_ids, params, max_new_tokens, eos, pad_id=pad_id, wire_dtype=wire, prefix=prefix
+            self.head,
+            session,
+            new_ids,
+            params,
+            max_new_tokens,
+            eos,
+            pad_id=pad_id,
+            wire_dtype=wire,
+            prefix=prefix,
+            batcher=self.decode_batcher,
         )
 
     def generate(

@@ -176,6 +176,41 @@ class InferenceSession(OnClient):
         self._pending_ids = None
         return ids[:, fed:]
 
+    # ---- batched decode steps (client/step_batch.py) ----------------------------------------
+    def decode_route(self) -> tuple[tuple[str, int, int], ...] | None:
+        """The live route as (peer, start, end) per hop, if this session's next one-token step may travel in a
+        batched step with other sessions of the same route (None: it runs on its own)."""
+        if self.closed or not self.hops or not 0 < self.position < self.max_length:
+            return None
+        if any(h.stream.closed for h in self.hops):
+            return None
+        return tuple((h.stream.peer_id, h.start, h.end) for h in self.hops)
+
+    def next_step_id(self) -> int:
+        """A fresh step id for a message on this session's streams."""
+        return self._next_step_id()
+
+    async def accept_batched_step(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+        """Take this session's rows of a batched step: ``inputs[k]`` went to hop ``k``, which answered
+        ``outputs[k]`` (each [batch, 1, hidden]). Spot checks run as for a step of its own; if every hop passes,
+        the hops keep their inputs for replay and the session moves one token on (True). A hop caught lying is
+        replaced and nothing is kept (False): the step is to be run again on its own."""
+        for k, (hop, x, out) in enumerate(zip(self.hops, inputs, outputs, strict=True)):
+            problem = output_problem(out, x.shape, x.dtype)
+            if problem is not None:
+                peer = hop.stream.peer_id
+                self.manager.ban(peer, f"server {short_peer(peer)} {problem}")
+                await self._repair(k)
+                return False
+            if not await self._verify(hop, x, out):
+                await self._repair(k)
+                return False
+        for hop, x in zip(self.hops, inputs, strict=True):
+            self.manager.mark_ok(hop.stream.peer_id)
+            hop.inputs.append(x)
+        self.position += 1
+        return True
+
     # ---- internals (run on the client's event loop) -----------------------------------------
     def _next_step_id(self) -> int:
         self._step_id += 1
