@@ -403,30 +403,44 @@ class SpanBackend:
     ) -> torch.Tensor:
         """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens).
 
-        Long inputs run as several compute jobs of at most ``compute_chunk_tokens`` tokens over a temporary
-        cache, so an inference step never waits for more than one chunk of someone's forward.
+        A compute job does at most the work of ``compute_chunk_tokens`` tokens through every block of the
+        request, so an inference step never waits for more than that of someone's forward. Inputs that fit
+        ``compute_chunk_tokens x blocks`` run whole, a few blocks per job (no cache, full-size products: as fast
+        as one call); longer ones run as chunks of positions over a temporary cache.
         """
         self.check_span(start, end)
         self.check_adapter(adapter)
         wire_dtype = hidden.dtype
         x = self.check_hidden(hidden, None)
         batch, length = x.shape[0], x.shape[1]
-        chunk = max(1, self.cfg.compute_chunk_tokens // batch)  # positions per compute job
-        cache = SpanCache(start, end - start, length) if length > chunk else None
-        outputs: list[torch.Tensor] = []
-        for i in range(0, length, chunk):
-            part = x[:, i : i + chunk]
+        budget = self.cfg.compute_chunk_tokens * (end - start)  # token-blocks per compute job
+        if batch * length <= budget:
+            per_job = budget // (batch * length)  # blocks per compute job, at least one
+            for first in range(start, end, per_job):
 
-            def run(part: torch.Tensor = part) -> torch.Tensor:
-                with torch.inference_mode():
-                    out = self.span(part, cache, 0, start=start, end=end, adapter=adapter)
-                return out.to("cpu", wire_dtype)
+                def blocks(x: torch.Tensor = x, first: int = first) -> torch.Tensor:
+                    with torch.inference_mode():
+                        return self.span(x, None, 0, start=first, end=min(end, first + per_job), adapter=adapter)
 
-            outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
+                x = await self._compute.run(blocks, Priority.FORWARD, peer)
+            outputs = [x]
+        else:
+            chunk = max(1, self.cfg.compute_chunk_tokens // batch)  # positions per compute job
+            cache = SpanCache(start, end - start, length)
+            outputs = []
+            for i in range(0, length, chunk):
+                part = x[:, i : i + chunk]
+
+                def run(part: torch.Tensor = part) -> torch.Tensor:
+                    with torch.inference_mode():
+                        return self.span(part, cache, 0, start=start, end=end, adapter=adapter)
+
+                outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
         self.tokens_processed += batch * length
         if self.ledger is not None:
             self.ledger.add(peer, batch * length)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return out.to("cpu", wire_dtype)
 
     async def compute(self, fn: Callable[[], T], peer: str = "") -> T:
         """Run ``fn`` on the compute thread as a forward-priority job of ``peer`` (training calls use it)."""
