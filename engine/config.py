@@ -108,6 +108,7 @@ LIMITS: dict[str, Limit] = {
     "audit_every": _NON_NEGATIVE,
     "liar_ban": _NON_NEGATIVE,
     "micro_batch_size": _COUNT,
+    "batch_window": _NON_NEGATIVE,
     # ServerConfig
     "num_blocks": _COUNT,
     "port": _PORT,
@@ -242,6 +243,9 @@ class ClientConfig:
     active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it
     micro_batch_size: int = 8  # sequences per training call: larger batches are split, each part retried on its own
     forwarding: bool = True  # servers send each hop's output straight to the next hop: one round trip per step
+    # seconds a decode step waits for this client's other sessions on its route to send theirs in one message
+    # (client/step_batch.py); 0: every session steps on its own
+    batch_window: float = 0.005
 
     def __post_init__(self) -> None:
         check_limits(self)

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from corolla.engine.client.inputs import to_wire
 from corolla.engine.client.sampling import SamplingParams, next_tokens
 from corolla.engine.client.session import InferenceSession
+from corolla.engine.client.step_batch import DecodeBatcher
 from corolla.engine.client.text import FinishReason, Rewind
 from corolla.engine.errors import CorollaError, OutputRetracted
 from corolla.engine.models.checkpoint import ClientHead
@@ -34,6 +35,7 @@ def token_loop(
     pad_id: int | None,
     wire_dtype: str,
     prefix: torch.Tensor | None = None,
+    batcher: DecodeBatcher | None = None,
 ) -> Generator[torch.Tensor | Rewind, None, FinishReason]:
     """Feed ``new_ids`` [batch, n] (CPU), then yield one sampled token per row per step ([batch], CPU).
 
@@ -43,7 +45,31 @@ def token_loop(
     :class:`Rewind` and generates again from the first untrue output; the loop ends only once every output
     it used is audited (:meth:`InferenceSession.audit`), so what it leaves standing is what honest servers
     compute.
+    With a ``batcher``, one-token steps run together with other sessions' of the same client and route.
     """
+    try:
+        return (
+            yield from _steps(
+                head, session, new_ids, params, max_new_tokens, eos_ids, pad_id, wire_dtype, prefix, batcher
+            )
+        )
+    finally:
+        if batcher is not None:
+            batcher.leave(session)
+
+
+def _steps(
+    head: ClientHead,
+    session: InferenceSession,
+    new_ids: torch.Tensor,
+    params: SamplingParams,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    pad_id: int | None,
+    wire_dtype: str,
+    prefix: torch.Tensor | None,
+    batcher: DecodeBatcher | None,
+) -> Generator[torch.Tensor | Rewind, None, FinishReason]:
     device = head.embed_tokens.weight.device
     generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
     feed = session.take_pending(new_ids)
@@ -68,18 +94,22 @@ def token_loop(
         else:
             if feed.shape[1] == 0:
                 raise ValueError("nothing to generate from: give at least one input token")
-            embeds = head.embed(feed.to(device))
-            if prefix is not None:
-                embeds = torch.cat([prefix.detach().to(embeds.device, embeds.dtype), embeds], dim=1)
-                prefix = None
             try:
-                hidden = session.step(to_wire(embeds, wire_dtype))
+                logits = batcher.logits(session, feed) if batcher is not None and prefix is None else None
+                if logits is None:
+                    embeds = head.embed(feed.to(device))
+                    if prefix is not None:
+                        embeds = torch.cat([prefix.detach().to(embeds.device, embeds.dtype), embeds], dim=1)
+                        prefix = None
+                    hidden = session.step(to_wire(embeds, wire_dtype))
+                    logits = head.logits(hidden[:, -1:].to(device))[:, -1]
+                else:
+                    session.audit_scheduled()  # a step taken in a batched round: its audits, if due
             except OutputRetracted as caught:
                 e = caught
                 retractions += 1
             else:
                 session.record_fed(seen)
-                logits = head.logits(hidden[:, -1:].to(device))[:, -1]
                 token = next_tokens(logits, seen.to(device), params, generator).cpu()
                 token = torch.where(finished, torch.full_like(token, pad), token)
                 finished |= torch.tensor([int(t) in eos_ids for t in token])

@@ -31,6 +31,7 @@ from corolla.engine.client.speculative import (
     check_draft_tokens,
     speculative_loop,
 )
+from corolla.engine.client.step_batch import DecodeBatcher
 from corolla.engine.client.text import FinishReason, GenerationResult, Rewind, TextStream
 from corolla.engine.client.training import (
     TrainingPath,
@@ -84,6 +85,8 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         self.drafter = drafter
         self._training_path = TrainingPath(head, context)  # differentiable forwards (training, prompt tuning)
         self._active = threading.local()  # per thread: the sessions entered with `with`, innermost last
+        # One-token steps of this model's concurrent sessions (one thread each) travel together.
+        self.decode_batcher = DecodeBatcher(head, context, context.config.wire_dtype)
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
         # finalizers would complain about a missing event loop).
         self._finalizer = weakref.finalize(self, release, context.loop, context.p2p, dht)
@@ -271,7 +274,16 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
                 prefix=prefix,
             )
         return token_loop(
-            self.head, session, new_ids, params, max_new_tokens, eos, pad_id=pad_id, wire_dtype=wire, prefix=prefix
+            self.head,
+            session,
+            new_ids,
+            params,
+            max_new_tokens,
+            eos,
+            pad_id=pad_id,
+            wire_dtype=wire,
+            prefix=prefix,
+            batcher=self.decode_batcher,
         )
 
     def generate(

@@ -32,8 +32,10 @@ from corolla.engine.wire.messages import (
     Close,
     ForwardRequest,
     OpenSession,
+    SessionAt,
     Step,
     StepResult,
+    Steps,
 )
 from corolla.engine.wire.tensors import deserialize, serialize
 
@@ -181,6 +183,29 @@ class HopStream:
         with _blaming(self.peer_id):
             return self._output(response, hidden.shape, position, step_id)[0]
 
+    async def steps(
+        self, sessions: list[tuple[str, int]], hidden: torch.Tensor, step_id: int, timeout: float
+    ) -> torch.Tensor:
+        """One decode token for several sessions of this client on this hop's server, in one message.
+
+        ``sessions`` lists (session id, position) pairs, this stream's session first; ``hidden`` is
+        [rows, 1, hidden] with each session's rows in that order. Returns the outputs alike.
+        """
+        meta = Steps(step_id=step_id, sessions=[SessionAt(session_id=s, position=p) for s, p in sessions])
+        request = runtime_pb2.ExpertRequest(tensors=[serialize(hidden)], metadata=meta.encode())
+        response = await self._exchange(request, timeout)
+        with _blaming(self.peer_id):
+            result = StepResult.decode(response.metadata)
+            _check(self.peer_id, result)
+            expected = [p + 1 for _, p in sessions]
+            if result.step_id != step_id or result.positions != expected:
+                raise ProtocolError(
+                    f"server {_short(self.peer_id)} answered batched step {result.step_id} at {result.positions}, "
+                    f"expected step {step_id} at {expected}",
+                    peer_id=self.peer_id,
+                )
+            return self._tensor(response, hidden.shape)
+
     async def forwarded_step(
         self,
         session_id: str,
@@ -226,6 +251,10 @@ class HopStream:
                 f"expected step {step_id} at {position + shape[1]}",
                 peer_id=self.peer_id,
             )
+        return self._tensor(response, shape), result
+
+    def _tensor(self, response: runtime_pb2.ExpertResponse, shape: torch.Size) -> torch.Tensor:
+        """The answer's one tensor, of ``shape``."""
         if len(response.tensors) != 1:
             raise ProtocolError(
                 f"server {_short(self.peer_id)} sent {len(response.tensors)} tensors, expected 1", peer_id=self.peer_id
@@ -236,7 +265,7 @@ class HopStream:
                 f"server {_short(self.peer_id)} sent shape {list(out.shape)}, expected {list(shape)}",
                 peer_id=self.peer_id,
             )
-        return out, result
+        return out
 
     async def close(self, session_id: str) -> None:
         """Ask the server to free the session, then end the stream (never raises, never waits)."""

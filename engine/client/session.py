@@ -214,6 +214,51 @@ class InferenceSession(OnClient):
         self._pending_ids = None
         return ids[:, fed:]
 
+    # ---- batched decode steps (client/step_batch.py) ----------------------------------------
+    def decode_route(self) -> tuple[tuple[str, int, int], ...] | None:
+        """The live route as (peer, start, end) per hop, if this session's next one-token step may travel in a
+        batched step with other sessions of the same route (None: it runs on its own)."""
+        if self.closed or not self.hops or not 0 < self.position < self.max_length:
+            return None
+        if any(h.stream.closed for h in self.hops):
+            return None
+        if self.recurrent:  # recurrent states step alone (servers never batch them, and a rewind replays first)
+            return None
+        return tuple((h.stream.peer_id, h.start, h.end) for h in self.hops)
+
+    def next_step_id(self) -> int:
+        """A fresh step id for a message on this session's streams."""
+        return self._next_step_id()
+
+    async def accept_batched_step(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+        """Take this session's rows of a batched step: ``inputs[k]`` went to hop ``k``, which answered
+        ``outputs[k]`` (each [batch, 1, hidden]). Every output is checked for shape and values as for a step of
+        its own; if every hop passes, the hops keep inputs and outputs (to replay and to audit) and the session
+        moves one token on (True). A hop that answered garbage is banned and replaced and nothing is kept
+        (False): the step is to be run again on its own. Audits due after the step run in
+        :meth:`audit_scheduled`, which the caller runs next (a caught liar raises there, not here)."""
+        for k, (hop, x, out) in enumerate(zip(self.hops, inputs, outputs, strict=True)):
+            problem = output_problem(out, x.shape, x.dtype)
+            if problem is not None:
+                peer = hop.stream.peer_id
+                self.manager.ban(peer, f"server {short_peer(peer)} {problem}")
+                await self._repair(k)
+                return False
+        for hop, x, out in zip(self.hops, inputs, outputs, strict=True):
+            self.manager.mark_ok(hop.stream.peer_id)
+            hop.record(x, out)
+        self.position += 1
+        return True
+
+    def audit_scheduled(self) -> None:
+        """Run the audits the schedule says are due now (after a step taken in a batched round).
+
+        Raises:
+            OutputRetracted: a server was caught lying (see :meth:`step`).
+        """
+        if self._auditing and self.hops:
+            self.loop.run(self._audit_due())
+
     # ---- internals (run on the client's event loop) -----------------------------------------
     def _next_step_id(self) -> int:
         self._step_id += 1
@@ -228,22 +273,26 @@ class InferenceSession(OnClient):
         for chunk in chunks(hidden, self.config.max_chunk_bytes):
             outputs.append(await self._step_chunk(chunk))
         if self._auditing:
-            for i in range(len(self.hops)):
-                hop = self.hops[i]
-                passed = self.manager.checks_passed(hop.stream.peer_id)
-                if (hop.start, hop.end) in self.unverified:  # no replica of another group: on the schedule only
-                    passed = max(passed, self.config.verify_first_steps)
-                due = audit_due(
-                    hop.steps,
-                    passed=passed,
-                    first_steps=self.config.verify_first_steps,
-                    every=self.config.audit_every,
-                    rate=self.config.verify_rate,
-                    draw=self._rng.random(),
-                )
-                if due:
-                    await self._audit_hop(i)
+            await self._audit_due()
         return torch.cat(outputs, dim=1)
+
+    async def _audit_due(self) -> None:
+        """Audit the hops whose schedule says so (each after its new server's first steps, then now and then)."""
+        for i in range(len(self.hops)):
+            hop = self.hops[i]
+            passed = self.manager.checks_passed(hop.stream.peer_id)
+            if (hop.start, hop.end) in self.unverified:  # no replica of another group: on the schedule only
+                passed = max(passed, self.config.verify_first_steps)
+            due = audit_due(
+                hop.steps,
+                passed=passed,
+                first_steps=self.config.verify_first_steps,
+                every=self.config.audit_every,
+                rate=self.config.verify_rate,
+                draw=self._rng.random(),
+            )
+            if due:
+                await self._audit_hop(i)
 
     async def _audit_all(self) -> None:
         for i in range(len(self.hops)):

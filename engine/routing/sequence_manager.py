@@ -68,6 +68,7 @@ class SequenceManager:
         self._convicted: set[str] = set()  # servers this client caught lying
         self._bans: dict[str, _Ban] = {}
         self._updated = 0.0
+        self._refreshing = False  # a background re-read is running
         self._lock = threading.RLock()
         self._rng = random.Random()
 
@@ -83,8 +84,30 @@ class SequenceManager:
             self._updated = time.monotonic()
 
     def _refresh_if_stale(self) -> None:
-        if time.monotonic() - self._updated > self.config.update_period:
+        """Re-read the swarm if the last read is older than ``update_period``: at once before the first plan
+        (or with ``update_period`` 0), else in the background while this plan uses the last read, so a
+        session's first token does not wait for a DHT read (a route that fails re-reads at once anyway)."""
+        with self._lock:
+            if time.monotonic() - self._updated <= self.config.update_period:
+                return
+            wait = not self._spans or self.config.update_period == 0
+            if not wait:
+                if self._refreshing:
+                    return
+                self._refreshing = True
+        if wait:
             self.refresh()
+            return
+        threading.Thread(target=self._refresh_in_background, name="corolla-refresh", daemon=True).start()
+
+    def _refresh_in_background(self) -> None:
+        try:
+            self.refresh()
+        except Exception as e:  # the last read stays in use; the next plan tries again
+            logger.info("re-reading the swarm failed: %s", e)
+        finally:
+            with self._lock:
+                self._refreshing = False
 
     @property
     def spans(self) -> dict[str, RemoteSpan]:

@@ -3,6 +3,7 @@ fair compute thread."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -53,6 +54,9 @@ class ServerSession:
     favored: bool = False  # its client proved it also serves (server/contributors.py): its steps go first
     adapter: str | None = None  # the LoRA adapter its steps run with
     trail: PrefixTrail | None = None  # its prompt's place in the prefix cache; None once it can no longer share
+
+
+_DecodeStep = tuple[ServerSession, int, torch.Tensor]  # a session, the position of its new token, [batch, 1, hidden]
 
 
 class SpanBackend:
@@ -311,20 +315,8 @@ class SpanBackend:
         with self.tokens_in_flight.holding(session.peer, tokens, session.group):
             if x.shape[1] == 1 and position > 0 and self.cfg.batch_rows > 1:
                 # A decode step: it may run in one forward with other sessions' steps over the same blocks.
-                # Sessions of similar lengths only, so that padding every row to the longest one (one block's
-                # keys at a time) costs at most a bucket's worth of extra keys per row.
-                # One adapter per batch: the LoRA weights are switched per compute job.
-                # The family may split positions further (Llama 4: one attention temperature per batch).
                 session.trail = None  # batched rows: no longer the computation a prompt's blocks would repeat
-                group = self.span.family.batch_group(self.span.config, position)
-                if any(self.state_bytes[session.start : session.end]):
-                    group = ("alone", session.session_id, group)
-                key = (session.start, session.end, session.adapter, position // BATCH_LENGTH_BUCKET, group)
-                step = (session, position, x)
-                batch = Batchable(key, step, self._decode_many, x.shape[0], self.cfg.batch_rows)
-                out = await self._compute.run(
-                    lambda: self._decode_many([step])[0], *self._turn(session), batch, favored=session.favored
-                )
+                out = (await self._run_decode([(session, position, x)]))[0]
                 self.tokens_computed += tokens
             else:
                 try:
@@ -452,6 +444,120 @@ class SpanBackend:
                 lo = hi
         return block.outputs[:, offset:]
 
+    def _batch_key(self, session: ServerSession, position: int) -> tuple[object, ...]:
+        """Decode steps of equal keys may share a forward: same blocks and adapter, similar lengths.
+
+        Sessions of similar lengths only, so that padding every row to the longest one (one block's keys at a
+        time) costs at most a bucket's worth of extra keys per row. One adapter per batch: the LoRA weights are
+        switched per compute job. The family may split positions further (Llama 4: one attention temperature
+        per batch).
+        """
+        group = self.span.family.batch_group(self.span.config, position)
+        if any(self.state_bytes[session.start : session.end]):  # recurrent states update in place: never batched
+            group = ("alone", session.session_id, group)
+        return (session.start, session.end, session.adapter, position // BATCH_LENGTH_BUCKET, group)
+
+    async def _run_decode(self, steps: list[_DecodeStep]) -> list[torch.Tensor]:
+        """Decode steps (one token per row) as compute jobs that other sessions' steps may join; outputs in order.
+
+        Steps are grouped by batch key, each group cut into jobs of at most ``batch_rows`` rows; the jobs queue
+        under the first step's session (its peer's turn), so a peer's many sessions take no more turns than one.
+        """
+        groups: dict[tuple[object, ...], list[list[_DecodeStep]]] = {}
+        for step in steps:
+            jobs = groups.setdefault(self._batch_key(step[0], step[1]), [[]])
+            if jobs[-1] and sum(x.shape[0] for _, _, x in jobs[-1]) + step[2].shape[0] > self.cfg.batch_rows:
+                jobs.append([])
+            jobs[-1].append(step)
+        session = steps[0][0]
+
+        async def run(job: list[_DecodeStep], key: tuple[object, ...]) -> list[torch.Tensor]:
+            rows = sum(x.shape[0] for _, _, x in job)
+            batch = Batchable(key, job, self._decode_jobs, rows, self.cfg.batch_rows)
+            return await self._compute.run(
+                lambda: self._decode_many(job), *self._turn(session), batch, favored=session.favored
+            )
+
+        keyed = [(job, key) for key, jobs in groups.items() for job in jobs]
+        outs = await asyncio.gather(*(run(job, key) for job, key in keyed))
+        by_step = {
+            id(step): out
+            for (job, _), result in zip(keyed, outs, strict=True)
+            for step, out in zip(job, result, strict=True)
+        }
+        return [by_step[id(step)] for step in steps]
+
+    def _decode_jobs(self, jobs: list[list[_DecodeStep]]) -> list[list[torch.Tensor]]:
+        """Several queued decode jobs in one forward (runs on the compute thread); each job's outputs."""
+        outs = self._decode_many([step for job in jobs for step in job])
+        results, first = [], 0
+        for job in jobs:
+            results.append(outs[first : first + len(job)])
+            first += len(job)
+        return results
+
+    def session_of(self, session_id: str, peer: str) -> ServerSession:
+        """``peer``'s open session ``session_id`` (SessionClosedError if there is none)."""
+        with self._lock:
+            session = self.sessions.get(session_id)
+        if session is None or session.peer != peer:
+            raise SessionClosedError(f"no open session {session_id!r} of yours here: open it on its own stream first")
+        return session
+
+    async def decode_steps(self, steps: list[tuple[ServerSession, int]], hidden: torch.Tensor) -> torch.Tensor:
+        """One decode token for each of several sessions of one peer, sent in one message (a client's sessions
+        batched); ``hidden`` is [rows, 1, hidden], each session's rows in order. Returns the outputs alike.
+
+        Each session is checked as its own step would be; the rows run in as few forwards as their blocks,
+        adapters and lengths allow (other peers' steps may join them).
+        """
+        wire_dtype = hidden.dtype
+        if len({id(s) for s, _ in steps}) != len(steps):
+            raise ProtocolError("a batched step lists a session twice; send one row group per session")
+        first = steps[0][0]
+        for s, position in steps:
+            self._check_open(s)
+            if (s.start, s.end, s.adapter) != (first.start, first.end, first.adapter):
+                raise ProtocolError("the sessions of a batched step must run over the same blocks and adapter")
+            if not 0 < position <= s.cache.length or not s.cache.can_rewind(position):
+                raise ProtocolError(
+                    f"batched step at position {position}, but this server holds {s.cache.length} tokens of "
+                    f"session {s.session_id!r} (a batched step follows the prompt)"
+                )
+            if position + 1 > s.max_length:
+                raise ProtocolError(
+                    f"{position + 1} tokens exceed the max_length of session {s.session_id!r} ({s.max_length})"
+                )
+        rows = [s.batch_size for s, _ in steps]
+        if hidden.ndim != 3 or list(hidden.shape[:2]) != [sum(rows), 1] or hidden.shape[2] != self.hidden_size:
+            raise ProtocolError(
+                f"a batched step takes [{sum(rows)}, 1, {self.hidden_size}] hidden states (each session's rows, "
+                f"one token), got {list(hidden.shape)}"
+            )
+        if not torch.isfinite(hidden).all():
+            raise ProtocolError("hidden states contain NaN or infinity")
+        x = hidden.to(self.device, self.dtype)
+        now = time.monotonic()
+        grows = [position + 1 > s.cache.length for s, position in steps]  # steps adding a token: progress
+        for s, _ in steps:
+            s.last_used = now
+            s.trail = None  # batched rows: no longer the computation a prompt's blocks would repeat
+        parts = torch.split(x, rows, dim=0)
+        with self.tokens_in_flight.holding(first.peer, sum(rows), first.group):
+            outs = await self._run_decode(
+                [(s, position, part) for (s, position), part in zip(steps, parts, strict=True)]
+            )
+        now = time.monotonic()
+        for (s, _), grew in zip(steps, grows, strict=True):
+            s.last_used = now
+            if grew:
+                s.last_progress = now
+        self.tokens_computed += sum(rows)
+        self.tokens_processed += sum(rows)
+        if self.ledger is not None:
+            self.ledger.add(first.peer, sum(rows))
+        return torch.cat(outs, dim=0).to("cpu", wire_dtype)
+
     @staticmethod
     def _turn(session: ServerSession) -> tuple[Priority, str]:
         return Priority.INFERENCE, session.peer
@@ -461,7 +567,7 @@ class SpanBackend:
         if session.closed_because is not None:  # reclaimed while this step waited
             raise SessionClosedError(f"this server closed session {session.session_id!r}: open a new one")
 
-    def _decode_many(self, steps: list[tuple[ServerSession, int, torch.Tensor]]) -> list[torch.Tensor]:
+    def _decode_many(self, steps: list[_DecodeStep]) -> list[torch.Tensor]:
         """One token of each session (all over the same blocks) in one forward (runs on the compute thread)."""
         for s, _, _ in steps:
             self._check_not_reclaimed(s)
@@ -482,30 +588,44 @@ class SpanBackend:
     ) -> torch.Tensor:
         """Stateless forward of full sequences through blocks ``start..end-1`` (the caller holds its tokens).
 
-        Long inputs run as several compute jobs of at most ``compute_chunk_tokens`` tokens over a temporary
-        cache, so an inference step never waits for more than one chunk of someone's forward.
+        A compute job does at most the work of ``compute_chunk_tokens`` tokens through every block of the
+        request, so an inference step never waits for more than that of someone's forward. Inputs that fit
+        ``compute_chunk_tokens x blocks`` run whole, a few blocks per job (no cache, full-size products: as fast
+        as one call); longer ones run as chunks of positions over a temporary cache.
         """
         self.check_span(start, end)
         self.check_adapter(adapter)
         wire_dtype = hidden.dtype
         x = self.check_hidden(hidden, None)
         batch, length = x.shape[0], x.shape[1]
-        chunk = max(1, self.cfg.compute_chunk_tokens // batch)  # positions per compute job
-        cache = SpanCache(start, end - start, length) if length > chunk else None
-        outputs: list[torch.Tensor] = []
-        for i in range(0, length, chunk):
-            part = x[:, i : i + chunk]
+        budget = self.cfg.compute_chunk_tokens * (end - start)  # token-blocks per compute job
+        if batch * length <= budget:
+            per_job = budget // (batch * length)  # blocks per compute job, at least one
+            for first in range(start, end, per_job):
 
-            def run(part: torch.Tensor = part) -> torch.Tensor:
-                with torch.inference_mode():
-                    out = self.span(part, cache, 0, start=start, end=end, adapter=adapter)
-                return out.to("cpu", wire_dtype)
+                def blocks(x: torch.Tensor = x, first: int = first) -> torch.Tensor:
+                    with torch.inference_mode():
+                        return self.span(x, None, 0, start=first, end=min(end, first + per_job), adapter=adapter)
 
-            outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
+                x = await self._compute.run(blocks, Priority.FORWARD, peer)
+            outputs = [x]
+        else:
+            chunk = max(1, self.cfg.compute_chunk_tokens // batch)  # positions per compute job
+            cache = SpanCache(start, end - start, length)
+            outputs = []
+            for i in range(0, length, chunk):
+                part = x[:, i : i + chunk]
+
+                def run(part: torch.Tensor = part) -> torch.Tensor:
+                    with torch.inference_mode():
+                        return self.span(part, cache, 0, start=start, end=end, adapter=adapter)
+
+                outputs.append(await self._compute.run(run, Priority.FORWARD, peer))
         self.tokens_processed += batch * length
         if self.ledger is not None:
             self.ledger.add(peer, batch * length)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return out.to("cpu", wire_dtype)
 
     async def compute(self, fn: Callable[[], T], peer: str = "") -> T:
         """Run ``fn`` on the compute thread as a forward-priority job of ``peer`` (training calls use it)."""

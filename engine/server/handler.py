@@ -42,6 +42,7 @@ from corolla.engine.wire.messages import (
     Push,
     Step,
     StepResult,
+    Steps,
     check_version,
     decode_inference_message,
 )
@@ -233,11 +234,13 @@ class Handler:
                         yield runtime_pb2.ExpertResponse(metadata=StepResult(position=0).encode())
                         continue
                     step_id = msg.step_id
-                    if session is None or msg.session_id != session.session_id:
-                        raise SessionClosedError(
-                            f"unknown session id {msg.session_id!r}: open a session on this stream first"
-                        )
-                    yield await self._step(self._serving_same(backend), session, msg, request)
+                    own = msg.sessions[0].session_id if isinstance(msg, Steps) else msg.session_id
+                    if session is None or own != session.session_id:
+                        raise SessionClosedError(f"unknown session id {own!r}: open a session on this stream first")
+                    if isinstance(msg, Steps):
+                        yield await self._steps(self._serving_same(backend), session, msg, request, peer)
+                    else:
+                        yield await self._step(self._serving_same(backend), session, msg, request)
                 except CorollaError as e:
                     logger.info("rejected a request from %s: %s", str(context.remote_id)[-6:], e)
                     # Keep the stream open (until the client closes it or goes idle) so a client that is
@@ -274,6 +277,23 @@ class Handler:
             position=session.cache.length,
             input_digest=tensor_digest(hidden) if forwarding else None,
             forward_error=forward_error,
+        )
+        return runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
+
+    async def _steps(
+        self,
+        backend: SpanBackend,
+        session: ServerSession,
+        msg: Steps,
+        request: runtime_pb2.ExpertRequest,
+        peer: str,
+    ) -> runtime_pb2.ExpertResponse:
+        """Run a batched decode step: this stream's session first, then other sessions the same peer opened."""
+        steps = [(session, msg.sessions[0].position)]
+        steps += [(backend.session_of(at.session_id, peer), at.position) for at in msg.sessions[1:]]
+        out = await backend.decode_steps(steps, _one_tensor(request))
+        meta = StepResult(
+            step_id=msg.step_id, position=session.cache.length, positions=[s.cache.length for s, _ in steps]
         )
         return runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
 

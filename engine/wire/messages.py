@@ -21,6 +21,7 @@ RPC_FORWARD = "CorollaServer.rpc_forward"
 RPC_INFO = "CorollaServer.rpc_info"
 RPC_PUSH = "CorollaServer.rpc_push"  # server to server: a hop's output pushed to the next hop (forwarding)
 PEER_ID_CHARS = 128  # longest base58 peer id accepted in a message
+MAX_BATCHED_SESSIONS = 256  # sessions one batched decode step may carry
 
 
 class _Message(BaseModel):
@@ -83,6 +84,26 @@ class Step(_Message):
     push_within: float = Field(default=5.0, ge=0.0, le=600.0)  # seconds the push may take before the answer
 
 
+class SessionAt(_Message):
+    """One session of a batched decode step: its id and the tokens the client believes the server holds."""
+
+    session_id: str = Field(min_length=1, max_length=64)
+    position: int = Field(gt=0)  # a decode step follows the prompt: the session holds tokens already
+
+
+class Steps(_Message):
+    """One decode token for each of several sessions of the sending peer over the same blocks, in one message.
+
+    Sent on the stream of ``sessions[0]``; the others were opened on their own streams by the same peer. The
+    message's one tensor is [rows, 1, hidden]: each session's rows (its batch size) in the order listed. The
+    answer's tensor holds the outputs in the same order, and ``positions`` what each session then holds.
+    """
+
+    kind: Literal["steps"] = "steps"
+    step_id: int = Field(ge=0)
+    sessions: list[SessionAt] = Field(min_length=1, max_length=MAX_BATCHED_SESSIONS)
+
+
 class Close(_Message):
     """Last message of an inference stream: free the session's cache now."""
 
@@ -100,6 +121,7 @@ class StepResult(_Message):
     error_type: str | None = None
     input_digest: str | None = Field(default=None, max_length=64)  # of the input the step ran on (forwarding)
     forward_error: str | None = Field(default=None, max_length=2048)  # why the push to the next peer failed
+    positions: list[int] | None = Field(default=None, max_length=MAX_BATCHED_SESSIONS)  # per session (Steps)
 
 
 class ForwardRequest(_Message):
@@ -130,13 +152,13 @@ def check_version(version: int) -> None:
         )
 
 
-def decode_inference_message(raw: bytes) -> OpenSession | Step | Close:
+def decode_inference_message(raw: bytes) -> OpenSession | Step | Steps | Close:
     """Decode the metadata of one inference-stream message by its ``kind``."""
     msg = _Kind.decode(raw)
-    kinds: dict[str, type[_Message]] = {"open": OpenSession, "step": Step, "close": Close}
-    result: OpenSession | Step | Close = kinds[msg.kind].decode(raw)
+    kinds: dict[str, type[_Message]] = {"open": OpenSession, "step": Step, "steps": Steps, "close": Close}
+    result: OpenSession | Step | Steps | Close = kinds[msg.kind].decode(raw)
     return result
 
 
 class _Kind(_Message):
-    kind: Literal["open", "step", "close"]
+    kind: Literal["open", "step", "steps", "close"]

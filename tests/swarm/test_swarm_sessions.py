@@ -173,19 +173,14 @@ def test_chat_matches_transformers_up_to_the_stop(three: ThreeServers) -> None:
     assert result.prompt_tokens == len(three.model.tokenizer(prompt).input_ids)
 
 
-@pytest.mark.timeout(90)
-def test_concurrent_sessions_are_batched_and_match_transformers(three: ThreeServers) -> None:
-    """Decode steps of sessions running at once share forwards on the servers; every output stays exact."""
-    prompts = [random_ids(1 + i % 2, 3 + i, seed=40 + i) for i in range(6)]
-    expected = [hf_greedy(three.hf, p, 16, eos=False) for p in prompts]
-    peers = [peer_id(server) for server in three.swarm.servers]
-    before = rows_batched(three.model, peers)
+def generate_at_once(model: DistributedModelForCausalLM, prompts: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Greedy generations of ``prompts``, one thread each, all at once."""
     results: dict[int, torch.Tensor] = {}
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
         try:
-            results[i] = three.model.generate(prompts[i], max_new_tokens=16, eos_token_id=[])
+            results[i] = model.generate(prompts[i], max_new_tokens=16, eos_token_id=[])
         except BaseException as e:
             errors.append(e)
 
@@ -196,9 +191,41 @@ def test_concurrent_sessions_are_batched_and_match_transformers(three: ThreeServ
         t.join(timeout=80)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
+    return results
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_sessions_are_batched_and_match_transformers(three: ThreeServers) -> None:
+    """Decode steps of sessions running at once share forwards on the servers; every output stays exact.
+
+    Here each session sends its own messages (client batching off): the servers gather them."""
+    prompts = [random_ids(1 + i % 2, 3 + i, seed=40 + i) for i in range(6)]
+    expected = [hf_greedy(three.hf, p, 16, eos=False) for p in prompts]
+    peers = [peer_id(server) for server in three.swarm.servers]
+    before = rows_batched(three.model, peers)
+    with client(three.path, three.swarm, batch_window=0.0) as apart:
+        results = generate_at_once(apart, prompts)
+        assert apart.decode_batcher.rounds == 0
     for i, want in enumerate(expected):
         assert torch.equal(results[i], want), f"generation {i}"
     assert rows_batched(three.model, peers) > before  # the servers really ran steps of sessions together
+
+
+@pytest.mark.timeout(90)
+def test_a_clients_sessions_step_in_one_message_and_match_transformers(three: ThreeServers) -> None:
+    """Sessions of one client on one route send their one-token steps together (one message per hop, one LM
+    head): the client runs rounds of several sessions, the servers one forward for them, outputs stay exact."""
+    prompts = [random_ids(1 + i % 2, 3 + i, seed=50 + i) for i in range(6)]
+    expected = [hf_greedy(three.hf, p, 16, eos=False) for p in prompts]
+    peers = [peer_id(server) for server in three.swarm.servers]
+    before = rows_batched(three.model, peers)
+    batcher = three.model.decode_batcher
+    rounds, rows = batcher.rounds, batcher.rows
+    results = generate_at_once(three.model, prompts)
+    for i, want in enumerate(expected):
+        assert torch.equal(results[i], want), f"generation {i}"
+    assert batcher.rounds > rounds and batcher.rows - rows >= 2 * (batcher.rounds - rounds)
+    assert rows_batched(three.model, peers) > before
 
 
 @pytest.mark.timeout(60)

@@ -11,6 +11,7 @@ import torch
 
 from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, tiny_config
 from corolla.engine.config import ServerConfig
+from corolla.engine.errors import ProtocolError, SessionClosedError
 from corolla.engine.models.batched import run_rows
 from corolla.engine.models.registry import get_family
 from corolla.engine.models.span import BlockSpan, SpanCache
@@ -308,3 +309,57 @@ def test_a_long_prompt_runs_in_chunks_that_other_sessions_steps_can_pass() -> No
     assert (out - whole).abs().max().item() < ATOL
     assert order.count("4") == 5 and order.count("3") == 1  # 23 positions in jobs of 4
     assert order.index("decode done") < len(order) - 1  # the decode step did not wait for the whole prompt
+
+
+@pytest.mark.timeout(60)
+def test_one_message_of_many_sessions_equals_their_own_steps() -> None:
+    """decode_steps (a client's sessions batched into one message) gives each session what its own step gives,
+    in as many forwards as the server's batch_rows allow, and refuses what a peer may not ask."""
+    config = tiny_config("llama")
+    span = random_span(config, 0, 3)
+    hidden = config.hidden_size
+    backend = SpanBackend(span, config, ServerConfig(batch_rows=3), torch.float32)
+    sizes = [1, 2, 1, 1]  # rows per session: 5 rows run as jobs of at most 3
+    prompts = [torch.randn(b, 2 + i, hidden) for i, b in enumerate(sizes)]
+    tokens = [torch.randn(b, 1, hidden) for b in sizes]
+    forwards: list[int] = []
+    real_rows = backend._decode_many
+
+    def spy(steps: list[tuple[object, int, torch.Tensor]]) -> list[torch.Tensor]:
+        forwards.append(sum(x.shape[0] for _, _, x in steps))
+        return real_rows(steps)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[list[torch.Tensor], torch.Tensor]:
+        alone, together = [], []
+        for i, (b, prompt) in enumerate(zip(sizes, prompts, strict=True)):
+            alone.append(backend.open_session(f"a{i}", 0, 3, 16, b, "A"))
+            together.append(backend.open_session(f"t{i}", 0, 3, 16, b, "A"))
+            await backend.inference_step(alone[i], 0, prompt)
+            await backend.inference_step(together[i], 0, prompt)
+        expected = [await backend.inference_step(s, s.cache.length, x) for s, x in zip(alone, tokens, strict=True)]
+        backend._decode_many = spy  # type: ignore[method-assign]
+        got = await backend.decode_steps([(s, s.cache.length) for s in together], torch.cat(tokens))
+        assert [s.cache.length for s in together] == [s.cache.length for s in alone]
+        other = backend.open_session("b", 0, 3, 16, 1, "B")
+        await backend.inference_step(other, 0, prompts[0][:1])
+        with pytest.raises(SessionClosedError):  # another peer's session cannot be named
+            backend.session_of("b", "A")
+        step = torch.randn(1, 1, hidden)
+        bad = [
+            [(together[0], together[0].cache.length), (together[0], together[0].cache.length)],  # twice
+            [(together[0], 0)],  # a decode step follows the prompt
+            [(together[0], together[0].cache.length + 1)],  # past what the server holds
+        ]
+        for steps in bad:
+            with pytest.raises(ProtocolError):
+                await backend.decode_steps(steps, step)
+        with pytest.raises(ProtocolError):  # rows that do not match the sessions' batch sizes
+            await backend.decode_steps([(together[1], together[1].cache.length)], step)
+        return expected, got
+
+    try:
+        expected, got = asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+    assert (got - torch.cat(expected)).abs().max().item() < ATOL
+    assert sorted(forwards) == [2, 3]  # 5 rows, batch_rows 3: two forwards, no session split

@@ -195,3 +195,38 @@ def test_long_forwards_run_in_chunks_with_the_same_output(tmp_path: Path) -> Non
     assert chunked.shape == whole.shape
     assert torch.allclose(chunked, whole, atol=1e-5)
     assert backend.tokens_processed == 46
+
+
+@pytest.mark.timeout(60)
+def test_a_forward_within_the_job_budget_runs_whole_a_few_blocks_per_job(tmp_path: Path) -> None:
+    """Sequences that fit compute_chunk_tokens x blocks run whole, a few blocks per compute job (no cache):
+    the same output as one call, and no job does more than the budget's work."""
+    import torch
+
+    from corolla.engine.apps.tiny_models import make_tiny_checkpoint
+    from corolla.engine.config import ServerConfig
+    from corolla.engine.models.checkpoint import Checkpoint, load_span
+    from corolla.engine.server.backend import SpanBackend
+
+    ckpt = Checkpoint(str(make_tiny_checkpoint(tmp_path / "tiny")))
+    config = ckpt.config()
+    span = load_span(ckpt, config, 0, 6, torch.float32, "cpu")
+    hidden = torch.randn(2, 23, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = span(hidden, None, 0, start=1, end=5)
+    # 46 tokens, budget 24 x 4 blocks = 96 token-blocks a job: two blocks per job, two jobs
+    backend = SpanBackend(span, config, ServerConfig(compute_chunk_tokens=24), torch.float32)
+    jobs: list[tuple[int, int, int, bool]] = []
+    real = span.forward
+
+    def spy(x: torch.Tensor, cache: object = None, offset: int = 0, **kwargs: object) -> torch.Tensor:
+        jobs.append((x.shape[1], int(kwargs["start"]), int(kwargs["end"]), cache is None))  # type: ignore[call-overload]
+        return real(x, cache, offset, **kwargs)  # type: ignore[arg-type]
+
+    span.forward = spy  # type: ignore[method-assign]
+    try:
+        out = asyncio.run(backend.forward(1, 5, hidden, "peer"))
+    finally:
+        backend.shutdown()
+    assert jobs == [(23, 1, 3, True), (23, 3, 5, True)]
+    assert torch.equal(out, whole)

@@ -161,3 +161,39 @@ def test_no_route_error_is_a_missing_blocks_error_naming_the_avoided_servers() -
     assert "4:7" in str(error) and "failed recently" in str(error)
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.blocks, copy.avoided, str(copy)) == (error.blocks, error.avoided, str(error))
+
+
+def test_a_stale_swarm_read_is_refreshed_in_the_background_after_the_first() -> None:
+    """The first plan reads the swarm at once; later stale reads run in a background thread (one at a time)
+    while plans use the last read; update_period 0 always reads at once."""
+    import threading
+    import time
+
+    m = manager(update_period=0.01)
+    reads: list[str] = []
+    gate = threading.Event()
+
+    def refresh() -> None:
+        reads.append(threading.current_thread().name)
+        if len(reads) > 1:
+            gate.wait(5)
+        m._spans = {PEER_A: object()}  # type: ignore[dict-item]
+        m._updated = time.monotonic()
+
+    m.refresh = refresh  # type: ignore[method-assign]
+    m._refresh_if_stale()
+    assert reads == [threading.current_thread().name]  # nothing read yet: at once
+    time.sleep(0.02)
+    m._refresh_if_stale()
+    m._refresh_if_stale()  # one background read at a time
+    deadline = time.monotonic() + 5
+    while len(reads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert reads[1] == "corolla-refresh" and len(reads) == 2
+    gate.set()
+    always = manager(update_period=0.0)
+    always_reads: list[str] = []
+    always.refresh = lambda: always_reads.append(threading.current_thread().name)  # type: ignore[method-assign]
+    always._spans = {PEER_A: object()}  # type: ignore[dict-item]
+    always._refresh_if_stale()
+    assert always_reads == [threading.current_thread().name]
