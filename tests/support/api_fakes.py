@@ -22,6 +22,8 @@ class FakeStream:
         self.prompt_tokens = max(1, len(prompt) // 4)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.text = ""  # what was generated so far (the honest text, as TextStream keeps it)
+        self.rewinds: list[int] = []  # a fake server never lies: nothing is withdrawn
         self._left = max_new_tokens
         self._delay = delay
 
@@ -35,6 +37,7 @@ class FakeStream:
         time.sleep(self._delay)
         self._left -= 1
         self.completion_tokens += 1
+        self.text += "x"
         return "x"
 
     def close(self) -> None:

@@ -131,8 +131,11 @@ async def test_generations_queue_in_order_then_get_429() -> None:
                 finished.append(i)
                 return answer
 
-            first = [asyncio.create_task(ask(i)) for i in range(4)]  # one runs, three wait
-            await asyncio.sleep(0.2)
+            first = []
+            for i in range(4):  # one runs, three wait; sent apart so that they arrive in this order
+                first.append(asyncio.create_task(ask(i)))
+                await asyncio.sleep(0.03)
+            await asyncio.sleep(0.1)
             refused = await asyncio.gather(*(ask(10 + i) for i in range(4)))  # the queue is full
             assert [r.status_code for r in refused] == [429] * 4
             assert int(refused[0].headers["Retry-After"]) >= 1
