@@ -200,7 +200,8 @@ def test_page_shows_bar_and_table_and_turns_red_when_a_server_stops(
     assert all(c[6] == "float32" for c in cells)  # weights: full precision, not quantized
     served = {f"{s['start']}:{s['end']}": s["tokens_served"] for s in live.model_state()["servers"]}  # type: ignore[index]
     assert all(c[7] == __version__ for c in cells)
-    assert [int(c[8].replace(",", "")) for c in cells] == [served[c[2]] for c in cells]  # each server's own count
+    assert all(c[8] == "direct" for c in cells)  # loopback servers: no relay between them and their clients
+    assert [int(c[9].replace(",", "")) for c in cells] == [served[c[2]] for c in cells]  # each server's own count
     assert all(float(c[4]) > 0 and int(c[5].replace(",", "")) > 0 for c in cells)  # throughput, free cache
     assert page["colour"] == "rgb(47, 158, 68)"  # green
     target = Path(os.environ.get("COROLLA_MONITOR_SCREENSHOT") or tmp_path / "monitor.png")
