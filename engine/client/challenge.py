@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -45,7 +46,10 @@ async def challenge(context: ClientContext, peer: str, start: int, info: Mapping
             proof=context.proof(peer),
             adapter=context.config.active_adapter,
         )
-        x = torch.randn(1, 1, hidden)  # [batch, new, hidden]
+        # [batch, new, hidden], from a private generator: the user's seeded sampling (torch's global RNG) must
+        # not depend on how many servers were probed
+        noise = torch.Generator().manual_seed(secrets.randbits(63))
+        x = torch.randn(1, 1, hidden, generator=noise)
         out = await stream.step(session_id, x, 0, 0, timeout)
         problem = output_problem(out, x.shape, x.dtype)
         if problem is not None:
