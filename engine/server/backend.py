@@ -565,7 +565,9 @@ class SpanBackend:
     @staticmethod
     def _check_not_reclaimed(session: ServerSession) -> None:
         if session.closed_because is not None:  # reclaimed while this step waited
-            raise SessionClosedError(f"this server closed session {session.session_id!r}: open a new one")
+            raise SessionClosedError(
+                f"this server closed session {session.session_id!r}: {session.closed_because}; open a new one"
+            )
 
     def _decode_many(self, steps: list[_DecodeStep]) -> list[torch.Tensor]:
         """One token of each session (all over the same blocks) in one forward (runs on the compute thread)."""
