@@ -274,19 +274,9 @@ class SequenceManager:
         for attempt in range(2):
             with self._lock:
                 spans = with_adapter(self._spans, adapter)
-                rtt = dict(self._rtt)
-                measured = dict(self._block_s)
+            banned = (set(self._convicted) if ignore_bans else self.banned()) | set(exclude)  # liars never
             try:
-                return plan_inference_route(
-                    spans,
-                    start,
-                    end,
-                    model=self.model,
-                    rtt=rtt,
-                    banned=(set(self._convicted) if ignore_bans else self.banned()) | set(exclude),  # liars never
-                    cache_tokens_needed=cache_tokens_needed,
-                    measured_block_s=measured,
-                )
+                return self._plan_over(spans, start, end, banned, cache_tokens_needed)
             except MissingBlocksError as e:
                 if attempt == 1:
                     raise e.with_source(self.source).with_traceback(e.__traceback__) from None
@@ -330,6 +320,24 @@ class SequenceManager:
                 if p not in skip and s.record.quant == quant and s.start <= start and end <= s.end
             )
 
+    def _plan_over(
+        self, spans: dict[str, RemoteSpan], start: int, end: int, banned: set[str], cache_tokens_needed: int
+    ) -> list[RouteHop]:
+        """:func:`plan_inference_route` over ``spans`` with this client's measured round trips and block times."""
+        with self._lock:
+            rtt = dict(self._rtt)
+            measured = dict(self._block_s)
+        return plan_inference_route(
+            spans,
+            start,
+            end,
+            model=self.model,
+            rtt=rtt,
+            banned=banned,
+            cache_tokens_needed=cache_tokens_needed,
+            measured_block_s=measured,
+        )
+
     def plan_probed(
         self, start: int, end: int, exclude: Collection[str], adapter: str | None = None, cache_tokens_needed: int = 0
     ) -> list[RouteHop] | None:
@@ -337,19 +345,8 @@ class SequenceManager:
         from the swarm as last read; None if they do not cover the blocks (no DHT read: it must stay cheap)."""
         with self._lock:
             spans = {p: s for p, s in with_adapter(self._spans, adapter).items() if p in self._probed}
-            rtt = dict(self._rtt)
-            measured = dict(self._block_s)
         try:
-            return plan_inference_route(
-                spans,
-                start,
-                end,
-                model=self.model,
-                rtt=rtt,
-                banned=self.banned() | set(exclude),
-                cache_tokens_needed=cache_tokens_needed,
-                measured_block_s=measured,
-            )
+            return self._plan_over(spans, start, end, self.banned() | set(exclude), cache_tokens_needed)
         except MissingBlocksError:
             return None
 
