@@ -61,6 +61,17 @@ def _blaming(peer_id: str) -> Iterator[None]:
         raise
 
 
+def commitment_of(result: StepResult) -> bytes | None:
+    """The signature a step's answer carried (wire/commitment.py); None if none, or not 64 hex-encoded bytes."""
+    if result.commitment is None:
+        return None
+    try:
+        signature = bytes.fromhex(result.commitment)
+    except ValueError:
+        return None
+    return signature if len(signature) == 64 else None
+
+
 def _check(peer_id: str, meta: StepResult) -> None:
     """Raise the error a server answered with, as a typed error naming that server."""
     if not meta.ok:
@@ -177,11 +188,18 @@ class HopStream:
         self, session_id: str, hidden: torch.Tensor, position: int, step_id: int, timeout: float
     ) -> torch.Tensor:
         """Send hidden states [batch, new, hidden] at ``position``; get the hop's outputs back."""
+        return (await self.committed_step(session_id, hidden, position, step_id, timeout))[0]
+
+    async def committed_step(
+        self, session_id: str, hidden: torch.Tensor, position: int, step_id: int, timeout: float
+    ) -> tuple[torch.Tensor, bytes | None]:
+        """:meth:`step`, and the server's signature of its outputs (None if it sent none or a malformed one)."""
         meta = Step(session_id=session_id, position=position, step_id=step_id)
         request = runtime_pb2.ExpertRequest(tensors=[serialize(hidden)], metadata=meta.encode())
         response = await self._exchange(request, timeout)
         with _blaming(self.peer_id):
-            return self._output(response, hidden.shape, position, step_id)[0]
+            out, result = self._output(response, hidden.shape, position, step_id)
+        return out, commitment_of(result)
 
     async def steps(
         self, sessions: list[tuple[str, int]], hidden: torch.Tensor, step_id: int, timeout: float
