@@ -23,6 +23,7 @@ from corolla.engine.client.joining import client_config, load_client, release
 from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.ptune import PromptTuning
 from corolla.engine.client.report_check import ReportChecker
+from corolla.engine.client.reporting import finish_publishing
 from corolla.engine.client.route_autograd import RemoteBlocks
 from corolla.engine.client.sampling import SamplingParams, sampling_params
 from corolla.engine.client.session import ActiveSession, InferenceSession
@@ -516,6 +517,7 @@ AutoDistributedModelForCausalLM = DistributedModelForCausalLM
 
 
 def _leave(checker: ReportChecker, loop: LoopThread, p2p: Any, dht: Any) -> None:
-    """Stop reading reports, then leave the swarm (see :func:`release`)."""
+    """Stop reading reports, finish publishing this process's, then leave the swarm (see :func:`release`)."""
     checker.stop()
+    finish_publishing(checker.context.config.request_timeout)
     release(loop, p2p, dht)

@@ -84,13 +84,16 @@ class ReportChecker:
             try:
                 self.check_once()
             except Exception as e:  # a DHT hiccup: try again next round
-                logger.debug("reading liar reports: %s", e)
+                logger.info("reading liar reports: %s", e)
             self._stop.wait(self.context.config.report_refresh)
 
     def check_once(self) -> None:
         """Read the model's reports and re-check the new ones (as far as the per-minute bound allows)."""
         manager = self.context.manager
         reports = read_published_reports(manager.dht, manager.model, timeout=self.context.config.request_timeout)
+        known = manager.spans
+        if any(r.accused not in known and r.reporter not in self.ignored for r in reports):
+            manager.refresh()  # a server this client has not read yet (or a fresh client that read nobody)
         for report in reports:
             if self._stop.is_set():
                 return

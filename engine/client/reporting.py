@@ -30,9 +30,12 @@ from corolla.engine.dht.report_records import PublishedReport, ReportTooLarge
 from corolla.engine.dht.signing import PeerIdentity
 from corolla.engine.errors import short_peer
 
-__all__ = ["evidence", "publish", "reporter_identity"]
+__all__ = ["evidence", "finish_publishing", "publish", "reporter_identity"]
 
 logger = logging.getLogger(__name__)
+
+_PUBLISHING: set[threading.Thread] = set()
+"""Publications under way (a client that leaves waits for them: :func:`finish_publishing`)."""
 
 
 @functools.cache
@@ -100,6 +103,20 @@ def publish(context: ClientContext, report: PublishedReport, reporter: PeerIdent
             return
         logger.info("published the report on %s (%s)", short_peer(report.accused), "stored" if stored else "no peer")
 
-    thread = threading.Thread(target=run, name="corolla-report", daemon=True)
+    def tracked() -> None:
+        try:
+            run()
+        finally:
+            _PUBLISHING.discard(threading.current_thread())
+
+    thread = threading.Thread(target=tracked, name="corolla-report", daemon=True)
+    _PUBLISHING.add(thread)
     thread.start()
     return thread
+
+
+def finish_publishing(timeout: float) -> None:
+    """Wait up to ``timeout`` seconds in all for the publications under way (before the DHT shuts down)."""
+    deadline = time.monotonic() + timeout
+    for thread in list(_PUBLISHING):
+        thread.join(max(0.0, deadline - time.monotonic()))
