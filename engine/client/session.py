@@ -232,9 +232,14 @@ class InferenceSession(OnClient):
         """A fresh step id for a message on this session's streams."""
         return self._next_step_id()
 
-    async def accept_batched_step(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+    async def accept_batched_step(
+        self,
+        inputs: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        commitments: list[bytes | None] | None = None,
+    ) -> bool:
         """Take this session's rows of a batched step: ``inputs[k]`` went to hop ``k``, which answered
-        ``outputs[k]`` (each [batch, 1, hidden]). Every output is checked for shape and values as for a step of
+        ``outputs[k]`` (each [batch, 1, hidden]) signed with ``commitments[k]`` (None: unsigned). Every output is checked for shape and values as for a step of
         its own; if every hop passes, the hops keep inputs and outputs (to replay and to audit) and the session
         moves one token on (True). A hop that answered garbage is banned and replaced and nothing is kept
         (False): the step is to be run again on its own. Audits due after the step run in
@@ -246,9 +251,10 @@ class InferenceSession(OnClient):
                 self.manager.ban(peer, f"server {short_peer(peer)} {problem}")
                 await self._repair(k)
                 return False
-        for hop, x, out in zip(self.hops, inputs, outputs, strict=True):
+        signed = commitments if commitments is not None else [None] * len(self.hops)
+        for hop, x, out, commitment in zip(self.hops, inputs, outputs, signed, strict=True):
             self.manager.mark_ok(hop.stream.peer_id)
-            hop.record(x, out)
+            hop.record(x, out, commitment)
         self.position += 1
         return True
 

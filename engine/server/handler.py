@@ -321,9 +321,18 @@ class Handler:
         """Run a batched decode step: this stream's session first, then other sessions the same peer opened."""
         steps = [(session, msg.sessions[0].position)]
         steps += [(backend.session_of(at.session_id, peer), at.position) for at in msg.sessions[1:]]
-        out = await backend.decode_steps(steps, _one_tensor(request))
+        hidden = _one_tensor(request)
+        out = await backend.decode_steps(steps, hidden)
+        rows = [s.batch_size for s, _ in steps]
+        commitments = [
+            self._commit(backend, s, position, x, o)
+            for (s, position), x, o in zip(steps, hidden.split(rows), out.split(rows), strict=True)
+        ]
         meta = StepResult(
-            step_id=msg.step_id, position=session.cache.length, positions=[s.cache.length for s, _ in steps]
+            step_id=msg.step_id,
+            position=session.cache.length,
+            positions=[s.cache.length for s, _ in steps],
+            commitments=commitments,
         )
         return runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
 

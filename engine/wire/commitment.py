@@ -62,8 +62,10 @@ class InputChain:
         """Hash ``inputs`` [batch, new, hidden] as the next positions; returns the running hash after them."""
         h = self.hashes[-1]
         dtype = str(inputs.dtype).encode()
+        rows = memoryview(tensor_bytes(inputs.transpose(0, 1)))  # position-major: row t is x[:, t] as sent
+        size = len(rows) // max(inputs.shape[1], 1)
         for t in range(inputs.shape[1]):
-            h = hashlib.sha256(h + dtype + tensor_bytes(inputs[:, t])).digest()
+            h = hashlib.sha256(h + dtype + rows[t * size : (t + 1) * size]).digest()
             self.hashes.append(h)
         return h
 

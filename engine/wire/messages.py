@@ -124,6 +124,7 @@ class StepResult(_Message):
     positions: list[int] | None = Field(default=None, max_length=MAX_BATCHED_SESSIONS)  # per session (Steps)
     # hex Ed25519 signature of the step's output by the server's key (wire/commitment.py); None: not signed
     commitment: str | None = Field(default=None, max_length=2 * 64)
+    commitments: list[str | None] | None = Field(default=None, max_length=MAX_BATCHED_SESSIONS)  # per session (Steps)
 
 
 class ForwardRequest(_Message):
