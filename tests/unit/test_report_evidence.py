@@ -3,8 +3,11 @@ anything not signed by its reporter, too large or too long-lived."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,9 +15,12 @@ import torch
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
+from corolla.engine.client import report_check
 from corolla.engine.client.hops import Hop
 from corolla.engine.client.remote import HopStream
+from corolla.engine.client.report_check import ReportChecker
 from corolla.engine.client.reporting import evidence
+from corolla.engine.config import ClientConfig
 from corolla.engine.dht.report_records import (
     MAX_REPORT_BYTES,
     MAX_REPORT_TTL,
@@ -160,3 +166,98 @@ def test_evidence_is_the_first_signed_step_that_disagrees() -> None:
     assert [c for _, _, c in hop.claimed_steps()] == [b"b" * 64]
     hop.commitments[-1] = None  # an unsigned lie cannot be shown to anyone
     assert evidence(MODEL, hop, outs[1] + 1.0, ("w",), 1e-3, REPORTER) is None
+
+
+# ---- re-checking published reports (client/report_check.py), with the DHT and the replicas faked ---------------
+@dataclass
+class _FakeManager:
+    reports: list[PublishedReport]
+    replica: str = "replica"
+    model: str = MODEL
+    num_blocks: int = 4
+    dht: object = None
+    convicted: list[str] = dataclasses.field(default_factory=list)
+
+    def span(self, peer: str) -> Any:
+        if peer == "elsewhere":
+            return None
+        return SimpleNamespace(start=0, end=4, record=SimpleNamespace(quant="none", dtype="float32"))
+
+    @property
+    def spans(self) -> dict[str, Any]:
+        return {}
+
+    def refresh(self) -> None:
+        pass
+
+    def replicas(self, start: int, end: int, exclude: Any, *, adapter: Any, quant: str) -> list[str]:
+        return [self.replica]
+
+    def convict(self, peer: str, start: int, end: int, reason: str) -> None:
+        self.convicted.append(peer)
+
+
+class _Loop:
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run(coro)
+
+
+def _checker(
+    monkeypatch: pytest.MonkeyPatch, reports: list[PublishedReport], truth: torch.Tensor, checks: int = 6
+) -> tuple[ReportChecker, _FakeManager, list[PublishedReport]]:
+    manager = _FakeManager(reports)
+    config = ClientConfig(report_checks=checks)
+    context = SimpleNamespace(config=config, manager=manager, p2p=None, loop=_Loop())
+    recomputed: list[PublishedReport] = []
+
+    async def groups(context: Any) -> dict[str, str]:
+        return {}
+
+    async def recompute(context: Any, route: Any, x: torch.Tensor) -> torch.Tensor:
+        recomputed.append(next(r for r in reports if r.inputs is x))
+        return torch.cat([x[:, :-1], truth], dim=1)
+
+    monkeypatch.setattr(report_check, "peer_groups", groups)
+    monkeypatch.setattr(report_check, "recompute", recompute)
+    monkeypatch.setattr(report_check, "read_published_reports", lambda dht, model, timeout: list(reports))
+    return ReportChecker(context), manager, recomputed  # type: ignore[arg-type]
+
+
+def test_a_report_convicts_only_when_the_replica_contradicts_the_signed_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = torch.randn(2, 1, 8)
+    inputs = _inputs()
+    lie, right = truth + 1.0, truth.clone()
+    liar = _report(inputs=inputs, claimed=lie, commitment=_signed(inputs, lie), honest=truth)
+    reporters = [PeerIdentity.generate().peer_id for _ in range(3)]
+    smear = _report(inputs=inputs.clone(), claimed=right, commitment=_signed(inputs, right), reporter=reporters[0])
+    smear = dataclasses.replace(smear, honest=lie)
+    forged = dataclasses.replace(liar, reporter=reporters[1], inputs=inputs.clone(), claimed=lie * 2)
+    unused = dataclasses.replace(liar, accused="elsewhere", reporter=reporters[2], inputs=inputs.clone())
+    checker, manager, recomputed = _checker(monkeypatch, [forged, unused, smear, liar], truth)
+    checker.check_once()
+    assert manager.convicted == [SERVER.peer_id] and set(checker.convicted) == {SERVER.peer_id}
+    assert checker.forged == 1 and checker.smears == 1
+    assert set(checker.ignored) == {reporters[0], reporters[1]}  # the smearer and the forger, not the others
+    assert recomputed == [smear, liar]  # the forgery costs no recompute; the unused span is not looked at
+    checker.check_once()  # nothing new: no second conviction, no recompute
+    assert manager.convicted == [SERVER.peer_id] and len(recomputed) == 2
+
+
+def test_re_checks_are_bounded_per_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = torch.randn(2, 1, 8)
+    flood = []
+    for i in range(5):  # a flood of smears of one honest server, each by a fresh reporter key
+        inputs = _inputs(seed=i)
+        flood.append(
+            _report(
+                inputs=inputs,
+                claimed=truth,
+                commitment=_signed(inputs, truth),
+                honest=truth + 1.0,
+                reporter=PeerIdentity.generate().peer_id,
+            )
+        )
+    checker, manager, recomputed = _checker(monkeypatch, flood, truth, checks=2)
+    checker.check_once()
+    checker.check_once()
+    assert len(recomputed) == 2 and checker.smears == 2 and not manager.convicted
