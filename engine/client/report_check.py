@@ -64,6 +64,7 @@ class ReportChecker:
         self._seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()  # (subkey, accused's signature)
         self._checks: deque[float] = deque()  # monotonic times of the re-checks of the last minute
         self._rng = random.Random()
+        self._refreshed = -float("inf")  # monotonic time this checker last re-read the swarm's servers
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -91,9 +92,11 @@ class ReportChecker:
         """Read the model's reports and re-check the new ones (as far as the per-minute bound allows)."""
         manager = self.context.manager
         reports = read_published_reports(manager.dht, manager.model, timeout=self.context.config.request_timeout)
-        known = manager.spans
-        if any(r.accused not in known and r.reporter not in self.ignored for r in reports):
+        known, now = manager.spans, time.monotonic()
+        unknown = any(r.accused not in known and r.reporter not in self.ignored for r in reports)
+        if unknown and now - self._refreshed > self.context.config.update_period:
             manager.refresh()  # a server this client has not read yet (or a fresh client that read nobody)
+            self._refreshed = now
         for report in reports:
             if self._stop.is_set():
                 return
