@@ -5,8 +5,8 @@ After an audit convicts a one-server hop, the session hands the hop and the agre
 builds a :class:`~corolla.engine.dht.report_records.PublishedReport`: the hop's inputs from position 0
 through that step, the liar's outputs and signature, the honest outputs and the peers that computed them.
 :func:`publish` stores it in the DHT from a background thread (a session never waits for the DHT). A step
-the server did not sign (a batched decode step, an older server) or evidence over the size bound stays in
-the local report file only.
+the server did not sign (an older server) or evidence over the size bound stays in the local report file
+only.
 
 Every report this process publishes is signed by one key made for the process (:func:`reporter_identity`):
 a report's signature says who reported, not that the reporter is honest; readers re-check the evidence
