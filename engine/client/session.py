@@ -239,8 +239,8 @@ class InferenceSession(OnClient):
         commitments: list[bytes | None] | None = None,
     ) -> bool:
         """Take this session's rows of a batched step: ``inputs[k]`` went to hop ``k``, which answered
-        ``outputs[k]`` (each [batch, 1, hidden]) signed with ``commitments[k]`` (None: unsigned). Every output is checked for shape and values as for a step of
-        its own; if every hop passes, the hops keep inputs and outputs (to replay and to audit) and the session
+        ``outputs[k]`` (each [batch, 1, hidden]) signed with ``commitments[k]`` (None: unsigned). Every output
+        is checked for shape and values as for a step of its own; if every hop passes, the hops keep inputs and outputs (to replay and to audit) and the session
         moves one token on (True). A hop that answered garbage is banned and replaced and nothing is kept
         (False): the step is to be run again on its own. Audits due after the step run in
         :meth:`audit_scheduled`, which the caller runs next (a caught liar raises there, not here)."""
