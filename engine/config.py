@@ -107,6 +107,8 @@ LIMITS: dict[str, Limit] = {
     "verify_first_steps": _NON_NEGATIVE,
     "audit_every": _NON_NEGATIVE,
     "liar_ban": _NON_NEGATIVE,
+    "report_refresh": Limit(0, 20),  # reports must travel within a minute: at most 20 s between reads
+    "report_checks": _NON_NEGATIVE,
     "micro_batch_size": _COUNT,
     "batch_window": _NON_NEGATIVE,
     # ServerConfig
@@ -240,6 +242,9 @@ class ClientConfig:
     audit_every: int = 32  # steps a hop's outputs stay unaudited at most (0: no bound); generations end audited
     liar_ban: float = 3600.0  # seconds this client avoids a server it caught lying
     report_file: str | None = None  # where caught liars are recorded for `corolla health` (None: ~/.cache/corolla)
+    publish_reports: bool = True  # publish caught liars, with the evidence to re-check them, in the swarm's DHT
+    report_refresh: float = 15.0  # seconds between reads of the swarm's liar reports (0: never read them)
+    report_checks: int = 6  # reports re-checked per minute at most (each costs one stateless forward)
     active_adapter: str | None = None  # LoRA adapter (by name) the servers apply; routes use only servers with it
     micro_batch_size: int = 8  # sequences per training call: larger batches are split, each part retried on its own
     forwarding: bool = True  # servers send each hop's output straight to the next hop: one round trip per step

@@ -25,6 +25,7 @@ class HopAnswer:
     out: torch.Tensor  # its outputs, [batch, new, hidden]
     input_digest: str | None  # digest of the input it says it computed on
     forward_error: str | None  # why it could not push its output to the next hop, if it could not
+    commitment: bytes | None = None  # its signature of the output (wire/commitment.py), if it sent one
 
 
 @dataclass(frozen=True)

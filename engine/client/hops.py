@@ -32,7 +32,8 @@ RETRYABLE = (PeerUnavailableError, CacheFullError, SessionClosedError, ProtocolE
 class Hop:
     """One hop of the live route, every input it has been sent (for replay and audits), and the outputs
     its server claimed since ``audited`` (the position up to which its outputs are audited, or were never
-    the server's: a replayed history's outputs fed nobody)."""
+    the server's: a replayed history's outputs fed nobody), each with the server's signature of it (kept
+    only while unaudited: the evidence of a report, see :mod:`~corolla.engine.client.reporting`)."""
 
     stream: HopStream
     inputs: list[torch.Tensor] = field(default_factory=list)  # each [batch, new, hidden]
@@ -40,33 +41,52 @@ class Hop:
     claims: list[torch.Tensor] = field(
         default_factory=list
     )  # outputs of positions audited.., each [batch, new, hidden]
+    commitments: list[bytes | None] = field(default_factory=list)  # the server's signature of each claim
     steps: int = 0  # steps of the server since its last audit
 
-    def record(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """The server answered ``out`` for inputs ``x`` (both [batch, new, hidden]); the next hop takes ``out``."""
+    def record(self, x: torch.Tensor, out: torch.Tensor, commitment: bytes | None = None) -> None:
+        """The server answered ``out`` for inputs ``x`` (both [batch, new, hidden]), signed with ``commitment``
+        (None: unsigned); the next hop takes ``out``."""
         self.inputs.append(x)
         self.claims.append(out)
+        self.commitments.append(commitment)
         self.steps += 1
 
     def claimed(self) -> torch.Tensor | None:
         """Unaudited outputs, [batch, position - audited, hidden] (None if there are none)."""
         return torch.cat(self.claims, dim=1) if self.claims else None
 
+    def claimed_steps(self) -> list[tuple[int, torch.Tensor, bytes | None]]:
+        """Each unaudited step as (its first position, its outputs [batch, n, hidden], its signature)."""
+        steps, first = [], self.audited
+        for claim, commitment in zip(self.claims, self.commitments, strict=True):
+            steps.append((first, claim, commitment))
+            first += claim.shape[1]
+        return steps
+
     def mark_audited(self, position: int) -> None:
         """Every output before ``position`` is audited (or fed nobody)."""
-        self.audited, self.claims, self.steps = position, [], 0
+        self.audited, self.claims, self.commitments, self.steps = position, [], [], 0
 
     def postpone(self) -> None:
         """No replica could audit the claims: keep them, restart the schedule's count."""
         self.steps = 0
 
     def rewind(self, position: int) -> None:
-        """Forget inputs and claims from ``position`` on."""
+        """Forget inputs and claims from ``position`` on (a step cut in two loses its signature)."""
         self.truncate(position)
         if position <= self.audited:
             self.mark_audited(position)
-        elif self.claims:
-            self.claims = [torch.cat(self.claims, dim=1)[:, : position - self.audited]]
+            return
+        claims, commitments, first = [], [], self.audited
+        for claim, commitment in zip(self.claims, self.commitments, strict=True):
+            if first >= position:
+                break
+            keep = min(claim.shape[1], position - first)
+            claims.append(claim if keep == claim.shape[1] else claim[:, :keep])
+            commitments.append(commitment if keep == claim.shape[1] else None)
+            first += claim.shape[1]
+        self.claims, self.commitments = claims, commitments
 
     @property
     def start(self) -> int:

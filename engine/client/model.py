@@ -20,7 +20,10 @@ from corolla.engine.client.forward import stateless_forward
 from corolla.engine.client.generation import eos_ids, token_loop
 from corolla.engine.client.inputs import check_ids, check_unsupported, to_wire
 from corolla.engine.client.joining import client_config, load_client, release
+from corolla.engine.client.loop import LoopThread
 from corolla.engine.client.ptune import PromptTuning
+from corolla.engine.client.report_check import ReportChecker
+from corolla.engine.client.reporting import finish_publishing
 from corolla.engine.client.route_autograd import RemoteBlocks
 from corolla.engine.client.sampling import SamplingParams, sampling_params
 from corolla.engine.client.session import ActiveSession, InferenceSession
@@ -89,7 +92,10 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         self.decode_batcher = DecodeBatcher(head, context, context.config.wire_dtype)
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
         # finalizers would complain about a missing event loop).
-        self._finalizer = weakref.finalize(self, release, context.loop, context.p2p, dht)
+        # Re-checks the swarm's liar reports and avoids the liars they prove (client/report_check.py).
+        self.report_checker = ReportChecker(context)
+        self.report_checker.start()
+        self._finalizer = weakref.finalize(self, _leave, self.report_checker, context.loop, context.p2p, dht)
 
     @property
     def client_config(self) -> ClientConfig:
@@ -508,3 +514,10 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
 __all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "client_config"]
 
 AutoDistributedModelForCausalLM = DistributedModelForCausalLM
+
+
+def _leave(checker: ReportChecker, loop: LoopThread, p2p: Any, dht: Any) -> None:
+    """Stop reading reports, finish publishing this process's, then leave the swarm (see :func:`release`)."""
+    checker.stop()
+    finish_publishing(checker.context.config.request_timeout)
+    release(loop, p2p, dht)

@@ -61,6 +61,21 @@ def _blaming(peer_id: str) -> Iterator[None]:
         raise
 
 
+def commitment_of(result: StepResult) -> bytes | None:
+    """The signature a step's answer carried (wire/commitment.py); None if none, or not 64 hex-encoded bytes."""
+    return _signature(result.commitment)
+
+
+def _signature(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        signature = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return signature if len(signature) == 64 else None
+
+
 def _check(peer_id: str, meta: StepResult) -> None:
     """Raise the error a server answered with, as a typed error naming that server."""
     if not meta.ok:
@@ -177,19 +192,27 @@ class HopStream:
         self, session_id: str, hidden: torch.Tensor, position: int, step_id: int, timeout: float
     ) -> torch.Tensor:
         """Send hidden states [batch, new, hidden] at ``position``; get the hop's outputs back."""
+        return (await self.committed_step(session_id, hidden, position, step_id, timeout))[0]
+
+    async def committed_step(
+        self, session_id: str, hidden: torch.Tensor, position: int, step_id: int, timeout: float
+    ) -> tuple[torch.Tensor, bytes | None]:
+        """:meth:`step`, and the server's signature of its outputs (None if it sent none or a malformed one)."""
         meta = Step(session_id=session_id, position=position, step_id=step_id)
         request = runtime_pb2.ExpertRequest(tensors=[serialize(hidden)], metadata=meta.encode())
         response = await self._exchange(request, timeout)
         with _blaming(self.peer_id):
-            return self._output(response, hidden.shape, position, step_id)[0]
+            out, result = self._output(response, hidden.shape, position, step_id)
+        return out, commitment_of(result)
 
     async def steps(
         self, sessions: list[tuple[str, int]], hidden: torch.Tensor, step_id: int, timeout: float
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, list[bytes | None]]:
         """One decode token for several sessions of this client on this hop's server, in one message.
 
         ``sessions`` lists (session id, position) pairs, this stream's session first; ``hidden`` is
-        [rows, 1, hidden] with each session's rows in that order. Returns the outputs alike.
+        [rows, 1, hidden] with each session's rows in that order. Returns the outputs alike, and the server's
+        signature of each session's rows (None where it sent none).
         """
         meta = Steps(step_id=step_id, sessions=[SessionAt(session_id=s, position=p) for s, p in sessions])
         request = runtime_pb2.ExpertRequest(tensors=[serialize(hidden)], metadata=meta.encode())
@@ -204,7 +227,11 @@ class HopStream:
                     f"expected step {step_id} at {expected}",
                     peer_id=self.peer_id,
                 )
-            return self._tensor(response, hidden.shape)
+            out = self._tensor(response, hidden.shape)
+        signed = result.commitments or []
+        if len(signed) != len(sessions):  # an older server, or a malformed answer: nothing is signed
+            signed = [None] * len(sessions)
+        return out, [_signature(c) for c in signed]
 
     async def forwarded_step(
         self,

@@ -36,6 +36,8 @@ from corolla.engine.client.forwarding import (
 from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, first_silent, step_timeout
 from corolla.engine.client.notices import NOTICES
 from corolla.engine.client.opening import open_route
+from corolla.engine.client.remote import commitment_of
+from corolla.engine.client.reporting import evidence, publish, reporter_identity
 from corolla.engine.client.spot_check import audit
 from corolla.engine.client.verify import output_problem
 from corolla.engine.config import ClientConfig
@@ -230,10 +232,15 @@ class InferenceSession(OnClient):
         """A fresh step id for a message on this session's streams."""
         return self._next_step_id()
 
-    async def accept_batched_step(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+    async def accept_batched_step(
+        self,
+        inputs: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        commitments: list[bytes | None] | None = None,
+    ) -> bool:
         """Take this session's rows of a batched step: ``inputs[k]`` went to hop ``k``, which answered
-        ``outputs[k]`` (each [batch, 1, hidden]). Every output is checked for shape and values as for a step of
-        its own; if every hop passes, the hops keep inputs and outputs (to replay and to audit) and the session
+        ``outputs[k]`` (each [batch, 1, hidden]) signed with ``commitments[k]`` (None: unsigned). Every output
+        is checked for shape and values as for a step of its own; if every hop passes, the hops keep inputs and outputs (to replay and to audit) and the session
         moves one token on (True). A hop that answered garbage is banned and replaced and nothing is kept
         (False): the step is to be run again on its own. Audits due after the step run in
         :meth:`audit_scheduled`, which the caller runs next (a caught liar raises there, not here)."""
@@ -244,9 +251,10 @@ class InferenceSession(OnClient):
                 self.manager.ban(peer, f"server {short_peer(peer)} {problem}")
                 await self._repair(k)
                 return False
-        for hop, x, out in zip(self.hops, inputs, outputs, strict=True):
+        signed = commitments if commitments is not None else [None] * len(self.hops)
+        for hop, x, out, commitment in zip(self.hops, inputs, outputs, signed, strict=True):
             self.manager.mark_ok(hop.stream.peer_id)
-            hop.record(x, out)
+            hop.record(x, out, commitment)
         self.position += 1
         return True
 
@@ -309,11 +317,19 @@ class InferenceSession(OnClient):
         inputs = hop.history(end)
         assert inputs is not None  # claims exist, so inputs do
         self.checks += 1
-        judgement = await audit(self.context, peer, (hop.start, hop.end), inputs, claimed, self.avoid, self._rng)
+        outcome = await audit(self.context, peer, (hop.start, hop.end), inputs, claimed, self.avoid, self._rng)
+        judgement = outcome.judgement
         self.avoid.update(judgement.liars, judgement.suspects)
         for liar in judgement.liars:
             self.liars.add(liar)
             self.manager.convict(liar, hop.start, hop.end, "its output differed from two independent replicas'")
+        if peer in judgement.liars and outcome.truth is not None and self.config.publish_reports:
+            reporter = reporter_identity()
+            report = evidence(self.manager.model, hop, outcome.truth, outcome.witnesses, outcome.rel_tol, reporter)
+            if report is not None:
+                publish(self.context, report, reporter)
+            else:
+                logger.info("the lie of %s carries no signature: reported locally only", short_peer(peer))
         if judgement.verdict is Verdict.AGREE:
             self.manager.passed_check(peer)
             hop.mark_audited(end)
@@ -361,7 +377,7 @@ class InferenceSession(OnClient):
                 began = time.perf_counter()
                 step_id = self._next_step_id()
                 timeout = step_timeout(self.context, peer, x.shape[0] * x.shape[1], blocks)
-                out = await hop.stream.step(self.session_id, x, self.position, step_id, timeout)
+                out, commitment = await hop.stream.committed_step(self.session_id, x, self.position, step_id, timeout)
                 problem = output_problem(out, x.shape, x.dtype)
                 if problem is not None:
                     raise ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer)
@@ -377,7 +393,7 @@ class InferenceSession(OnClient):
                 await self._repair(i)
                 continue  # retry the same hop index: the replacement route starts there
             self.manager.mark_ok(peer)
-            hop.record(x, out)
+            hop.record(x, out, commitment)
             x = out
             i += 1
         self.position += x.shape[1]
@@ -432,13 +448,13 @@ class InferenceSession(OnClient):
             if problem is not None:
                 answers.append(ProtocolError(f"server {short_peer(peer)} {problem}", peer_id=peer))
             else:
-                answers.append(HopAnswer(out, meta.input_digest, meta.forward_error))
+                answers.append(HopAnswer(out, meta.input_digest, meta.forward_error, commitment_of(meta)))
         verdict = settle_forwarded_step(x, answers, peers)
         for k in range(verdict.done):
             answer = answers[k]
             assert isinstance(answer, HopAnswer)
             self.manager.mark_ok(peers[k])
-            hops[k].record(x, answer.out)
+            hops[k].record(x, answer.out, answer.commitment)
             x = answer.out
         if verdict.done == len(hops):
             self.forwarded_steps += 1

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,7 @@ from corolla.engine.routing.trust import (
     MAX_OPINIONS,
     Judgement,
     Opinion,
+    Verdict,
     choose_auditor,
     judge,
     settled,
@@ -91,6 +93,16 @@ async def peer_groups(context: ClientContext) -> dict[str, str]:
     return dict(_KNOWN_GROUPS)
 
 
+@dataclass(frozen=True)
+class AuditOutcome:
+    """An audit's judgement and, when it convicts the server, the evidence a report carries."""
+
+    judgement: Judgement
+    truth: torch.Tensor | None = None  # the output two address groups agreed on, [batch, n, hidden]
+    witnesses: tuple[str, ...] = ()  # the peers that computed it
+    rel_tol: float = 0.0  # the tolerance the outputs were compared with
+
+
 async def audit(
     context: ClientContext,
     server: str,
@@ -99,7 +111,7 @@ async def audit(
     claimed: torch.Tensor,
     avoid: Collection[str],
     rng: random.Random,
-) -> Judgement:
+) -> AuditOutcome:
     """Judge ``server``'s ``claimed`` outputs [batch, n, hidden] of the last ``n`` positions of ``inputs``.
 
     The hop's whole history ``inputs`` [batch, position, hidden] goes through an independent replica in one
@@ -116,6 +128,9 @@ async def audit(
         claimed: What the server answered for the last ``n`` positions.
         avoid: Peers never to ask (already convicted or suspected in this session).
         rng: The session's generator (auditor choice).
+
+    Returns:
+        The judgement, with the agreed output and who computed it when the server is convicted.
     """
     manager, config = context.manager, context.config
     start, end = blocks
@@ -128,6 +143,7 @@ async def audit(
     used = {server, *avoid, *manager.failed_within(config.update_period)}
     dtypes = {_dtype(manager, server)}
     adapter, quant = config.active_adapter, _quant(manager, server)
+    rel_tol = tolerance(dtypes)
     while not settled(opinions) and len(opinions) < MAX_OPINIONS:
         record = {p: manager.checks_passed(p) for p in manager.replicas(start, end, used, adapter=adapter, quant=quant)}
         pick = choose_auditor(record, record=record, groups=groups, exclude_groups=heard, rng=rng)
@@ -170,7 +186,14 @@ async def audit(
         judgement.verdict,
         len(opinions),
     )
-    return judgement
+    if judgement.verdict is not Verdict.SERVER_LIED:
+        return AuditOutcome(judgement, rel_tol=rel_tol)
+    others = [o.group for o in opinions[1:]]
+    truth = next((g for g in others if others.count(g) >= 2), None)
+    if truth is None:
+        return AuditOutcome(judgement, rel_tol=rel_tol)
+    witnesses = tuple(p for o in opinions[1:] if o.group == truth for p in o.peers)
+    return AuditOutcome(judgement, outputs[truth], witnesses, rel_tol)
 
 
 def _dtype(manager: SequenceManager, peer: str) -> str:

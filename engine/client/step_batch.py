@@ -158,13 +158,16 @@ class DecodeBatcher:
         leader = sessions[0]
         at = [(s.session_id, s.position) for s in sessions]
         states = [x]  # the input of hop k, then the last hop's output
+        signed = []  # per hop: each session's signature of its rows
         for hop in leader.hops:
             timeout = step_timeout(self.context, hop.stream.peer_id, x.shape[0], hop.end - hop.start)
-            states.append(await hop.stream.steps(at, states[-1], leader.next_step_id(), timeout))
+            out, commitments = await hop.stream.steps(at, states[-1], leader.next_step_id(), timeout)
+            states.append(out)
+            signed.append(commitments)
         parts = [torch.split(state, rows, dim=0) for state in states]
         taken = await asyncio.gather(
             *(
-                s.accept_batched_step([p[i] for p in parts[:-1]], [p[i] for p in parts[1:]])
+                s.accept_batched_step([p[i] for p in parts[:-1]], [p[i] for p in parts[1:]], [c[i] for c in signed])
                 for i, s in enumerate(sessions)
             ),
             return_exceptions=True,

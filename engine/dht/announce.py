@@ -19,6 +19,14 @@ from hivemind.utils import get_dht_time
 from corolla.engine.dht.owned import OwnedDHT
 from corolla.engine.dht.peers import check_initial_peers, unreachable_error
 from corolla.engine.dht.records import ServerRecord, ServerState, block_key, count_models
+from corolla.engine.dht.report_records import (
+    MAX_REPORT_TTL,
+    PublishedReport,
+    ReportValidator,
+    open_report,
+    reports_key,
+    seal_report,
+)
 from corolla.engine.dht.signing import PeerIdentity, SignedRecordValidator, key_id, open_envelope
 from corolla.engine.dht.swarm_key import SwarmKeys, SwarmKeyValidator, foreign_records_seen, private_swarm_error
 
@@ -153,6 +161,39 @@ def read_online_servers(dht: hivemind.DHT, timeout: float = 30.0) -> set[str]:
     }
 
 
+def publish_report(
+    dht: hivemind.DHT,
+    identity: PeerIdentity,
+    report: PublishedReport,
+    ttl: float = MAX_REPORT_TTL,
+    timeout: float = 30.0,
+) -> bool:
+    """Store ``report``, signed by ``identity`` (its reporter), under its model's reports key; whether it was stored.
+
+    Raises:
+        ReportTooLarge: the evidence is over the size bound (the caller keeps it locally only).
+    """
+    key = reports_key(report.model)
+    expiration = get_dht_time() + min(ttl, MAX_REPORT_TTL)
+    value = seal_report(identity, report, expiration)
+    coro = functools.partial(_store, keys=[key], subkey=report.subkey, values=[value], expiration=expiration)
+    stored: int = dht.run_coroutine(coro, return_future=True).result(timeout=timeout)
+    return stored > 0
+
+
+def read_published_reports(dht: hivemind.DHT, model: str, timeout: float = 30.0) -> list[PublishedReport]:
+    """Valid, unexpired liar reports of ``model`` from the peers storing them (unsigned or malformed: skipped)."""
+    key = reports_key(model)
+    future = dht.run_coroutine(functools.partial(_read, keys=[key], latest=True), return_future=True)
+    raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
+    reports = []
+    for subkey, (envelope, expiration) in raw.get(key, {}).items():
+        report = open_report(key_id(key), subkey, envelope, expiration)
+        if report is not None and report.model == model:
+            reports.append(report)
+    return reports
+
+
 def make_dht(
     initial_peers: Sequence[str],
     host: str,
@@ -180,7 +221,8 @@ def make_dht(
     are extra p2pd flags (the relay service's, see ``reachability.relay_daemon_args``).
     """
     check_initial_peers(initial_peers)  # before the daemon starts: its own error names no address
-    kwargs: dict[str, Any] = {"record_validators": [SignedRecordValidator(), SwarmKeyValidator(swarm_keys)]}
+    validators = [SignedRecordValidator(), ReportValidator(), SwarmKeyValidator(swarm_keys)]
+    kwargs: dict[str, Any] = {"record_validators": validators}
     if announce_maddrs:  # what peers are told to dial, instead of where the daemon listens
         kwargs["announce_maddrs"] = list(announce_maddrs)
     if identity_path:

@@ -1,9 +1,13 @@
 """Reports of servers caught lying, kept on this machine for ``corolla health`` to flag.
 
-A client that catches a server (its output disagreed with two independent replicas) appends one JSON
-line to a local file. This is what *this machine's* clients saw, not a swarm-wide verdict: a report
-cannot be checked by anyone else, so it is never published to the DHT, where any stranger could write
-reports against honest servers. ``corolla health`` reads the same file and flags the servers it names.
+A client that convicts a server (its output disagreed with two independent replicas, or a published report
+it re-checked on its own replica proved the lie) appends one JSON line to a local file: what *this
+machine's* clients concluded. ``corolla health`` reads the same file and flags the servers it names.
+
+Reports also travel: the client publishes the evidence (the inputs, the liar's signed output, the honest
+output) to the DHT (``client/reporting.py``, ``dht/report_records.py``), and other clients re-check it
+before they avoid anyone (``client/report_check.py``). Evidence over the size bound, or of a step the server
+did not sign, stays in this file only.
 
 The file is ``$COROLLA_REPORT_FILE``, else ``$XDG_CACHE_HOME/corolla/reports.jsonl`` (``~/.cache/...``).
 Reading skips malformed lines and keeps at most :data:`MAX_REPORTS` of the newest.

@@ -24,6 +24,7 @@ from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token, s
 from corolla.engine.server.ledger import Ledger
 from corolla.engine.server.limits import PeerBudget
 from corolla.engine.server.prefix_cache import PrefixBlock, PrefixCache, PrefixTrail, first_key
+from corolla.engine.wire.commitment import InputChain
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ServerSession:
     favored: bool = False  # its client proved it also serves (server/contributors.py): its steps go first
     adapter: str | None = None  # the LoRA adapter its steps run with
     trail: PrefixTrail | None = None  # its prompt's place in the prefix cache; None once it can no longer share
+    inputs_chain: InputChain = field(default_factory=InputChain)  # running hash of its inputs (step commitments)
 
 
 _DecodeStep = tuple[ServerSession, int, torch.Tensor]  # a session, the position of its new token, [batch, 1, hidden]

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
+import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from corolla.engine.config import ServerConfig
+from corolla.engine.dht.signing import PeerIdentity
 from corolla.engine.errors import (
     CorollaError,
     PeerUnavailableError,
@@ -29,6 +31,7 @@ from corolla.engine.server.contributors import ContributorBook
 from corolla.engine.server.forwarding import Forwarder, Inbox
 from corolla.engine.server.frames import BoundedStreams, FrameLimits, StreamContext
 from corolla.engine.server.training import TrainingRPCs
+from corolla.engine.wire.commitment import commitment_digest, sign_commitment
 from corolla.engine.wire.forwarding import Pushed, tensor_digest
 from corolla.engine.wire.membership import MembershipGate
 from corolla.engine.wire.messages import (
@@ -83,6 +86,7 @@ class Handler:
         gate: MembershipGate,
         forwarder: Forwarder,
         contributors: ContributorBook | None = None,
+        identity: PeerIdentity | None = None,
     ) -> None:
         """A handler with every collaborator; :meth:`create` builds one and registers its RPCs.
 
@@ -92,8 +96,10 @@ class Handler:
             gate: who may use this server (a private swarm's holds its key; ``MembershipGate(None)``: anyone).
             forwarder: pushes sessions' outputs to their next hops.
             contributors: who serves too (their steps go first), if known.
+            identity: this server's key: it signs every step's output (wire/commitment.py); None: unsigned.
         """
         self.cfg = cfg
+        self.identity = identity
         self.peer_id = peer_id
         self.gate = gate
         self.forwarder = forwarder
@@ -109,7 +115,13 @@ class Handler:
 
     @classmethod
     async def create(
-        cls, p2p: P2P, cfg: ServerConfig, *, gate: MembershipGate, contributors: ContributorBook | None = None
+        cls,
+        p2p: P2P,
+        cfg: ServerConfig,
+        *,
+        gate: MembershipGate,
+        contributors: ContributorBook | None = None,
+        identity: PeerIdentity | None = None,
     ) -> Handler:
         """A handler whose RPCs are registered on ``p2p`` (it serves nothing until :meth:`serve`)."""
         handler = cls(
@@ -118,6 +130,7 @@ class Handler:
             gate=gate,
             forwarder=Forwarder(p2p, gate, cfg.push_timeout),
             contributors=contributors,
+            identity=identity,
         )
         await handler._register(p2p)
         return handler
@@ -267,6 +280,7 @@ class Handler:
             wait = min(msg.wait, self.idle_timeout)
             hidden = await self.inbox.take(session.session_id, msg.from_peer, msg.position, msg.step_id, wait)
         out = await backend.inference_step(session, msg.position, hidden)
+        commitment = self._commit(backend, session, msg.position, hidden, out)
         forwarding = msg.from_peer is not None or msg.next_peer is not None
         forward_error = None
         if msg.next_peer is not None:
@@ -277,8 +291,24 @@ class Handler:
             position=session.cache.length,
             input_digest=tensor_digest(hidden) if forwarding else None,
             forward_error=forward_error,
+            commitment=commitment,
         )
         return runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
+
+    def _commit(
+        self, backend: SpanBackend, session: ServerSession, position: int, hidden: torch.Tensor, out: torch.Tensor
+    ) -> str | None:
+        """Extend the session's running input hash by the step's inputs and sign the step's output (hex)."""
+        chain = session.inputs_chain
+        chain.truncate(position)  # a rewind: the step starts at ``position`` (the backend checked it)
+        if chain.length != position:  # positions this chain never saw (cannot happen: steps start at 0)
+            return None
+        input_hash = chain.extend(hidden)
+        if self.identity is None:
+            return None
+        model = str(self._info.get("model", ""))
+        digest = commitment_digest(model, session.start, session.end, position, chain.length, input_hash, out)
+        return sign_commitment(self.identity, digest).hex()
 
     async def _steps(
         self,
@@ -291,9 +321,18 @@ class Handler:
         """Run a batched decode step: this stream's session first, then other sessions the same peer opened."""
         steps = [(session, msg.sessions[0].position)]
         steps += [(backend.session_of(at.session_id, peer), at.position) for at in msg.sessions[1:]]
-        out = await backend.decode_steps(steps, _one_tensor(request))
+        hidden = _one_tensor(request)
+        out = await backend.decode_steps(steps, hidden)
+        rows = [s.batch_size for s, _ in steps]
+        commitments = [
+            self._commit(backend, s, position, x, o)
+            for (s, position), x, o in zip(steps, hidden.split(rows), out.split(rows), strict=True)
+        ]
         meta = StepResult(
-            step_id=msg.step_id, position=session.cache.length, positions=[s.cache.length for s, _ in steps]
+            step_id=msg.step_id,
+            position=session.cache.length,
+            positions=[s.cache.length for s, _ in steps],
+            commitments=commitments,
         )
         return runtime_pb2.ExpertResponse(tensors=[serialize(out)], metadata=meta.encode())
 

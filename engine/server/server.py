@@ -291,6 +291,7 @@ class Server:
             self.cfg,
             gate=MembershipGate(self.swarm_keys),
             contributors=ContributorBook(lambda: read_online_servers(dht)),
+            identity=self.identity,
         )
         start, end = await self._run_io(self._choose_span, dht, peer_id)
         self.num_blocks = end - start

@@ -122,6 +122,9 @@ class StepResult(_Message):
     input_digest: str | None = Field(default=None, max_length=64)  # of the input the step ran on (forwarding)
     forward_error: str | None = Field(default=None, max_length=2048)  # why the push to the next peer failed
     positions: list[int] | None = Field(default=None, max_length=MAX_BATCHED_SESSIONS)  # per session (Steps)
+    # hex Ed25519 signature of the step's output by the server's key (wire/commitment.py); None: not signed
+    commitment: str | None = Field(default=None, max_length=2 * 64)
+    commitments: list[str | None] | None = Field(default=None, max_length=MAX_BATCHED_SESSIONS)  # per session (Steps)
 
 
 class ForwardRequest(_Message):

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from transformers import PreTrainedModel
 from corolla.engine import DistributedModelForCausalLM
 from corolla.engine.apps.local_swarm import Swarm
 from corolla.engine.client.remote import remote_info
+from corolla.engine.client.session import InferenceSession
+from corolla.engine.wire.commitment import verify_commitment
 
 pytestmark = pytest.mark.swarm
 
@@ -212,9 +215,38 @@ def test_concurrent_sessions_are_batched_and_match_transformers(three: ThreeServ
 
 
 @pytest.mark.timeout(90)
-def test_a_clients_sessions_step_in_one_message_and_match_transformers(three: ThreeServers) -> None:
+def test_a_clients_sessions_step_in_one_message_and_match_transformers(
+    three: ThreeServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Sessions of one client on one route send their one-token steps together (one message per hop, one LM
-    head): the client runs rounds of several sessions, the servers one forward for them, outputs stay exact."""
+    head): the client runs rounds of several sessions, the servers one forward for them, outputs stay exact.
+    Each session's rows of a batched step come with the server's signature over that session's inputs."""
+    signed: list[bool] = []  # per hop of each batched step taken: its signature verifies
+    accept = InferenceSession.accept_batched_step
+
+    async def checked(
+        session: InferenceSession, inputs: list[torch.Tensor], outputs: list[torch.Tensor], *rest: Any
+    ) -> bool:
+        taken = await accept(session, inputs, outputs, *rest)
+        for hop, out in zip(session.hops, outputs, strict=True) if taken else ():
+            history = hop.history(session.position)
+            commitment = hop.commitments[-1] if hop.commitments else None
+            assert history is not None
+            signed.append(
+                commitment is not None
+                and verify_commitment(
+                    hop.stream.peer_id,
+                    commitment,
+                    model=session.manager.model,
+                    start=hop.start,
+                    end=hop.end,
+                    inputs=history,
+                    output=out,
+                )
+            )
+        return taken
+
+    monkeypatch.setattr(InferenceSession, "accept_batched_step", checked)
     prompts = [random_ids(1 + i % 2, 3 + i, seed=50 + i) for i in range(6)]
     expected = [hf_greedy(three.hf, p, 16, eos=False) for p in prompts]
     peers = [peer_id(server) for server in three.swarm.servers]
@@ -226,6 +258,7 @@ def test_a_clients_sessions_step_in_one_message_and_match_transformers(three: Th
         assert torch.equal(results[i], want), f"generation {i}"
     assert batcher.rounds > rounds and batcher.rows - rows >= 2 * (batcher.rounds - rounds)
     assert rows_batched(three.model, peers) > before
+    assert signed and all(signed), f"{signed.count(False)} of {len(signed)} batched rows unsigned or not verified"
 
 
 @pytest.mark.timeout(60)
