@@ -58,6 +58,7 @@ class Lab:
         self.procs: list[subprocess.Popen[Any]] = []
         self.hosts = 0
         self.homes = 0
+        self.routers: dict[str, tuple[str, str, str]] = {}  # home host's namespace → (router's, its WAN port, host ip)
         self.wan = self._namespace("w")
         self.delayer: subprocess.Popen[str] | None = None
         if wan_delay_ms is None:
@@ -166,7 +167,19 @@ class Lab:
             "}\n"
         )
         self._in(router, "nft", "-f", "-", stdin=rules)
+        self.routers[host] = (router, wan_dev, f"{lan}.2")
         return host, f"{lan}.2", router_ip
+
+    def forward_port(self, host: str, port: int) -> None:
+        """Forward TCP ``port`` of home host ``host``'s router to it, as a volunteer opening a port would."""
+        router, wan_dev, lan_ip = self.routers[host]
+        rules = (
+            "table ip corolla_nat {\n"
+            "  chain prerouting { type nat hook prerouting priority dstnat; "
+            f'iifname "{wan_dev}" tcp dport {port} dnat to {lan_ip}:{port}; }}\n'
+            "}\n"
+        )
+        self._in(router, "nft", "-f", "-", stdin=rules)
 
     # ---- processes --------------------------------------------------------------------------------------
     def launcher(self, ns: str) -> list[str]:
