@@ -6,11 +6,12 @@ masquerading router with no port forwarded), but with ``Lab(wan_delay_ms=...)``:
 every packet between hosts through a userspace delaying router (tests/swarm/wan_delay.py, whole packets held
 ``--delay-ms`` each way, addresses untouched, so the relay's dial-back check still sees real sources). Server
 a (public, blocks 0:N/2, the relay), b (public, N/2:N) and n (home, N/2:N, reached through a's relay circuit)
-all run; the user u (public) measures one route at a time by avoiding the other server of the second half:
-direct u → a, u → b or relayed u → a, u → a → n. In each set, for the added delay and for none, and with and
-without forwarding, both routes are timed (their order alternating between sets). Prints each set, medians
-[min-max], ms/token and ratios, local transformers' speed on the same machine, the machine and its load;
-asserts nothing.
+all run; the user u (public) opens one session per route, avoiding the other server of the second half
+for each: direct u → a, u → b and relayed u → a, u → a → n, and alternates their steps, so both routes are
+timed under the same load (this machine's varies a lot). In each set, for the added delay and for none, and
+with and without forwarding; local transformers' decode once a set. Prints each set, then medians [min-max]
+over the sets of each session's median ms/token, speed ratios, what relaying costs against the extra legs,
+the machine and its load; asserts nothing.
 
 Legs a token crosses (d one way each): classic (the client relays every hop) direct u→a→u, u→b→u = 4d,
 relayed u→a→u, u→a→n→a→u = 6d; forwarding direct u→a→b→u = 3d, relayed u→a→n→a→u = 4d.
@@ -21,6 +22,7 @@ relayed u→a→u, u→a→n→a→u = 6d; forwarding direct u→a→b→u = 3d,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -48,58 +50,70 @@ MODES = {False: "classic", True: "forwarding"}
 LEGS = {(False, "direct"): 4, (False, "relayed"): 6, (True, "direct"): 3, (True, "relayed"): 4}
 
 
-def decode(model: Any, forwarding: bool, new: int) -> tuple[float, list[str]]:
-    """Greedy decode tokens/s after a 16-token prompt in a fresh session, and the route's peer ids."""
+def decode_both(model: Any, forwarding: bool, new: int, routes: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Greedy decode after a 16-token prompt in one session per route (``routes``: route → (server to use,
+    server to avoid)), their steps alternating so both see the same load; the median ms of a step per route
+    and the routes' peer ids."""
     prompt = torch.randint(7, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    with model.inference_session(max_length=prompt.shape[1] + new + 1) as session, torch.inference_mode():
-        session.use_forwarding(forwarding)
-        hidden = session.step(model.head.embed(prompt))
-        token = model.head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
-        began = time.perf_counter()
+    steps: dict[str, list[float]] = {route: [] for route in routes}
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        sessions, tokens = {}, {}
+        for route, (use, avoid) in routes.items():  # a route is planned at its session's first step
+            model.manager.mark_ok(use)
+            model.manager.ban(avoid, "the benchmark measures the other route")
+            session = stack.enter_context(model.inference_session(max_length=prompt.shape[1] + new + 1))
+            session.use_forwarding(forwarding)
+            hidden = session.step(model.head.embed(prompt))
+            sessions[route], tokens[route] = session, model.head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
         for _ in range(new):
-            hidden = session.step(model.head.embed(token))
-            token = model.head.logits(hidden)[:, -1].argmax(-1, keepdim=True)
-        elapsed = time.perf_counter() - began
-        return new / elapsed, [hop.stream.peer_id for hop in session.hops]
+            for route, session in sessions.items():
+                began = time.perf_counter()
+                hidden = session.step(model.head.embed(tokens[route]))
+                tokens[route] = model.head.logits(hidden)[:, -1].argmax(-1, keepdim=True)
+                steps[route].append(time.perf_counter() - began)
+        hops = {route: [hop.stream.peer_id for hop in session.hops] for route, session in sessions.items()}
+    return {"ms": {route: 1000 * statistics.median(times) for route, times in steps.items()}, "hops": hops}
 
 
 def measure(path: str, peers: list[str]) -> None:
-    """Run in the user's namespace: for each JSON line on stdin ``{"use", "avoid", "forwarding", "new"}``,
-    avoid one server, time a decode and print ``{"tps", "hops"}`` as one JSON line."""
+    """Run in the user's namespace: for each JSON line on stdin ``{"routes", "forwarding", "new"}``, print
+    :func:`decode_both`'s answer as one JSON line; for ``{"local": true, "new"}``, ``{"ms"}``: the median ms of
+    a step of local transformers' greedy decode of the same model (1 thread)."""
+    from transformers import AutoModelForCausalLM
+
     from corolla.engine import DistributedModelForCausalLM
 
     torch.set_num_threads(1)
     model = DistributedModelForCausalLM.from_pretrained(
         path, initial_peers=peers, verify_rate=0.0, step_timeout=60.0, min_backoff=3600.0, max_backoff=3600.0
     )
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     try:
         for line in sys.stdin:
             ask = json.loads(line)
-            model.manager.mark_ok(ask["use"])
-            model.manager.ban(ask["avoid"], "the benchmark measures the other route")
-            tps, hops = decode(model, ask["forwarding"], ask["new"])
-            sys.stdout.write(json.dumps({"tps": tps, "hops": hops}) + "\n")
+            if ask.get("local"):
+                answer: dict[str, Any] = {"ms": local_step_ms(local, ask["new"])}
+            else:
+                answer = decode_both(model, ask["forwarding"], ask["new"], ask["routes"])
+            sys.stdout.write(json.dumps(answer) + "\n")
             sys.stdout.flush()
     finally:
         model.close()
 
 
-def local_speed(path: Path, new: int) -> float:
-    """Local transformers greedy decode tokens/s on this machine (1 thread), for the ratios."""
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def local_step_ms(model: Any, new: int) -> float:
+    """The median ms of a step of local transformers' greedy decode after the same 16-token prompt."""
     prompt = torch.randint(7, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    clock = _common.TokenClock()
     with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=[])
-        began = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=[])
-    return new / (time.perf_counter() - began)
+        model.generate(
+            prompt, max_new_tokens=new + 1, min_new_tokens=new + 1, do_sample=False, eos_token_id=[], streamer=clock
+        )
+    return 1000 * statistics.median(clock.steps())
 
 
 def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):5.2f} [{min(values):.2f}-{max(values):.2f}]"
+    return f"{statistics.median(values):3.0f} [{min(values):.0f}-{max(values):.0f}]"
 
 
 def main() -> None:
@@ -140,8 +154,9 @@ def main() -> None:
             time.sleep(0.3)
 
     delays = (args.delay_ms, 0.0)
-    speeds: dict[tuple[float, bool, str], list[float]] = {}
+    step_ms: dict[tuple[float, bool, str], list[float]] = {}  # median ms of a step, one per set
     sets: list[str] = []
+    local: list[float] = []  # local transformers' median ms of a step, once a set (the machine's load changes)
     began = time.monotonic()
     try:
         a_ns, a_ip = lab.add_public("a")
@@ -162,33 +177,37 @@ def main() -> None:
         user = lab.popen(u_ns, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(HERE.parent))
         peers = {"direct": (b.peer_id, n.peer_id), "relayed": (n.peer_id, b.peer_id)}
 
-        def ask(route: str, forwarding: bool, new: int) -> float:
-            use, avoid = peers[route]
+        def ask(question: dict[str, Any]) -> dict[str, Any]:
             assert user.stdin is not None
-            user.stdin.write(json.dumps({"use": use, "avoid": avoid, "forwarding": forwarding, "new": new}) + "\n")
+            user.stdin.write(json.dumps(question) + "\n")
             user.stdin.flush()
-            result = read_json_line(user, 600)
-            if result["hops"][-1] != use:
-                raise SystemExit(f"the {route} route did not reach its server: {result}")
-            return float(result["tps"])
+            return read_json_line(user, 600)
 
-        for route in ROUTES:  # warm up: connections, streams, the relay circuit
-            for forwarding in MODES:
-                ask(route, forwarding, 4)
+        def both(forwarding: bool, new: int, order: tuple[str, ...]) -> dict[str, float]:
+            result = ask({"routes": {route: peers[route] for route in order}, "forwarding": forwarding, "new": new})
+            for route in order:
+                if result["hops"][route][-1] != peers[route][0]:
+                    raise SystemExit(f"the {route} route did not reach its server: {result}")
+            return {route: float(ms) for route, ms in result["ms"].items()}
+
+        for forwarding in MODES:  # warm up: connections, streams, the relay circuit
+            both(forwarding, 4, ROUTES)
+        ask({"local": True, "new": 4})
         for i in range(args.repeats):
             order = ROUTES if i % 2 == 0 else ROUTES[::-1]
-            line = []
+            local.append(float(ask({"local": True, "new": args.new_tokens})["ms"]))
+            line = [f"local {local[-1]:.0f} ms"]
             for delay in delays:
                 lab.set_wan_delay(delay)
                 for forwarding in MODES:
-                    got = {route: ask(route, forwarding, args.new_tokens) for route in order}
-                    for route, tps in got.items():
-                        speeds.setdefault((delay, forwarding, route), []).append(tps)
+                    got = both(forwarding, args.new_tokens, order)
+                    for route, ms in got.items():
+                        step_ms.setdefault((delay, forwarding, route), []).append(ms)
                     line.append(
-                        f"{delay:g} ms {MODES[forwarding]}: {1000 / got['direct']:.0f}/{1000 / got['relayed']:.0f} ms "
-                        f"({got['relayed'] / got['direct']:.2f}x)"
+                        f"{delay:g} ms {MODES[forwarding]} {got['direct']:.0f}/{got['relayed']:.0f} "
+                        f"({got['direct'] / got['relayed']:.2f}x)"
                     )
-            sets.append("; ".join(line))
+            sets.append(", ".join(line))
         assert user.stdin is not None
         user.stdin.close()
         user.wait(timeout=60)
@@ -197,28 +216,29 @@ def main() -> None:
             proc.stop(grace=5)
         lab.close()
     elapsed = time.monotonic() - began
-    local = local_speed(path, args.new_tokens)
+    local_ms = statistics.median(local)
     print(f"machine: {platform.processor() or platform.machine()}, {_common.load_average()}")
     print(
         f"model: llama-small ({total} blocks of hidden {_common.LLAMA_SMALL['hidden_size']}), servers a {half} "
         f"(public, the relay), b {rest} (public) and n {rest} (behind a NAT, through a's relay), 1 thread each; "
-        f"greedy decode of {args.new_tokens} tokens, {args.repeats} sets in {elapsed:.0f} s; local transformers "
-        f"{local:.2f} tokens/s"
+        f"greedy decode of {args.new_tokens} tokens in two sessions, direct and relayed, their steps alternating; "
+        f"{args.repeats} sets in {elapsed:.0f} s; figures are medians [min-max] over sets of each session's median "
+        f"ms/token; local transformers (1 thread, in the user's process) {summary(local)} ms/token"
     )
-    for i, line in enumerate(sets):
-        print(f"  set {i + 1} (ms/token direct/relayed): {line}")
+    for i, figures in enumerate(sets):
+        print(f"  set {i + 1} (ms/token direct/relayed, relayed/direct speed): {figures}")
     for delay in delays:
         print(f"{delay:g} ms one way on every public leg:")
         for forwarding, mode in MODES.items():
-            d, r = (speeds[(delay, forwarding, route)] for route in ROUTES)
-            ratios = [y / x for x, y in zip(d, r, strict=True)]
-            dm, rm = statistics.median(d), statistics.median(r)
+            d, r = (step_ms[(delay, forwarding, route)] for route in ROUTES)
+            ratios = [x / y for x, y in zip(d, r, strict=True)]
+            costs = [y - x for x, y in zip(d, r, strict=True)]
             legs = LEGS[(forwarding, "relayed")] - LEGS[(forwarding, "direct")]
             print(
-                f"  {mode:<10} direct {summary(d)} tokens/s ({1000 / dm:5.1f} ms/token, {dm / local:.2f}x local), "
-                f"relayed {summary(r)} tokens/s ({1000 / rm:5.1f} ms/token): relayed/direct {rm / dm:.2f}x "
-                f"(per set {min(ratios):.2f}-{max(ratios):.2f}x); relaying cost {1000 / rm - 1000 / dm:.0f} ms/token, "
-                f"of which {legs} more leg(s): {legs * delay:g} ms"
+                f"  {mode:<10} direct {summary(d)} ms/token ({local_ms / statistics.median(d):.2f}x local), "
+                f"relayed {summary(r)} ms/token ({local_ms / statistics.median(r):.2f}x local): relayed/direct speed "
+                f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]; relaying costs "
+                f"{summary(costs)} ms/token, of which {legs} more leg(s): {legs * delay:g} ms"
             )
 
 
