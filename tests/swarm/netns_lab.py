@@ -52,8 +52,11 @@ def why_no_namespaces() -> str | None:
 class Lab:
     """Namespaces, links and processes of one test module (see the module docstring)."""
 
+    made = 0
+
     def __init__(self, wan_delay_ms: float | None = None) -> None:
-        self.tag = f"c{os.getpid() % 100000}"
+        Lab.made += 1  # two labs of one process get different names
+        self.tag = f"c{os.getpid() % 100000}{Lab.made % 10}"
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[Any]] = []
         self.hosts = 0

@@ -124,6 +124,43 @@ def finish(proc: subprocess.Popen[str], timeout: float = 120.0) -> dict:
     return result
 
 
+ECHO = """
+import socket, sys
+with socket.create_server(("0.0.0.0", int(sys.argv[1]))) as server:
+    print("ready", flush=True)
+    conn, (ip, _) = server.accept()
+    conn.sendall(conn.recv(16) + ip.encode())
+"""
+ASK = """
+import socket, sys, time
+began = time.perf_counter()
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:
+    conn.sendall(b"hi ")
+    answer = conn.recv(64).decode()
+print(answer, round(1000 * (time.perf_counter() - began)))
+"""
+
+
+def test_the_wan_delay_holds_packets_and_keeps_addresses() -> None:
+    lab = Lab(wan_delay_ms=40)  # the instrument of benchmarks/relay.py
+    try:
+        x_ns, x_ip = lab.add_public("x")
+        y_ns, y_ip = lab.add_public("y")
+        server = lab.popen(x_ns, [sys.executable, "-c", ECHO, str(PORT)], stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        asked = subprocess.run(
+            [*lab.launcher(y_ns), sys.executable, "-c", ASK, x_ip, str(PORT)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        hello, ip, ms = asked.stdout.split()
+        assert (hello, ip) == ("hi", y_ip), asked  # x saw y's own address: whole packets, not a proxy
+        assert int(ms) >= 4 * 40  # a handshake and a request: two round trips of two delayed legs
+    finally:
+        lab.close()
+
+
 def test_public_volunteers_serve_a_user_in_another_namespace(world: World, reference) -> None:
     prompt, expected = reference
     result = finish(world.user(prompt, ["a"]))
