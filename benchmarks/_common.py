@@ -1,5 +1,6 @@
-"""What the benchmarks share: the thread environment, the prompt, the llama-250m checkpoint, a token clock,
-and the test suite's helper modules (tests/support, put on ``sys.path`` as pytest's ``pythonpath`` does).
+"""What the benchmarks share: the thread environment, the prompt, the llama-250m and llama-small checkpoints, a
+token clock, a local swarm behind delaying relays, and the test suite's helper modules (tests/support, put on
+``sys.path`` as pytest's ``pythonpath`` does).
 
 Import it first, as ``import _common``, before torch: importing it sets the environment that OpenMP reads
 when torch loads (no busy-waiting threads on a shared CPU; no progress bars). Ruff's import order keeps
@@ -9,12 +10,15 @@ when torch loads (no busy-waiting threads on a shared CPU; no progress bars). Ru
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -44,6 +48,16 @@ LLAMA_250M: dict[str, Any] = dict(
     max_position_embeddings=2048,
 )
 
+# A small random Llama (12 blocks of hidden 512): compute stays small next to the link delays.
+LLAMA_SMALL: dict[str, Any] = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
 
 # A random Qwen3-Next of about 170M parameters: Gated DeltaNet blocks 0-2 and 4-6, full attention on 3 and 7.
 QWEN3_NEXT_SMALL: dict[str, Any] = dict(
@@ -81,6 +95,11 @@ def random_checkpoint(name: str, family: str = "llama", **config: Any) -> Path:
 def llama_250m() -> Path:
     """The random llama-250m checkpoint, saved once under the temp folder."""
     return random_checkpoint("llama-250m", **LLAMA_250M)
+
+
+def llama_small() -> Path:
+    """The random llama-small checkpoint, saved once under the temp folder."""
+    return random_checkpoint("llama-small", **LLAMA_SMALL)
 
 
 def qwen3_next_small() -> Path:
@@ -177,3 +196,45 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def swarm_behind_relays(
+    path: Path, spans: Sequence[str], delay_ms: float, threads: int, relayed: dict[str, int] | None = None
+) -> Iterator[tuple[Any, subprocess.Popen[str]]]:
+    """A local swarm, one server per span, each behind a userspace relay (_relay.py) that delays every chunk by
+    ``delay_ms`` in each direction; servers announce only their relay's port, so every link to a server, from
+    the client or from another server, crosses one relay. Yields ``(swarm, relay process)``: SIGUSR1 to the
+    relay turns the delay off, SIGUSR2 back on. On exit ``relayed`` (if given) gets the bytes per relay port.
+    """
+    from corolla.engine.apps.local_swarm import Swarm
+
+    ports = [(free_port(), free_port()) for _ in spans]  # (server, relay)
+    relay = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_relay.py")), "--delay-ms", str(delay_ms)]
+        + [f"{r}:{s}" for s, r in ports],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        if relay.stdout.readline().strip() != "ready":
+            raise SystemExit("the relay did not start")
+        with Swarm(path, spans=[], threads=threads) as swarm:
+            for span, (server_port, relay_port) in zip(spans, ports, strict=True):
+                announce = ["--port", str(server_port), "--announce-host", "127.0.0.1"]
+                swarm.add_server(span, wait=False, extra_args=[*announce, "--announce-port", str(relay_port)])
+            swarm.wait_ready()
+            yield swarm, relay
+    finally:
+        relay.terminate()
+        out, _ = relay.communicate(timeout=10)
+        if relayed is not None and out.strip():
+            relayed.update(json.loads(out.strip().splitlines()[-1]))

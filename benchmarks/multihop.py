@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,30 +26,12 @@ import _common
 import torch
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.apps.local_swarm import Swarm, split_blocks
-
-HERE = Path(__file__).resolve().parent
-# A small random Llama (12 blocks of hidden 512): compute stays small next to the link delays.
-SMALL = dict(
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-)
+from corolla.engine.apps.local_swarm import split_blocks
 
 
 def checkpoint(name: str) -> Path:
     """The benchmark's random checkpoint, saved once under the temp folder."""
-    return _common.llama_250m() if name == "llama-250m" else _common.random_checkpoint("llama-small", **SMALL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _common.llama_250m() if name == "llama-250m" else _common.llama_small()
 
 
 def decode_speed(model: DistributedModelForCausalLM, forwarding: bool, prompt: torch.Tensor, new: int) -> float:
@@ -83,43 +62,26 @@ def main() -> None:
     path = checkpoint(args.model)
     total = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
     spans = split_blocks(total, 3)
-    ports = [(free_port(), free_port()) for _ in spans]  # (server, relay)
-    relay = subprocess.Popen(
-        [sys.executable, str(HERE / "_relay.py"), "--delay-ms", str(args.delay_ms), *(f"{r}:{s}" for s, r in ports)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert relay.stdout is not None
-        if relay.stdout.readline().strip() != "ready":
-            raise SystemExit("the relay did not start")
-        with Swarm(path, spans=[], threads=args.threads) as swarm:
-            for span, (server_port, relay_port) in zip(spans, ports, strict=True):
-                announce = ["--port", str(server_port), "--announce-host", "127.0.0.1"]
-                swarm.add_server(span, wait=False, extra_args=[*announce, "--announce-port", str(relay_port)])
-            swarm.wait_ready()
-            model = DistributedModelForCausalLM.from_pretrained(
-                str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, step_timeout=60.0
-            )
-            try:
-                prompt = torch.randint(7, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-                for forwarding in (False, True):  # warm up both paths (streams, push streams, spot checks)
-                    decode_speed(model, forwarding, prompt, 4)
-                speeds: dict[bool, list[float]] = {False: [], True: []}
-                for _ in range(args.repeats):
-                    for forwarding in (False, True):
-                        speeds[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
-                relay.send_signal(signal.SIGUSR1)  # the same swarm with no added delay
-                undelayed: dict[bool, list[float]] = {False: [], True: []}
-                for _ in range(args.repeats):
-                    for forwarding in (False, True):
-                        undelayed[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
-            finally:
-                model.close()
-    finally:
-        relay.terminate()
-        out, _ = relay.communicate(timeout=10)
-    relayed = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    relayed: dict[str, int] = {}
+    with _common.swarm_behind_relays(path, spans, args.delay_ms, args.threads, relayed) as (swarm, relay):
+        model = DistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, step_timeout=60.0
+        )
+        try:
+            prompt = torch.randint(7, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+            for forwarding in (False, True):  # warm up both paths (streams, push streams, spot checks)
+                decode_speed(model, forwarding, prompt, 4)
+            speeds: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.repeats):
+                for forwarding in (False, True):
+                    speeds[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
+            relay.send_signal(signal.SIGUSR1)  # the same swarm with no added delay
+            undelayed: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.repeats):
+                for forwarding in (False, True):
+                    undelayed[forwarding].append(decode_speed(model, forwarding, prompt, args.new_tokens))
+        finally:
+            model.close()
     classic, forwarded = (statistics.median(speeds[f]) for f in (False, True))
     base_classic, base_forwarded = (statistics.median(undelayed[f]) for f in (False, True))
     d = args.delay_ms / 1000

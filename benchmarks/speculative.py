@@ -25,10 +25,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,21 +35,8 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from corolla.engine import DistributedModelForCausalLM
-from corolla.engine.apps.local_swarm import Swarm, smollm2_checkpoint, split_blocks
+from corolla.engine.apps.local_swarm import smollm2_checkpoint, split_blocks
 from corolla.engine.client.speculative import Drafter
-
-HERE = Path(__file__).resolve().parent
-
-
-SMALL = dict(  # as benchmarks/multihop.py's
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-)
 
 
 def checkpoint(name: str) -> Path:
@@ -60,14 +44,8 @@ def checkpoint(name: str) -> Path:
     if name == "smollm2":
         return smollm2_checkpoint()
     if name == "small":
-        return _common.random_checkpoint("llama-small", **SMALL)
+        return _common.llama_small()
     return _common.random_checkpoint("llama-tiny")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def decode(
@@ -107,47 +85,32 @@ def main() -> None:
     if args.draft_layers:
         truncated = AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=args.draft_layers, dtype=torch.float32)
         drafts[f"first-{args.draft_layers}"] = Drafter(truncated, args.draft_tokens, adaptive=adaptive)
-    ports = [(free_port(), free_port()) for _ in spans]  # (server, relay)
-    relay = subprocess.Popen(
-        [sys.executable, str(HERE / "_relay.py"), "--delay-ms", str(args.delay_ms), *(f"{r}:{s}" for s, r in ports)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     speeds: dict[str, list[float]] = {"plain": [], **{name: [] for name in drafts}}
     identical = True
-    try:
-        assert relay.stdout is not None
-        if relay.stdout.readline().strip() != "ready":
-            raise SystemExit("the relay did not start")
-        with Swarm(path, spans=[], threads=args.threads) as swarm:
-            for span, (server_port, relay_port) in zip(spans, ports, strict=True):
-                announce = ["--port", str(server_port), "--announce-host", "127.0.0.1"]
-                swarm.add_server(span, wait=False, extra_args=[*announce, "--announce-port", str(relay_port)])
-            swarm.wait_ready()
-            with DistributedModelForCausalLM.from_pretrained(
-                str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, step_timeout=60.0
-            ) as model:
-                prompt = (
-                    _common.prompt_ids(path)
-                    if args.model == "smollm2"
-                    else torch.randint(7, 150, (1, 32), generator=torch.Generator().manual_seed(0))
-                )
-                for drafter in (None, *drafts.values()):  # warm up streams and the drafts
-                    decode(model, prompt, 4, drafter)
-                for drafter in drafts.values():
-                    drafter.stats.rounds = drafter.stats.drafted = drafter.stats.accepted = 0
-                began = time.time()
-                for _ in range(args.repeats):
-                    tps, plain = decode(model, prompt, args.new_tokens, None)
-                    speeds["plain"].append(tps)
-                    for name, drafter in drafts.items():
-                        tps, out = decode(model, prompt, args.new_tokens, drafter)
-                        speeds[name].append(tps)
-                        identical &= torch.equal(out, plain)
-                elapsed = time.time() - began
-    finally:
-        relay.terminate()
-        relay.communicate(timeout=10)
+    with (
+        _common.swarm_behind_relays(path, spans, args.delay_ms, args.threads) as (swarm, _),
+        DistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, verify_rate=0.0, step_timeout=60.0
+        ) as model,
+    ):
+        prompt = (
+            _common.prompt_ids(path)
+            if args.model == "smollm2"
+            else torch.randint(7, 150, (1, 32), generator=torch.Generator().manual_seed(0))
+        )
+        for drafter in (None, *drafts.values()):  # warm up streams and the drafts
+            decode(model, prompt, 4, drafter)
+        for drafter in drafts.values():
+            drafter.stats.rounds = drafter.stats.drafted = drafter.stats.accepted = 0
+        began = time.time()
+        for _ in range(args.repeats):
+            tps, plain = decode(model, prompt, args.new_tokens, None)
+            speeds["plain"].append(tps)
+            for name, drafter in drafts.items():
+                tps, out = decode(model, prompt, args.new_tokens, drafter)
+                speeds[name].append(tps)
+                identical &= torch.equal(out, plain)
+        elapsed = time.time() - began
     print(
         f"{args.model} ({total} blocks, 2 servers: {' '.join(spans)}), {args.threads} thread(s) per server "
         f"and client, {args.delay_ms:g} ms one way on every link, greedy decode of {args.new_tokens} tokens after a "

@@ -251,3 +251,23 @@ def relayed_line(circuits: Sequence[str]) -> str:
         return f"not reachable from outside and no relay took this server yet: open a TCP port or use --nat-port-map ({_README_HINT})"  # fmt: skip
     relays = ", ".join(relays_in(circuits))
     return f"not reachable from outside: serving through relay {relays} ({_README_HINT})"
+
+
+def circuits_to_announce(visible: Sequence[str], previous: Sequence[str], connected: Iterable[str]) -> list[str]:
+    """The circuit addresses a relayed server announces now.
+
+    ``visible``: its daemon's circuits now; ``previous``: those it announced; ``connected``: peer ids it is
+    connected to. After a relay dies the daemon may list no circuit for a few seconds while it settles on
+    another: meanwhile the server keeps announcing its previous circuits through relays still connected.
+    """
+    if visible:
+        return list(visible)
+    live = set(connected)
+    return [maddr for maddr in previous if relay_of(maddr) in live]
+
+
+def switch_line(found: Reachability) -> str:
+    """The line a server says when a re-check finds it the other way (behind a NAT now, or dialable now)."""
+    if found.behind_nat:
+        return "peers can no longer dial this server back (network changed?): restarting its p2p daemon to serve through a relay; open sessions fail over"  # fmt: skip
+    return f"peers can dial this server directly now at {' '.join(found.reachable)}: restarting its p2p daemon to serve directly; open sessions fail over"  # fmt: skip

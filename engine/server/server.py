@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from corolla.engine.server.reachability import (
     LOOPBACK,
     Reachability,
     announce_maddrs,
+    circuits_to_announce,
     free_port,
     interface_addresses,
     is_circuit,
@@ -65,6 +67,7 @@ from corolla.engine.server.reachability import (
     relay_daemon_args,
     relayed_line,
     relays_in,
+    switch_line,
 )
 from corolla.engine.server.throughput import Speed, block_speed
 from corolla.engine.version import __version__
@@ -138,16 +141,28 @@ class Server:
                 self.relayed = True
                 dht = self._start_relayed_dht(peers, host)
         try:
-            asyncio.run(self._main(dht))
+            while asyncio.run(self._main(dht)):  # a re-check found the network changed: serve the other way
+                dht.shutdown()
+                if self.relayed:
+                    dht = self._start_relayed_dht(peers, host)
+                else:
+                    dht = self._start_dht(
+                        peers, host, reachable=self.reachability.reachable if self.reachability else ()
+                    )
         finally:
             self._io.shutdown(wait=False, cancel_futures=True)
             dht.shutdown()
 
-    def _start_dht(self, peers: Any, host: str, relays: list[str] | None = None) -> Any:
-        """Start this server's DHT peer and p2p daemon (through ``relays`` if peers cannot dial it)."""
+    def _start_dht(self, peers: Any, host: str, relays: list[str] | None = None, reachable: Sequence[str] = ()) -> Any:
+        """Start this server's DHT peer and p2p daemon (through ``relays`` if peers cannot dial it).
+
+        ``reachable``: addresses where peers dialled it back (a forwarded port's), announced first.
+        """
         announce = announce_maddrs(
             host, self.cfg.port, interface_addresses(), self.cfg.announce_host, self.cfg.announce_port
         )
+        if not self.cfg.announce_host:
+            announce = [*reachable, *(maddr for maddr in announce if maddr not in reachable)]
         with self.identity.identity_file() as identity_path:  # removed once the daemon has read it
             dht = make_dht(
                 peers,
@@ -255,8 +270,11 @@ class Server:
     async def _run_io(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
-    async def _main(self, dht: Any) -> None:
+    async def _main(self, dht: Any) -> bool:
+        """Serve through ``dht`` until stopped (False) or until a re-check finds the network changed (True)."""
+        self._stop = asyncio.Event()  # bound to this run's loop
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_cancellations)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
         peer_id = dht.peer_id.to_base58()
@@ -298,14 +316,15 @@ class Server:
         while True:
             moved_to = await self._serve_span(dht, handler, p2p, peer_id, maddrs, start, end)
             if moved_to is None:
-                return
+                return not self._stop.is_set()
             start, end = moved_to
 
     async def _serve_span(
         self, dht: Any, handler: Handler, p2p: Any, peer_id: str, maddrs: list[str], start: int, end: int
     ) -> tuple[int, int] | None:
-        """Load and serve ``start:end`` until stopped (None) or until moving pays off (the new span)."""
+        """Load and serve ``start:end`` until stopped or the network changed (None), or moving pays off (the new span)."""
         backend: SpanBackend | None = None
+        leaving = "moving"
         try:
             joining = self._record(None, ServerState.JOINING, start, end)
             await self._run_io(announce_span, dht, self.dht_prefix, self.identity, joining, self.cfg.record_ttl)
@@ -323,10 +342,12 @@ class Server:
             next_reach = time.monotonic() + self.cfg.reachability_period
             while not self._stop.is_set():
                 if self.relayed:
-                    await self._follow_relays(dht, maddrs)
-                elif self.reachability is not None and time.monotonic() >= next_reach:
+                    await self._follow_relays(dht, p2p, maddrs)
+                if self.reachability is not None and time.monotonic() >= next_reach:
                     next_reach = time.monotonic() + self.cfg.reachability_period
-                    await self._recheck_reachability(p2p)
+                    if await self._recheck_reachability(p2p):
+                        leaving = "reconnecting"
+                        return None
                 await self._run_io(self.ledger.save)
                 record = self._record(backend, ServerState.ONLINE, start, end)
                 await self._run_io(announce_span, dht, self.dht_prefix, self.identity, record, self.cfg.record_ttl)
@@ -356,35 +377,35 @@ class Server:
                 logger.warning("could not withdraw from the DHT: %s", e or type(e).__name__)
             await self._run_io(self.ledger.save)
             if backend is not None:
-                self._write_status(backend, start, end, "stopped" if self._stop.is_set() else "moving", maddrs, peer_id)
+                self._write_status(backend, start, end, "stopped" if self._stop.is_set() else leaving, maddrs, peer_id)
                 backend.shutdown()
 
-    async def _follow_relays(self, dht: Any, maddrs: list[str]) -> None:
+    async def _follow_relays(self, dht: Any, p2p: Any, maddrs: list[str]) -> None:
         """A relayed server: take the circuits its daemon has now (another relay once one dies) and say so."""
         now = await self._run_io(self._visible_maddrs, dht)
+        if not now and maddrs:  # none listed for a moment: keep those through relays still connected
+            now = circuits_to_announce(now, maddrs, [info.peer_id.to_base58() for info in await p2p.list_peers()])
         if relays_in(now) != self.relays:
             self.relays = relays_in(now)
             maddrs[:] = now
             logger.info("%s", relayed_line(now))
 
-    async def _recheck_reachability(self, p2p: Any) -> None:
-        """Ask peers again (the network may have changed); say the new state if it did."""
+    async def _recheck_reachability(self, p2p: Any) -> bool:
+        """Ask peers again (the network may have changed). True: it did, the other way round (behind a NAT
+        now, or dialable now); the caller then restarts the p2p daemon to serve that way."""
         try:
             found = await self._ask_dial_back(p2p)
         except Exception as e:  # a failed re-check changes nothing
             logger.debug("reachability re-check failed: %s", e)
-            return
-        before = self.reachability
-        if found.known and before is not None and (found.behind_nat != before.behind_nat):
-            if found.behind_nat:
-                logger.warning(
-                    "peers can no longer dial this server back (network changed?): clients may not reach it; "
-                    "restart it to serve through a relay"
-                )
-            else:
-                logger.info("%s", reachable_line(found))
-        if found.known:
-            self.reachability = found
+            return False
+        if not found.known:
+            return False
+        self.reachability = found
+        if found.behind_nat == self.relayed:
+            return False
+        logger.warning("%s", switch_line(found))
+        self.relayed, self.relays = found.behind_nat, []
+        return True
 
     def _rebalance_delay(self) -> float:
         return self.cfg.rebalance_period * random.uniform(0.75, 1.25)
@@ -442,6 +463,13 @@ class Server:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status))
         tmp.replace(path)
+
+
+def _quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's error handler: a stream handler cancelled as the loop ends (the p2p daemon restarting) is no error."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
 
 
 async def _daemon_listen_maddr(dht: Any, node: Any) -> Any:

@@ -96,13 +96,14 @@ def world(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         b_ns, b_ip = lab.add_public("b")
         c_ns, c_ip = lab.add_public("c")
         w.user_ns, _ = lab.add_public("u")
-        n_ns, _, _ = lab.add_home("n")
+        n_ns, _, n_router_ip = lab.add_home("n")
         w.start("a", a_ns, a_ip, "0:3", [], "--new-swarm")
         w.start("b", b_ns, b_ip, "3:6", ["a"], wait=False)  # b and c start together
         w.start("c", c_ns, c_ip, "0:3", ["a"], wait=False)
         w.ready("b", b_ip)
         w.ready("c", c_ip)
         w.addrs["n_ns"] = n_ns  # where the home volunteer will run
+        w.addrs["n_router_ip"] = n_router_ip
         yield w
     finally:
         for server in w.servers.values() if "w" in locals() else ():
@@ -123,6 +124,43 @@ def finish(proc: subprocess.Popen[str], timeout: float = 120.0) -> dict:
     return result
 
 
+ECHO = """
+import socket, sys
+with socket.create_server(("0.0.0.0", int(sys.argv[1]))) as server:
+    print("ready", flush=True)
+    conn, (ip, _) = server.accept()
+    conn.sendall(conn.recv(16) + ip.encode())
+"""
+ASK = """
+import socket, sys, time
+began = time.perf_counter()
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:
+    conn.sendall(b"hi ")
+    answer = conn.recv(64).decode()
+print(answer, round(1000 * (time.perf_counter() - began)))
+"""
+
+
+def test_the_wan_delay_holds_packets_and_keeps_addresses() -> None:
+    lab = Lab(wan_delay_ms=40)  # the instrument of benchmarks/relay.py
+    try:
+        x_ns, x_ip = lab.add_public("x")
+        y_ns, y_ip = lab.add_public("y")
+        server = lab.popen(x_ns, [sys.executable, "-c", ECHO, str(PORT)], stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        asked = subprocess.run(
+            [*lab.launcher(y_ns), sys.executable, "-c", ASK, x_ip, str(PORT)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        hello, ip, ms = asked.stdout.split()
+        assert (hello, ip) == ("hi", y_ip), asked  # x saw y's own address: whole packets, not a proxy
+        assert int(ms) >= 4 * 40  # a handshake and a request: two round trips of two delayed legs
+    finally:
+        lab.close()
+
+
 def test_public_volunteers_serve_a_user_in_another_namespace(world: World, reference) -> None:
     prompt, expected = reference
     result = finish(world.user(prompt, ["a"]))
@@ -134,7 +172,9 @@ def test_public_volunteers_serve_a_user_in_another_namespace(world: World, refer
 
 def test_volunteer_behind_nat_serves_through_a_relay(world: World, reference) -> None:
     prompt, expected = reference
-    n = world.start("n", world.addrs["n_ns"], "", "3:6", ["a", "b", "c"])
+    # A fixed port (the last test forwards it) and a short re-check period (that test waits for one).
+    extra = ["--port", str(PORT), "--reachability-period", "4"]
+    n = world.start("n", world.addrs["n_ns"], "", "3:6", ["a", "b", "c"], *extra)
     log = n.log_path.read_text()
     assert "not reachable from outside: serving through relay" in log, log[-3000:]
     status = n.status()
@@ -155,7 +195,8 @@ def test_relay_death_moves_the_volunteer_and_the_session_fails_over(world: World
     # The relay to kill: the first hop's server (a or c, both relays of n: b has left), so the session surely
     # fails over there, and n's circuit through it (if the user's connection to n took it) breaks too.
     relay = world.name_of(paused["hops"][0])
-    assert world.servers[relay].peer_id in n.status()["relays"], (relay, n.status()["relays"])
+    before = n.status()["relays"]
+    assert world.servers[relay].peer_id in before, (relay, before)
     world.servers[relay].kill()
     assert proc.stdin is not None
     proc.stdin.write("go\n")
@@ -165,13 +206,40 @@ def test_relay_death_moves_the_volunteer_and_the_session_fails_over(world: World
     assert result["failovers"] >= 1
     assert world.name_of(result["hops"][-1]) == "n"
     dead = world.servers[relay].peer_id
+    seen: list[list[str]] = []
 
     def moved() -> bool:
-        relays = n.status().get("relays") or []
-        return bool(relays) and dead not in relays
+        seen.append(n.status().get("relays") or [])
+        return bool(seen[-1]) and dead not in seen[-1]
 
     deadline = time.monotonic() + 45
     while not moved() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert moved(), (n.status().get("relays"), n.log_tail())
+    if len(before) > 1:  # another relay held a slot all along: n announced it without a gap
+        assert all(seen), seen
     assert n.log_path.read_text().count("not reachable from outside: serving through relay") >= 2  # it said so
+
+
+def test_volunteer_serves_directly_once_its_port_is_forwarded(world: World, reference) -> None:
+    prompt, expected = reference
+    n = world.servers["n"]
+    world.lab.forward_port(world.addrs["n_ns"], PORT)  # the volunteer opens its port: the next re-check sees it
+
+    def direct() -> bool:
+        status = n.status()
+        return status.get("state") == "online" and status.get("relayed") is False
+
+    deadline = time.monotonic() + 90
+    while not direct() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert direct(), (n.status(), n.log_tail())
+    status = n.status()
+    assert not status["relays"]
+    assert any(f"/ip4/{world.addrs['n_router_ip']}/tcp/{PORT}/" in m for m in status["maddrs"]), status["maddrs"]
+    assert "peers can dial this server directly now" in n.log_path.read_text()  # said, without a restart
+    assert n.alive()
+    alive = [name for name in ("a", "c") if world.servers[name].alive()]
+    result = finish(world.user(prompt, alive))
+    assert result["tokens"] == expected
+    assert world.name_of(result["hops"][-1]) == "n"

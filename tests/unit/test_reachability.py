@@ -10,6 +10,7 @@ from corolla.engine.server.reachability import (
     RELAY_LIMITS,
     Reachability,
     announce_maddrs,
+    circuits_to_announce,
     connected_ips,
     dial_targets,
     dialable,
@@ -22,6 +23,7 @@ from corolla.engine.server.reachability import (
     relay_of,
     relayed_line,
     relays_in,
+    switch_line,
 )
 
 PEER_ID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
@@ -129,6 +131,23 @@ def test_the_verdict_and_its_line() -> None:
     assert reachable_line(public).startswith("reachable directly at /ip4/11.26.0.2/tcp/31337")
     assert relayed_line([CIRCUIT]).startswith(f"not reachable from outside: serving through relay {RELAY}")
     assert "no relay took this server yet" in relayed_line([])
+
+
+def test_a_relayed_server_keeps_its_live_circuits_while_the_daemon_lists_none() -> None:
+    other = "12D3KooWQYV9dGMFoRzNStwpXztXaBUjtPqi6aU76ZgUriHhKust"
+    second = f"/ip4/11.26.0.5/tcp/31337/p2p/{other}/p2p-circuit/p2p/{PEER_ID}"
+    # The daemon lists circuits: those, whatever was announced before.
+    assert circuits_to_announce([second], [CIRCUIT, second], [other]) == [second]
+    # It lists none for a moment after a relay died: the previous circuits through relays still connected.
+    assert circuits_to_announce([], [CIRCUIT, second], [other, PEER_ID]) == [second]
+    assert circuits_to_announce([], [CIRCUIT], [other]) == []  # the only relay is gone: nothing to keep
+
+
+def test_a_flip_found_by_a_re_check_says_what_happens() -> None:
+    natted = Reachability(asked=2, answered=1, reachable=())
+    public = Reachability(asked=2, answered=1, reachable=("/ip4/11.26.0.3/tcp/31337",))
+    assert "restarting its p2p daemon to serve through a relay" in switch_line(natted)
+    assert switch_line(public).startswith("peers can dial this server directly now at /ip4/11.26.0.3/tcp/31337")
 
 
 def test_relaying_is_bounded_or_off() -> None:
