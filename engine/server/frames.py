@@ -244,6 +244,10 @@ class BoundedStreams:
                 answering.cancel()
             if not stopping:
                 await asyncio.wait({answering})  # never swallows a cancellation of this task
+                if not answering.cancelled() and (failure := answering.exception()) is not None:
+                    # Retrieved here, so a peer that hangs up mid-answer is a debug line, not asyncio's
+                    # "Task exception was never retrieved" at garbage collection.
+                    logger.debug("answering %s stopped: %r", peer[-6:], failure)
             if stopping:
                 writer.close()
             elif refused is not None:

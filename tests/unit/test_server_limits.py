@@ -171,6 +171,48 @@ def test_read_frame_refuses_oversized_frames_from_the_header_alone() -> None:
         asyncio.run(garbage(frame(b"\xff\xff\xff\xff\x0f\x07")))
 
 
+def test_a_peer_that_hangs_up_mid_answer_leaves_no_unretrieved_task_error() -> None:
+    """A relay killed mid-stream: writing the answer fails; the stream ends quietly, its slot is freed."""
+    import gc
+
+    from hivemind.p2p import PeerID
+
+    from corolla.engine.server.frames import BoundedStreams, StreamContext
+
+    class BrokenWriter:
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            raise ConnectionResetError("the relay went away")
+
+        def close(self) -> None:
+            pass
+
+    async def handler(requests, context):  # type: ignore[no-untyped-def]
+        async for _ in requests:
+            yield runtime_pb2.ExpertResponse(metadata=b"answer")
+
+    unretrieved: list[str] = []
+
+    async def main() -> int:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unretrieved.append(ctx["message"]))
+        limits = FrameLimits(max_message_bytes=1024, max_streams_per_peer=2, max_streams=4, drain_seconds=0.1)
+        streams = BoundedStreams(limits, lambda e: runtime_pb2.ExpertResponse())
+        peer = PeerID(b"\x00\x01peer")
+        context = StreamContext(handle_name="rpc", local_id=peer, remote_id=peer)
+        request = runtime_pb2.ExpertRequest(metadata=b"hello").SerializeToString()
+        reader = frames(frame(request), eof=False)
+        await asyncio.wait_for(streams.serve(context, reader, BrokenWriter(), handler), 5)  # type: ignore[arg-type]
+        gc.collect()
+        await asyncio.sleep(0)
+        return streams.streams.total
+
+    assert asyncio.run(main()) == 0
+    gc.collect()
+    assert not [m for m in unretrieved if "never retrieved" in m]
+
+
 # ---- chunked forwards -----------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_long_forwards_run_in_chunks_with_the_same_output(tmp_path: Path) -> None:
