@@ -197,3 +197,31 @@ def test_a_stale_swarm_read_is_refreshed_in_the_background_after_the_first() -> 
     always._spans = {PEER_A: object()}  # type: ignore[dict-item]
     always._refresh_if_stale()
     assert always_reads == [threading.current_thread().name]
+
+
+def test_a_known_route_is_planned_without_waiting_for_a_read() -> None:
+    """plan_known plans from the last read in the caller's thread (a session's first token plans on the event
+    loop); it never reads the DHT at once: None before the first read, with update_period 0, or when the last
+    read does not cover the blocks (plan_inference then reads, in a worker thread)."""
+    from corolla.engine.dht.records import ServerRecord, ServerState
+    from corolla.engine.routing.spans import RemoteSpan
+
+    def span(peer: str, start: int, end: int) -> RemoteSpan:
+        return RemoteSpan(peer, start, end, ServerRecord(state=ServerState.ONLINE, start=start, end=end))
+
+    m = manager()
+    reads: list[int] = []
+    m.refresh = lambda: reads.append(1)  # type: ignore[method-assign]
+    assert m.plan_known(0, 4) is None and reads == []  # never read: the caller reads in a worker thread
+    m._spans = {PEER_A: span(PEER_A, 0, 2), PEER_B: span(PEER_B, 2, 4)}
+    m._updated = time.monotonic()
+    route = m.plan_known(0, 4)
+    assert route is not None and [(h.peer_id, h.start, h.end) for h in route] == [(PEER_A, 0, 2), (PEER_B, 2, 4)]
+    assert m.plan_known(0, 4, exclude={PEER_B}) is None and reads == []  # not covered: no read here
+    m.ban(PEER_A, "failed")
+    assert m.plan_known(0, 4) is None
+    assert m.plan_known(0, 4, ignore_bans=True) is not None  # the last chance puts bans aside, as plan_inference
+    always = manager(update_period=0.0)
+    always.refresh = lambda: reads.append(1)  # type: ignore[method-assign]
+    always._spans = dict(m._spans)
+    assert always.plan_known(0, 4) is None and reads == []
