@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -225,3 +226,56 @@ def test_a_known_route_is_planned_without_waiting_for_a_read() -> None:
     always.refresh = lambda: reads.append(1)  # type: ignore[method-assign]
     always._spans = dict(m._spans)
     assert always.plan_known(0, 4) is None and reads == []
+
+
+@pytest.mark.timeout(30)
+def test_closing_a_session_does_not_wait_for_the_client_loop() -> None:
+    """close() hands the goodbyes to the loop and returns (generate's caller does not wait for a thread hop);
+    the goodbyes still run there; after the loop stopped, close() drops them quietly instead of hanging."""
+    import threading
+    import warnings
+
+    from corolla.engine.client.loop import LoopThread
+    from corolla.engine.client.session import InferenceSession
+
+    loop = LoopThread()
+    gate, ran = threading.Event(), threading.Event()
+
+    async def goodbye() -> None:
+        while not gate.is_set():  # still running when submit returns
+            await asyncio.sleep(0.005)
+        ran.set()
+
+    try:
+        loop.submit(goodbye())
+        assert not ran.is_set()
+        gate.set()
+        assert ran.wait(10)
+        closed: list[str] = []
+        sent = threading.Event()
+
+        class Stream:
+            async def close(self, session_id: str) -> None:
+                while not sent.is_set():  # a goodbye still on its way
+                    await asyncio.sleep(0.005)
+                closed.append(session_id)
+
+        context = SimpleNamespace(config=ClientConfig(), loop=loop)
+        session = InferenceSession(context, 8)  # type: ignore[arg-type]
+        session.hops = [SimpleNamespace(stream=Stream())]  # type: ignore[list-item]
+        began = time.monotonic()
+        session.close()
+        session.close()  # idempotent
+        assert time.monotonic() - began < 1 and not closed
+        sent.set()
+        deadline = time.monotonic() + 10
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert closed == [session.session_id]
+    finally:
+        loop.stop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "coroutine was never awaited"
+        began = time.monotonic()
+        loop.submit(goodbye())
+        assert time.monotonic() - began < 1
