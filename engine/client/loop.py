@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import logging
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class LoopThread:
@@ -30,6 +33,16 @@ class LoopThread:
             future.cancel()
             raise
 
+    def submit(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop without waiting for it (from any thread, the loop's own included); what it
+        raises is logged at debug level. For best-effort work whose caller has nothing to wait for; dropped if
+        the loop was stopped."""
+        if not self.loop.is_running() or self.loop.is_closed():
+            coro.close()  # never started: no "coroutine was never awaited" warning
+            return
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future.add_done_callback(_log_failure)
+
     def stop(self) -> None:
         """Cancel what still runs on the loop (streams of an interrupted step), then stop the loop and its thread.
 
@@ -42,6 +55,11 @@ class LoopThread:
                     self.run(_cancel_other_tasks(), timeout=5)
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+def _log_failure(future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.debug("background work on the client loop failed: %s", future.exception())
 
 
 async def _cancel_other_tasks() -> None:

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 PEERS_TIMEOUT_S = 2.0
 """Seconds to ask the p2p daemon where a server's connections come from (else it counts as a stranger)."""
+MAX_LOCAL_PEERS = 1024
+"""Servers remembered as running on this machine (the oldest are forgotten first)."""
 
 
 class UnverifiedNotices:
@@ -25,14 +27,29 @@ class UnverifiedNotices:
 
     def __init__(self) -> None:
         self._warned: set[tuple[str, int, int]] = set()  # (model, start, end)
+        self._local: dict[str, None] = {}  # peers whose connections came from this machine (oldest first)
         self._lock = threading.Lock()
 
     async def report(self, context: ClientContext, peer: str, start: int, end: int, why: str) -> None:
-        """Log that ``peer``'s hop over blocks ``start:end`` could not be checked, when the user can act on it."""
+        """Log that ``peer``'s hop over blocks ``start:end`` could not be checked, when the user can act on it.
+
+        Every session of a span with a single server reports it; the p2p daemon is asked where the server's
+        connections come from only while the answer can still change the outcome (not for a span already
+        warned about, nor for a server already seen on this machine).
+        """
         span = (context.manager.model, start, end)
-        own = context.config.swarm_key_file is not None or on_this_machine(await observed_addrs(context, peer))
         with self._lock:
-            if not warn_unverified(span, own_servers=own, warned=self._warned):
+            decided = span in self._warned or peer in self._local
+        if decided or context.config.swarm_key_file is not None:
+            logger.debug("output is unverified: %s (warned before, or the swarm's servers are your own)", why)
+            return
+        local = on_this_machine(await observed_addrs(context, peer))
+        with self._lock:
+            if local:
+                self._local[peer] = None
+                while len(self._local) > MAX_LOCAL_PEERS:
+                    self._local.pop(next(iter(self._local)))
+            if not warn_unverified(span, own_servers=local, warned=self._warned):
                 logger.debug("output is unverified: %s (the swarm's servers are your own)", why)
                 return
             self._warned.add(span)

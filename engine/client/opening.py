@@ -190,9 +190,10 @@ async def open_route(
     probed_only = False  # a race left the route's probes running: plan through probed servers while they cover
     while True:  # each round leaves out at least one more server (or plans through probed ones only), so it ends
         try:
-            planned = (
-                manager.plan_probed(start, end, left_out, config.active_adapter, max_length) if probed_only else None
-            )
+            if probed_only:
+                planned = manager.plan_probed(start, end, left_out, config.active_adapter, max_length)
+            else:  # from the last read, here (no worker thread) unless the DHT must be read first
+                planned = manager.plan_known(start, end, max_length, left_out, last_chance, config.active_adapter)
             probed_only = False
             route = (
                 planned

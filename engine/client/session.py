@@ -139,12 +139,13 @@ class InferenceSession(OnClient):
             self.loop.run(self._audit_all())
 
     def close(self) -> None:
-        """Free the servers' caches (idempotent, never raises)."""
+        """Free the servers' caches (idempotent, never raises, never waits: the goodbyes are sent from the
+        client's loop, and the caller, e.g. ``generate`` returning its tokens, does not wait for a thread hop)."""
         if self.closed:
             return
         self.closed = True
         try:
-            self.loop.run(close_hops(self.hops, self.session_id), timeout=10)
+            self.loop.submit(close_hops(list(self.hops), self.session_id))
         except Exception as e:  # closing is best effort: servers also free idle sessions themselves
             logger.debug("closing session: %s", e)
 

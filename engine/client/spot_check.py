@@ -135,14 +135,19 @@ async def audit(
     manager, config = context.manager, context.config
     start, end = blocks
     n = claimed.shape[1]
+    used = {server, *avoid, *manager.failed_within(config.update_period)}
+    adapter, quant = config.active_adapter, _quant(manager, server)
+    if not _any_replica(manager, start, end, used, adapter, quant):
+        # Nobody else could give an opinion: unverified, without asking the p2p daemon where peers are (a round
+        # trip at every step of a span with a single server, and at the end of every generation).
+        logger.debug("audit of %s on %d:%d: no replica to ask", short_peer(server), start, end)
+        return AuditOutcome(judge([Opinion((server,), 0)]))
     groups = await peer_groups(context)
     operator = groups.get(server, server)
     opinions = [Opinion((server,), 0, operator)]
     outputs = [claimed]
     heard = {operator}
-    used = {server, *avoid, *manager.failed_within(config.update_period)}
     dtypes = {_dtype(manager, server)}
-    adapter, quant = config.active_adapter, _quant(manager, server)
     rel_tol = tolerance(dtypes)
     while not settled(opinions) and len(opinions) < MAX_OPINIONS:
         record = {p: manager.checks_passed(p) for p in manager.replicas(start, end, used, adapter=adapter, quant=quant)}
@@ -194,6 +199,16 @@ async def audit(
         return AuditOutcome(judgement, rel_tol=rel_tol)
     witnesses = tuple(p for o in opinions[1:] if o.group == truth for p in o.peers)
     return AuditOutcome(judgement, outputs[truth], witnesses, rel_tol)
+
+
+def _any_replica(
+    manager: SequenceManager, start: int, end: int, used: Collection[str], adapter: str | None, quant: str
+) -> bool:
+    """Whether some server outside ``used`` (alone, or on a route of several) computes blocks ``start..end-1``
+    with the same adapter and quantization: the candidates an audit's first opinion could come from."""
+    if manager.replicas(start, end, used, adapter=adapter, quant=quant):
+        return True
+    return manager.plan_replica(start, end, exclude=used, adapter=adapter, quant=quant) is not None
 
 
 def _dtype(manager: SequenceManager, peer: str) -> str:

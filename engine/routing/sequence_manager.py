@@ -83,22 +83,28 @@ class SequenceManager:
             self._spans = spans
             self._updated = time.monotonic()
 
-    def _refresh_if_stale(self) -> None:
+    def _refresh_if_stale(self, *, may_wait: bool = True) -> bool:
         """Re-read the swarm if the last read is older than ``update_period``: at once before the first plan
         (or with ``update_period`` 0), else in the background while this plan uses the last read, so a
-        session's first token does not wait for a DHT read (a route that fails re-reads at once anyway)."""
+        session's first token does not wait for a DHT read (a route that fails re-reads at once anyway).
+
+        Returns False, reading nothing, when a read at once is due and ``may_wait`` is False.
+        """
         with self._lock:
             if time.monotonic() - self._updated <= self.config.update_period:
-                return
+                return True
             wait = not self._spans or self.config.update_period == 0
+            if wait and not may_wait:
+                return False
             if not wait:
                 if self._refreshing:
-                    return
+                    return True
                 self._refreshing = True
         if wait:
             self.refresh()
-            return
+            return True
         threading.Thread(target=self._refresh_in_background, name="corolla-refresh", daemon=True).start()
+        return True
 
     def _refresh_in_background(self) -> None:
         try:
@@ -272,16 +278,48 @@ class SequenceManager:
         end = self.num_blocks if end is None else end
         self._refresh_if_stale()
         for attempt in range(2):
-            with self._lock:
-                spans = with_adapter(self._spans, adapter)
-            banned = (set(self._convicted) if ignore_bans else self.banned()) | set(exclude)  # liars never
             try:
-                return self._plan_over(spans, start, end, banned, cache_tokens_needed)
+                return self._plan_last_read(start, end, cache_tokens_needed, exclude, ignore_bans, adapter)
             except MissingBlocksError as e:
                 if attempt == 1:
                     raise e.with_source(self.source).with_traceback(e.__traceback__) from None
                 self.refresh()
         raise AssertionError("unreachable")
+
+    def plan_known(
+        self,
+        start: int,
+        end: int,
+        cache_tokens_needed: int = 0,
+        exclude: Collection[str] = (),
+        ignore_bans: bool = False,
+        adapter: str | None = None,
+    ) -> list[RouteHop] | None:
+        """:meth:`plan_inference` when it needs no DHT read now: the route from the swarm as last read (a stale
+        read is renewed in the background, as there), planned in the caller's thread; None if the swarm must be
+        read first (never read, ``update_period`` 0) or the last read does not cover the blocks. A session's
+        first token plans on the client's event loop without a hop to a worker thread."""
+        if not self._refresh_if_stale(may_wait=False):
+            return None
+        try:
+            return self._plan_last_read(start, end, cache_tokens_needed, exclude, ignore_bans, adapter)
+        except MissingBlocksError:
+            return None
+
+    def _plan_last_read(
+        self,
+        start: int,
+        end: int,
+        cache_tokens_needed: int,
+        exclude: Collection[str],
+        ignore_bans: bool,
+        adapter: str | None,
+    ) -> list[RouteHop]:
+        """The fastest route over the swarm as last read (raises MissingBlocksError if it does not cover it)."""
+        with self._lock:
+            spans = with_adapter(self._spans, adapter)
+        banned = (set(self._convicted) if ignore_bans else self.banned()) | set(exclude)  # liars never
+        return self._plan_over(spans, start, end, banned, cache_tokens_needed)
 
     def plan_replica(
         self, start: int, end: int, exclude: Collection[str], *, adapter: str | None = None, quant: str = "none"

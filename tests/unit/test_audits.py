@@ -97,3 +97,42 @@ def test_text_stream_withdraws_rewound_text() -> None:
         shown += piece
     result = stream.result()
     assert shown == result.text == "bef" and cuts == [1] and result.completion_tokens == 3
+
+
+def test_an_audit_with_no_possible_auditor_asks_no_daemon() -> None:
+    """A hop whose blocks no other server holds is unverified at once: no round trip to the p2p daemon (it ran
+    after every first step of a session and at the end of every generation on a swarm without replicas)."""
+    import asyncio
+
+    from corolla.engine.client import spot_check
+    from corolla.engine.client.context import ClientContext
+    from corolla.engine.config import ClientConfig
+    from corolla.engine.dht.records import ServerRecord, ServerState
+    from corolla.engine.routing.sequence_manager import SequenceManager
+    from corolla.engine.routing.spans import RemoteSpan
+
+    class Daemon:
+        asked = 0
+
+        async def list_peers(self) -> list[object]:
+            self.asked += 1
+            return []
+
+    manager = SequenceManager(None, "tiny", 4, ClientConfig())
+
+    def span(peer: str, start: int, end: int) -> RemoteSpan:
+        return RemoteSpan(peer, start, end, ServerRecord(state=ServerState.ONLINE, start=start, end=end))
+
+    manager._spans = {"A": span("A", 0, 2), "B": span("B", 2, 4)}
+    daemon = Daemon()
+    context = ClientContext(ClientConfig(), manager, daemon, None)  # type: ignore[arg-type]
+    x = torch.zeros(1, 3, 8)
+    judgement = asyncio.run(spot_check.audit(context, "A", (0, 2), x, x[:, -1:], set(), random.Random(0))).judgement
+    assert judgement.verdict is Verdict.UNVERIFIED
+    assert daemon.asked == 0
+    # A server of the same blocks (alone, or on a route of several) is a possible auditor; a banned one is not.
+    manager._spans["C"] = span("C", 0, 4)
+    assert spot_check._any_replica(manager, 0, 2, {"A"}, None, "none")
+    assert not spot_check._any_replica(manager, 0, 2, {"A", "C"}, None, "none")
+    manager._spans["D"], manager._spans["E"] = span("D", 0, 1), span("E", 1, 2)
+    assert spot_check._any_replica(manager, 0, 2, {"A", "C"}, None, "none")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,3 +198,84 @@ def test_a_stale_swarm_read_is_refreshed_in_the_background_after_the_first() -> 
     always._spans = {PEER_A: object()}  # type: ignore[dict-item]
     always._refresh_if_stale()
     assert always_reads == [threading.current_thread().name]
+
+
+def test_a_known_route_is_planned_without_waiting_for_a_read() -> None:
+    """plan_known plans from the last read in the caller's thread (a session's first token plans on the event
+    loop); it never reads the DHT at once: None before the first read, with update_period 0, or when the last
+    read does not cover the blocks (plan_inference then reads, in a worker thread)."""
+    from corolla.engine.dht.records import ServerRecord, ServerState
+    from corolla.engine.routing.spans import RemoteSpan
+
+    def span(peer: str, start: int, end: int) -> RemoteSpan:
+        return RemoteSpan(peer, start, end, ServerRecord(state=ServerState.ONLINE, start=start, end=end))
+
+    m = manager()
+    reads: list[int] = []
+    m.refresh = lambda: reads.append(1)  # type: ignore[method-assign]
+    assert m.plan_known(0, 4) is None and reads == []  # never read: the caller reads in a worker thread
+    m._spans = {PEER_A: span(PEER_A, 0, 2), PEER_B: span(PEER_B, 2, 4)}
+    m._updated = time.monotonic()
+    route = m.plan_known(0, 4)
+    assert route is not None and [(h.peer_id, h.start, h.end) for h in route] == [(PEER_A, 0, 2), (PEER_B, 2, 4)]
+    assert m.plan_known(0, 4, exclude={PEER_B}) is None and reads == []  # not covered: no read here
+    m.ban(PEER_A, "failed")
+    assert m.plan_known(0, 4) is None
+    assert m.plan_known(0, 4, ignore_bans=True) is not None  # the last chance puts bans aside, as plan_inference
+    always = manager(update_period=0.0)
+    always.refresh = lambda: reads.append(1)  # type: ignore[method-assign]
+    always._spans = dict(m._spans)
+    assert always.plan_known(0, 4) is None and reads == []
+
+
+@pytest.mark.timeout(30)
+def test_closing_a_session_does_not_wait_for_the_client_loop() -> None:
+    """close() hands the goodbyes to the loop and returns (generate's caller does not wait for a thread hop);
+    the goodbyes still run there; after the loop stopped, close() drops them quietly instead of hanging."""
+    import threading
+    import warnings
+
+    from corolla.engine.client.loop import LoopThread
+    from corolla.engine.client.session import InferenceSession
+
+    loop = LoopThread()
+    gate, ran = threading.Event(), threading.Event()
+
+    async def goodbye() -> None:
+        while not gate.is_set():  # still running when submit returns
+            await asyncio.sleep(0.005)
+        ran.set()
+
+    try:
+        loop.submit(goodbye())
+        assert not ran.is_set()
+        gate.set()
+        assert ran.wait(10)
+        closed: list[str] = []
+        sent = threading.Event()
+
+        class Stream:
+            async def close(self, session_id: str) -> None:
+                while not sent.is_set():  # a goodbye still on its way
+                    await asyncio.sleep(0.005)
+                closed.append(session_id)
+
+        context = SimpleNamespace(config=ClientConfig(), loop=loop)
+        session = InferenceSession(context, 8)  # type: ignore[arg-type]
+        session.hops = [SimpleNamespace(stream=Stream())]  # type: ignore[list-item]
+        began = time.monotonic()
+        session.close()
+        session.close()  # idempotent
+        assert time.monotonic() - began < 1 and not closed
+        sent.set()
+        deadline = time.monotonic() + 10
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert closed == [session.session_id]
+    finally:
+        loop.stop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "coroutine was never awaited"
+        began = time.monotonic()
+        loop.submit(goodbye())
+        assert time.monotonic() - began < 1

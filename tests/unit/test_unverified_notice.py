@@ -70,3 +70,26 @@ def test_a_public_swarm_warns_once_per_span_across_sessions(caplog: pytest.LogCa
 def test_servers_on_this_machine_or_in_a_private_swarm_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
     assert _warnings(caplog, ["/ip4/127.0.0.1/tcp/31337"], sessions=2) == []  # corolla demo's own swarm
     assert _warnings(caplog, ["/ip4/203.0.113.7/tcp/1"], sessions=1, swarm_key_file="team.key") == []
+
+
+class _CountingP2P(_P2P):
+    def __init__(self, addrs: list[str]) -> None:
+        super().__init__(addrs)
+        self.calls = 0
+
+    async def list_peers(self) -> list[Any]:
+        self.calls += 1
+        return await super().list_peers()
+
+
+@pytest.mark.parametrize("addrs", [["/ip4/203.0.113.7/tcp/31337"], ["/ip4/127.0.0.1/tcp/31337"]])
+def test_the_daemon_is_asked_only_while_the_answer_can_change_the_notice(addrs: list[str]) -> None:
+    """A span already warned about, or a server already seen on this machine, costs no daemon round trip at the
+    next session's report (every first token of a span with a single server reports it)."""
+    p2p = _CountingP2P(addrs)
+    context = ClientContext(ClientConfig(), SimpleNamespace(model="smollm2"), p2p, None)  # type: ignore[arg-type]
+    for _ in range(3):
+        asyncio.run(notices.NOTICES.report(context, PEER, 0, 15, "only one server"))
+    assert p2p.calls == 1
+    asyncio.run(notices.NOTICES.report(context, "another-peer", 15, 30, "only one server"))
+    assert p2p.calls == 2  # another server of another span: asked again
