@@ -474,3 +474,13 @@ def test_a_closed_sessions_shared_rows_are_freed_and_the_others_decode_on() -> N
         asyncio.run(scenario())
     finally:
         backend.shutdown()
+
+
+def test_shared_rows_never_take_more_than_the_sessions_reserved() -> None:
+    """Rows x positions stay within the sessions' max_length x batch sizes; rows that cannot are not shared."""
+    caches = [SpanCache(0, 1, 100), SpanCache(0, 1, 20)]  # batch sizes 1 and 3: 100 + 60 = 160 positions
+    assert shared_rows.shared_capacity(caches, [1, 3], needed=10) == 40  # 4 rows x 40 = 160
+    assert shared_rows.shared_capacity(caches, [1, 3], needed=41) is None  # the short session's rows cannot grow
+    big = [SpanCache(0, 1, 4096), SpanCache(0, 1, 4096)]
+    assert shared_rows.shared_capacity(big, [1, 1], needed=10) == shared_rows.MIN_CAPACITY
+    assert shared_rows.shared_capacity(big, [1, 1], needed=65, held=64) == 128  # grows by doubling
