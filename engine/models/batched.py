@@ -7,6 +7,11 @@ keys/values to that row's session cache and hands attention the sessions' keys s
 the longest (the padding is masked out). Everything else in the block (projections, MLP, experts) runs once for
 all rows. The outputs equal running the sessions one by one, up to floating-point summation order.
 
+Handing attention the keys side by side copies every session's cache each step. Sessions that step together a
+second time in a row therefore move into :class:`~corolla.engine.models.shared_rows.SharedRows` (their storage
+becomes rows of one tensor per block): from then on a step writes each row's key in place and attention reads
+a view, with no copy, as long as the same sessions step together.
+
 Sessions whose blocks keep a recurrent state (Qwen3-Next's linear attention) are not batched together: their
 single-token step updates each state in place where transformers finds it, one cache's tensors, so rows of
 several sessions cannot share it; the server gives each such session its own batch key.
@@ -20,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from corolla.engine.models.family import row_masks
+from corolla.engine.models.shared_rows import SharedRows, shared_capacity
 from corolla.engine.models.span import BlockSpan, SpanCache
 
 __all__ = ["RowsCache", "run_rows"]
@@ -28,8 +34,10 @@ __all__ = ["RowsCache", "run_rows"]
 class RowsCache(Cache):
     """The caches of several sessions seen by the blocks as one cache of ``sum(batch sizes)`` rows."""
 
-    def __init__(self, caches: list[SpanCache]) -> None:
+    def __init__(self, caches: list[SpanCache], shared: SharedRows | None = None) -> None:
+        """``caches`` in row order; ``shared``: the rows they all live in, in this order (None: none)."""
         self.caches = caches
+        self.shared = shared
         self.rows: list[slice] = []  # which rows of the batch belong to each cache
         first = 0
         for cache in caches:
@@ -38,6 +46,11 @@ class RowsCache(Cache):
             self.rows.append(slice(first, first + cache.batch_rows))
             first += cache.batch_rows
         self.keys = max(cache.length for cache in caches) + 1  # key positions in this step
+        # Tokens each row's session holds: the position of its new token.
+        self.held = [cache.length for cache in caches for _ in range(cache.batch_rows or 0)]
+        self._common = self.held[0] if len(set(self.held)) == 1 else None  # every row at one position
+        self._row_index = torch.arange(len(self.held))  # where each row's new key goes in shared rows
+        self._positions = torch.tensor(self.held)
         super().__init__(layers=list(caches[0].span_layers))
 
     def update(
@@ -45,6 +58,8 @@ class RowsCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each row's new keys/values [rows, kv_heads, 1, head_dim] to its session's cache; return all
         sessions' keys/values [rows, kv_heads, keys, head_dim], right-padded with zeros (masked)."""
+        if self.shared is not None:
+            return self._update_shared(self.shared, key_states, value_states, layer_idx - self.caches[0].start)
         rows, heads, _, key_dim = key_states.shape
         keys = key_states.new_zeros((rows, heads, self.keys, key_dim))
         values = value_states.new_zeros((rows, value_states.shape[1], self.keys, value_states.shape[3]))
@@ -57,6 +72,22 @@ class RowsCache(Cache):
     def get_seq_length(self, layer_idx: int | None = 0, *args: Any) -> int:
         """Key positions before this step (the longest session's)."""
         return self.keys - 1
+
+    def _update_shared(
+        self, shared: SharedRows, key_states: torch.Tensor, value_states: torch.Tensor, block: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write each row's new key/value [rows, kv_heads, 1, dim] at its own position in the shared rows; return
+        views of their first ``longest + 1`` positions (no copy)."""
+        keys, values = shared.keys[block], shared.values[block]
+        if self._common is not None:  # every row at the same position (sessions that started together)
+            keys[:, :, self._common : self._common + 1] = key_states
+            values[:, :, self._common : self._common + 1] = value_states
+        else:
+            if self._positions.device != keys.device:
+                self._row_index, self._positions = self._row_index.to(keys.device), self._positions.to(keys.device)
+            keys[self._row_index, :, self._positions] = key_states[:, :, 0]
+            values[self._row_index, :, self._positions] = value_states[:, :, 0]
+        return keys[:, :, : self.keys], values[:, :, : self.keys]
 
 
 def run_rows(
@@ -96,11 +127,15 @@ def run_rows(
         raise ValueError(
             f"sessions at positions of different batch groups {sorted(map(str, groups))} cannot share a step"
         )
+    order = list(range(len(caches)))  # the step's sessions in row order
+    shared = _shared_rows(caches, [x.shape[0] for x in inputs])
+    if shared is not None:
+        place = {id(cache): i for i, cache in enumerate(caches)}
+        order = [place[id(cache)] for cache in shared.caches]
+    inputs, caches = [inputs[i] for i in order], [caches[i] for i in order]
     hidden = torch.cat(inputs, dim=0)  # [rows, 1, hidden]
-    rows = RowsCache(caches)
-    held: list[int] = []  # tokens each row's session holds: the position of its new token
-    for x, cache in zip(inputs, caches, strict=True):
-        held += [cache.length] * x.shape[0]
+    rows = RowsCache(caches, shared)
+    held = rows.held  # tokens each row's session holds: the position of its new token
     positions = torch.tensor(held, device=hidden.device)[:, None]  # [rows, 1]
     blocks = range(start, end)
     masks = row_masks(span.config, held, blocks, hidden.dtype, hidden.device)
@@ -118,4 +153,31 @@ def run_rows(
         raise
     for cache in caches:
         cache.end_step()
-    return list(torch.split(hidden, [x.shape[0] for x in inputs], dim=0))
+    outs = torch.split(hidden, [x.shape[0] for x in inputs], dim=0)
+    by_session: list[torch.Tensor] = [hidden] * len(outs)
+    for i, out in zip(order, outs, strict=True):
+        by_session[i] = out
+    return by_session
+
+
+def _shared_rows(caches: list[SpanCache], rows: list[int]) -> SharedRows | None:
+    """The shared rows this step runs on: the ones ``caches`` already share (grown if they are too short),
+    or new ones if these sessions also stepped together last time; None to copy their keys side by side."""
+    members = frozenset(id(cache) for cache in caches)
+    repeated = all(cache.last_batch == members for cache in caches)
+    for cache in caches:
+        cache.last_batch = members
+    needed = max(cache.length for cache in caches) + 1
+    shared = caches[0].group
+    if shared is not None and shared.holds(caches):
+        if needed <= shared.capacity:
+            return shared
+        held = shared.capacity
+    elif repeated:
+        held = 0
+    else:
+        return None
+    if any(layer.keys is None for cache in caches for layer in cache.span_layers):
+        return None  # a block keeping no keys/values here (a recurrent state): nothing to share
+    capacity = shared_capacity(caches, rows, needed, held)
+    return None if capacity is None else SharedRows(caches, capacity)

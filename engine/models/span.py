@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from corolla.engine.models.family import Family, build_attention_mask, cache_keyword, sliding_window_of
 from corolla.engine.models.recurrent import RecurrentState, check_recurrent_support, is_recurrent_block
 from corolla.engine.models.registry import get_family
+
+if TYPE_CHECKING:
+    from corolla.engine.models.shared_rows import SharedRows
 
 __all__ = ["AdapterChoice", "BlockSpan", "SpanCache", "SpanLayerCache", "build_attention_mask", "cache_keyword"]
 
@@ -67,6 +70,9 @@ class SpanLayerCache(CacheLayerMixin):
         end = held + key_states.shape[2]
         keys, values = self.keys, self.values
         if keys is None or values is None or keys.shape[2] < end or keys.shape[0] != key_states.shape[0]:
+            if self._owner.group is not None:  # outgrowing shared rows: every member gets its own storage first
+                self._owner.group.dissolve()
+                keys, values = self.keys, self.values
             capacity = min(self._owner.max_length, max(end, 2 * (keys.shape[2] if keys is not None else 0), 64))
             # Keys and values may differ in their last size (DeepSeek's latent attention stores its compressed
             # keys/values [.., kv_lora_rank] as "keys" and the rotary key part [.., rope_dim] as "values").
@@ -120,6 +126,8 @@ class SpanCache(Cache):
         self._step_began = 0  # length when the last step began (a recurrent state can go back there)
         self.span_layers = [SpanLayerCache(self) for _ in range(num_blocks)]
         self.states: dict[int, RecurrentState] = {}  # by global block index: the linear-attention blocks
+        self.group: SharedRows | None = None  # shared rows its keys/values live in (models/shared_rows.py), if any
+        self.last_batch: frozenset[int] = frozenset()  # the caches (ids) of the last batched step it was in
         super().__init__(layers=list(self.span_layers))
 
     def begin_step(self, new_tokens: int) -> None:
@@ -127,6 +135,8 @@ class SpanCache(Cache):
         if self.length + new_tokens > self.max_length:
             raise ValueError(f"session holds {self.length} tokens, +{new_tokens} exceeds {self.max_length}")
         self.abort_step()  # a step that began and never ended (it raised) leaves nothing behind
+        if self.group is not None and self.length + new_tokens > self.group.capacity:
+            self.group.dissolve()  # its rows are too short for this step: back to storage of its own, which grows
         self._pending = new_tokens
         self._step_began = self.length
         for state in self.states.values():
@@ -139,6 +149,11 @@ class SpanCache(Cache):
             for state in self.states.values():
                 state.restore()
         self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Tokens the step now running appends (0 between steps)."""
+        return self._pending
 
     @property
     def batch_rows(self) -> int | None:

@@ -18,6 +18,7 @@ from corolla.engine.config import ServerConfig
 from corolla.engine.errors import CacheFullError, ProtocolError, SessionClosedError
 from corolla.engine.models.batched import run_rows
 from corolla.engine.models.cache_size import state_cache_bytes, token_cache_bytes
+from corolla.engine.models.shared_rows import SharedRows
 from corolla.engine.models.span import BlockSpan, SpanCache
 from corolla.engine.server.compute_queue import Batchable, ComputeThread, Priority
 from corolla.engine.server.kv_cache import CacheBudget, cache_bytes_per_token, session_cache_bytes
@@ -100,6 +101,9 @@ class SpanBackend:
             cfg.max_tokens_in_flight_per_group,
         )
         self._lock = threading.Lock()
+        # Shared rows (models/shared_rows.py) of closed sessions: the compute thread frees them before its next job
+        # that touches a cache, so closed sessions' rows never outlive their reservation in memory.
+        self._rows_to_free: list[SharedRows] = []
         # One compute thread: requests run one at a time on the device, inference steps first, peers in turn.
         self._compute = ComputeThread()
 
@@ -249,14 +253,28 @@ class SpanBackend:
         logger.info("closed session …%s of %s: %s", session.session_id[-6:], session.peer[-6:], reason)
         session.closed_because = reason
         if self.sessions.pop(session.session_id, None) is not None:
-            self.budget.release(session.reserved_bytes)
+            self._release(session)
 
     def close_session(self, session: ServerSession) -> None:
         """Free a session's cache reservation (idempotent)."""
         with self._lock:
             if self.sessions.get(session.session_id) is session:
                 del self.sessions[session.session_id]
-                self.budget.release(session.reserved_bytes)
+                self._release(session)
+
+    def _release(self, session: ServerSession) -> None:
+        """Give back a closed session's reservation (lock held); rows it shares are freed by the compute thread."""
+        self.budget.release(session.reserved_bytes)
+        if session.cache.group is not None:
+            self._rows_to_free.append(session.cache.group)
+
+    def _free_closed_rows(self) -> None:
+        """Give the other sessions of closed sessions' shared rows storage of their own (compute thread, before a
+        job that touches a cache: no forward is running)."""
+        with self._lock:
+            stale, self._rows_to_free = self._rows_to_free, []
+        for rows in stale:
+            rows.dissolve()
 
     def cache_tokens_left(self) -> int:
         """How many more tokens (one sequence over the whole span) the cache budget could hold."""
@@ -411,6 +429,7 @@ class SpanBackend:
         """Compute positions ``at..`` of the session (compute thread). With ``keep`` (name, first position and
         earlier outputs of the block this job completes), put the block into the prefix cache."""
         self._check_not_reclaimed(session)
+        self._free_closed_rows()
         with torch.inference_mode():
             session.cache.truncate(at)
             out = self.span(part, session.cache, start=session.start, end=session.end, adapter=session.adapter)
@@ -431,6 +450,7 @@ class SpanBackend:
         """Append the last ``n`` positions of a cached block to the session at ``at`` (compute thread); return
         their outputs. Appended in the pieces computing them would append, so the cache grows the same way."""
         self._check_not_reclaimed(session)
+        self._free_closed_rows()
         cache = session.cache
         size = block.outputs.shape[1]
         offset = size - n
@@ -575,6 +595,7 @@ class SpanBackend:
         """One token of each session (all over the same blocks) in one forward (runs on the compute thread)."""
         for s, _, _ in steps:
             self._check_not_reclaimed(s)
+        self._free_closed_rows()
         session = steps[0][0]  # every step of a batch has its blocks and adapter (the batch key)
         with torch.inference_mode():
             for s, position, _ in steps:

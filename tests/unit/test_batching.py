@@ -12,6 +12,7 @@ import torch
 from corolla.engine.apps.tiny_models import FAMILY_TEST_OVERRIDES, tiny_config
 from corolla.engine.config import ServerConfig
 from corolla.engine.errors import ProtocolError, SessionClosedError
+from corolla.engine.models import shared_rows
 from corolla.engine.models.batched import run_rows
 from corolla.engine.models.registry import get_family
 from corolla.engine.models.span import BlockSpan, SpanCache
@@ -72,6 +73,65 @@ def test_batched_decode_equals_one_by_one(case: str) -> None:
             diff = (out - expected[i]).abs().max().item()
             assert diff < ATOL, f"{case}: session {i} step {step} differs by {diff}"
             assert together[i].length == alone[i].length
+
+
+# Per step: the sessions that decode together, then what one session does on its own before the next step.
+SHARED_SCHEDULE: list[tuple[list[int], tuple[str, int] | None]] = [
+    ([0, 1, 2, 3], None),
+    ([0, 1, 2, 3], None),  # the same sessions again: they move into shared rows
+    ([3, 2, 1, 0], ("prompt", 0)),  # any order; then session 0 runs 3 tokens alone, in its rows (or grows out)
+    ([0, 1, 2, 3], ("rewind", 1)),  # session 1 then goes back 2 tokens (a resent step)
+    ([0, 1, 2, 3], None),
+    ([0, 1, 2], None),  # session 3 leaves: the others form new rows at the next step, 3 gets its own storage
+    ([0, 1, 2], None),
+    ([0, 1, 2, 3], None),  # it comes back
+    ([0, 1, 2, 3], None),
+    ([0, 1, 2, 3], None),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(CASES))
+@torch.inference_mode()
+def test_sessions_in_shared_rows_decode_as_one_by_one(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions sharing rows (joining, leaving, rewinding, running prompts alone, outgrowing the rows) decode
+    exactly as on their own."""
+    monkeypatch.setattr(shared_rows, "MIN_CAPACITY", 4)  # rows that the steps below outgrow
+    family, overrides = CASES[case]
+    config = tiny_config(family, **overrides)
+    span = random_span(config, 1, 4)
+    hidden = config.hidden_size
+    alone = [SpanCache(1, 3, 40) for _ in SESSIONS]
+    together = [SpanCache(1, 3, 40) for _ in SESSIONS]
+    for (batch, length), a, b in zip(SESSIONS, alone, together, strict=True):
+        prompt = torch.randn(batch, length, hidden)
+        assert torch.equal(span(prompt, a), span(prompt, b))
+    shared_steps = 0
+    for step, (members, then) in enumerate(SHARED_SCHEDULE):
+        tokens = {i: torch.randn(SESSIONS[i][0], 1, hidden) for i in members}
+        expected = {i: span(tokens[i], alone[i]) for i in members}
+        groups: dict[object, list[int]] = {}
+        for i in members:
+            alone_key = i if together[i].recurrent else None
+            groups.setdefault((span.family.batch_group(config, together[i].length), alone_key), []).append(i)
+        for group in groups.values():
+            outs = run_rows(span, [tokens[i] for i in group], [together[i] for i in group], 1, 4)
+            shared_steps += together[group[0]].group is not None
+            for i, out in zip(group, outs, strict=True):
+                diff = (out - expected[i]).abs().max().item()
+                assert diff < ATOL, f"{case}: session {i} step {step} differs by {diff}"
+                assert together[i].length == alone[i].length
+        if then is not None:
+            what, i = then
+            if what == "prompt":
+                x = torch.randn(SESSIONS[i][0], 3, hidden)
+                assert (span(x, together[i]) - span(x, alone[i])).abs().max().item() < ATOL
+            else:
+                for cache in (together[i], alone[i]):
+                    if cache.can_rewind(cache.length - 2):
+                        cache.truncate(cache.length - 2)
+    if not any(cache.recurrent for cache in together):
+        assert shared_steps > 0  # the schedule did run steps on shared rows
 
 
 @torch.inference_mode()
@@ -151,18 +211,30 @@ def decode_two_sessions_queued_together(
 
 
 @torch.inference_mode()
-def test_batched_step_writes_into_each_sessions_own_storage() -> None:
-    """No step reallocates a session's cache once it has room: the keys stay in the same storage."""
+def test_sessions_stepping_together_again_share_rows_and_steps_copy_nothing() -> None:
+    """The first batched step copies; from the second one on the sessions' keys are rows of one tensor per block,
+    which no later step reallocates (each step writes its keys in place)."""
     config = tiny_config("llama")
     span = random_span(config, 0, 2)
     caches = [SpanCache(0, 2, 64) for _ in range(3)]
     for i, cache in enumerate(caches):
         span(torch.randn(1, 2 + i, config.hidden_size), cache)
+    own = [cache.span_layers[0].keys.data_ptr() for cache in caches]  # type: ignore[union-attr]
+    run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 0, 2)
+    assert [cache.span_layers[0].keys.data_ptr() for cache in caches] == own  # type: ignore[union-attr]
+    assert all(cache.group is None for cache in caches)
+    run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 0, 2)
+    shared = caches[0].group
+    assert shared is not None and all(cache.group is shared for cache in caches)
+    for block in range(2):
+        for cache, part in zip(caches, shared.rows, strict=True):
+            keys = cache.span_layers[block].keys
+            assert keys is not None and keys.data_ptr() == shared.keys[block][part].data_ptr()
     storage = [cache.span_layers[0].keys.data_ptr() for cache in caches]  # type: ignore[union-attr]
-    for _ in range(5):
-        run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches], caches, 0, 2)
+    for _ in range(4):
+        run_rows(span, [torch.randn(1, 1, config.hidden_size) for _ in caches][::-1], caches[::-1], 0, 2)
     assert [cache.span_layers[0].keys.data_ptr() for cache in caches] == storage  # type: ignore[union-attr]
-    assert [cache.length for cache in caches] == [7, 8, 9]
+    assert [cache.length for cache in caches] == [8, 9, 10]
 
 
 @torch.inference_mode()
@@ -363,3 +435,52 @@ def test_one_message_of_many_sessions_equals_their_own_steps() -> None:
         backend.shutdown()
     assert (got - torch.cat(expected)).abs().max().item() < ATOL
     assert sorted(forwards) == [2, 3]  # 5 rows, batch_rows 3: two forwards, no session split
+
+
+def test_a_closed_sessions_shared_rows_are_freed_and_the_others_decode_on() -> None:
+    """Closing (or the server reclaiming) a session that shares rows frees the rows before the next job; the
+    other sessions keep their tokens in storage of their own and decode as on their own."""
+    config = tiny_config("llama")
+    span = random_span(config, 0, 3)
+    hidden = config.hidden_size
+    backend = SpanBackend(span, config, ServerConfig(batch_rows=8), torch.float32)
+
+    async def scenario() -> None:
+        alone = [backend.open_session(f"a{i}", 0, 3, 16, 1, "A") for i in range(3)]
+        together = [backend.open_session(f"t{i}", 0, 3, 16, 1, "A") for i in range(3)]
+        for i in range(3):
+            prompt = torch.randn(1, 2 + i, hidden)
+            await backend.inference_step(alone[i], 0, prompt)
+            await backend.inference_step(together[i], 0, prompt)
+        for round_ in range(4):
+            members = together if round_ < 2 else together[1:]
+            if round_ == 2:
+                rows = together[0].cache.group
+                assert rows is not None and all(s.cache.group is rows for s in together)
+                backend.close_session(together[0])
+                assert rows.caches  # freed by the compute thread, not here
+            tokens = torch.randn(len(members), 1, hidden)
+            got = await backend.decode_steps([(s, s.cache.length) for s in members], tokens)
+            if round_ == 2:
+                assert not rows.caches and all(s.cache.group is None for s in together)
+            first = len(together) - len(members)
+            for k, s in enumerate(alone[first:]):
+                expected = await backend.inference_step(s, s.cache.length, tokens[k : k + 1])
+                assert (got[k : k + 1] - expected).abs().max().item() < ATOL
+        rows = together[1].cache.group  # the sessions left share new rows from their second step together on
+        assert rows is not None and rows.holds([s.cache for s in together[1:]])
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.shutdown()
+
+
+def test_shared_rows_never_take_more_than_the_sessions_reserved() -> None:
+    """Rows x positions stay within the sessions' max_length x batch sizes; rows that cannot are not shared."""
+    caches = [SpanCache(0, 1, 100), SpanCache(0, 1, 20)]  # batch sizes 1 and 3: 100 + 60 = 160 positions
+    assert shared_rows.shared_capacity(caches, [1, 3], needed=10) == 40  # 4 rows x 40 = 160
+    assert shared_rows.shared_capacity(caches, [1, 3], needed=41) is None  # the short session's rows cannot grow
+    big = [SpanCache(0, 1, 4096), SpanCache(0, 1, 4096)]
+    assert shared_rows.shared_capacity(big, [1, 1], needed=10) == shared_rows.MIN_CAPACITY
+    assert shared_rows.shared_capacity(big, [1, 1], needed=65, held=64) == 128  # grows by doubling
