@@ -145,8 +145,9 @@ async def audit(
         probed = [p for p in candidates if manager.is_probed(p)]
         record = {p: manager.checks_passed(p) for p in probed}
         pick = choose_auditor(probed, record=record, groups=groups, exclude_groups=heard, rng=rng)
+        probing = manager.probing()  # a silent one holds its probe open: not asked again meanwhile
         untried = untried_auditors(
-            [p for p in candidates if p not in record],
+            [p for p in candidates if p not in record and p not in probing],
             groups=groups,
             exclude_groups=heard,
             rng=rng,

@@ -63,6 +63,7 @@ class SequenceManager:
         self._ping: dict[str, float] = {}  # seconds of an info round trip (network only), from probes
         self._block_s: dict[str, float] = {}  # measured seconds per token per block of one-token steps
         self._probed: set[str] = set()  # servers whose info answer matched their record
+        self._probing: dict[str, int] = {}  # servers with probes under way (how many)
         self._forwarders: set[str] = set()  # probed servers that said they push to next hops (forwarding)
         self._checked: dict[str, int] = {}  # spot checks each server passed
         self._convicted: set[str] = set()  # servers this client caught lying
@@ -212,12 +213,30 @@ class SequenceManager:
             old = self._ping.get(peer_id)
             self._ping[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def unprobed(self, start: int, end: int, exclude: Collection[str], limit: int) -> list[tuple[str, int, int]]:
-        """Up to ``limit`` servers of blocks ``[start, end)`` never probed, the ones the planner favours first.
+    def begin_probe(self, peer_id: str) -> None:
+        """A probe of the server started (see :meth:`probing`); call :meth:`end_probe` when it ends."""
+        with self._lock:
+            self._probing[peer_id] = self._probing.get(peer_id, 0) + 1
 
-        Returns ``(peer_id, span start, span end)``, skipping banned servers and ``exclude``.
+    def end_probe(self, peer_id: str) -> None:
+        """A probe of the server ended, passed or failed."""
+        with self._lock:
+            left = self._probing.pop(peer_id, 0) - 1
+            if left > 0:
+                self._probing[peer_id] = left
+
+    def probing(self) -> set[str]:
+        """Servers whose probe is under way: neither probed nor failed yet (a silent one may take its whole bound)."""
+        with self._lock:
+            return set(self._probing)
+
+    def unprobed(self, start: int, end: int, exclude: Collection[str], limit: int) -> list[tuple[str, int, int]]:
+        """Up to ``limit`` servers of blocks ``[start, end)`` never probed, the ones the planner favours first
+        (equal ones in random order).
+
+        Returns ``(peer_id, span start, span end)``, skipping banned servers, servers being probed and ``exclude``.
         """
-        skip = self.banned() | set(exclude)
+        skip = self.banned() | self.probing() | set(exclude)
         with self._lock:
             spans = [
                 s
@@ -225,7 +244,8 @@ class SequenceManager:
                 if p not in self._probed and p not in skip and s.start < end and s.end > start
             ]
             measured = dict(self._block_s)
-        spans.sort(key=lambda s: (block_seconds(s, measured.get(s.peer_id)), s.peer_id))
+        # ties at random: identities that claim the fastest plausible speed cannot be ground to come first
+        spans.sort(key=lambda s: (block_seconds(s, measured.get(s.peer_id)), self._rng.random()))
         return [(s.peer_id, s.start, s.end) for s in spans[: max(limit, 0)]]
 
     def believed_block_s(self, peer_id: str) -> float:
