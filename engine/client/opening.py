@@ -91,10 +91,11 @@ async def probe(
     are free, addresses are not), so a swarm full of fake or silent identities costs one round of parallel
     probes, not one silence per identity; those that fail are banned and join ``exclude``. They start once
     the route's own servers had a short head start (:func:`head_start`): when those passed within it, the
-    others are probed in the background (found for audits and failover) and this returns at once. When some
-    of them pass and cover the blocks while the route's own probes are still running, this returns without
-    waiting for a silent server (True): the caller plans through probed servers; the probes left running ban
-    their servers if they fail.
+    others are probed in the background (found for audits and failover) and this returns at once. While
+    nobody passes, a further batch starts every head start (:data:`MAX_PROBE_BATCHES` in all). When probed
+    servers (these candidates, or those of an earlier round probed in the background) cover the blocks while
+    the route's own probes are still running, this returns without waiting for a silent server (True): the
+    caller plans through probed servers; the probes left running ban their servers if they fail.
     """
     manager, config = context.manager, context.config
     new = [hop for hop in hops if not manager.is_probed(hop.stream.peer_id)]
@@ -156,9 +157,9 @@ async def probe(
     period = head_start(context)
     raced = False
     while not head_passed and not all(t.done() for t in ours):
-        tasks = [*ours, *theirs]
-        wait = max(0.0, widened_at + period - loop.time()) if batches < MAX_PROBE_BATCHES else None
-        await asyncio.wait([t for t in tasks if not t.done()], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        pending = [t for t in (*ours, *theirs) if not t.done()]
+        wait = max(0.0, widened_at + period - loop.time()) if batches < MAX_PROBE_BATCHES else period
+        await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         if any(t.done() and t.exception() is not None for t in ours):
             # The route fails anyway: give the other candidates a moment (the next plan prefers those that
             # passed), then re-plan.
@@ -166,19 +167,19 @@ async def probe(
             if waiting:
                 await asyncio.wait(waiting, timeout=max(RACE_GRACE_S, loop.time() - began))
             break
-        if not any(t.done() and t.exception() is None for t in theirs):
-            if batches < MAX_PROBE_BATCHES and loop.time() >= widened_at + period:
-                # Nobody passed within the bound (silent identities hold their probes open): more candidates.
-                await widen()
-                batches, widened_at = batches + 1, loop.time()
-            continue
-        waiting = [t for t in ours if not t.done()]
-        if waiting:
-            await asyncio.wait(waiting, timeout=max(RACE_GRACE_S, loop.time() - began))
         silent = {h.stream.peer_id for h, t in zip(new, ours, strict=True) if not t.done()}
         if silent and manager.plan_probed(start, end, exclude | silent, config.active_adapter) is not None:
-            raced = True
-            break
+            # Servers that passed (these candidates, or an earlier round's still probed in the background)
+            # cover the blocks: the route's own get as long again, then the route goes through those.
+            await asyncio.wait([t for t in ours if not t.done()], timeout=max(RACE_GRACE_S, loop.time() - began))
+            silent = {h.stream.peer_id for h, t in zip(new, ours, strict=True) if not t.done()}
+            if silent and manager.plan_probed(start, end, exclude | silent, config.active_adapter) is not None:
+                raced = True
+                break
+        elif batches < MAX_PROBE_BATCHES and loop.time() >= widened_at + period:
+            # Nobody passed within the bound (silent identities hold their probes open): more candidates.
+            await widen()
+            batches, widened_at = batches + 1, loop.time()
     tasks = [*ours, *theirs]
     failed = []
     for i, (hop, task) in enumerate(zip(candidates, tasks, strict=True)):
