@@ -35,6 +35,12 @@ RACE_GRACE_S = 0.05
 """Seconds the route's own probes get, at least, once other candidates passed theirs (then as long again as
 the probing took so far) before the route is planned through servers already probed instead."""
 
+HEAD_START_S = 0.25
+"""Seconds at most the route's own servers are probed alone (see :func:`head_start`); as long again, each
+further batch of candidates waits for one of the running probes to pass before the next batch starts."""
+MAX_PROBE_BATCHES = 4
+"""Batches of other candidates probed at most for one route (the route's own probes bound the rest)."""
+
 _BACKGROUND: set[asyncio.Task[None]] = set()  # probes left running by a race (each bounded by its timeout)
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,13 @@ def probe_timeout(context: ClientContext) -> float:
     if typical is None:
         return config.connect_timeout
     return silent_bound(typical, 0, 0, 0.0, floor_s=config.stall_timeout, ceiling_s=config.connect_timeout)
+
+
+def head_start(context: ClientContext) -> float:
+    """Seconds the route's own servers get to pass their probes before other candidates are probed beside them:
+    twice the median round trip measured so far, at least :data:`RACE_GRACE_S`, at most :data:`HEAD_START_S`."""
+    typical = context.manager.typical_ping()
+    return HEAD_START_S if typical is None else min(HEAD_START_S, max(RACE_GRACE_S, 2 * typical))
 
 
 def _ban_if_failed(context: ClientContext, task: asyncio.Task[None]) -> None:
@@ -74,28 +87,25 @@ async def probe(
     model and a span that holds the hop's blocks (a record alone is a claim anyone could make), and ran one
     real one-token step within the probe's time bound (``challenge.py``: a server that answers info but
     never serves inference fails here). Up to :data:`PROBE_BATCH` other unprobed servers of the same blocks
-    are probed at the same time, at most ``probe_per_group`` of any address group the client is connected to
-    (identities are free, addresses are not), so a swarm full of fake or silent identities costs one round of
-    parallel probes, not one silence per identity; those that fail are banned and join ``exclude``. When some
-    of them pass and cover the blocks while the route's own probes are still running, this returns without
-    waiting for a silent server (True): the caller plans through probed servers; the probes left running ban
-    their servers if they fail.
+    are probed too, at most ``probe_per_group`` of any address group the client is connected to (identities
+    are free, addresses are not), so a swarm full of fake or silent identities costs one round of parallel
+    probes, not one silence per identity; those that fail are banned and join ``exclude``. They start once
+    the route's own servers had a short head start (:func:`head_start`): when those passed within it, the
+    others are probed in the background (found for audits and failover) and this returns at once. While
+    nobody passes, a further batch starts every head start (:data:`MAX_PROBE_BATCHES` in all). When probed
+    servers (these candidates, or those of an earlier round probed in the background) cover the blocks while
+    the route's own probes are still running, this returns without waiting for a silent server (True): the
+    caller plans through probed servers; the probes left running ban their servers if they fail.
     """
     manager, config = context.manager, context.config
     new = [hop for hop in hops if not manager.is_probed(hop.stream.peer_id)]
     if not new:
         return [], False
-    route_peers = {h.stream.peer_id for h in hops}
-    others = manager.unprobed(start, end, exclude | route_peers, 4 * PROBE_BATCH)
-    groups = await observed_groups(context)
-    keep = cap_per_group([p for p, _, _ in others], groups, config.probe_per_group)[: PROBE_BATCH - len(new)]
-    spans = {p: (s, e) for p, s, e in others}
-    extra = [Hop(HopStream(p, max(start, spans[p][0]), min(end, spans[p][1]))) for p in keep]
-    candidates = [*new, *extra]
     timeout = probe_timeout(context)
 
     async def probe_one(hop: Hop) -> None:
         peer = hop.stream.peer_id
+        manager.begin_probe(peer)
         try:
             async with asyncio.timeout(timeout):
                 began = time.perf_counter()
@@ -111,17 +121,45 @@ async def probe(
             raise PeerUnavailableError(
                 peer, f"it did not answer its probe (info and a one-token step) within {timeout:.1f} s"
             ) from e
+        finally:
+            manager.end_probe(peer)
         manager.record_probe(peer, ping)
         if info.get("forwarding") is True:  # servers of older versions relay through the client only
             manager.note_forwarder(peer)
 
-    tasks = [asyncio.ensure_future(probe_one(hop)) for hop in candidates]
-    ours, theirs = tasks[: len(new)], tasks[len(new) :]
+    ours = [asyncio.ensure_future(probe_one(hop)) for hop in new]
     loop = asyncio.get_running_loop()
     began = loop.time()
+    # The route's own servers get a head start: when they pass within it, the other candidates are probed in
+    # the background (for audits and failover) instead of competing with them for this client's daemon.
+    await asyncio.wait(ours, timeout=head_start(context))
+    head_passed = all(t.done() and t.exception() is None for t in ours)
+    route_peers = {h.stream.peer_id for h in hops}
+    candidates = list(new)
+    theirs: list[asyncio.Task[None]] = []
+
+    async def widen() -> None:
+        """Probe up to :data:`PROBE_BATCH` more candidates (never probed nor being probed) beside those running."""
+        room = PROBE_BATCH - len(new) if len(candidates) == len(new) else PROBE_BATCH
+        tried = [h.stream.peer_id for h in candidates[len(new) :]]
+        others = manager.unprobed(start, end, exclude | route_peers | set(tried), 4 * PROBE_BATCH)
+        groups = await observed_groups(context)
+        # the candidates of earlier batches count towards their group's cap
+        capped = cap_per_group([*tried, *(p for p, _, _ in others)], groups, config.probe_per_group)
+        keep = [p for p in capped if p not in tried][:room]
+        spans = {p: (s, e) for p, s, e in others}
+        extra = [Hop(HopStream(p, max(start, spans[p][0]), min(end, spans[p][1]))) for p in keep]
+        candidates.extend(extra)
+        theirs.extend(asyncio.ensure_future(probe_one(hop)) for hop in extra)
+
+    await widen()
+    batches, widened_at = 1, loop.time()
+    period = head_start(context)
     raced = False
-    while not all(t.done() for t in ours):
-        await asyncio.wait([t for t in tasks if not t.done()], return_when=asyncio.FIRST_COMPLETED)
+    while not head_passed and not all(t.done() for t in ours):
+        pending = [t for t in (*ours, *theirs) if not t.done()]
+        wait = max(0.0, widened_at + period - loop.time()) if batches < MAX_PROBE_BATCHES else period
+        await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         if any(t.done() and t.exception() is not None for t in ours):
             # The route fails anyway: give the other candidates a moment (the next plan prefers those that
             # passed), then re-plan.
@@ -129,15 +167,20 @@ async def probe(
             if waiting:
                 await asyncio.wait(waiting, timeout=max(RACE_GRACE_S, loop.time() - began))
             break
-        if not any(t.done() and t.exception() is None for t in theirs):
-            continue
-        waiting = [t for t in ours if not t.done()]
-        if waiting:
-            await asyncio.wait(waiting, timeout=max(RACE_GRACE_S, loop.time() - began))
         silent = {h.stream.peer_id for h, t in zip(new, ours, strict=True) if not t.done()}
         if silent and manager.plan_probed(start, end, exclude | silent, config.active_adapter) is not None:
-            raced = True
-            break
+            # Servers that passed (these candidates, or an earlier round's still probed in the background)
+            # cover the blocks: the route's own get as long again, then the route goes through those.
+            await asyncio.wait([t for t in ours if not t.done()], timeout=max(RACE_GRACE_S, loop.time() - began))
+            silent = {h.stream.peer_id for h, t in zip(new, ours, strict=True) if not t.done()}
+            if silent and manager.plan_probed(start, end, exclude | silent, config.active_adapter) is not None:
+                raced = True
+                break
+        elif batches < MAX_PROBE_BATCHES and loop.time() >= widened_at + period:
+            # Nobody passed within the bound (silent identities hold their probes open): more candidates.
+            await widen()
+            batches, widened_at = batches + 1, loop.time()
+    tasks = [*ours, *theirs]
     failed = []
     for i, (hop, task) in enumerate(zip(candidates, tasks, strict=True)):
         if not task.done():

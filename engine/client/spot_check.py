@@ -31,12 +31,19 @@ from corolla.engine.routing.trust import (
     judge,
     settled,
     silent_bound,
+    untried_auditors,
 )
 
 logger = logging.getLogger(__name__)
 
 PEERS_TIMEOUT_S = 2.0
 """Seconds to ask the p2p daemon where its connections come from (else every peer is its own group)."""
+AUDIT_RACE = 3
+"""Replicas never probed that are asked at once when no probed replica of another address group is left."""
+AUDIT_RACES = 2
+"""Rounds of such replicas per audit at most: many silent identities cost two parallel waits, not one each."""
+AUDIT_GRACE_S = 0.05
+"""Seconds the other replicas of a round get, at least, once one answered (then as long again as it took)."""
 
 
 async def recompute(context: ClientContext, route: list[tuple[str, int, int]], x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +123,13 @@ async def audit(
 
     The hop's whole history ``inputs`` [batch, position, hidden] goes through an independent replica in one
     stateless forward (a prefill: far cheaper per token than the decode steps it checks). The replica is
-    never of the server's address group; among the others, one with the longest honest record is picked at
-    random (:func:`~corolla.engine.routing.trust.choose_auditor`). A disagreement asks further replicas of
-    yet other groups until two groups agree (:func:`~corolla.engine.routing.trust.settled`).
+    never of the server's address group; among the others that passed their probe, one with the longest
+    honest record is picked at random (:func:`~corolla.engine.routing.trust.choose_auditor`). When no probed
+    replica qualifies, a few never probed, one per address group, are asked at once
+    (:func:`~corolla.engine.routing.trust.untried_auditors`), at most :data:`AUDIT_RACES` such rounds: a swarm
+    of silent identities costs a couple of parallel waits, not one silence each, and a replica that failed
+    is never asked again while its failure is recent. A disagreement asks further replicas of yet other
+    groups until two groups agree (:func:`~corolla.engine.routing.trust.settled`).
 
     Args:
         context: The client: its routes (replicas of the hop's blocks, records), P2P peer, timeouts.
@@ -149,38 +160,53 @@ async def audit(
     heard = {operator}
     dtypes = {_dtype(manager, server)}
     rel_tol = tolerance(dtypes)
+    untried_rounds = 0  # rounds that asked servers never probed (bounded: AUDIT_RACES)
     while not settled(opinions) and len(opinions) < MAX_OPINIONS:
-        record = {p: manager.checks_passed(p) for p in manager.replicas(start, end, used, adapter=adapter, quant=quant)}
-        pick = choose_auditor(record, record=record, groups=groups, exclude_groups=heard, rng=rng)
+        candidates = manager.replicas(start, end, used, adapter=adapter, quant=quant)
+        probed = [p for p in candidates if manager.is_probed(p)]
+        record = {p: manager.checks_passed(p) for p in probed}
+        pick = choose_auditor(probed, record=record, groups=groups, exclude_groups=heard, rng=rng)
+        probing = manager.probing()  # a silent one holds its probe open: not asked again meanwhile
+        untried = untried_auditors(
+            [p for p in candidates if p not in record and p not in probing],
+            groups=groups,
+            exclude_groups=heard,
+            rng=rng,
+            limit=min(AUDIT_RACE, MAX_OPINIONS - len(opinions)),
+        )
         if pick is not None:
-            route = [(pick, start, end)]
+            routes = [[(pick, start, end)]]
+        elif untried and untried_rounds < AUDIT_RACES:
+            untried_rounds += 1
+            routes = [[(p, start, end)] for p in untried]
         else:  # no single server of another group holds the whole hop: a route of several, if any
             hops = manager.plan_replica(start, end, exclude=used, adapter=adapter, quant=quant)
             if hops is None or any(groups.get(h.peer_id, h.peer_id) in heard for h in hops):
                 break
-            route = [(h.peer_id, h.start, h.end) for h in hops]
-        peers = tuple(p for p, _, _ in route)
-        used.update(peers)
-        try:
-            full = await recompute(context, route, inputs)
-        except PeerError as e:  # a replica that fails is no opinion; try another
-            culprit = e.peer_id if e.peer_id in peers else peers[0]
-            manager.ban(culprit, f"audit: {e}")
-            continue
-        groups = await peer_groups(context)  # now connected: where the replica really is
-        who = "+".join(sorted({groups.get(p, p) for p in peers}))
-        if any(groups.get(p, p) in heard for p in peers):
-            logger.debug("audit of %s: %s shares an address group already heard", short_peer(server), who)
-            continue  # one operator's second opinion is no opinion
-        heard.update(groups.get(p, p) for p in peers)
-        dtypes.update(_dtype(manager, p) for p in peers)
-        mine = full[:, -n:]
-        rel_tol = tolerance(dtypes)
-        group = next((g for g, seen in enumerate(outputs) if outputs_agree(mine, seen, rel_tol)), None)
-        if group is None:
-            outputs.append(mine)
-            group = len(outputs) - 1
-        opinions.append(Opinion(peers, group, who))
+            if not all(manager.is_probed(h.peer_id) for h in hops):
+                if untried_rounds >= AUDIT_RACES:
+                    break
+                untried_rounds += 1
+            routes = [[(h.peer_id, h.start, h.end) for h in hops]]
+        for route in routes:
+            used.update(p for p, _, _ in route)
+        answers = await _first_answers(context, routes, inputs)
+        if answers:
+            groups = await peer_groups(context)  # now connected: where the replicas really are
+        for peers, full in answers:
+            who = "+".join(sorted({groups.get(p, p) for p in peers}))
+            if any(groups.get(p, p) in heard for p in peers):
+                logger.debug("audit of %s: %s shares an address group already heard", short_peer(server), who)
+                continue  # one operator's second opinion is no opinion
+            heard.update(groups.get(p, p) for p in peers)
+            dtypes.update(_dtype(manager, p) for p in peers)
+            mine = full[:, -n:]
+            rel_tol = tolerance(dtypes)
+            group = next((g for g, seen in enumerate(outputs) if outputs_agree(mine, seen, rel_tol)), None)
+            if group is None:
+                outputs.append(mine)
+                group = len(outputs) - 1
+            opinions.append(Opinion(peers, group, who))
     judgement = judge(opinions)
     logger.debug(
         "audit of %s on %d:%d, %d steps: %s (%d opinions)",
@@ -209,6 +235,42 @@ def _any_replica(
     if manager.replicas(start, end, used, adapter=adapter, quant=quant):
         return True
     return manager.plan_replica(start, end, exclude=used, adapter=adapter, quant=quant) is not None
+
+
+async def _first_answers(
+    context: ClientContext, routes: list[list[tuple[str, int, int]]], inputs: torch.Tensor
+) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """Recompute ``inputs`` through every route at once; the answers of those that answered by the time the
+    first did, plus a grace as long again (at least :data:`AUDIT_GRACE_S`): a silent replica holds the audit
+    no longer than its bound, and only when no other answers. A replica that fails is banned (no opinion)."""
+    manager = context.manager
+    tasks = [asyncio.ensure_future(recompute(context, route, inputs)) for route in routes]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        pending = set(tasks)
+        while pending and not any(t.done() and t.exception() is None for t in tasks):
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            await asyncio.wait(pending, timeout=max(AUDIT_GRACE_S, loop.time() - began))
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op for those done
+        await asyncio.gather(*tasks, return_exceptions=True)
+    answers = []
+    for route, task in zip(routes, tasks, strict=True):
+        peers = tuple(p for p, _, _ in route)
+        if task.cancelled():
+            continue  # still computing when others had answered: no opinion, no blame
+        error = task.exception()
+        if isinstance(error, PeerError):  # a replica that fails is no opinion
+            culprit = error.peer_id if error.peer_id in peers else peers[0]
+            manager.ban(culprit, f"audit: {error}")
+        elif error is not None:
+            raise error
+        else:
+            answers.append((peers, task.result()))
+    return answers
 
 
 def _dtype(manager: SequenceManager, peer: str) -> str:

@@ -59,6 +59,20 @@ async def _read(dht: hivemind.DHT, node: DHTNode, keys: list[str], latest: bool)
     return out
 
 
+async def _read_opened(
+    dht: hivemind.DHT, node: DHTNode, keys: list[str], latest: bool
+) -> dict[str, dict[str, tuple[dict[str, Any], float]]]:
+    # Opened here, in the DHT's process, whose record validator has just checked these very signatures as
+    # they came in (each is checked once per process, see signing.py): the caller gets plain values.
+    raw = await _read(dht, node, keys, latest)
+    out: dict[str, dict[str, tuple[dict[str, Any], float]]] = {}
+    for key, entries in raw.items():
+        kid = key_id(key)
+        opened = {peer: (open_envelope(kid, peer, value, exp), exp) for peer, (value, exp) in entries.items()}
+        out[key] = {peer: (value, exp) for peer, (value, exp) in opened.items() if value is not None}
+    return out
+
+
 def announce_span(
     dht: hivemind.DHT, model: str, identity: PeerIdentity, record: ServerRecord, ttl: float, timeout: float = 30.0
 ) -> int:
@@ -92,15 +106,16 @@ def read_records(
     With ``latest`` (the default: every caller decides something by who is online) the values come
     from the peers storing them, not from this node's cache. Malformed values (from a buggy or
     hostile peer) are skipped, never raised, and so is every value its peer id did not sign for this
-    block and expiration (see ``signing.py``).
+    block and expiration (see ``signing.py``; checked in the DHT's process, which holds the signatures
+    its validator checked as they arrived).
     """
     keys = [block_key(model, i) for i in blocks]
-    future = dht.run_coroutine(functools.partial(_read, keys=keys, latest=latest), return_future=True)
+    future = dht.run_coroutine(functools.partial(_read_opened, keys=keys, latest=latest), return_future=True)
     raw: dict[str, dict[str, Any]] = future.result(timeout=timeout)
     out: dict[int, dict[str, ServerRecord]] = {i: {} for i in blocks}
     for i, key in zip(blocks, keys, strict=True):
-        for peer_id, (envelope, expiration) in raw.get(key, {}).items():
-            record = ServerRecord.from_dht(open_envelope(key_id(key), peer_id, envelope, expiration))
+        for peer_id, (value, _) in raw.get(key, {}).items():
+            record = ServerRecord.from_dht(value)
             if record is not None and record.start <= i < record.end:
                 out[i][peer_id] = record
     if not any(out.values()):

@@ -12,7 +12,7 @@ from typing import Any
 
 from corolla.engine.config import ClientConfig
 from corolla.engine.dht.announce import read_records
-from corolla.engine.dht.records import ServerState
+from corolla.engine.dht.records import ServerRecord, ServerState
 from corolla.engine.errors import MissingBlocksError, NoRouteError, short_peer
 from corolla.engine.routing.exact import exact_spans
 from corolla.engine.routing.planner import (
@@ -27,6 +27,9 @@ from corolla.engine.routing.spans import RemoteSpan, spans_from_records
 from corolla.engine.routing.trust import ban_seconds, believed_block_seconds
 
 logger = logging.getLogger(__name__)
+
+FIRST_READ_FRESH_S = 2.0
+"""Seconds a first, partial read of the swarm (:meth:`SequenceManager.first_read`) counts as up to date."""
 
 
 @dataclass
@@ -63,6 +66,7 @@ class SequenceManager:
         self._ping: dict[str, float] = {}  # seconds of an info round trip (network only), from probes
         self._block_s: dict[str, float] = {}  # measured seconds per token per block of one-token steps
         self._probed: set[str] = set()  # servers whose info answer matched their record
+        self._probing: dict[str, int] = {}  # servers with probes under way (how many)
         self._forwarders: set[str] = set()  # probed servers that said they push to next hops (forwarding)
         self._checked: dict[str, int] = {}  # spot checks each server passed
         self._convicted: set[str] = set()  # servers this client caught lying
@@ -83,16 +87,47 @@ class SequenceManager:
             self._spans = spans
             self._updated = time.monotonic()
 
+    def first_read(self) -> None:
+        """Read only the blocks a first route needs: block 0's servers, then the first block their spans do
+        not reach, and so on (one DHT get per step; one in all when servers hold whole spans).
+
+        A fresh client's first token waits for this read, and every record costs a signature check: a swarm
+        where each of 50 identities announces under every block makes a full read ~6x the records of this
+        one. The read counts as fresh for :data:`FIRST_READ_FRESH_S` only: a plan after that re-reads every
+        block in the background (a plan that finds blocks missing re-reads them at once, as always).
+        """
+        records: dict[int, dict[str, ServerRecord]] = {}
+        block = 0
+        while block < self.num_blocks and len(records) < self.num_blocks:
+            records.update(read_records(self.dht, self.model, [block], timeout=self.config.request_timeout))
+            spans = spans_from_records(records, num_blocks=self.num_blocks, states=(ServerState.ONLINE,))
+            reach = max((s.end for s in spans.values() if s.start <= block < s.end), default=block)
+            if reach <= block:  # nobody serves it: plans raise MissingBlocksError and re-read every block
+                break
+            block = reach
+        spans = spans_from_records(records, num_blocks=self.num_blocks, states=(ServerState.ONLINE,))
+        if self.config.require_exact:
+            spans = exact_spans(spans)
+        with self._lock:
+            self._spans = spans
+            # partial: a plan from FIRST_READ_FRESH_S on re-reads every block (in the background, after the
+            # first token rather than beside it)
+            self._updated = (
+                time.monotonic() - self.config.update_period + min(FIRST_READ_FRESH_S, self.config.update_period)
+            )
+
     def _refresh_if_stale(self, *, may_wait: bool = True) -> bool:
-        """Re-read the swarm if the last read is older than ``update_period``: at once before the first plan
-        (or with ``update_period`` 0), else in the background while this plan uses the last read, so a
-        session's first token does not wait for a DHT read (a route that fails re-reads at once anyway).
+        """Re-read the swarm if the last read is older than ``update_period``: before the first plan only
+        the blocks a route needs (:meth:`first_read`; every block with ``update_period`` 0), else in the
+        background while this plan uses the last read, so a session's first token does not wait for a full
+        DHT read (a route that fails re-reads at once anyway).
 
         Returns False, reading nothing, when a read at once is due and ``may_wait`` is False.
         """
         with self._lock:
             if time.monotonic() - self._updated <= self.config.update_period:
                 return True
+            first = not self._spans and self.config.update_period > 0
             wait = not self._spans or self.config.update_period == 0
             if wait and not may_wait:
                 return False
@@ -100,6 +135,9 @@ class SequenceManager:
                 if self._refreshing:
                     return True
                 self._refreshing = True
+        if first:
+            self.first_read()
+            return True
         if wait:
             self.refresh()
             return True
@@ -218,12 +256,30 @@ class SequenceManager:
             old = self._ping.get(peer_id)
             self._ping[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def unprobed(self, start: int, end: int, exclude: Collection[str], limit: int) -> list[tuple[str, int, int]]:
-        """Up to ``limit`` servers of blocks ``[start, end)`` never probed, the ones the planner favours first.
+    def begin_probe(self, peer_id: str) -> None:
+        """A probe of the server started (see :meth:`probing`); call :meth:`end_probe` when it ends."""
+        with self._lock:
+            self._probing[peer_id] = self._probing.get(peer_id, 0) + 1
 
-        Returns ``(peer_id, span start, span end)``, skipping banned servers and ``exclude``.
+    def end_probe(self, peer_id: str) -> None:
+        """A probe of the server ended, passed or failed."""
+        with self._lock:
+            left = self._probing.pop(peer_id, 0) - 1
+            if left > 0:
+                self._probing[peer_id] = left
+
+    def probing(self) -> set[str]:
+        """Servers whose probe is under way: neither probed nor failed yet (a silent one may take its whole bound)."""
+        with self._lock:
+            return set(self._probing)
+
+    def unprobed(self, start: int, end: int, exclude: Collection[str], limit: int) -> list[tuple[str, int, int]]:
+        """Up to ``limit`` servers of blocks ``[start, end)`` never probed, the ones the planner favours first
+        (equal ones in random order).
+
+        Returns ``(peer_id, span start, span end)``, skipping banned servers, servers being probed and ``exclude``.
         """
-        skip = self.banned() | set(exclude)
+        skip = self.banned() | self.probing() | set(exclude)
         with self._lock:
             spans = [
                 s
@@ -231,7 +287,8 @@ class SequenceManager:
                 if p not in self._probed and p not in skip and s.start < end and s.end > start
             ]
             measured = dict(self._block_s)
-        spans.sort(key=lambda s: (block_seconds(s, measured.get(s.peer_id)), s.peer_id))
+        # ties at random: identities that claim the fastest plausible speed cannot be ground to come first
+        spans.sort(key=lambda s: (block_seconds(s, measured.get(s.peer_id)), self._rng.random()))
         return [(s.peer_id, s.start, s.end) for s in spans[: max(limit, 0)]]
 
     def believed_block_s(self, peer_id: str) -> float:

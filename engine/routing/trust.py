@@ -10,7 +10,9 @@ the swarm simulator (``benchmarks/swarm_simulation.py``), so both route, verify 
 * :func:`should_verify`: which steps get their output recomputed on an independent replica.
 * :func:`audit_due`: when a hop's run of unaudited steps is recomputed (in one stateless forward).
 * :func:`choose_auditor`: which replica recomputes it: never one of the checked server's address group,
-  at random among those with the longest honest record (never "the fastest announced").
+  at random among those with the longest honest record (never "the fastest announced"), and only among
+  replicas that passed their probe; :func:`untried_auditors`: the few unprobed ones asked at once when no
+  probed replica qualifies.
 * :func:`judge`: who lied, from the outputs of independent replicas (two address groups that agree settle it).
 * :func:`silent_bound`: how long to wait for a step before a server counts as silent.
 * :func:`on_this_machine`, :func:`warn_unverified`: whether a hop nobody could check is worth a warning.
@@ -41,6 +43,7 @@ __all__ = [
     "settled",
     "should_verify",
     "silent_bound",
+    "untried_auditors",
     "warn_unverified",
 ]
 
@@ -153,6 +156,39 @@ def choose_auditor(
         return None
     best = max(record.get(p, 0) for p in eligible)
     return rng.choice([p for p in eligible if record.get(p, 0) == best])
+
+
+def untried_auditors(
+    candidates: Collection[str],
+    *,
+    groups: Mapping[str, str],
+    exclude_groups: Collection[str],
+    rng: random.Random,
+    limit: int,
+) -> list[str]:
+    """Replicas never probed to ask at once when no probed one qualifies: at most ``limit``, outside
+    ``exclude_groups``, at most one of any known address group (one operator is one opinion), at random.
+
+    Many cheap identities of one address cost one parallel round, not one silence each; an attacker cannot
+    choose which of them is asked. A peer whose group is unknown (never connected) is its own group.
+
+    Args:
+        candidates: Unprobed peers serving the hop's blocks with the same weights.
+        groups: Each peer's address group, as in :func:`choose_auditor`.
+        exclude_groups: Groups whose opinion is already counted.
+        rng: The caller's generator.
+        limit: Peers asked at most (0: none).
+    """
+    shuffled = sorted(p for p in candidates if groups.get(p, p) not in exclude_groups)
+    rng.shuffle(shuffled)
+    taken: set[str] = set()
+    out: list[str] = []
+    for peer in shuffled:
+        group = groups.get(peer, peer)
+        if group not in taken and len(out) < limit:
+            taken.add(group)
+            out.append(peer)
+    return out
 
 
 class Verdict(Enum):

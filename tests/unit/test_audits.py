@@ -11,7 +11,15 @@ from corolla.engine.client.hops import Hop
 from corolla.engine.client.remote import HopStream
 from corolla.engine.client.text import Rewind, TextStream
 from corolla.engine.routing.groups import address_group, addrs_group
-from corolla.engine.routing.trust import Opinion, Verdict, audit_due, choose_auditor, judge, settled
+from corolla.engine.routing.trust import (
+    Opinion,
+    Verdict,
+    audit_due,
+    choose_auditor,
+    judge,
+    settled,
+    untried_auditors,
+)
 
 
 def test_address_groups_are_slash_24_and_slash_48() -> None:
@@ -52,6 +60,22 @@ def test_auditor_is_never_of_the_checked_group_and_has_the_longest_record() -> N
     assert choose_auditor(["colluder"], record=record, groups=groups, exclude_groups={"A"}, rng=rng) is None
     # A peer whose group is unknown is its own group: never mistaken for a known one.
     assert choose_auditor(["x"], record={}, groups={}, exclude_groups={"A"}, rng=rng) == "x"
+
+
+def test_untried_auditors_are_few_one_per_group_and_random() -> None:
+    # 30 silent identities of one /24 (known once connected), 20 never connected, two honest groups.
+    groups = {f"s{i}": "A" for i in range(30)} | {"h1": "B", "h2": "C", "server": "D"}
+    candidates = [f"s{i}" for i in range(30)] + [f"d{i}" for i in range(20)] + ["h1", "h2"]
+    rng = random.Random(0)
+    seen: Counter[str] = Counter()
+    for _ in range(300):
+        asked = untried_auditors(candidates, groups=groups, exclude_groups={"D", "C"}, rng=rng, limit=3)
+        assert len(asked) == 3 and "h2" not in asked  # a group already heard is never asked
+        assert sum(groups.get(p) == "A" for p in asked) <= 1  # one per known group
+        seen.update(asked)
+    assert seen["h1"] > 10 and len([p for p in seen if p.startswith("d")]) > 10  # at random, not by name
+    assert untried_auditors(["s1", "s2"], groups=groups, exclude_groups={"A"}, rng=rng, limit=3) == []
+    assert untried_auditors(candidates, groups=groups, exclude_groups=(), rng=rng, limit=0) == []
 
 
 def test_one_operator_is_one_opinion() -> None:

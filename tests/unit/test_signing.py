@@ -9,6 +9,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from cryptography.exceptions import InvalidSignature
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
@@ -18,6 +19,7 @@ from corolla.engine.dht.signing import (
     MAX_BODY_BYTES,
     PeerIdentity,
     SignedRecordValidator,
+    VerifiedSignatures,
     key_id,
     open_envelope,
     peer_public_key,
@@ -85,6 +87,33 @@ def test_sealed_record_opens_to_itself(owner: PeerIdentity) -> None:
     opened = open_envelope(key_id(KEY), owner.peer_id, envelope, EXPIRATION)
     assert opened == record()
     assert ServerRecord.from_dht(opened) == ServerRecord.from_dht(record())
+
+
+class CountingKey:
+    """Stands for an Ed25519 public key: counts checks, accepts only the signature b"good"."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def verify(self, signature: bytes, payload: bytes) -> None:
+        self.checks += 1
+        if signature != b"good":
+            raise InvalidSignature
+
+
+def test_a_signature_is_checked_once_per_process_and_failures_are_not_remembered() -> None:
+    verified, key = VerifiedSignatures(capacity=2), CountingKey()
+    for _ in range(3):  # the same value from three DHT peers, then at every refresh
+        verified.verify(key, b"good", b"payload-1")  # type: ignore[arg-type]
+    assert key.checks == 1
+    for _ in range(2):
+        with pytest.raises(InvalidSignature):
+            verified.verify(key, b"bad", b"payload-1")  # type: ignore[arg-type]
+    assert key.checks == 3  # a bad signature is checked (and refused) every time
+    verified.verify(key, b"good", b"payload-2")  # type: ignore[arg-type]
+    verified.verify(key, b"good", b"payload-3")  # type: ignore[arg-type]  # capacity 2: payload-1 forgotten
+    verified.verify(key, b"good", b"payload-1")  # type: ignore[arg-type]
+    assert key.checks == 6
 
 
 def test_unknown_fields_are_kept_for_the_record_to_ignore(owner: PeerIdentity) -> None:
