@@ -13,8 +13,11 @@ Three parts (``--part``):
   (what an auditor recomputes); each step's output is compared with ``outputs_agree`` at the dtype's tolerance,
   in float32, bfloat16 and int8 weights (``--quant int8`` servers; audits only compare servers of one quant).
 * ``swarm``: real server processes in three address groups (127.0.1.1, 127.0.2.1, liar 127.0.3.1): tokens/s of
-  a client with audits off and on (same swarm, alternating), then ``--swarm-runs`` fresh clients each generating
-  50 tokens next to a liar lying on 10% of its steps: caught, and text equal to transformers' greedy.
+  a client with audits off and on (same swarm, alternating), in ``--sets`` sets of ``--rounds`` generations each
+  (the cost per set, then its median and range), with what audits did: how many per 100 tokens, their seconds
+  (they run in the background) and the seconds the generation waited for them; then ``--swarm-runs`` fresh
+  clients each generating 50 tokens next to a liar lying on ``--lie-rate`` of its steps: caught, and text equal
+  to transformers' greedy.
 
 Run: ``.venv/bin/python benchmarks/verification.py`` (all parts; ``--part schedule`` alone takes seconds).
 """
@@ -196,26 +199,48 @@ def swarm(args: argparse.Namespace) -> None:
         try:
             reference = hf_greedy(ids, args.tokens)
             on.generate(ids, max_new_tokens=4, eos_token_id=[])  # both servers' first audits
-            times: dict[str, list[float]] = {"off": [], "on": []}
-            for _ in range(args.rounds):
-                for name, model in (("off", off), ("on", on)):
-                    start = time.perf_counter()
-                    out = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
-                    times[name].append(args.tokens / (time.perf_counter() - start))
-                    assert torch.equal(out, reference), f"audits {name}: output changed"
-            t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
             print(
-                f"  tokens/s, {args.tokens} tokens x {args.rounds} rounds, two honest servers in two groups: audits "
-                f"off {t_off:.1f}, on {t_on:.1f} (cost {1 - t_on / t_off:.1%}); load {_common.load_average()}"
+                f"  tokens/s, {args.tokens} tokens, {args.sets} sets x {args.rounds} rounds (audits off and on "
+                "alternating), two honest servers in two groups:"
+            )
+            costs = []
+            audits = seconds = waited = 0.0
+            for n in range(args.sets):
+                times: dict[str, list[float]] = {"off": [], "on": []}
+                for _ in range(args.rounds):
+                    for name, model in (("off", off), ("on", on)):
+                        with model.inference_session(ids.shape[1] + args.tokens) as session:
+                            start = time.perf_counter()
+                            out = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[], session=session)
+                            times[name].append(args.tokens / (time.perf_counter() - start))
+                        assert torch.equal(out, reference), f"audits {name}: output changed"
+                        if name == "on":
+                            audits += session.checks
+                            seconds += session.pending_audits.seconds
+                            waited += session.pending_audits.waited
+                t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
+                costs.append(1 - t_on / t_off)
+                print(
+                    f"    set {n + 1}: audits off {t_off:.1f}, on {t_on:.1f} (cost {costs[-1]:.1%}); "
+                    f"{_common.load_average()}"
+                )
+            generations = args.sets * args.rounds
+            print(
+                f"  cost of audits: median {statistics.median(costs):.1%}, range {min(costs):.1%} to {max(costs):.1%}; "
+                f"{100 * audits / (generations * args.tokens):.1f} audits per 100 tokens, "
+                f"{1000 * seconds / max(audits, 1):.1f} ms each in the background, the generation waited "
+                f"{1000 * waited / generations:.1f} ms per generation ({waited / max(seconds, 1e-9):.0%} of their time)"
             )
         finally:
             off.close()
             on.close()
+        if args.swarm_runs <= 0:
+            return
         swarm.add_server(
             "0:6",
             wait=True,
             extra_args=["--throughput", "1e6", "--host", "127.0.3.1"],
-            launcher=scheduled_liar(rate=0.1, seed=args.seed),
+            launcher=scheduled_liar(rate=args.lie_rate, seed=args.seed),
         )
         honest = caught = 0
         for run in range(args.swarm_runs):
@@ -231,8 +256,8 @@ def swarm(args: argparse.Namespace) -> None:
             finally:
                 fresh.close()
         print(
-            f"  real swarm, liar lying on 10% of its steps, {args.swarm_runs} fresh clients x 50 tokens: "
-            f"caught {caught}/{args.swarm_runs}, text equal to transformers' greedy {honest}/{args.swarm_runs}"
+            f"  real swarm, liar lying on {args.lie_rate:.0%} of its steps, {args.swarm_runs} fresh clients x 50 "
+            f"tokens: caught {caught}/{args.swarm_runs}, text equal to transformers' greedy {honest}/{args.swarm_runs}"
         )
 
 
@@ -244,7 +269,9 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=50, help="sequences per dtype (tolerance)")
     parser.add_argument("--length", type=int, default=200, help="tokens per sequence (tolerance)")
     parser.add_argument("--tokens", type=int, default=40, help="tokens per timed generation (swarm)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed generations per setting (swarm)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations per setting and set (swarm)")
+    parser.add_argument("--sets", type=int, default=3, help="sets of timed rounds, each giving a cost (swarm)")
+    parser.add_argument("--lie-rate", type=float, default=0.1, help="share of the real liar's steps that lie (swarm)")
     parser.add_argument("--swarm-runs", type=int, default=5, help="fresh clients next to a real liar (swarm)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
