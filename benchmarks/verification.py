@@ -8,10 +8,13 @@ Three parts (``--part``):
   group next to one honest replica. A run is *caught within 50* when the first audit of the liar that covers
   its first lie comes at most 50 of the liar's steps after that lie (the lie's own step counted as 1). The
   spot-check schedule this replaces (only the checked step recomputed, any replica) is simulated for contrast.
-* ``tolerance``: honest recomputation must never look like a lie. A tiny Llama decodes sequences step by step
-  with its attention cache (what a server answers) and the same sequences go through one stateless forward
-  (what an auditor recomputes); each step's output is compared with ``outputs_agree`` at the dtype's tolerance,
-  in float32, bfloat16 and int8 weights (``--quant int8`` servers; audits only compare servers of one quant).
+* ``tolerance``: honest recomputation must never look like a lie. A tiny Llama (``--model smollm2``: SmolLM2's
+  trained weights, whose hidden states have massive-activation dimensions) decodes sequences step by step with
+  its attention cache (what a server answers) and the same sequences go through one stateless forward (what an
+  auditor recomputes); each step's output is compared with ``outputs_agree`` at the dtype's tolerance, in
+  float32, bfloat16, float16 and int8 weights (``--quant int8`` servers; audits only compare servers of one
+  quant), and so are four lies about it (random values of its spread, the attack servers' roll, x1.05, half an
+  RMS added to one element). Distances are given relative to the position's RMS and to RMS + |value|.
 * ``swarm``: real server processes in three address groups (127.0.1.1, 127.0.2.1, liar 127.0.3.1): tokens/s of
   a client with audits off and on (same swarm, alternating), in ``--sets`` sets of ``--rounds`` generations each
   (the cost per set, then its median and range), with what audits did: how many per 100 tokens, their seconds
@@ -128,18 +131,51 @@ def schedule(args: argparse.Namespace) -> None:
         )
 
 
+def _rms_distance(mine: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |mine - ref| / RMS of the position's hidden state (what a tolerance relative to the RMS bounds)."""
+    d, ref = (mine.float() - ref.float()).abs(), ref.float()
+    return float((d / ref.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)).max())
+
+
+def _scaled_distance(mine: torch.Tensor, ref: torch.Tensor) -> float:
+    """max over elements of |mine - ref| / (RMS of the position + |ref| of the element): rounding grows with each
+    value's own magnitude, so an element of a model's massive-activation dimensions gets its own scale."""
+    d, ref = (mine.float() - ref.float()).abs(), ref.float()
+    return float((d / (ref.pow(2).mean(-1, keepdim=True).sqrt() + ref.abs()).clamp_min(1e-6)).max())
+
+
+def _lies(ref: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Lies about an output ``ref`` [1, 1, hidden]: the attack servers' two, and two subtle ones."""
+    ref = ref.float()
+    rms = ref.pow(2).mean(-1, keepdim=True).sqrt()
+    one = ref.clone()
+    one[..., 3] += 0.5 * rms[..., 0]
+    return {
+        "noise": torch.randn(ref.shape, generator=gen) * ref.std(),
+        "roll": ref.roll(1, dims=-1),
+        "x1.05": ref * 1.05,
+        "+0.5 RMS on one": one,
+    }
+
+
 def tolerance(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
+    from corolla.engine.apps.local_swarm import smollm2_checkpoint
     from corolla.engine.apps.tiny_models import make_tiny_checkpoint
     from corolla.engine.client.verify import outputs_agree
     from corolla.engine.client.verify import tolerance as dtype_tolerance
     from corolla.engine.models.quant import quantize_linears
 
-    path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llama", "llama", seed=0)
+    if args.model == "smollm2":
+        path = smollm2_checkpoint()
+    else:
+        path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llama", "llama", seed=0)
+    print(f"  model {args.model}; distances: 'rms' max |d| / RMS, 'scaled' max |d| / (RMS + |x|), per position")
     for name, dtype, quant in (
         ("float32", torch.float32, None),
         ("bfloat16", torch.bfloat16, None),
+        ("float16", torch.float16, None),
         ("int8", torch.float32, "int8"),
     ):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
@@ -148,7 +184,9 @@ def tolerance(args: argparse.Namespace) -> None:
         model.model.norm = torch.nn.Identity()  # the last hidden state is the last block's output, as servers send
         tol = dtype_tolerance({str(dtype).removeprefix("torch.")})
         steps = bad = 0
-        worst = 0.0
+        worst = {"rms": 0.0, "scaled": 0.0}
+        nearest: dict[str, dict[str, float]] = {}  # lie -> distance -> smallest seen
+        caught: dict[str, int] = {}
         gen = torch.Generator().manual_seed(args.seed)
         vocab = int(model.config.vocab_size)
         with torch.inference_mode():
@@ -163,11 +201,22 @@ def tolerance(args: argparse.Namespace) -> None:
                     ref = full[:, t : t + 1]
                     steps += 1
                     bad += not outputs_agree(mine, ref, tol)
-                    scale = ref.float().pow(2).mean().sqrt().clamp_min(1e-6)
-                    worst = max(worst, float((mine.float() - ref.float()).abs().max() / scale))
+                    worst["rms"] = max(worst["rms"], _rms_distance(mine, ref))
+                    worst["scaled"] = max(worst["scaled"], _scaled_distance(mine, ref))
+                    if float(ref.float().abs().max()) == 0:  # an all-zero output: nothing to lie about
+                        continue
+                    for lie, told in _lies(mine, gen).items():
+                        seen = nearest.setdefault(lie, {"rms": float("inf"), "scaled": float("inf")})
+                        seen["rms"] = min(seen["rms"], _rms_distance(told, ref))
+                        seen["scaled"] = min(seen["scaled"], _scaled_distance(told, ref))
+                        caught[lie] = caught.get(lie, 0) + (not outputs_agree(told.to(ref.dtype), ref, tol))
+        lies = "; ".join(
+            f"{lie} {d['rms']:.2e} / {d['scaled']:.2e} (caught {caught[lie]})" for lie, d in nearest.items()
+        )
         print(
-            f"  {name:9s} {steps} checked steps, {bad} beyond tolerance {tol:g} (honest steps that would "
-            f"look like lies); worst difference {worst:.2e} x RMS"
+            f"  {name:9s} {steps} checked steps, {bad} beyond tolerance {tol:g} (honest steps that would look like "
+            f"lies); worst honest distance rms {worst['rms']:.2e}, scaled {worst['scaled']:.2e}; nearest lies "
+            f"(rms / scaled): {lies}"
         )
 
 
@@ -268,6 +317,7 @@ def main() -> None:
     parser.add_argument("--gen-steps", type=int, default=64, help="steps of one simulated generation")
     parser.add_argument("--sequences", type=int, default=50, help="sequences per dtype (tolerance)")
     parser.add_argument("--length", type=int, default=200, help="tokens per sequence (tolerance)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="checkpoint (tolerance)")
     parser.add_argument("--tokens", type=int, default=40, help="tokens per timed generation (swarm)")
     parser.add_argument("--rounds", type=int, default=3, help="timed generations per setting and set (swarm)")
     parser.add_argument("--sets", type=int, default=3, help="sets of timed rounds, each giving a cost (swarm)")
