@@ -8,13 +8,19 @@ Three parts (``--part``):
   group next to one honest replica. A run is *caught within 50* when the first audit of the liar that covers
   its first lie comes at most 50 of the liar's steps after that lie (the lie's own step counted as 1). The
   spot-check schedule this replaces (only the checked step recomputed, any replica) is simulated for contrast.
-* ``tolerance``: honest recomputation must never look like a lie. A tiny Llama decodes sequences step by step
-  with its attention cache (what a server answers) and the same sequences go through one stateless forward
-  (what an auditor recomputes); each step's output is compared with ``outputs_agree`` at the dtype's tolerance,
-  in float32, bfloat16 and int8 weights (``--quant int8`` servers; audits only compare servers of one quant).
+* ``tolerance``: honest recomputation must never look like a lie. A tiny Llama (``--model smollm2``: SmolLM2's
+  trained weights, whose hidden states have massive-activation dimensions) decodes sequences step by step with
+  its attention cache (what a server answers) and the same sequences go through one stateless forward (what an
+  auditor recomputes); each step's output is compared with ``outputs_agree`` at the dtype's tolerance, in
+  float32, bfloat16, float16 and int8 weights (``--quant int8`` servers; audits only compare servers of one
+  quant), and so are four lies about it (random values of its spread, the attack servers' roll, x1.05, half an
+  RMS added to one element). Distances are given relative to the position's RMS and to RMS + |value|.
 * ``swarm``: real server processes in three address groups (127.0.1.1, 127.0.2.1, liar 127.0.3.1): tokens/s of
-  a client with audits off and on (same swarm, alternating), then ``--swarm-runs`` fresh clients each generating
-  50 tokens next to a liar lying on 10% of its steps: caught, and text equal to transformers' greedy.
+  a client with audits off and on (same swarm, alternating), in ``--sets`` sets of ``--rounds`` generations each
+  (the cost per set, then its median and range), with what audits did: how many per 100 tokens, their seconds
+  (they run in the background) and the seconds the generation waited for them; then ``--swarm-runs`` fresh
+  clients each generating 50 tokens next to a liar lying on ``--lie-rate`` of its steps: caught, and text equal
+  to transformers' greedy.
 
 Run: ``.venv/bin/python benchmarks/verification.py`` (all parts; ``--part schedule`` alone takes seconds).
 """
@@ -125,18 +131,51 @@ def schedule(args: argparse.Namespace) -> None:
         )
 
 
+def _rms_distance(mine: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |mine - ref| / RMS of the position's hidden state (what a tolerance relative to the RMS bounds)."""
+    d, ref = (mine.float() - ref.float()).abs(), ref.float()
+    return float((d / ref.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)).max())
+
+
+def _scaled_distance(mine: torch.Tensor, ref: torch.Tensor) -> float:
+    """max over elements of |mine - ref| / (RMS of the position + |ref| of the element): rounding grows with each
+    value's own magnitude, so an element of a model's massive-activation dimensions gets its own scale."""
+    d, ref = (mine.float() - ref.float()).abs(), ref.float()
+    return float((d / (ref.pow(2).mean(-1, keepdim=True).sqrt() + ref.abs()).clamp_min(1e-6)).max())
+
+
+def _lies(ref: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Lies about an output ``ref`` [1, 1, hidden]: the attack servers' two, and two subtle ones."""
+    ref = ref.float()
+    rms = ref.pow(2).mean(-1, keepdim=True).sqrt()
+    one = ref.clone()
+    one[..., 3] += 0.5 * rms[..., 0]
+    return {
+        "noise": torch.randn(ref.shape, generator=gen) * ref.std(),
+        "roll": ref.roll(1, dims=-1),
+        "x1.05": ref * 1.05,
+        "+0.5 RMS on one": one,
+    }
+
+
 def tolerance(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
+    from corolla.engine.apps.local_swarm import smollm2_checkpoint
     from corolla.engine.apps.tiny_models import make_tiny_checkpoint
     from corolla.engine.client.verify import outputs_agree
     from corolla.engine.client.verify import tolerance as dtype_tolerance
     from corolla.engine.models.quant import quantize_linears
 
-    path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llama", "llama", seed=0)
+    if args.model == "smollm2":
+        path = smollm2_checkpoint()
+    else:
+        path = make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llama", "llama", seed=0)
+    print(f"  model {args.model}; distances: 'rms' max |d| / RMS, 'scaled' max |d| / (RMS + |x|), per position")
     for name, dtype, quant in (
         ("float32", torch.float32, None),
         ("bfloat16", torch.bfloat16, None),
+        ("float16", torch.float16, None),
         ("int8", torch.float32, "int8"),
     ):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
@@ -145,7 +184,9 @@ def tolerance(args: argparse.Namespace) -> None:
         model.model.norm = torch.nn.Identity()  # the last hidden state is the last block's output, as servers send
         tol = dtype_tolerance({str(dtype).removeprefix("torch.")})
         steps = bad = 0
-        worst = 0.0
+        worst = {"rms": 0.0, "scaled": 0.0}
+        nearest: dict[str, dict[str, float]] = {}  # lie -> distance -> smallest seen
+        caught: dict[str, int] = {}
         gen = torch.Generator().manual_seed(args.seed)
         vocab = int(model.config.vocab_size)
         with torch.inference_mode():
@@ -160,11 +201,22 @@ def tolerance(args: argparse.Namespace) -> None:
                     ref = full[:, t : t + 1]
                     steps += 1
                     bad += not outputs_agree(mine, ref, tol)
-                    scale = ref.float().pow(2).mean().sqrt().clamp_min(1e-6)
-                    worst = max(worst, float((mine.float() - ref.float()).abs().max() / scale))
+                    worst["rms"] = max(worst["rms"], _rms_distance(mine, ref))
+                    worst["scaled"] = max(worst["scaled"], _scaled_distance(mine, ref))
+                    if float(ref.float().abs().max()) == 0:  # an all-zero output: nothing to lie about
+                        continue
+                    for lie, told in _lies(mine, gen).items():
+                        seen = nearest.setdefault(lie, {"rms": float("inf"), "scaled": float("inf")})
+                        seen["rms"] = min(seen["rms"], _rms_distance(told, ref))
+                        seen["scaled"] = min(seen["scaled"], _scaled_distance(told, ref))
+                        caught[lie] = caught.get(lie, 0) + (not outputs_agree(told.to(ref.dtype), ref, tol))
+        lies = "; ".join(
+            f"{lie} {d['rms']:.2e} / {d['scaled']:.2e} (caught {caught[lie]})" for lie, d in nearest.items()
+        )
         print(
-            f"  {name:9s} {steps} checked steps, {bad} beyond tolerance {tol:g} (honest steps that would "
-            f"look like lies); worst difference {worst:.2e} x RMS"
+            f"  {name:9s} {steps} checked steps, {bad} beyond tolerance {tol:g} (honest steps that would look like "
+            f"lies); worst honest distance rms {worst['rms']:.2e}, scaled {worst['scaled']:.2e}; nearest lies "
+            f"(rms / scaled): {lies}"
         )
 
 
@@ -196,26 +248,48 @@ def swarm(args: argparse.Namespace) -> None:
         try:
             reference = hf_greedy(ids, args.tokens)
             on.generate(ids, max_new_tokens=4, eos_token_id=[])  # both servers' first audits
-            times: dict[str, list[float]] = {"off": [], "on": []}
-            for _ in range(args.rounds):
-                for name, model in (("off", off), ("on", on)):
-                    start = time.perf_counter()
-                    out = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[])
-                    times[name].append(args.tokens / (time.perf_counter() - start))
-                    assert torch.equal(out, reference), f"audits {name}: output changed"
-            t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
             print(
-                f"  tokens/s, {args.tokens} tokens x {args.rounds} rounds, two honest servers in two groups: audits "
-                f"off {t_off:.1f}, on {t_on:.1f} (cost {1 - t_on / t_off:.1%}); load {_common.load_average()}"
+                f"  tokens/s, {args.tokens} tokens, {args.sets} sets x {args.rounds} rounds (audits off and on "
+                "alternating), two honest servers in two groups:"
+            )
+            costs = []
+            audits = seconds = waited = 0.0
+            for n in range(args.sets):
+                times: dict[str, list[float]] = {"off": [], "on": []}
+                for _ in range(args.rounds):
+                    for name, model in (("off", off), ("on", on)):
+                        with model.inference_session(ids.shape[1] + args.tokens) as session:
+                            start = time.perf_counter()
+                            out = model.generate(ids, max_new_tokens=args.tokens, eos_token_id=[], session=session)
+                            times[name].append(args.tokens / (time.perf_counter() - start))
+                        assert torch.equal(out, reference), f"audits {name}: output changed"
+                        if name == "on":
+                            audits += session.checks
+                            seconds += session.pending_audits.seconds
+                            waited += session.pending_audits.waited
+                t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
+                costs.append(1 - t_on / t_off)
+                print(
+                    f"    set {n + 1}: audits off {t_off:.1f}, on {t_on:.1f} (cost {costs[-1]:.1%}); "
+                    f"{_common.load_average()}"
+                )
+            generations = args.sets * args.rounds
+            print(
+                f"  cost of audits: median {statistics.median(costs):.1%}, range {min(costs):.1%} to {max(costs):.1%}; "
+                f"{100 * audits / (generations * args.tokens):.1f} audits per 100 tokens, "
+                f"{1000 * seconds / max(audits, 1):.1f} ms each in the background, the generation waited "
+                f"{1000 * waited / generations:.1f} ms per generation ({waited / max(seconds, 1e-9):.0%} of their time)"
             )
         finally:
             off.close()
             on.close()
+        if args.swarm_runs <= 0:
+            return
         swarm.add_server(
             "0:6",
             wait=True,
             extra_args=["--throughput", "1e6", "--host", "127.0.3.1"],
-            launcher=scheduled_liar(rate=0.1, seed=args.seed),
+            launcher=scheduled_liar(rate=args.lie_rate, seed=args.seed),
         )
         honest = caught = 0
         for run in range(args.swarm_runs):
@@ -231,8 +305,8 @@ def swarm(args: argparse.Namespace) -> None:
             finally:
                 fresh.close()
         print(
-            f"  real swarm, liar lying on 10% of its steps, {args.swarm_runs} fresh clients x 50 tokens: "
-            f"caught {caught}/{args.swarm_runs}, text equal to transformers' greedy {honest}/{args.swarm_runs}"
+            f"  real swarm, liar lying on {args.lie_rate:.0%} of its steps, {args.swarm_runs} fresh clients x 50 "
+            f"tokens: caught {caught}/{args.swarm_runs}, text equal to transformers' greedy {honest}/{args.swarm_runs}"
         )
 
 
@@ -243,8 +317,11 @@ def main() -> None:
     parser.add_argument("--gen-steps", type=int, default=64, help="steps of one simulated generation")
     parser.add_argument("--sequences", type=int, default=50, help="sequences per dtype (tolerance)")
     parser.add_argument("--length", type=int, default=200, help="tokens per sequence (tolerance)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="checkpoint (tolerance)")
     parser.add_argument("--tokens", type=int, default=40, help="tokens per timed generation (swarm)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed generations per setting (swarm)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed generations per setting and set (swarm)")
+    parser.add_argument("--sets", type=int, default=3, help="sets of timed rounds, each giving a cost (swarm)")
+    parser.add_argument("--lie-rate", type=float, default=0.1, help="share of the real liar's steps that lie (swarm)")
     parser.add_argument("--swarm-runs", type=int, default=5, help="fresh clients next to a real liar (swarm)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

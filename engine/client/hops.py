@@ -68,6 +68,16 @@ class Hop:
         """Every output before ``position`` is audited (or fed nobody)."""
         self.audited, self.claims, self.commitments, self.steps = position, [], [], 0
 
+    def passed_audit(self, end: int, steps: int) -> None:
+        """Outputs before ``end`` passed an audit that began when the hop had ``steps`` unaudited steps; the
+        outputs it recorded since stay claimed (the audit ran while the hop went on stepping)."""
+        if end <= self.audited:
+            return
+        claims = torch.cat(self.claims, dim=1)[:, end - self.audited :] if self.claims else None
+        self.claims = [claims.clone()] if claims is not None and claims.shape[1] else []
+        self.audited = end
+        self.steps = max(0, self.steps - steps)
+
     def postpone(self) -> None:
         """No replica could audit the claims: keep them, restart the schedule's count."""
         self.steps = 0

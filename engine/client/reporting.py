@@ -47,6 +47,7 @@ def reporter_identity() -> PeerIdentity:
 def evidence(
     model: str,
     hop: Hop,
+    audited: tuple[int, int],
     truth: torch.Tensor,
     witnesses: tuple[str, ...],
     rel_tol: float,
@@ -57,7 +58,9 @@ def evidence(
     Args:
         model: The model name.
         hop: The convicted hop, before it is rewound (its unaudited steps, their inputs and signatures).
-        truth: The agreed outputs of the hop's unaudited positions, [batch, position - audited, hidden].
+        audited: The positions ``(begin, end)`` the audit recomputed (audits run in the background: the hop
+            may have stepped on since, or passed an older audit).
+        truth: The agreed outputs of those positions, [batch, end - begin, hidden].
         witnesses: The peers that computed ``truth``.
         rel_tol: The tolerance the audit compared with.
         reporter: The key that signs the report.
@@ -65,9 +68,14 @@ def evidence(
     Returns:
         None if no disagreeing step carries a signature (the lie cannot be shown to anyone else).
     """
+    begin, end = audited
     for first, claim, commitment in hop.claimed_steps():
         last = first + claim.shape[1]
-        honest = truth[:, first - hop.audited : last - hop.audited]
+        if first < begin:
+            continue  # (not covered by this audit)
+        if last > end:
+            break  # stepped after the audit began
+        honest = truth[:, first - begin : last - begin]
         if outputs_agree(claim, honest, rel_tol):
             continue
         inputs = hop.history(last)

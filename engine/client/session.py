@@ -7,10 +7,12 @@ audits in :mod:`~corolla.engine.client.spot_check`.
 
 Every hop's outputs are kept until audited: after a step, a hop whose run of unaudited steps is due
 (:func:`~corolla.engine.routing.trust.audit_due`) has that whole run recomputed on an independent replica
-in one stateless forward; :meth:`InferenceSession.audit` audits everything left (the token loop calls it
-before a generation ends). When a server is caught, the session rewinds to its first unaudited position,
-moves off the liar, and raises :class:`~corolla.engine.errors.OutputRetracted`: the caller feeds again
-from there, so no lie survives in what the user gets.
+in one stateless forward, in the background while the session steps on
+(:mod:`~corolla.engine.client.pending_audits`); :meth:`InferenceSession.audit` waits for those and audits
+everything left (the token loop calls it before a generation ends). When a server is caught, the session
+rewinds to its first unaudited position, moves off the liar, and raises
+:class:`~corolla.engine.errors.OutputRetracted` (at the step after the audit's judgement came in, or from
+:meth:`InferenceSession.audit`): the caller feeds again from there, so no lie survives in what the user gets.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from corolla.engine.client.forwarding import (
 from corolla.engine.client.hops import RETRYABLE, Hop, chunks, close_hops, describe_hops, first_silent, step_timeout
 from corolla.engine.client.notices import NOTICES
 from corolla.engine.client.opening import open_route
+from corolla.engine.client.pending_audits import PendingAudit, PendingAudits, lag_bound
 from corolla.engine.client.remote import commitment_of
 from corolla.engine.client.reporting import evidence, publish, reporter_identity
 from corolla.engine.client.spot_check import audit
@@ -82,6 +85,7 @@ class InferenceSession(OnClient):
         self.liars: set[str] = set()  # peers this session convicted
         self.unverified: dict[tuple[int, int], str] = {}  # (start, end) of hops whose output no replica could check
         self.checks = 0  # audits run
+        self.pending_audits = PendingAudits()  # audits in the background; the seconds they took and were waited on
         self.retractions = 0  # times an audit caught a liar and the session rewound
         # servers push each hop's output to the next (off after a mismatch)
         self._forwarding = context.config.forwarding
@@ -99,8 +103,9 @@ class InferenceSession(OnClient):
         """Run [batch, new, hidden] inputs of block 0 through the route; return last block's outputs.
 
         Raises:
-            OutputRetracted: an audit after the step caught a server lying in this or an earlier step; the
-                session rewound to ``error.position``: drop what came from later outputs, feed again from there.
+            OutputRetracted: an audit (started after this or an earlier step, and run in the background) caught a
+                server lying; the session rewound to ``error.position``: drop what came from later outputs, feed
+                again from there.
         """
         if self.closed:
             raise SessionClosedError("this inference session is closed; open a new one")
@@ -124,11 +129,13 @@ class InferenceSession(OnClient):
         if self.recurrent and position < self.position:
             self._replay_due = True
         self.position = position
+        self.pending_audits.rewind(position)
         for hop in self.hops:
             hop.rewind(position)
 
     def audit(self) -> None:
-        """Audit every hop's unaudited outputs now (a no-op with ``verify_rate=0``).
+        """Audit every hop's unaudited outputs now, waiting for those in the background (a no-op with
+        ``verify_rate=0``).
 
         Raises:
             OutputRetracted: a server was caught lying (see :meth:`step`).
@@ -145,7 +152,7 @@ class InferenceSession(OnClient):
             return
         self.closed = True
         try:
-            self.loop.submit(close_hops(list(self.hops), self.session_id))
+            self.loop.submit(self._close())
         except Exception as e:  # closing is best effort: servers also free idle sessions themselves
             logger.debug("closing session: %s", e)
 
@@ -260,7 +267,8 @@ class InferenceSession(OnClient):
         return True
 
     def audit_scheduled(self) -> None:
-        """Run the audits the schedule says are due now (after a step taken in a batched round).
+        """Start the audits the schedule says are due now (after a step taken in a batched round), and settle
+        those whose judgement came in.
 
         Raises:
             OutputRetracted: a server was caught lying (see :meth:`step`).
@@ -285,10 +293,23 @@ class InferenceSession(OnClient):
             await self._audit_due()
         return torch.cat(outputs, dim=1)
 
+    async def _close(self) -> None:
+        self.pending_audits.cancel_all()
+        await close_hops(list(self.hops), self.session_id)
+
     async def _audit_due(self) -> None:
-        """Audit the hops whose schedule says so (each after its new server's first steps, then now and then)."""
-        for i in range(len(self.hops)):
-            hop = self.hops[i]
+        """Settle the audits whose judgement is in, then start those the schedule says are due (each after its
+        new server's first steps, then now and then): one per hop at a time, waited for only once the hop's steps
+        since it began reach :func:`~corolla.engine.client.pending_audits.lag_bound` (the next one starts then)."""
+        for pending in self.pending_audits.finished():
+            await self._settle(pending)
+        for hop in list(self.hops):
+            pending = self.pending_audits.of(hop)
+            if pending is not None:
+                if hop.steps - pending.steps >= lag_bound(self.config.audit_every):
+                    self._start_audit(hop)  # the next audit runs while the session waits for this one
+                    await self._settle(pending)
+                continue
             passed = self.manager.checks_passed(hop.stream.peer_id)
             if (hop.start, hop.end) in self.unverified:  # no replica of another group: on the schedule only
                 passed = max(passed, self.config.verify_first_steps)
@@ -301,52 +322,83 @@ class InferenceSession(OnClient):
                 draw=self._rng.random(),
             )
             if due:
-                await self._audit_hop(i)
+                self._start_audit(hop)
 
     async def _audit_all(self) -> None:
-        for i in range(len(self.hops)):
-            await self._audit_hop(i)
+        """Audit every hop's unaudited outputs: start an audit of each hop's claims at once (next to one in
+        flight, which covers only part of them), then settle every audit held, oldest first."""
+        for hop in self.hops:
+            self._start_audit(hop)
+        for pending in self.pending_audits.in_order():
+            await self._settle(pending)
 
     async def _audit_hop(self, i: int) -> None:
-        """Audit hop ``i``'s unaudited outputs; on a lie, rewind, move off the liar, raise OutputRetracted."""
+        """Audit hop ``i``'s unaudited outputs now (next to its audit in flight, if any, settled first); on a lie,
+        rewind, move off the liar, raise OutputRetracted."""
         hop = self.hops[i]
+        self._start_audit(hop)
+        for pending in self.pending_audits.all_of(hop):
+            await self._settle(pending)
+
+    def _index_of(self, hop: Hop) -> int | None:
+        """Where ``hop`` is on the live route (None: it was replaced; Hops compare by identity here)."""
+        return next((k for k, h in enumerate(self.hops) if h is hop), None)
+
+    def _start_audit(self, hop: Hop) -> PendingAudit | None:
+        """Start auditing ``hop``'s unaudited outputs in the background (None: it has none)."""
         claimed = hop.claimed()
         if claimed is None:
-            return
-        peer = hop.stream.peer_id
+            return None
         end = hop.audited + claimed.shape[1]
         inputs = hop.history(end)
         assert inputs is not None  # claims exist, so inputs do
         self.checks += 1
-        outcome = await audit(self.context, peer, (hop.start, hop.end), inputs, claimed, self.avoid, self._rng)
+        blocks = (hop.start, hop.end)
+        judging = audit(self.context, hop.stream.peer_id, blocks, inputs, claimed, self.avoid, self._rng)
+        return self.pending_audits.start(hop, end, judging)
+
+    async def _settle(self, pending: PendingAudit) -> Verdict:
+        """Wait for ``pending``'s judgement and act on it; on a lie, rewind, move off the liar, publish the
+        evidence, raise OutputRetracted."""
+        outcome = await self.pending_audits.result(pending)
         judgement = outcome.judgement
+        hop = pending.hop
+        peer = hop.stream.peer_id
         self.avoid.update(judgement.liars, judgement.suspects)
         for liar in judgement.liars:
             self.liars.add(liar)
             self.manager.convict(liar, hop.start, hop.end, "its output differed from two independent replicas'")
         if peer in judgement.liars and outcome.truth is not None and self.config.publish_reports:
             reporter = reporter_identity()
-            report = evidence(self.manager.model, hop, outcome.truth, outcome.witnesses, outcome.rel_tol, reporter)
+            report = evidence(
+                self.manager.model,
+                hop,
+                (pending.begin, pending.end),
+                outcome.truth,
+                outcome.witnesses,
+                outcome.rel_tol,
+                reporter,
+            )
             if report is not None:
                 publish(self.context, report, reporter)
             else:
                 logger.info("the lie of %s carries no signature: reported locally only", short_peer(peer))
         if judgement.verdict is Verdict.AGREE:
             self.manager.passed_check(peer)
-            hop.mark_audited(end)
-            return
+            hop.passed_audit(pending.end, pending.steps)
+            return judgement.verdict
         if judgement.verdict is Verdict.UNVERIFIED:
             hop.postpone()  # kept: a replica that joins later may still check them
             if (hop.start, hop.end) not in self.unverified:
                 why = f"only {short_peer(peer)}'s address group serves blocks {hop.start}:{hop.end}"
                 self.unverified[(hop.start, hop.end)] = why
                 await NOTICES.report(self.context, peer, hop.start, hop.end, why)
-            return
+            return judgement.verdict
         if judgement.verdict is Verdict.DISPUTED:
             why = f"replicas of blocks {hop.start}:{hop.end} disagree with {short_peer(peer)} and no third group settles it"
             logger.warning("%s: moving off it", why)
             self.unverified.setdefault((hop.start, hop.end), why)
-        position = hop.audited
+        position = min(hop.audited, self.position)
         logger.warning(
             "rewinding to position %d: %s's outputs on blocks %d:%d since then are recomputed",
             position,
@@ -356,7 +408,9 @@ class InferenceSession(OnClient):
         )
         self.rewind(position)
         self.retractions += 1
-        await self._replace(i)
+        i = self._index_of(hop)
+        if i is not None:  # (it always is: a hop's audit is settled or dropped before the hop is replaced)
+            await self._replace(i)
         raise OutputRetracted(position, judgement.liars or (peer,))
 
     async def _step_chunk(self, x: torch.Tensor) -> torch.Tensor:
@@ -500,6 +554,7 @@ class InferenceSession(OnClient):
 
     async def _replace(self, index: int) -> None:
         """Replace hop ``index`` by a fresh route over the same blocks and replay its history into it."""
+        self.pending_audits.drop(self.hops[index])
         new_hops = await replace_hop(
             self.context,
             self.session_id,

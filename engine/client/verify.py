@@ -12,10 +12,13 @@ import torch
 
 __all__ = ["TOLERANCE", "output_problem", "outputs_agree", "tolerance"]
 
-TOLERANCE: dict[str, float] = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}
-"""Largest difference allowed between two honest servers' outputs, relative to the output's RMS, by the
-dtype the servers compute in (an incremental step and a stateless forward round differently)."""
-_UNKNOWN_DTYPE_TOLERANCE = 6e-2
+TOLERANCE: dict[str, float] = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
+"""Largest difference allowed between two honest servers' outputs, element by element, relative to the
+element's own size plus its position's RMS (see :func:`outputs_agree`), by the dtype the servers compute in
+(an incremental step and a stateless forward round differently). Measured on SmolLM2's trained weights
+(``benchmarks/verification.py --part tolerance --model smollm2``): honest steps differ by at most 1.8e-5 in
+float32, 3.9e-2 in float16 and 0.25 in bfloat16; random values of the output's spread by 2.1, a roll by 5.6."""
+_UNKNOWN_DTYPE_TOLERANCE = 0.5
 
 
 def output_problem(out: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> str | None:
@@ -35,14 +38,17 @@ def tolerance(dtypes: Iterable[str]) -> float:
 
 
 def outputs_agree(a: torch.Tensor, b: torch.Tensor, rel_tol: float) -> bool:
-    """Whether two outputs of the same hop match: ``max |a - b| <= rel_tol x RMS(b)`` per sequence.
+    """Whether two outputs of the same hop match: ``|a - b| <= rel_tol x (RMS + |b|)`` for every element, with
+    the RMS of the element's position (its hidden state).
 
+    Rounding grows with each value's magnitude: trained models carry a few massive-activation dimensions many
+    times the RMS, whose honest differences in 16-bit dtypes exceed any bound relative to the RMS alone (in
+    bfloat16 SmolLM2's reach 0.97 x RMS), while an element of ordinary size keeps a bound of about the RMS.
     Random tensors of the right shape, or outputs of other weights, differ by about the RMS itself.
     """
     if a.shape != b.shape:
         return False
     a32, b32 = a.float(), b.float()
-    # [batch, length, hidden] -> one scale per sequence, so a batch row of small values is not drowned.
-    dims = tuple(range(1, b32.ndim)) if b32.ndim > 1 else (0,)
-    scale = b32.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(1e-6)
+    rms = b32.pow(2).mean(dim=-1, keepdim=True).sqrt()  # [batch, length, 1]: one scale per position
+    scale = (rms + b32.abs()).clamp_min(1e-6)
     return bool(((a32 - b32).abs() <= rel_tol * scale).all())

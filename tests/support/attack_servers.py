@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import random
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +69,15 @@ def scheduled_liar(
         steps=set(steps) if steps is not None else None, collude=collude, rate=rate, after=after, seed=seed
     )
     return (sys.executable, "-c", code)
+
+
+def first_lie_step(*, rate: float, after: int, seed: int) -> int:
+    """The 1-based step of a session on which ``scheduled_liar(rate=rate, after=after, seed=seed)`` first lies,
+    when that session is the only one with more than ``after`` steps on the liar (it draws once per such step)."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"a lie rate in (0, 1] is needed, got {rate}")
+    draw = random.Random(seed).random
+    return after + next(i for i in itertools.count(1) if draw() < rate)
 
 
 def tree_rss(pid: int) -> int:

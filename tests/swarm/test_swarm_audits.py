@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from attack_servers import scheduled_liar
+from attack_servers import first_lie_step, scheduled_liar
 from swarm_helpers import client, hf_greedy, hf_model, peer_id, random_ids, running_swarm
 
 from corolla.engine.routing.reports import read_reports
@@ -69,6 +69,50 @@ def test_a_liar_that_waits_is_caught_and_its_tokens_withdrawn(
     assert shown == stream.text == expected, "a lie survived the rewind"
     assert peer_id(liar) not in route
     assert {r.peer_id for r in read_reports(reports)} == {peer_id(liar)}
+
+
+RARE_LIES = 0.02  # issue #25: a liar lying on 2% of its steps is caught within 50 steps
+WITHIN = 50
+
+
+@pytest.mark.timeout(120)
+def test_a_liar_on_two_percent_of_steps_is_caught_within_fifty_steps(
+    tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default schedule (audits in the background while the generation goes on) catches a rare liar mid-run,
+    at most 50 steps after its first lie, and the text is transformers' greedy one. The liar's draws are seeded:
+    the seed is the first whose first lie falls after a new server's first audits and leaves 50 steps to run."""
+    path = tiny_checkpoint("llama")
+    seed = next(s for s in range(1000) if 10 <= first_lie_step(rate=RARE_LIES, after=1, seed=s) <= 30)
+    lie_step = first_lie_step(rate=RARE_LIES, after=1, seed=seed)  # the liar's first step is the prompt's
+    ids = random_ids(1, 6, seed=25)
+    new = lie_step + WITHIN
+    with running_swarm(path, [], tmp_path_factory) as swarm:
+        swarm.add_server("0:6", wait=False, extra_args=[*HONEST, *host("127.0.1.1")])
+        swarm.add_server("0:6", wait=False, extra_args=[*HONEST, *host("127.0.2.1")])
+        liar = swarm.add_server(
+            "0:6",
+            wait=False,
+            extra_args=[*FAST, *host("127.0.3.1")],
+            launcher=scheduled_liar(rate=RARE_LIES, after=1, seed=seed),
+        )
+        swarm.wait_ready()
+        model = client(path, swarm)
+        try:
+            with model.inference_session(ids.shape[1] + new) as session:
+                rewinds: list[tuple[int, int]] = []  # (position when caught, position rewound to)
+                rewind = session.rewind
+                monkeypatch.setattr(
+                    session, "rewind", lambda to: (rewinds.append((session.position, to)), rewind(to))[-1]
+                )
+                out = model.generate(ids, max_new_tokens=new, eos_token_id=[], session=session)
+        finally:
+            model.close()
+    assert session.liars == {peer_id(liar)} and session.retractions == len(rewinds) == 1
+    lie_at = ids.shape[1] + lie_step - 2  # step 1 fed the prompt, step k >= 2 position len(prompt) + k - 2
+    caught_at, rewound_to = rewinds[0]
+    assert rewound_to <= lie_at < caught_at <= lie_at + WITHIN, (rewinds, lie_at)
+    assert torch.equal(out, hf_greedy(hf_model(path), ids, new, eos=False)), "a lie survived"
 
 
 @pytest.mark.timeout(120)

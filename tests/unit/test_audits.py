@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 
 import torch
 
 from corolla.engine.client.hops import Hop
+from corolla.engine.client.pending_audits import LAG_STEPS_WITHOUT_BOUND, PendingAudits, lag_bound
 from corolla.engine.client.remote import HopStream
 from corolla.engine.client.text import Rewind, TextStream
 from corolla.engine.routing.groups import address_group, addrs_group
 from corolla.engine.routing.trust import (
+    Judgement,
     Opinion,
     Verdict,
     audit_due,
@@ -102,6 +105,59 @@ def test_hop_claims_follow_rewinds_and_audits() -> None:
     assert hop.claimed() is None and hop.audited == 2
     history = hop.history(2)
     assert history is not None and history[0, :, 0].tolist() == [0.0, 1.0]
+
+
+def test_a_passed_audit_keeps_the_claims_recorded_while_it_ran() -> None:
+    hop = Hop(HopStream("peer", 0, 6))
+    for t in range(5):
+        hop.record(torch.zeros(1, 1, 2), torch.full((1, 1, 2), float(t)))
+    steps = hop.steps  # the audit covers positions 0..4 and began after 5 steps
+    for t in range(5, 7):
+        hop.record(torch.zeros(1, 1, 2), torch.full((1, 1, 2), float(t)))
+    hop.passed_audit(5, steps)
+    claimed = hop.claimed()
+    assert claimed is not None and claimed[0, :, 0].tolist() == [5.0, 6.0]
+    assert hop.audited == 5 and hop.steps == 2
+    hop.passed_audit(4, 0)  # an audit that vouches for less than is audited changes nothing
+    assert hop.audited == 5 and hop.steps == 2
+    hop.passed_audit(7, 2)
+    assert hop.claimed() is None and hop.audited == 7 and hop.steps == 0
+
+
+def test_pending_audits_run_in_the_background_and_rewinds_narrow_them() -> None:
+    async def scenario() -> None:
+        audits = PendingAudits()
+        hop, other = Hop(HopStream("a", 0, 3)), Hop(HopStream("b", 3, 6))
+        release = asyncio.Event()
+
+        async def judge_later(verdict: Verdict) -> Judgement:
+            await release.wait()
+            return Judgement(verdict)
+
+        first = audits.start(hop, 8, judge_later(Verdict.AGREE))
+        second = audits.start(hop, 10, judge_later(Verdict.SERVER_LIED))  # a fresh one next to it
+        elsewhere = audits.start(other, 10, judge_later(Verdict.AGREE))
+        await asyncio.sleep(0)
+        assert audits.of(hop) is first and audits.all_of(hop) == [first, second] and not audits.finished()
+        audits.rewind(6)  # outputs from 6 on were dropped: no audit vouches for them
+        assert (first.end, second.end, elsewhere.end) == (6, 6, 6)
+        asyncio.get_running_loop().call_later(0.05, release.set)
+        assert (await audits.result(first)).verdict is Verdict.AGREE
+        assert audits.waited >= 0.04 and audits.seconds >= 0.04
+        assert audits.finished() == [second, elsewhere]  # judgements in, held until taken, oldest first
+        audits.drop(hop)
+        assert audits.in_order() == [elsewhere]
+        release.clear()
+        stuck = audits.start(hop, 12, judge_later(Verdict.AGREE))
+        audits.cancel_all()
+        await asyncio.sleep(0)
+        assert len(audits) == 0 and stuck.task.cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_an_audit_lags_at_most_the_schedules_bound() -> None:
+    assert lag_bound(32) == 32 and lag_bound(0) == LAG_STEPS_WITHOUT_BOUND
 
 
 def test_text_stream_withdraws_rewound_text() -> None:

@@ -158,14 +158,16 @@ def test_evidence_is_the_first_signed_step_that_disagrees() -> None:
     hop.record(x[1], outs[1], b"b" * 64)
     hop.record(x[2], outs[2], b"c" * 64)
     truth = torch.cat([outs[1], outs[2] + 1.0], dim=1)  # the second unaudited step was a lie
-    report = evidence(MODEL, hop, truth, ("w",), 1e-3, REPORTER)
+    # an audit that began before the lying step vouches for nothing after it: no evidence from it
+    assert evidence(MODEL, hop, (3, 4), truth[:, :1], ("w",), 1e-3, REPORTER) is None
+    report = evidence(MODEL, hop, (3, 5), truth, ("w",), 1e-3, REPORTER)
     assert report is not None and report.commitment == b"c" * 64
     assert torch.equal(report.inputs, torch.cat(x, dim=1)) and torch.equal(report.claimed, outs[2])
     assert torch.equal(report.honest, outs[2] + 1.0) and report.time <= time.time()
     hop.rewind(4)  # the lying step is cut: its claims and signature go
     assert [c for _, _, c in hop.claimed_steps()] == [b"b" * 64]
     hop.commitments[-1] = None  # an unsigned lie cannot be shown to anyone
-    assert evidence(MODEL, hop, outs[1] + 1.0, ("w",), 1e-3, REPORTER) is None
+    assert evidence(MODEL, hop, (3, 4), outs[1] + 1.0, ("w",), 1e-3, REPORTER) is None
 
 
 # ---- re-checking published reports (client/report_check.py), with the DHT and the replicas faked ---------------

@@ -104,6 +104,27 @@ def test_outputs_agree_within_dtype_tolerance_only() -> None:
     assert not outputs_agree(honest[:, :2], honest, 1.0)
 
 
+def test_outputs_agree_scales_each_element_by_its_own_size() -> None:
+    """A massive-activation dimension (40, about 8 x the RMS) rounds far more than the rest: a 16-bit honest
+    difference there is no lie, while the same absolute change of an ordinary element is."""
+    torch.manual_seed(0)
+    honest = torch.randn(1, 3, 64)
+    honest[..., 7] = 40.0
+    rms = honest.pow(2).mean(-1, keepdim=True).sqrt()
+    fp16, bf16 = tolerance(["float16"]), tolerance(["bfloat16"])
+    rounded = honest.clone()
+    rounded[..., 7] *= 1.02  # 0.8 in absolute terms, 0.16 x the RMS: beyond any bound of 6e-2 x RMS
+    assert outputs_agree(rounded, honest, fp16) and outputs_agree(rounded, honest, bf16)
+    moved = honest.clone()
+    moved[..., 3] += 0.8  # the same change on an ordinary element
+    assert not outputs_agree(moved, honest, fp16)
+    moved[..., 3] += 3 * rms[..., 0]
+    assert not outputs_agree(moved, honest, bf16)
+    noise = torch.randn_like(honest) * honest.std()
+    noise[..., 7] = honest[..., 7]  # even keeping the massive dimension, random values are caught
+    assert not outputs_agree(noise, honest, bf16)
+
+
 def test_reports_round_trip_and_skip_garbage(tmp_path: Path) -> None:
     file = tmp_path / "sub" / "reports.jsonl"
     write_report(LiarReport("peerA", "m", 0, 6, "differed", 1.0), file)
