@@ -245,6 +245,14 @@ def reachable_line(found: Reachability) -> str:
     return f"reachable directly at {' '.join(found.reachable)} (checked by {found.answered} peer(s) dialling back)"
 
 
+def unannounced(found: Reachability | None, announced: Sequence[str]) -> list[str]:
+    """Addresses where peers dialled this server back that it does not announce (a port forwarded on a home
+    router before it started: peers reach the router's address, the daemon announced its LAN one)."""
+    if found is None or found.behind_nat:
+        return []
+    return [maddr for maddr in found.reachable if maddr not in announced]
+
+
 def relayed_line(circuits: Sequence[str]) -> str:
     """The line a server that peers cannot dial says (``circuits``: its relay circuit addresses)."""
     if not circuits:

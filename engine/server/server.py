@@ -68,6 +68,7 @@ from corolla.engine.server.reachability import (
     relayed_line,
     relays_in,
     switch_line,
+    unannounced,
 )
 from corolla.engine.server.throughput import Speed, block_speed
 from corolla.engine.version import __version__
@@ -113,6 +114,7 @@ class Server:
         self.ledger = Ledger()
         self._stop = asyncio.Event()
         self.reachability: Reachability | None = None  # what peers found dialling back (None: not checked)
+        self._announced: list[str] = []  # the addresses the running p2p daemon announces
         self.relayed = False  # peers cannot dial this server: it serves through relays
         self.relays: list[str] = []  # peer ids of the relays a relayed server is reached through now
         # DHT calls block; they get their own threads so a dead DHT cannot stall exit (no waiting on them).
@@ -140,6 +142,12 @@ class Server:
                 dht.shutdown()
                 self.relayed = True
                 dht = self._start_relayed_dht(peers, host)
+            elif not self.cfg.announce_host and (unseen := unannounced(self.reachability, self._announced)):
+                # Nothing is announced yet: a restart costs no session, and clients get an address they can dial.
+                logger.info("peers reached this server at %s, which it did not announce: restarting its p2p daemon to announce it", " ".join(unseen))  # fmt: skip
+                dht.shutdown()
+                reachable = self.reachability.reachable if self.reachability else ()
+                dht = self._start_dht(peers, host, reachable=reachable)
         try:
             while asyncio.run(self._main(dht)):  # a re-check found the network changed: serve the other way
                 dht.shutdown()
@@ -163,6 +171,7 @@ class Server:
         )
         if not self.cfg.announce_host:
             announce = [*reachable, *(maddr for maddr in announce if maddr not in reachable)]
+        self._announced = [] if relays else announce
         with self.identity.identity_file() as identity_path:  # removed once the daemon has read it
             dht = make_dht(
                 peers,

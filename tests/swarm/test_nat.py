@@ -243,3 +243,14 @@ def test_volunteer_serves_directly_once_its_port_is_forwarded(world: World, refe
     result = finish(world.user(prompt, alive))
     assert result["tokens"] == expected
     assert world.name_of(result["hops"][-1]) == "n"
+
+
+def test_a_volunteer_whose_port_is_forwarded_before_it_starts_announces_the_router(world: World) -> None:
+    m_ns, _, m_router_ip = world.lab.add_home("m")
+    world.lab.forward_port(m_ns, PORT)  # opened before the server starts: its first check finds it
+    peers = [name for name in ("a", "b", "c") if world.servers[name].alive()]
+    m = world.start("m", m_ns, "", "3:6", peers, "--port", str(PORT))
+    status = m.status()
+    assert status.get("relayed") is False, (status, m.log_tail())
+    assert any(f"/ip4/{m_router_ip}/tcp/{PORT}/" in maddr for maddr in status["maddrs"]), status["maddrs"]
+    assert "which it did not announce: restarting its p2p daemon" in m.log_path.read_text()

@@ -24,6 +24,7 @@ from corolla.engine.server.reachability import (
     relayed_line,
     relays_in,
     switch_line,
+    unannounced,
 )
 
 PEER_ID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
@@ -183,3 +184,12 @@ def test_health_and_the_monitor_show_relayed_servers() -> None:
     table = format_table([ModelHealth("m", 2, servers, [2, 2])])
     assert f"relayed via …{RELAY[-8:]}" in table
     assert table.count("relayed via") == 1
+
+
+def test_an_address_peers_dialled_but_not_announced_is_found() -> None:
+    forwarded = Reachability(asked=2, answered=2, reachable=("/ip4/11.26.0.3/tcp/31337",))
+    lan = ["/ip4/192.168.7.2/tcp/31337"]
+    assert unannounced(forwarded, lan) == ["/ip4/11.26.0.3/tcp/31337"]  # the router's forwarded port
+    assert unannounced(forwarded, ["/ip4/11.26.0.3/tcp/31337", *lan]) == []  # announced already
+    assert unannounced(Reachability(asked=2, answered=1, reachable=()), lan) == []  # behind a NAT: relays
+    assert unannounced(None, lan) == []  # not checked
