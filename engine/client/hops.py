@@ -70,11 +70,19 @@ class Hop:
 
     def passed_audit(self, end: int, steps: int) -> None:
         """Outputs before ``end`` passed an audit that began when the hop had ``steps`` unaudited steps; the
-        outputs it recorded since stay claimed (the audit ran while the hop went on stepping)."""
+        steps it recorded since stay claimed, each with its signature (the audit ran while the hop went on
+        stepping; a step cut in two by ``end`` keeps its tail, unsigned)."""
         if end <= self.audited:
             return
-        claims = torch.cat(self.claims, dim=1)[:, end - self.audited :] if self.claims else None
-        self.claims = [claims.clone()] if claims is not None and claims.shape[1] else []
+        claims, commitments, first = [], [], self.audited
+        for claim, commitment in zip(self.claims, self.commitments, strict=True):
+            last = first + claim.shape[1]
+            if last > end:
+                cut = max(0, end - first)
+                claims.append(claim if cut == 0 else claim[:, cut:].clone())
+                commitments.append(commitment if cut == 0 else None)
+            first = last
+        self.claims, self.commitments = claims, commitments
         self.audited = end
         self.steps = max(0, self.steps - steps)
 

@@ -124,6 +124,20 @@ def test_a_passed_audit_keeps_the_claims_recorded_while_it_ran() -> None:
     assert hop.claimed() is None and hop.audited == 7 and hop.steps == 0
 
 
+def test_a_passed_audit_keeps_the_later_steps_signatures_in_step() -> None:
+    hop = Hop(HopStream("peer", 0, 6))
+    hop.record(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), b"prompt")
+    hop.record(torch.zeros(1, 1, 2), torch.ones(1, 1, 2), b"one")
+    hop.record(torch.zeros(1, 2, 2), torch.full((1, 2, 2), 2.0), b"two")  # positions 4..5
+    hop.passed_audit(5, 2)  # an audit of positions 0..4 cuts the last step in two
+    steps = hop.claimed_steps()
+    assert [(first, claim.shape[1], c) for first, claim, c in steps] == [(5, 1, None)]  # a cut step: unsigned
+    hop.record(torch.zeros(1, 1, 2), torch.full((1, 1, 2), 3.0), b"three")
+    assert [(first, c) for first, _, c in hop.claimed_steps()] == [(5, None), (6, b"three")]
+    hop.rewind(6)
+    assert [(first, c) for first, _, c in hop.claimed_steps()] == [(5, None)]
+
+
 def test_pending_audits_run_in_the_background_and_rewinds_narrow_them() -> None:
     async def scenario() -> None:
         audits = PendingAudits()
