@@ -93,7 +93,7 @@ class DistributedModelForCausalLM(OnClient, nn.Module):
         # Runs on close() or, if the user never closes, at interpreter exit (before hivemind's own
         # finalizers would complain about a missing event loop).
         # Re-checks the swarm's liar reports and avoids the liars they prove (client/report_check.py).
-        self.report_checker = ReportChecker(context)
+        self.report_checker = ReportChecker(context, head.embed_tokens.embedding_dim)
         self.report_checker.start()
         self._finalizer = weakref.finalize(self, _leave, self.report_checker, context.loop, context.p2p, dht)
 

@@ -55,8 +55,9 @@ class ReportChecker:
         smears: Reports dropped because the accused's output was right.
     """
 
-    def __init__(self, context: ClientContext) -> None:
+    def __init__(self, context: ClientContext, hidden_size: int | None = None) -> None:
         self.context = context
+        self.hidden_size = hidden_size  # the model's: evidence of another width is no step of this model
         self.convicted: dict[str, float] = {}
         self.ignored: OrderedDict[str, None] = OrderedDict()
         self.forged = 0
@@ -116,6 +117,17 @@ class ReportChecker:
         if len(self._checks) >= config.report_checks:
             return  # over this minute's bound: the next rounds get to it
         self._remember(self._seen, key)
+        if self.hidden_size is not None and report.inputs.shape[2] != self.hidden_size:
+            self.forged += 1  # its signature may be real (a liar signing for an accomplice): still no evidence
+            self._remember(self.ignored, report.reporter)
+            logger.info(
+                "ignoring reporter %s: its report on %s holds states %d wide, not this model's %d",
+                short_peer(report.reporter),
+                short_peer(report.accused),
+                report.inputs.shape[2],
+                self.hidden_size,
+            )
+            return
         if not verify_commitment(
             report.accused,
             report.commitment,

@@ -205,7 +205,11 @@ class _Loop:
 
 
 def _checker(
-    monkeypatch: pytest.MonkeyPatch, reports: list[PublishedReport], truth: torch.Tensor, checks: int = 6
+    monkeypatch: pytest.MonkeyPatch,
+    reports: list[PublishedReport],
+    truth: torch.Tensor,
+    checks: int = 6,
+    hidden_size: int | None = None,
 ) -> tuple[ReportChecker, _FakeManager, list[PublishedReport]]:
     manager = _FakeManager(reports)
     config = ClientConfig(report_checks=checks)
@@ -222,7 +226,7 @@ def _checker(
     monkeypatch.setattr(report_check, "peer_groups", groups)
     monkeypatch.setattr(report_check, "recompute", recompute)
     monkeypatch.setattr(report_check, "read_published_reports", lambda dht, model, timeout: list(reports))
-    return ReportChecker(context), manager, recomputed  # type: ignore[arg-type]
+    return ReportChecker(context, hidden_size), manager, recomputed  # type: ignore[arg-type]
 
 
 def test_a_report_convicts_only_when_the_replica_contradicts_the_signed_output(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,6 +247,20 @@ def test_a_report_convicts_only_when_the_replica_contradicts_the_signed_output(m
     assert recomputed == [smear, liar]  # the forgery costs no recompute; the unused span is not looked at
     checker.check_once()  # nothing new: no second conviction, no recompute
     assert manager.convicted == [SERVER.peer_id] and len(recomputed) == 2
+
+
+def test_a_report_of_another_width_is_refused_before_any_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+    truth = torch.randn(2, 1, 8)
+    inputs = _inputs()
+    lie = truth + 1.0
+    liar = _report(inputs=inputs, claimed=lie, commitment=_signed(inputs, lie), honest=truth)
+    checker, manager, recomputed = _checker(monkeypatch, [liar], truth, hidden_size=16)  # the model is 16 wide
+    checker.check_once()
+    assert recomputed == [] and manager.convicted == [] and checker.forged == 1
+    assert set(checker.ignored) == {liar.reporter}
+    checker, manager, recomputed = _checker(monkeypatch, [liar], truth, hidden_size=8)  # the right width
+    checker.check_once()
+    assert recomputed == [liar] and manager.convicted == [SERVER.peer_id]
 
 
 def test_re_checks_are_bounded_per_minute(monkeypatch: pytest.MonkeyPatch) -> None:
