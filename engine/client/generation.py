@@ -23,6 +23,16 @@ MAX_RETRACTIONS = 8
 """Audits that may catch a liar within one generation before it gives up (each catch moves off a server)."""
 
 
+def check_retractions(retractions: int, caught: OutputRetracted) -> None:
+    """Give up once audits have caught servers lying more than :data:`MAX_RETRACTIONS` times in one
+    generation (each catch moves off a server; this many means the swarm is under attack)."""
+    if retractions > MAX_RETRACTIONS:
+        raise CorollaError(
+            f"audits caught servers lying {retractions} times in one generation; the swarm may be under attack: "
+            "try again later or use servers you trust (a private swarm)"
+        ) from caught
+
+
 @torch.inference_mode()
 def token_loop(
     head: ClientHead,
@@ -119,11 +129,7 @@ def _steps(
                 feed = token[:, None]
                 seen = torch.cat([seen, feed], dim=1)
                 continue
-        if retractions > MAX_RETRACTIONS:
-            raise CorollaError(
-                f"audits caught servers lying {retractions} times in one generation; the swarm may be under attack: "
-                "try again later or use servers you trust (a private swarm)"
-            ) from e
+        check_retractions(retractions, e)
         # Outputs before e.position are audited: the token sampled from the one before it is true.
         if pre and e.position < first + pre:  # into the soft prompt: send it whole again
             if e.position < first:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from corolla.engine.client.generation import MAX_RETRACTIONS
+from corolla.engine.client.generation import check_retractions
 from corolla.engine.client.inputs import to_wire
 from corolla.engine.client.sampling import SamplingParams, next_tokens, token_probs
 from corolla.engine.client.session import InferenceSession
@@ -337,11 +337,7 @@ def speculative_loop(
             hidden = session.step(to_wire(head.embed(torch.cat([last, drafts], dim=1).to(device)), wire_dtype))
         except OutputRetracted as e:
             retractions += 1
-            if retractions > MAX_RETRACTIONS:
-                raise CorollaError(
-                    f"audits caught servers lying {retractions} times in one generation; the swarm may be under "
-                    "attack: try again later or use servers you trust (a private swarm)"
-                ) from e
+            check_retractions(retractions, e)
             if pending is not None:  # the plain step failed: its ids were never held
                 upto = torch.cat([seen, pending], dim=1)
             else:  # ``emitted[-1]`` was sampled and not yet fed
