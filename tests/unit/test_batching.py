@@ -31,11 +31,13 @@ DECODE_STEPS = 4
 
 
 def random_span(config: object, start: int, end: int) -> BlockSpan:
-    """Blocks with random weights (fused expert tensors are allocated empty, so every matrix is drawn here)."""
+    """Blocks with random weights. Fused expert tensors and some vectors (gpt-oss's attention sinks and router
+    bias) are allocated empty, so every matrix and every vector but the norms' is drawn here: memory left
+    uninitialised made gpt-oss's outputs NaN now and then, and NaN never equals NaN."""
     torch.manual_seed(0)
     span = BlockSpan(config, start, end).eval()  # type: ignore[arg-type]
-    for p in span.parameters():
-        if p.ndim >= 2:
+    for name, p in span.named_parameters():
+        if p.ndim >= 2 or "norm" not in name:
             p.data.normal_(0, 0.1)
     return span
 
